@@ -1,0 +1,255 @@
+"""ChatMessage and ToolCall, and their conversion to and from the OpenAI wire format."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+from .errors import InvalidMessage
+
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: frozenset[str] = frozenset(("system", "user", "assistant", "tool"))
+Content = str | list[dict[str, Any]] | None
+
+
+def new_message_id() -> str:
+    """A fresh, unique message id."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call requested by the assistant; `arguments` is a JSON string."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI wire shape: id, type "function", function.name, function.arguments."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+    @classmethod
+    def from_openai(cls, data: Mapping[str, Any]) -> ToolCall:
+        """Build from the OpenAI wire shape (or an already flat {id, name, arguments})."""
+        try:
+            fn = data.get("function", data)
+            arguments = fn.get("arguments", "{}")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            return cls(id=str(data["id"]), name=str(fn["name"]), arguments=arguments)
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise InvalidMessage(
+                f"a tool call needs an id and function.name, got {data!r}"
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatMessage:
+    """One message of a conversation, validated at construction and immutable after."""
+
+    role: Role
+    content: Content = None
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    id: str = field(default_factory=new_message_id)
+    created_at: datetime = field(default_factory=utcnow)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidMessage(
+                f"unknown role {self.role!r}; use one of: system, user, assistant, tool"
+            )
+        _check_content(self.role, self.content)
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise InvalidMessage(f"only assistant messages carry tool_calls, not {self.role}")
+            calls = tuple(
+                c if isinstance(c, ToolCall) else ToolCall.from_openai(c) for c in self.tool_calls
+            )
+            object.__setattr__(self, "tool_calls", calls)
+        elif self.role == "assistant" and self.content is None:
+            object.__setattr__(self, "content", "")
+        if self.role == "tool":
+            if not self.tool_call_id:
+                raise InvalidMessage(
+                    "a tool message needs tool_call_id: the id of the assistant's tool call "
+                    "it answers"
+                )
+        elif self.tool_call_id is not None:
+            raise InvalidMessage(f"only tool messages carry tool_call_id, not {self.role}")
+        if not isinstance(self.id, str) or not self.id:
+            raise InvalidMessage("a message id must be a non-empty string")
+        if not isinstance(self.created_at, datetime):
+            raise InvalidMessage("created_at must be a datetime")
+        if self.created_at.tzinfo is None:
+            object.__setattr__(self, "created_at", self.created_at.replace(tzinfo=UTC))
+        elif self.created_at.utcoffset():
+            object.__setattr__(self, "created_at", self.created_at.astimezone(UTC))
+        if not isinstance(self.metadata, dict):
+            raise InvalidMessage("metadata must be a dict")
+        if self.metadata:
+            try:
+                json.dumps(self.metadata)
+            except (TypeError, ValueError) as exc:
+                raise InvalidMessage(f"metadata must be JSON-serialisable: {exc}") from exc
+
+    # -- convenience constructors -------------------------------------------------------
+
+    @classmethod
+    def system(cls, content: str, **kw: Any) -> ChatMessage:
+        """A system message."""
+        return cls(role="system", content=content, **kw)
+
+    @classmethod
+    def user(cls, content: Content, **kw: Any) -> ChatMessage:
+        """A user message; content may be text or a list of content parts."""
+        return cls(role="user", content=content, **kw)
+
+    @classmethod
+    def assistant(
+        cls, content: str | None = None, tool_calls: Sequence[ToolCall] = (), **kw: Any
+    ) -> ChatMessage:
+        """An assistant message: a reply, tool calls, or both."""
+        return cls(role="assistant", content=content, tool_calls=tuple(tool_calls), **kw)
+
+    @classmethod
+    def tool(cls, tool_call_id: str, content: str, **kw: Any) -> ChatMessage:
+        """The result of one tool call."""
+        return cls(role="tool", content=content, tool_call_id=tool_call_id, **kw)
+
+    # -- views --------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The message's text: the content, or its text parts joined, or ""."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        return "\n".join(
+            str(p.get("text", "")) for p in self.content if p.get("type") == "text"
+        )
+
+    # -- storage format -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The storage form: a JSON-ready dict that from_dict turns back into an equal message."""
+        data: dict[str, Any] = {"id": self.id, "role": self.role, "content": self.content}
+        if self.name is not None:
+            data["name"] = self.name
+        if self.tool_calls:
+            data["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        data["created_at"] = self.created_at.isoformat()
+        if self.metadata:
+            data["metadata"] = self.metadata
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
+        """Rebuild a message from its storage form."""
+        if not isinstance(data, Mapping) or "role" not in data:
+            raise InvalidMessage(f"not a stored message: {data!r:.200}")
+        kw: dict[str, Any] = {"role": data["role"], "content": data.get("content")}
+        if "id" in data:
+            kw["id"] = data["id"]
+        if "created_at" in data:
+            try:
+                kw["created_at"] = datetime.fromisoformat(data["created_at"])
+            except (TypeError, ValueError) as exc:
+                raise InvalidMessage(f"bad created_at {data['created_at']!r}") from exc
+        for key in ("name", "tool_call_id"):
+            if data.get(key) is not None:
+                kw[key] = data[key]
+        if data.get("tool_calls"):
+            kw["tool_calls"] = tuple(ToolCall.from_openai(c) for c in data["tool_calls"])
+        if data.get("metadata"):
+            kw["metadata"] = dict(data["metadata"])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        """The storage form as one line of compact JSON."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> ChatMessage:
+        """Parse one line written by to_json."""
+        return cls.from_dict(json.loads(line))
+
+    # -- OpenAI wire format -------------------------------------------------------------
+
+    def to_openai(self) -> dict[str, Any]:
+        """The chat-completions request shape of this message (no id, time or metadata)."""
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            data["name"] = self.name
+        if self.tool_calls:
+            data["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+            if self.content == "":
+                data["content"] = None
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        return data
+
+    @classmethod
+    def from_openai(cls, data: Mapping[str, Any], **kw: Any) -> ChatMessage:
+        """Build from a chat-completions message dict; extra keywords (metadata, ...) pass on."""
+        role = data.get("role")
+        fields: dict[str, Any] = {"role": role, "content": data.get("content")}
+        if data.get("name") is not None:
+            fields["name"] = data["name"]
+        if data.get("tool_calls"):
+            fields["tool_calls"] = tuple(ToolCall.from_openai(c) for c in data["tool_calls"])
+        if data.get("tool_call_id") is not None:
+            fields["tool_call_id"] = data["tool_call_id"]
+        fields.update(kw)
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> ChatMessage:
+        """A copy with some fields changed (same id unless a new one is given)."""
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        data.update(changes)
+        return ChatMessage(**data)
+
+
+def _check_content(role: str, content: object) -> None:
+    if content is None:
+        if role in ("user", "system"):
+            raise InvalidMessage(f"a {role} message needs content")
+        return
+    if isinstance(content, str):
+        return
+    if isinstance(content, list):
+        if role == "tool" or role == "system":
+            # the API accepts text parts here too, but nothing else
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise InvalidMessage(f"a {role} message's content parts must be text parts")
+            return
+        for part in cast(list[object], content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidMessage(
+                    "content parts must be dicts with a 'type', such as "
+                    "{'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': {...}}"
+                )
+        return
+    raise InvalidMessage(
+        f"content must be a string, a list of content parts or None, not {type(content).__name__}"
+    )

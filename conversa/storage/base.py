@@ -1,0 +1,380 @@
+"""ConversationStorage: the contract every backend obeys, with defaults built on its core.
+
+The contract (conversa.testing.storage_conformance checks all of it):
+
+* ``save(sid, history)`` replaces the whole history atomically; ``save(sid, [])`` leaves an
+  existing, empty session.
+* ``load(sid)`` returns the history in order, ``[]`` for an unknown session. Messages come back
+  equal to what was stored (``ChatMessage.to_dict`` round-trips) and are never shared with the
+  store: changing them never changes what is stored.
+* ``delete(sid)`` removes history, info and state; deleting an unknown session is a no-op.
+* ``list_sessions()`` returns session ids, most recently updated first.
+* ``exists(sid)`` is true once anything (messages, info or state) was written for ``sid``.
+* ``append(sid, messages)`` adds to the end, in one piece: concurrent appends never interleave,
+  and its cost grows with the messages appended, never with the history.
+* ``count(sid)`` is the number of stored messages, without loading them.
+* ``pop(sid, n)`` removes and returns the newest ``n``; ``truncate(sid, keep)`` keeps the oldest
+  ``keep``.
+* ``get_info(sid)`` / ``update_info(sid, ...)`` / ``find_sessions(...)``: see ``SessionInfo``.
+  Any write (history, info or state) moves ``updated_at``.
+* Session state: JSON values under string keys, each with an optional time to live;
+  an expired key reads as absent.
+
+A third-party backend implements the five abstract methods plus ``load_meta`` / ``save_meta``
+(one JSON dict per session that holds app-set info and state) and inherits correct, if not
+fast, versions of everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import unicodedata
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from ..errors import InvalidSessionId, StorageError
+from ..messages import ChatMessage
+
+MAX_SESSION_ID_LENGTH = 256
+TITLE_LENGTH = 60
+SessionStatus = Literal["active", "completed", "abandoned"]
+STATUSES: frozenset[str] = frozenset(("active", "completed", "abandoned"))
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a valid id, else raise InvalidSessionId saying why."""
+    if not isinstance(session_id, str):
+        raise InvalidSessionId(f"a session id must be a string, not {type(session_id).__name__}")
+    if not session_id:
+        raise InvalidSessionId("a session id must not be empty")
+    if len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise InvalidSessionId(
+            f"a session id may have at most {MAX_SESSION_ID_LENGTH} characters, "
+            f"this one has {len(session_id)}"
+        )
+    for ch in session_id:
+        if unicodedata.category(ch) in ("Cc", "Cs"):
+            raise InvalidSessionId(
+                f"a session id must not contain control characters (found {ch!r} in "
+                f"{session_id!r:.80})"
+            )
+    return session_id
+
+
+def title_from(messages: Iterable[ChatMessage]) -> str | None:
+    """The default title: the start of the first user message, on one line."""
+    for m in messages:
+        if m.role == "user":
+            text = " ".join(m.text.split())
+            if len(text) > TITLE_LENGTH:
+                text = text[: TITLE_LENGTH - 1].rstrip() + "…"
+            return text or None
+    return None
+
+
+def check_json(value: object, what: str) -> None:
+    """Raise StorageError (a ValueError too) unless ``value`` serialises to JSON."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise StateValueError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+class StateValueError(StorageError, ValueError):
+    """A state value or info field cannot be stored (not JSON-serialisable, bad status)."""
+
+
+def ts(dt: datetime) -> float:
+    """A datetime as epoch seconds."""
+    return dt.timestamp()
+
+
+def from_ts(value: float) -> datetime:
+    """Epoch seconds as an aware UTC datetime."""
+    return datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What is known about a session without loading its history."""
+
+    session_id: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    title: str | None = None
+    """The title set with update_info, else the start of the first user message."""
+    user_id: str | None = None
+    status: str = "active"
+    """active, completed or abandoned."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+_UNSET: Any = object()
+
+
+class ConversationStorage(ABC):
+    """Where conversations live: the async contract every backend obeys."""
+
+    # -- the core: every backend implements these -----------------------------------------
+
+    @abstractmethod
+    async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
+        """Replace the whole history of ``session_id``, atomically."""
+
+    @abstractmethod
+    async def load(self, session_id: str) -> list[ChatMessage]:
+        """The whole history in order; ``[]`` for an unknown session."""
+
+    @abstractmethod
+    async def delete(self, session_id: str) -> None:
+        """Remove history, info and state of ``session_id``; a no-op if it does not exist."""
+
+    @abstractmethod
+    async def list_sessions(self) -> list[str]:
+        """All session ids, most recently updated first."""
+
+    @abstractmethod
+    async def exists(self, session_id: str) -> bool:
+        """Whether anything is stored for ``session_id``."""
+
+    # -- the meta pair: a JSON dict per session for info and state -----------------------
+
+    async def load_meta(self, session_id: str) -> dict[str, Any] | None:
+        """The session's meta dict (app-set info and state), None if none was saved."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not persist session info and state: implement "
+            "load_meta() and save_meta() (one JSON dict per session) to enable them"
+        )
+
+    async def save_meta(self, session_id: str, meta: dict[str, Any]) -> None:
+        """Store the session's meta dict, replacing the previous one."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not persist session info and state: implement "
+            "load_meta() and save_meta() (one JSON dict per session) to enable them"
+        )
+
+    # -- history: defaults on the core; bundled backends override them --------------------
+
+    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        """Add ``messages`` to the end of the history, in one piece."""
+        history = await self.load(session_id)
+        await self.save(session_id, [*history, *messages])
+
+    async def count(self, session_id: str) -> int:
+        """The number of stored messages."""
+        return len(await self.load(session_id))
+
+    async def truncate(self, session_id: str, keep: int) -> None:
+        """Keep only the oldest ``keep`` messages."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        history = await self.load(session_id)
+        if keep < len(history):
+            await self.save(session_id, history[:keep])
+
+    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """Remove and return the newest ``n`` messages (fewer if the history is shorter)."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        history = await self.load(session_id)
+        if n == 0 or not history:
+            return []
+        keep = max(0, len(history) - n)
+        await self.save(session_id, history[:keep])
+        return history[keep:]
+
+    # -- session info ---------------------------------------------------------------------
+
+    async def get_info(self, session_id: str) -> SessionInfo | None:
+        """What is known about the session, or None if it does not exist."""
+        validate_session_id(session_id)
+        meta = await self.load_meta(session_id)
+        history = await self.load(session_id)
+        if meta is None and not history and not await self.exists(session_id):
+            return None
+        meta = meta or {}
+        stamps = [m.created_at for m in history]
+        now = datetime.now(UTC)
+        created = from_ts(meta["created_at"]) if "created_at" in meta else min(stamps, default=now)
+        updated = max([*stamps, from_ts(meta.get("updated_at", 0.0)), created])
+        return SessionInfo(
+            session_id=session_id,
+            created_at=created,
+            updated_at=updated,
+            message_count=len(history),
+            title=meta.get("title") or title_from(history),
+            user_id=meta.get("user_id"),
+            status=meta.get("status", "active"),
+            metadata=dict(meta.get("metadata", {})),
+        )
+
+    async def update_info(
+        self,
+        session_id: str,
+        *,
+        title: str | None = _UNSET,
+        user_id: str | None = _UNSET,
+        status: str = _UNSET,
+        metadata: Mapping[str, Any] = _UNSET,
+    ) -> SessionInfo:
+        """Set the given info fields (creating the session if needed) and return the info.
+
+        ``metadata`` replaces the whole metadata dict; ``title=None`` goes back to the default.
+        """
+        validate_session_id(session_id)
+        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+        meta = await self.load_meta(session_id) or {}
+        meta.update(fields)
+        meta.setdefault("created_at", time.time())
+        meta["updated_at"] = time.time()
+        await self.save_meta(session_id, meta)
+        info = await self.get_info(session_id)
+        assert info is not None
+        return info
+
+    async def find_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        status: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[SessionInfo]:
+        """Infos of the sessions that match every given filter, newest first."""
+        found: list[SessionInfo] = []
+        for sid in await self.list_sessions():
+            info = await self.get_info(sid)
+            if info is not None and info_matches(info, user_id, status, updated_before):
+                found.append(info)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
+
+    # -- session state --------------------------------------------------------------------
+
+    async def get_state(self, session_id: str) -> dict[str, Any]:
+        """The session's state: every key that has not expired, with its value."""
+        validate_session_id(session_id)
+        meta = await self.load_meta(session_id) or {}
+        return live_state(meta.get("state", {}))
+
+    async def set_state(
+        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+    ) -> None:
+        """Set keys of the session's state; with ``ttl`` (seconds) they expire after that."""
+        validate_session_id(session_id)
+        entries = state_entries(values, ttl)
+        meta = await self.load_meta(session_id) or {}
+        state = {**meta.get("state", {}), **entries}
+        meta["state"] = state
+        meta.setdefault("created_at", time.time())
+        meta["updated_at"] = time.time()
+        await self.save_meta(session_id, meta)
+
+    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove keys from the session's state; absent keys are ignored."""
+        validate_session_id(session_id)
+        keys = list(keys)
+        meta = await self.load_meta(session_id)
+        if not meta or not any(k in meta.get("state", {}) for k in keys):
+            return
+        for k in keys:
+            meta["state"].pop(k, None)
+        meta["updated_at"] = time.time()
+        await self.save_meta(session_id, meta)
+
+    async def clear_state(self, session_id: str) -> None:
+        """Remove every key of the session's state."""
+        validate_session_id(session_id)
+        meta = await self.load_meta(session_id)
+        if meta and meta.get("state"):
+            meta["state"] = {}
+            meta["updated_at"] = time.time()
+            await self.save_meta(session_id, meta)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def close(self) -> None:  # noqa: B027 (optional hook, nothing to release here)
+        """Release connections and files; the storage is not used after this."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+# -- helpers shared by the backends -------------------------------------------------------
+
+
+def info_fields(
+    *, title: Any = _UNSET, user_id: Any = _UNSET, status: Any = _UNSET, metadata: Any = _UNSET
+) -> dict[str, Any]:
+    """Validate update_info arguments and return the fields that were given."""
+    fields: dict[str, Any] = {}
+    if title is not _UNSET:
+        if title is not None and not isinstance(title, str):
+            raise StateValueError("title must be a string or None")
+        fields["title"] = title
+    if user_id is not _UNSET:
+        if user_id is not None and not isinstance(user_id, str):
+            raise StateValueError("user_id must be a string or None")
+        fields["user_id"] = user_id
+    if status is not _UNSET:
+        if status not in STATUSES:
+            raise StateValueError(
+                f"unknown status {status!r}; use one of: {', '.join(sorted(STATUSES))}"
+            )
+        fields["status"] = status
+    if metadata is not _UNSET:
+        if not isinstance(metadata, Mapping):
+            raise StateValueError("metadata must be a dict")
+        check_json(metadata, "metadata")
+        fields["metadata"] = dict(metadata)
+    return fields
+
+
+def info_matches(
+    info: SessionInfo, user_id: str | None, status: str | None, updated_before: datetime | None
+) -> bool:
+    """Whether ``info`` passes the filters of find_sessions."""
+    if user_id is not None and info.user_id != user_id:
+        return False
+    if status is not None and info.status != status:
+        return False
+    return updated_before is None or info.updated_at < updated_before
+
+
+def state_entries(values: Mapping[str, Any], ttl: float | None) -> dict[str, dict[str, Any]]:
+    """Validate state values and wrap each as {"value": v, "expires_at": epoch or None}."""
+    if ttl is not None and ttl <= 0:
+        raise StateValueError("ttl must be a positive number of seconds")
+    expires_at = time.time() + ttl if ttl is not None else None
+    entries: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or not key:
+            raise StateValueError(f"state keys must be non-empty strings, not {key!r}")
+        check_json(value, f"the value of state key {key!r}")
+        entries[key] = {"value": value, "expires_at": expires_at}
+    return entries
+
+
+def live_state(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The values of the entries that have not expired."""
+    now = time.time()
+    return {
+        k: e["value"]
+        for k, e in entries.items()
+        if e.get("expires_at") is None or e["expires_at"] > now
+    }
