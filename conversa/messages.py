@@ -105,7 +105,7 @@ class ChatMessage:
             raise InvalidMessage("metadata must be a dict")
         if self.metadata:
             try:
-                json.dumps(self.metadata)
+                json.dumps(self.metadata, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise InvalidMessage(f"metadata must be JSON-serialisable: {exc}") from exc
 
@@ -142,9 +142,7 @@ class ChatMessage:
             return self.content
         if not self.content:
             return ""
-        return "\n".join(
-            str(p.get("text", "")) for p in self.content if p.get("type") == "text"
-        )
+        return "\n".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
 
     # -- storage format -----------------------------------------------------------------
 
@@ -249,6 +247,10 @@ def _check_content(role: str, content: object) -> None:
                     "content parts must be dicts with a 'type', such as "
                     "{'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': {...}}"
                 )
+        try:
+            json.dumps(content, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"content parts must be JSON-serialisable: {exc}") from exc
         return
     raise InvalidMessage(
         f"content must be a string, a list of content parts or None, not {type(content).__name__}"

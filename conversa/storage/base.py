@@ -80,7 +80,7 @@ def title_from(messages: Iterable[ChatMessage]) -> str | None:
 def check_json(value: object, what: str) -> None:
     """Raise StorageError (a ValueError too) unless ``value`` serialises to JSON."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StateValueError(f"{what} must be JSON-serialisable: {exc}") from exc
 

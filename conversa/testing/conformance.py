@@ -1,0 +1,471 @@
+"""The storage conformance suite: every ConversationStorage must pass it.
+
+Subclass ``StorageConformance`` in a test module and provide a ``storage`` fixture that yields a
+fresh, empty backend::
+
+    import pytest_asyncio
+    from conversa.testing import StorageConformance
+
+    class TestMyStorage(StorageConformance):
+        @pytest_asyncio.fixture
+        async def storage(self, tmp_path):
+            store = MyStorage(tmp_path)
+            yield store
+            await store.close()
+
+The suite needs pytest, pytest-asyncio and hypothesis (``pip install 'conversa[dev]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ..errors import InvalidSessionId, StorageError
+from ..messages import ChatMessage, ToolCall
+from ..storage.base import ConversationStorage
+
+# -- strategies: arbitrary valid messages ------------------------------------------------
+
+_text = st.text(max_size=300)
+_json_scalar = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text
+)
+json_values: st.SearchStrategy[Any] = st.recursive(
+    _json_scalar,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=12,
+)
+_metadata = st.dictionaries(_text, json_values, max_size=4)
+_times = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+_parts = st.lists(
+    st.builds(lambda t: {"type": "text", "text": t}, _text)
+    | st.builds(
+        lambda u: {"type": "image_url", "image_url": {"url": "data:image/png;base64," + u}},
+        st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", max_size=40),
+    ),
+    min_size=1,
+    max_size=3,
+)
+_tool_calls = st.lists(
+    st.builds(
+        ToolCall,
+        id=st.text(min_size=1, max_size=40),
+        name=st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,30}", fullmatch=True),
+        arguments=st.builds(lambda d: __import__("json").dumps(d), st.dictionaries(_text, _text)),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@st.composite
+def chat_messages(draw: st.DrawFn) -> ChatMessage:
+    """Any valid ChatMessage: every role, text or content parts, tool calls, metadata."""
+    role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
+    kw: dict[str, Any] = {
+        "created_at": draw(_times),
+        "metadata": draw(_metadata),
+        "name": draw(st.none() | st.text(min_size=1, max_size=20)),
+    }
+    if role == "user":
+        kw["content"] = draw(_text | _parts)
+    elif role == "system":
+        kw["content"] = draw(_text)
+    elif role == "assistant":
+        calls = draw(st.just(()) | _tool_calls)
+        kw["tool_calls"] = tuple(calls)
+        kw["content"] = draw(_text | st.none()) if calls else draw(_text)
+    else:
+        kw["tool_call_id"] = draw(st.text(min_size=1, max_size=40))
+        kw["content"] = draw(_text)
+    return ChatMessage(role=role, **kw)
+
+
+def _sid() -> str:
+    return f"conf-{uuid.uuid4().hex[:12]}"
+
+
+def _user(text: str, **meta: Any) -> ChatMessage:
+    return ChatMessage.user(text, metadata=dict(meta))
+
+
+_HYPOTHESIS = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+# Backends whose clocks are coarse (file mtimes) need writes this far apart to order them.
+_TICK = 0.02
+
+
+class StorageConformance:
+    """The contract of ConversationStorage as tests; subclass it and define ``storage``."""
+
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[ConversationStorage]:
+        """Override: yield a fresh, empty backend and close it afterwards."""
+        raise NotImplementedError("define a `storage` fixture in your StorageConformance subclass")
+        yield  # pragma: no cover
+
+    # -- round trips ---------------------------------------------------------------------
+
+    @_HYPOTHESIS
+    @given(history=st.lists(chat_messages(), max_size=6))
+    async def test_save_load_roundtrip(
+        self, storage: ConversationStorage, history: list[ChatMessage]
+    ) -> None:
+        sid = _sid()
+        await storage.save(sid, history)
+        assert await storage.load(sid) == history
+        assert await storage.count(sid) == len(history)
+
+    @_HYPOTHESIS
+    @given(batches=st.lists(st.lists(chat_messages(), min_size=1, max_size=3), max_size=4))
+    async def test_append_roundtrip(
+        self, storage: ConversationStorage, batches: list[list[ChatMessage]]
+    ) -> None:
+        sid = _sid()
+        for batch in batches:
+            await storage.append(sid, batch)
+        expected = [m for batch in batches for m in batch]
+        assert await storage.load(sid) == expected
+        assert await storage.count(sid) == len(expected)
+
+    async def test_megabyte_contents(self, storage: ConversationStorage) -> None:
+        big = ('line one\nzweite Zeile ü 雪 🎉 "quoted" \\ back\t tab\n' * 20_000)[:1_000_000]
+        parts = [{"type": "text", "text": big}, {"type": "text", "text": "tail"}]
+        msgs = [ChatMessage.user(big), ChatMessage.user(parts), ChatMessage.assistant(big)]
+        sid = _sid()
+        await storage.append(sid, msgs[:1])
+        await storage.append(sid, msgs[1:])
+        assert await storage.load(sid) == msgs
+
+    async def test_loaded_messages_are_not_shared(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        original = ChatMessage.user([{"type": "text", "text": "hi"}], metadata={"k": [1]})
+        await storage.append(sid, [original])
+        loaded = (await storage.load(sid))[0]
+        assert isinstance(loaded.content, list)
+        loaded.content[0]["text"] = "changed"
+        loaded.metadata["k"].append(2)
+        assert await storage.load(sid) == [original]
+        assert original.metadata == {"k": [1]}
+
+    # -- history operations --------------------------------------------------------------
+
+    async def test_unknown_session(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        assert await storage.load(sid) == []
+        assert await storage.count(sid) == 0
+        assert not await storage.exists(sid)
+        assert await storage.get_info(sid) is None
+        assert await storage.get_state(sid) == {}
+        assert await storage.pop(sid) == []
+        assert sid not in await storage.list_sessions()
+
+    async def test_append_after_save_and_save_replaces(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        a, b, c, d = (_user(x) for x in "abcd")
+        await storage.save(sid, [a, b])
+        await storage.append(sid, [c])
+        assert await storage.load(sid) == [a, b, c]
+        await storage.save(sid, [d])
+        assert await storage.load(sid) == [d]
+        await storage.append(sid, [a])
+        assert await storage.load(sid) == [d, a]
+        assert await storage.count(sid) == 2
+
+    async def test_save_empty_creates_session(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.save(sid, [])
+        assert await storage.exists(sid)
+        assert await storage.count(sid) == 0
+        assert sid in await storage.list_sessions()
+        await storage.append(sid, [_user("x")])
+        await storage.save(sid, [])
+        assert await storage.load(sid) == []
+
+    async def test_order_kept_across_many_appends(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        for i in range(50):
+            await storage.append(sid, [_user(f"m{i}"), ChatMessage.assistant(f"r{i}")])
+        texts = [m.text for m in await storage.load(sid)]
+        assert texts == [t for i in range(50) for t in (f"m{i}", f"r{i}")]
+
+    async def test_append_empty_is_harmless(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user("a")])
+        await storage.append(sid, [])
+        assert [m.text for m in await storage.load(sid)] == ["a"]
+
+    async def test_concurrent_appends_stay_contiguous(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+
+        async def writer(w: int) -> None:
+            for i in range(5):
+                batch = [_user(f"{w}-{i}-{j}", w=w, i=i) for j in range(3)]
+                await storage.append(sid, batch)
+
+        await asyncio.gather(*(writer(w) for w in range(6)))
+        loaded = await storage.load(sid)
+        assert len(loaded) == 90
+        assert len({m.id for m in loaded}) == 90
+        for k in range(0, 90, 3):
+            texts = [m.text for m in loaded[k : k + 3]]
+            prefix = texts[0].rsplit("-", 1)[0]
+            assert texts == [f"{prefix}-{j}" for j in range(3)], texts
+
+    async def test_pop_and_truncate(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        msgs = [_user(str(i)) for i in range(6)]
+        await storage.append(sid, msgs)
+        assert await storage.pop(sid) == msgs[5:]
+        assert await storage.pop(sid, 2) == msgs[3:5]
+        assert await storage.pop(sid, 0) == []
+        assert await storage.count(sid) == 3
+        await storage.truncate(sid, 5)
+        assert await storage.load(sid) == msgs[:3]
+        await storage.truncate(sid, 1)
+        assert await storage.load(sid) == msgs[:1]
+        await storage.append(sid, [msgs[4]])
+        assert await storage.load(sid) == [msgs[0], msgs[4]]
+        assert await storage.pop(sid, 10) == [msgs[0], msgs[4]]
+        assert await storage.load(sid) == []
+        assert await storage.exists(sid)
+        with pytest.raises(ValueError):
+            await storage.pop(sid, -1)
+        with pytest.raises(ValueError):
+            await storage.truncate(sid, -1)
+
+    async def test_delete_is_complete_and_idempotent(self, storage: ConversationStorage) -> None:
+        sid, other = _sid(), _sid()
+        await storage.append(sid, [_user("a")])
+        await storage.set_state(sid, {"k": 1})
+        await storage.update_info(sid, title="t", user_id="u")
+        await storage.append(other, [_user("keep")])
+        await storage.delete(sid)
+        await storage.delete(sid)
+        await storage.delete(_sid())
+        assert not await storage.exists(sid)
+        assert await storage.load(sid) == []
+        assert await storage.get_state(sid) == {}
+        assert await storage.get_info(sid) is None
+        assert sid not in await storage.list_sessions()
+        assert [m.text for m in await storage.load(other)] == ["keep"]
+        await storage.append(sid, [_user("again")])
+        info = await storage.get_info(sid)
+        assert info is not None and info.user_id is None and info.title == "again"
+
+    async def test_list_sessions_newest_update_first(self, storage: ConversationStorage) -> None:
+        ids = [_sid() for _ in range(3)]
+        for sid in ids:
+            await storage.append(sid, [_user(sid)])
+            await asyncio.sleep(_TICK)
+        listed = [s for s in await storage.list_sessions() if s in ids]
+        assert listed == ids[::-1]
+        await storage.append(ids[0], [_user("later")])
+        listed = [s for s in await storage.list_sessions() if s in ids]
+        assert listed == [ids[0], ids[2], ids[1]]
+
+    async def test_exists(self, storage: ConversationStorage) -> None:
+        a, b, c = _sid(), _sid(), _sid()
+        await storage.append(a, [_user("x")])
+        await storage.set_state(b, {"k": "v"})
+        await storage.update_info(c, user_id="u")
+        assert await storage.exists(a)
+        assert await storage.exists(b)
+        assert await storage.exists(c)
+        assert not await storage.exists(_sid())
+
+    @pytest.mark.parametrize("bad", ["", "nul\x00id", "x" * 300, "tab\tid", "line\nbreak"])
+    async def test_invalid_session_ids_rejected(
+        self, storage: ConversationStorage, bad: str
+    ) -> None:
+        with pytest.raises(InvalidSessionId):
+            await storage.append(bad, [_user("x")])
+        with pytest.raises(InvalidSessionId):
+            await storage.load(bad)
+        with pytest.raises(InvalidSessionId):
+            await storage.save(bad, [])
+        with pytest.raises(InvalidSessionId):
+            await storage.set_state(bad, {"k": 1})
+
+    @pytest.mark.parametrize(
+        "odd",
+        [
+            "../../etc/passwd",
+            "/abs/path",
+            "a/b",
+            "..",
+            ".",
+            "alice@example.com",
+            "ü 雪 🎉",
+            "x" * 256,
+        ],
+    )
+    async def test_odd_but_valid_ids_roundtrip(
+        self, storage: ConversationStorage, odd: str
+    ) -> None:
+        await storage.append(odd, [_user(odd)])
+        assert await storage.exists(odd)
+        assert [m.text for m in await storage.load(odd)] == [odd]
+        assert odd in await storage.list_sessions()
+        await storage.delete(odd)
+        assert not await storage.exists(odd)
+
+    # -- session info --------------------------------------------------------------------
+
+    async def test_info_timestamps_and_counts(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        before = datetime.now(UTC) - timedelta(seconds=1)
+        await storage.append(sid, [ChatMessage.system("sys"), _user("Hello   there\nfriend")])
+        info = await storage.get_info(sid)
+        assert info is not None
+        assert info.session_id == sid
+        assert info.message_count == 2
+        assert info.title == "Hello there friend"
+        assert info.status == "active"
+        assert info.user_id is None
+        assert before <= info.created_at <= info.updated_at
+        await asyncio.sleep(_TICK)
+        await storage.append(sid, [ChatMessage.assistant("hi")])
+        later = await storage.get_info(sid)
+        assert later is not None
+        assert later.message_count == 3
+        assert later.created_at == info.created_at
+        assert later.updated_at > info.updated_at
+
+    async def test_default_title_is_shortened(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user("word " * 100)])
+        info = await storage.get_info(sid)
+        assert info is not None and info.title is not None
+        assert info.title.startswith("word word")
+        assert len(info.title) <= 60
+
+    async def test_update_info(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user("first question")])
+        info = await storage.update_info(
+            sid, title="My chat", user_id="alice", status="completed", metadata={"tags": ["x"]}
+        )
+        assert (info.title, info.user_id, info.status, info.metadata) == (
+            "My chat",
+            "alice",
+            "completed",
+            {"tags": ["x"]},
+        )
+        again = await storage.get_info(sid)
+        assert again == info
+        await storage.update_info(sid, title=None)
+        reset = await storage.get_info(sid)
+        assert reset is not None
+        assert reset.title == "first question"
+        assert reset.user_id == "alice"
+        with pytest.raises(ValueError):
+            await storage.update_info(sid, status="sleeping")
+        with pytest.raises(ValueError):
+            await storage.update_info(sid, metadata={"bad": object()})
+
+    async def test_find_sessions(self, storage: ConversationStorage) -> None:
+        user = f"user-{uuid.uuid4().hex[:8]}"
+        old, mid, new, foreign = _sid(), _sid(), _sid(), _sid()
+        for sid in (old, mid, new):
+            await storage.update_info(sid, user_id=user)
+            await storage.append(sid, [_user(sid)])
+            await asyncio.sleep(_TICK)
+        await storage.update_info(foreign, user_id="someone-else")
+        await storage.update_info(old, status="abandoned")
+        await asyncio.sleep(_TICK)
+        await storage.append(mid, [_user("newest now")])
+
+        mine = await storage.find_sessions(user_id=user)
+        assert [i.session_id for i in mine] == [mid, old, new]
+        assert all(i.user_id == user for i in mine)
+        active = await storage.find_sessions(user_id=user, status="active")
+        assert [i.session_id for i in active] == [mid, new]
+        assert [i.session_id for i in await storage.find_sessions(user_id=user, limit=1)] == [mid]
+        info_new = next(i for i in mine if i.session_id == new)
+        stale = await storage.find_sessions(user_id=user, updated_before=info_new.updated_at)
+        assert [i.session_id for i in stale] == []
+        cutoff = info_new.updated_at + timedelta(microseconds=1)
+        stale = await storage.find_sessions(user_id=user, updated_before=cutoff)
+        assert [i.session_id for i in stale] == [new]
+        assert await storage.find_sessions(user_id=f"nobody-{uuid.uuid4().hex}") == []
+
+    # -- session state -------------------------------------------------------------------
+
+    async def test_state_roundtrip(self, storage: ConversationStorage) -> None:
+        sid, other = _sid(), _sid()
+        await storage.set_state(sid, {"a": 1, "b": {"nested": [1, "two", None]}, "c": "ü"})
+        await storage.set_state(sid, {"a": 2})
+        await storage.set_state(other, {"a": "other"})
+        assert await storage.get_state(sid) == {"a": 2, "b": {"nested": [1, "two", None]}, "c": "ü"}
+        await storage.delete_state(sid, ["b", "missing"])
+        assert await storage.get_state(sid) == {"a": 2, "c": "ü"}
+        await storage.clear_state(sid)
+        assert await storage.get_state(sid) == {}
+        assert await storage.get_state(other) == {"a": "other"}
+        state = await storage.get_state(other)
+        state["a"] = "mutated"
+        assert await storage.get_state(other) == {"a": "other"}
+
+    @_HYPOTHESIS
+    @given(values=st.dictionaries(st.text(min_size=1, max_size=30), json_values, max_size=5))
+    async def test_state_values_roundtrip(
+        self, storage: ConversationStorage, values: dict[str, Any]
+    ) -> None:
+        sid = _sid()
+        await storage.set_state(sid, values)
+        assert await storage.get_state(sid) == values
+
+    async def test_state_expiry(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.set_state(sid, {"short": 1}, ttl=0.3)
+        await storage.set_state(sid, {"long": 2}, ttl=60)
+        await storage.set_state(sid, {"forever": 3})
+        assert await storage.get_state(sid) == {"short": 1, "long": 2, "forever": 3}
+        await asyncio.sleep(0.5)
+        assert await storage.get_state(sid) == {"long": 2, "forever": 3}
+        await storage.set_state(sid, {"short": "back"})
+        assert (await storage.get_state(sid))["short"] == "back"
+
+    async def test_state_rejects_bad_values(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        with pytest.raises((ValueError, StorageError)):
+            await storage.set_state(sid, {"k": object()})
+        with pytest.raises((ValueError, StorageError)):
+            await storage.set_state(sid, {"k": 1}, ttl=-1)
+        assert await storage.get_state(sid) == {}
+
+    async def test_state_and_history_are_independent(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.set_state(sid, {"k": 1})
+        await storage.append(sid, [_user("a")])
+        await storage.save(sid, [_user("b")])
+        await storage.pop(sid)
+        assert await storage.get_state(sid) == {"k": 1}
+        await storage.clear_state(sid)
+        assert await storage.count(sid) == 0
+        assert await storage.exists(sid)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def test_async_context_manager(self, storage: ConversationStorage) -> None:
+        async with storage as same:
+            assert same is storage
