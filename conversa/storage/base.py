@@ -12,7 +12,8 @@ The contract (conversa.testing.storage_conformance checks all of it):
 * ``exists(sid)`` is true once anything (messages, info or state) was written for ``sid``.
 * ``append(sid, messages)`` adds to the end, in one piece: concurrent appends never interleave,
   and its cost grows with the messages appended, never with the history.
-* ``count(sid)`` is the number of stored messages, without loading them.
+* ``count(sid)`` is the number of stored messages, and ``tail(sid, n)`` the newest ``n`` of them,
+  without loading the rest (a Session uses both to notice changes made by other processes).
 * ``pop(sid, n)`` removes and returns the newest ``n``; ``truncate(sid, keep)`` keeps the oldest
   ``keep``.
 * ``get_info(sid)`` / ``update_info(sid, ...)`` / ``find_sessions(...)``: see ``SessionInfo``.
@@ -169,6 +170,13 @@ class ConversationStorage(ABC):
     async def count(self, session_id: str) -> int:
         """The number of stored messages."""
         return len(await self.load(session_id))
+
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages in order, without loading the rest."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        history = await self.load(session_id)
+        return history[max(0, len(history) - n) :] if n else []
 
     async def truncate(self, session_id: str, keep: int) -> None:
         """Keep only the oldest ``keep`` messages."""

@@ -107,6 +107,14 @@ class InMemoryStorage(ConversationStorage):
         s = self._sessions.get(session_id)
         return len(s.messages) if s else 0
 
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages, as copies."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        validate_session_id(session_id)
+        s = self._sessions.get(session_id)
+        return [_detached(m) for m in s.messages[max(0, len(s.messages) - n) :]] if s and n else []
+
     async def truncate(self, session_id: str, keep: int) -> None:
         """Keep the oldest ``keep`` messages."""
         if keep < 0:

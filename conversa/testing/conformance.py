@@ -237,6 +237,19 @@ class StorageConformance:
             prefix = texts[0].rsplit("-", 1)[0]
             assert texts == [f"{prefix}-{j}" for j in range(3)], texts
 
+    async def test_tail(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        assert await storage.tail(sid) == []
+        msgs = [_user(str(i)) for i in range(5)]
+        await storage.append(sid, msgs[:2])
+        await storage.append(sid, msgs[2:])
+        assert await storage.tail(sid) == msgs[4:]
+        assert await storage.tail(sid, 3) == msgs[2:]
+        assert await storage.tail(sid, 9) == msgs
+        assert await storage.tail(sid, 0) == []
+        with pytest.raises(ValueError):
+            await storage.tail(sid, -1)
+
     async def test_pop_and_truncate(self, storage: ConversationStorage) -> None:
         sid = _sid()
         msgs = [_user(str(i)) for i in range(6)]
