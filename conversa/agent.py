@@ -1,0 +1,432 @@
+"""The ReAct loop: one user turn of model calls and tool runs, native or via the text protocol.
+
+A turn is one async generator, ``run_turn``: ``Session.send_message`` drains it for the result and
+``Session.stream_message`` hands its events to the caller. Every message is appended to storage
+the moment it exists, so a cancel, a crash or an error leaves a history that is valid input for
+the next model call (the repair in ``context.repair`` fills anything still missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+import time
+from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .context import describe_tools_for_text_protocol, interrupted_result, repair, trim
+from .errors import ModelError, ToolError, ToolsUnsupported
+from .messages import ChatMessage, ToolCall
+from .model import ModelResponse, TextDelta, ToolCallStarted, Usage
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .tools import Tool
+
+StopReason = Literal["final_answer", "max_iterations", "cancelled", "error"]
+ReactMode = Literal["auto", "tools", "text"]
+OnLimit = Literal["stop", "generate"]
+
+OBSERVATION_PREFIX = "Observation: "
+LIMIT_NOTE = (
+    "You have reached the limit of tool use for this turn. Do not call tools; answer the user "
+    "now as well as you can with what you have."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One action of the loop: the model's thought, the tool it chose and what came back."""
+
+    thought: str | None
+    action: str | None
+    action_input: dict[str, Any] | str | None
+    observation: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResult:
+    """The outcome of one user turn."""
+
+    result: str
+    steps: list[Step]
+    success: bool
+    iterations: int
+    usage: Usage
+    stop_reason: StopReason
+    error: str | None = None
+    messages: list[ChatMessage] = field(default_factory=list)
+    """The messages this turn stored, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRunning:
+    """A tool is about to run with these arguments."""
+
+    call: ToolCall
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDone:
+    """A tool finished; ``ok`` is False when its output is an error the model will see."""
+
+    call: ToolCall
+    output: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDone:
+    """The turn is over; always the last event."""
+
+    result: AgentResult
+
+
+TurnEvent = TextDelta | ToolCallStarted | ToolRunning | ToolDone | TurnDone
+
+
+@dataclass(slots=True)
+class ModelRequest:
+    """What goes to the model; request interceptors may change any of it."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    extra_system: list[str] = field(default_factory=list)
+    """Lines appended to the system prompt for this call only."""
+
+
+RequestInterceptor = Callable[
+    [ModelRequest, "Session"], ModelRequest | None | Awaitable[ModelRequest | None]
+]
+ResponseInterceptor = Callable[
+    [ModelResponse, "Session"], ModelResponse | None | Awaitable[ModelResponse | None]
+]
+Approver = Callable[[str, dict[str, Any]], bool | Awaitable[bool]]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+# -- the text protocol ---------------------------------------------------------------------
+
+_FENCE = re.compile(r"```(?:json)?\s*(\{.*\})\s*```", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class TextReply:
+    """A parsed text-protocol reply: a final answer, an action, or what was wrong with it."""
+
+    thought: str | None = None
+    final_answer: str | None = None
+    action: str | None = None
+    action_input: dict[str, Any] | None = None
+    problem: str | None = None
+
+
+def parse_text_reply(text: str) -> TextReply:
+    """Read a reply of the JSON text protocol; prose without any JSON counts as an answer."""
+    fenced = _FENCE.search(text)
+    candidate = fenced.group(1) if fenced else text.strip()
+    start, end = candidate.find("{"), candidate.rfind("}")
+    if start == -1 or end < start:
+        return TextReply(final_answer=text.strip())
+    try:
+        data = json.loads(candidate[start : end + 1])
+    except json.JSONDecodeError as exc:
+        return TextReply(problem=f"your reply was not valid JSON ({exc})")
+    if not isinstance(data, dict):
+        return TextReply(problem="your reply must be one JSON object")
+    thought = data.get("thought")
+    thought = str(thought) if thought is not None else None
+    if "final_answer" in data:
+        answer = data["final_answer"]
+        return TextReply(
+            thought, final_answer=answer if isinstance(answer, str) else json.dumps(answer)
+        )
+    if "action" in data:
+        raw = data.get("action_input", {})
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError:
+                return TextReply(thought, problem="action_input must be a JSON object")
+        if not isinstance(raw, dict):
+            return TextReply(thought, problem="action_input must be a JSON object")
+        return TextReply(thought, action=str(data["action"]), action_input=raw)
+    return TextReply(thought, problem='the JSON needs either "action" or "final_answer"')
+
+
+# -- running tools -------------------------------------------------------------------------
+
+
+async def _execute(session: Session, tool: Tool | None, call: ToolCall) -> tuple[str, bool]:
+    """Run one approved call; every failure becomes an observation for the model."""
+    if tool is None:
+        names = ", ".join(session.tools.names()) or "none"
+        return f"Error: there is no tool named {call.name!r}. Available tools: {names}.", False
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError as exc:
+        return f"Error: the arguments for {call.name} are not valid JSON ({exc}).", False
+    if not isinstance(arguments, dict):
+        return f"Error: the arguments for {call.name} must be a JSON object.", False
+    try:
+        return await tool.run(arguments, session=session), True
+    except ToolError as exc:
+        return f"Error: {exc}", False
+    except Exception as exc:
+        return f"Error: {call.name} failed: {type(exc).__name__}: {exc}", False
+
+
+async def _approved(session: Session, tool: Tool | None, call: ToolCall) -> bool:
+    if tool is None or not tool.requires_approval:
+        return True
+    if session.approve is None:
+        return False
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        arguments = {"_raw": call.arguments}
+    return bool(await _maybe_await(session.approve(call.name, arguments)))
+
+
+def _denied(call: ToolCall) -> str:
+    return (
+        f"The user did not approve running {call.name}. Do not call it again for this request; "
+        "continue without it or ask the user."
+    )
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+class _Turn:
+    """The mutable bookkeeping of one turn."""
+
+    def __init__(self, session: Session, max_iterations: int, stream: bool, on_limit: OnLimit):
+        self.session = session
+        self.max_iterations = max_iterations
+        self.stream = stream
+        self.on_limit = on_limit
+        self.iterations = 0
+        self.usage = Usage()
+        self.steps: list[Step] = []
+        self.stored: list[ChatMessage] = []
+
+    async def store(self, *messages: ChatMessage) -> None:
+        await self.session._append(messages)
+        self.stored.extend(messages)
+
+    def result(
+        self, text: str, reason: StopReason, *, success: bool, error: str | None = None
+    ) -> TurnDone:
+        return TurnDone(
+            AgentResult(
+                result=text,
+                steps=self.steps,
+                success=success,
+                iterations=self.iterations,
+                usage=self.usage,
+                stop_reason=reason,
+                error=error,
+                messages=self.stored,
+            )
+        )
+
+
+async def run_turn(
+    session: Session,
+    user_message: ChatMessage | None,
+    *,
+    max_iterations: int,
+    stream: bool,
+    on_limit: OnLimit = "stop",
+) -> AsyncGenerator[TurnEvent, None]:
+    """Run one turn: store the user message (unless retrying), then call model and tools."""
+    if max_iterations < 1:
+        raise ValueError("max_iterations must be at least 1")
+    turn = _Turn(session, max_iterations, stream, on_limit)
+    if user_message is not None:
+        await turn.store(user_message)
+    try:
+        while turn.iterations < max_iterations:
+            text_mode = session._protocol == "text"
+            try:
+                response = None
+                async with aclosing(_call_model(turn, tools=True)) as calls:
+                    async for event in calls:
+                        if isinstance(event, ModelResponse):
+                            response = event
+                        elif not text_mode:
+                            yield event
+            except ToolsUnsupported:
+                if session.react_mode != "auto":
+                    raise
+                session._protocol = "text"  # this endpoint takes no `tools`: fall back for good
+                turn.iterations -= 1
+                continue
+            assert response is not None
+            message = response.message
+            if text_mode:
+                done = False
+                async with aclosing(_text_step(turn, message)) as steps:
+                    async for event in steps:
+                        done = done or isinstance(event, TurnDone)
+                        yield event
+                if done:
+                    return
+            elif message.tool_calls:
+                async with aclosing(_run_tool_calls(turn, message)) as runs:
+                    async for event in runs:
+                        yield event
+            else:
+                yield turn.result(message.text, "final_answer", success=True)
+                return
+        async with aclosing(_limit_reached(turn)) as ends:
+            async for event in ends:
+                yield event
+    except ModelError as exc:
+        yield turn.result("", "error", success=False, error=str(exc))
+
+
+async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
+    """One model call (one iteration): build the prompt, call, store the assistant message."""
+    session = turn.session
+    turn.iterations += 1
+    request = await session._build_request(with_tools=tools, limit_note=not tools)
+    partial: list[str] = []
+    model = session.model
+    started = time.perf_counter()
+    try:
+        if turn.stream:
+            response = None
+            async for event in model.stream(request.messages, tools=request.tools):
+                if isinstance(event, ModelResponse):
+                    response = event
+                else:
+                    if isinstance(event, TextDelta):
+                        partial.append(event.text)
+                    yield event
+            if response is None:
+                raise ModelError("the model's stream ended without a final response")
+        else:
+            response = await model.complete(request.messages, tools=request.tools)
+    except (asyncio.CancelledError, GeneratorExit):
+        if partial:
+            await turn.store(
+                ChatMessage.assistant("".join(partial), metadata={"interrupted": True})
+            )
+        raise
+    except ModelError as exc:
+        if partial and not isinstance(exc, ToolsUnsupported):
+            meta = {"interrupted": True, "error": str(exc)}
+            await turn.store(ChatMessage.assistant("".join(partial), metadata=meta))
+        raise
+    for interceptor in session.response_interceptors:
+        changed = await _maybe_await(interceptor(response, session))
+        response = changed if changed is not None else response
+    message = response.message
+    if "latency_ms" not in message.metadata:
+        latency = round((time.perf_counter() - started) * 1000, 1)
+        message = message.replace(metadata={**message.metadata, "latency_ms": latency})
+    turn.usage = turn.usage + response.usage
+    await turn.store(message)
+    yield ModelResponse(message=message, usage=response.usage, finish_reason=response.finish_reason)
+
+
+async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEvent, None]:
+    """Run every call of one assistant message, concurrently, and store results in order."""
+    session = turn.session
+    calls = message.tool_calls
+    thought = message.text or None
+    tools = [session.tools.get(c.name) for c in calls]
+    tasks: list[asyncio.Task[tuple[str, bool]] | None] = []
+    recorded = 0
+    try:
+        # Approvals are asked one at a time, in order, before anything runs.
+        approvals = [await _approved(session, t, c) for t, c in zip(tools, calls, strict=True)]
+        for tool, call, ok in zip(tools, calls, approvals, strict=True):
+            if ok:
+                yield ToolRunning(call)
+                tasks.append(asyncio.create_task(_execute(session, tool, call)))
+            else:
+                tasks.append(None)
+        for call, task in zip(calls, tasks, strict=True):
+            output, ok = (await task) if task is not None else (_denied(call), False)
+            result = ChatMessage.tool(call.id, output, metadata={"tool": call.name, "ok": ok})
+            await turn.store(result)
+            recorded += 1
+            turn.steps.append(Step(thought, call.name, _arguments(call), output))
+            yield ToolDone(call, output, ok)
+    except (asyncio.CancelledError, GeneratorExit):
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        missing = [interrupted_result(c.id) for c in calls[recorded:]]
+        if missing:
+            await turn.store(*missing)
+        raise
+
+
+def _arguments(call: ToolCall) -> dict[str, Any] | str:
+    try:
+        value = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        return call.arguments
+    return value if isinstance(value, dict) else call.arguments
+
+
+async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEvent, None]:
+    """Act on one text-protocol reply: answer, run its action, or explain what was wrong."""
+    session = turn.session
+    reply = parse_text_reply(message.text)
+    if reply.final_answer is not None:
+        yield TextDelta(reply.final_answer)
+        if reply.thought is not None:
+            turn.steps.append(Step(reply.thought, None, None, None))
+        yield turn.result(reply.final_answer, "final_answer", success=True)
+        return
+    if reply.action is not None:
+        call = ToolCall(id=f"text_{turn.iterations}", name=reply.action, arguments="{}")
+        call = ToolCall(call.id, reply.action, json.dumps(reply.action_input or {}))
+        tool = session.tools.get(reply.action)
+        if await _approved(session, tool, call):
+            yield ToolRunning(call)
+            output, ok = await _execute(session, tool, call)
+        else:
+            output, ok = _denied(call), False
+        turn.steps.append(Step(reply.thought, reply.action, reply.action_input, output))
+        yield ToolDone(call, output, ok)
+    else:
+        output = f"Error: {reply.problem}. Reply with one JSON object as described."
+        turn.steps.append(Step(reply.thought, None, None, output))
+    meta = {"observation": True, **({"tool": reply.action} if reply.action else {})}
+    await turn.store(ChatMessage.user(OBSERVATION_PREFIX + output, metadata=meta))
+
+
+async def _limit_reached(turn: _Turn) -> AsyncGenerator[TurnEvent, None]:
+    """End a turn that used all its iterations, optionally with one last answer without tools."""
+    error = f"stopped after {turn.iterations} model calls (max_iterations={turn.max_iterations})"
+    last = ""
+    if turn.on_limit == "generate":
+        text_mode = turn.session._protocol == "text"
+        async with aclosing(_call_model(turn, tools=False)) as calls:
+            async for event in calls:
+                if isinstance(event, ModelResponse):
+                    last = event.message.text
+                    if text_mode:
+                        last = parse_text_reply(last).final_answer or last
+                        yield TextDelta(last)
+                elif not text_mode:
+                    yield event
+    yield turn.result(last, "max_iterations", success=False, error=error)
+
+
+def text_protocol_prompt(schemas: Sequence[dict[str, Any]]) -> str:
+    """The instructions the text protocol adds to the system prompt."""
+    return describe_tools_for_text_protocol(schemas)

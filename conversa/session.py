@@ -1,0 +1,314 @@
+"""Session: one conversation kept in storage, with the ReAct loop around every user message."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from contextlib import aclosing
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+from .agent import (
+    LIMIT_NOTE,
+    AgentResult,
+    Approver,
+    ModelRequest,
+    OnLimit,
+    ReactMode,
+    RequestInterceptor,
+    ResponseInterceptor,
+    TurnDone,
+    TurnEvent,
+    run_turn,
+    text_protocol_prompt,
+)
+from .context import TokenCounter, estimate_tokens, repair, trim
+from .errors import ConversaError
+from .messages import ChatMessage, Content
+from .model import ChatModel, resolve_model
+from .state import SessionState
+from .storage import ConversationStorage, open_storage, validate_session_id
+
+if TYPE_CHECKING:
+    from .tools import Tool, ToolRegistry
+
+USER_PART_PREFIX = "__user_part_"
+REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
+
+
+class Session:
+    """A conversation: its stored history, its state, and the agent that answers in it."""
+
+    def __init__(
+        self,
+        session_id: str,
+        storage: ConversationStorage,
+        *,
+        model: str | ChatModel | None = None,
+        tools: Iterable[Tool | Callable[..., Any]] = (),
+        system_prompt: str | None = None,
+        max_iterations: int = 10,
+        react_mode: ReactMode = "auto",
+        context_window: int | None = None,
+        approve: Approver | None = None,
+        user_id: str | None = None,
+        on_limit: OnLimit = "stop",
+        token_counter: TokenCounter = estimate_tokens,
+        request_interceptors: Sequence[RequestInterceptor] = (),
+        response_interceptors: Sequence[ResponseInterceptor] = (),
+    ) -> None:
+        from .tools import ToolRegistry
+
+        if react_mode not in REACT_MODES:
+            raise ValueError(f"react_mode must be one of auto, tools, text; not {react_mode!r}")
+        if max_iterations < 1:
+            raise ValueError("max_iterations must be at least 1")
+        if on_limit not in ("stop", "generate"):
+            raise ValueError(f"on_limit must be 'stop' or 'generate', not {on_limit!r}")
+        self.session_id = validate_session_id(session_id)
+        self.storage = storage
+        self.tools: ToolRegistry = ToolRegistry(tools)
+        self.system_prompt = system_prompt
+        self.max_iterations = max_iterations
+        self.react_mode: ReactMode = react_mode
+        self.context_window = context_window
+        self.approve = approve
+        self.user_id = user_id
+        self.on_limit: OnLimit = on_limit
+        self.token_counter = token_counter
+        self.request_interceptors = list(request_interceptors)
+        self.response_interceptors = list(response_interceptors)
+        self.state = SessionState(storage, session_id)
+        self._model_spec = model
+        self._model: ChatModel | None = model if not isinstance(model, (str, type(None))) else None
+        self._protocol = "text" if react_mode == "text" else "tools"
+        self._history: list[ChatMessage] = []
+        self._lock = asyncio.Lock()
+
+    # -- model ------------------------------------------------------------------------
+
+    @property
+    def model(self) -> ChatModel:
+        """The chat model, resolved on first use (raises ModelNotConfigured when there is none)."""
+        if self._model is None:
+            self._model = resolve_model(self._model_spec)
+        return self._model
+
+    @model.setter
+    def model(self, value: str | ChatModel | None) -> None:
+        self._model_spec = value
+        self._model = value if not isinstance(value, (str, type(None))) else None
+        self._protocol = "text" if self.react_mode == "text" else "tools"
+
+    # -- history ----------------------------------------------------------------------
+
+    @property
+    def history(self) -> list[ChatMessage]:
+        """The stored history as of the last sync (a copy)."""
+        return list(self._history)
+
+    def message_count(self) -> int:
+        """Every stored message: system, user, assistant and tool."""
+        return len(self._history)
+
+    async def refresh(self) -> None:
+        """Catch up with what other processes stored; loads the history only if it changed."""
+        count = await self.storage.count(self.session_id)
+        if count == len(self._history):
+            newest = await self.storage.tail(self.session_id, 1) if count else []
+            if not newest or newest[0].id == self._history[-1].id:
+                return
+        self._history = await self.storage.load(self.session_id)
+
+    async def _append(self, messages: Sequence[ChatMessage]) -> None:
+        await self.storage.append(self.session_id, messages)
+        self._history.extend(messages)
+
+    async def clear_history(self) -> None:
+        """Delete every message of this session (its state and info stay)."""
+        async with self._lock:
+            await self.storage.save(self.session_id, [])
+            self._history = []
+
+    def _last_user_index(self) -> int | None:
+        for i in range(len(self._history) - 1, -1, -1):
+            m = self._history[i]
+            if m.role == "user" and not m.metadata.get("observation"):
+                return i
+        return None
+
+    async def undo(self) -> list[ChatMessage]:
+        """Remove the last user message and everything after it; returns what was removed."""
+        async with self._lock:
+            await self.refresh()
+            index = self._last_user_index()
+            if index is None:
+                return []
+            await self.storage.truncate(self.session_id, index)
+            removed = self._history[index:]
+            del self._history[index:]
+            return removed
+
+    # -- turns ------------------------------------------------------------------------
+
+    async def send_message(
+        self, content: Content | ChatMessage, *, max_iterations: int | None = None
+    ) -> AgentResult:
+        """Send a user message and run the agent until it answers or hits the limit."""
+        return await _drain(self._turn(content, max_iterations, stream=False))
+
+    async def send_message_with_iterations(
+        self, content: Content | ChatMessage, max_iterations: int
+    ) -> AgentResult:
+        """send_message with a one-off iteration limit."""
+        return await self.send_message(content, max_iterations=max_iterations)
+
+    def stream_message(
+        self, content: Content | ChatMessage, *, max_iterations: int | None = None
+    ) -> AsyncGenerator[TurnEvent, None]:
+        """Send a user message and get text deltas, tool events and finally TurnDone."""
+        return self._turn(content, max_iterations, stream=True)
+
+    async def retry(self, *, max_iterations: int | None = None) -> AgentResult:
+        """Answer the last user message again, dropping the answer it got."""
+        return await _drain(self._turn(None, max_iterations, stream=False))
+
+    def stream_retry(self, *, max_iterations: int | None = None) -> AsyncGenerator[TurnEvent, None]:
+        """retry(), streamed."""
+        return self._turn(None, max_iterations, stream=True)
+
+    async def _turn(
+        self, content: Content | ChatMessage | None, max_iterations: int | None, *, stream: bool
+    ) -> AsyncGenerator[TurnEvent, None]:
+        message = None
+        if content is not None:
+            message = content if isinstance(content, ChatMessage) else ChatMessage.user(content)
+            if message.role != "user":
+                raise ValueError(f"send a user message, not a {message.role} message")
+        async with self._lock:
+            await self.refresh()
+            await self.state.reload()
+            if message is None:
+                index = self._last_user_index()
+                if index is None:
+                    raise ConversaError("there is no user message to retry; send one first")
+                await self.storage.truncate(self.session_id, index + 1)
+                del self._history[index + 1 :]
+            turn = run_turn(
+                self,
+                message,
+                max_iterations=max_iterations or self.max_iterations,
+                stream=stream,
+                on_limit=self.on_limit,
+            )
+            async with aclosing(turn) as events:
+                async for event in events:
+                    yield event
+
+    async def _build_request(self, *, with_tools: bool, limit_note: bool) -> ModelRequest:
+        """The prompt for the next model call: repaired, trimmed, intercepted."""
+        fixed = repair(self._history)
+        if fixed.to_store:
+            await self._append(fixed.to_store)
+        text_mode = self._protocol == "text"
+        schemas = self.tools.openai_schemas() if len(self.tools) else []
+        system_lines = [self.system_prompt] if self.system_prompt else []
+        if text_mode and schemas and with_tools:
+            system_lines.append(text_protocol_prompt(schemas))
+        if limit_note:
+            system_lines.append(LIMIT_NOTE)
+        wire = [m.to_openai() for m in fixed.messages]
+        self._attach_user_parts(wire)
+        request = ModelRequest(
+            messages=wire, tools=schemas if (schemas and with_tools and not text_mode) else None
+        )
+        for interceptor in self.request_interceptors:
+            result = interceptor(request, self)
+            changed = await result if asyncio.iscoroutine(result) else result
+            request = changed if isinstance(changed, ModelRequest) else request
+        system_lines.extend(request.extra_system)
+        system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
+        request.messages = trim(system, request.messages, self.context_window, self.token_counter)
+        return request
+
+    # -- user parts: content attached to every user message sent to the model ---------
+
+    def _attach_user_parts(self, wire: list[dict[str, Any]]) -> None:
+        parts = [v for k, v in self.state.items() if k.startswith(USER_PART_PREFIX)]
+        if not parts:
+            return
+        for message in reversed(wire):
+            if message["role"] == "user":
+                content = message["content"]
+                base = [{"type": "text", "text": content}] if isinstance(content, str) else content
+                message["content"] = [*base, *parts]
+                return
+
+    async def set_user_part_text(self, name: str, text: str) -> None:
+        """Attach a text part to the user's messages until it is deleted."""
+        await self.state.set(USER_PART_PREFIX + name, {"type": "text", "text": text})
+
+    async def set_user_part_image(
+        self, name: str, image: bytes | str, mime_type: str = "image/png"
+    ) -> None:
+        """Attach an image (bytes or base64 text) to the user's messages until it is deleted."""
+        data = base64.b64encode(image).decode() if isinstance(image, bytes) else image
+        url = data if data.startswith("data:") else f"data:{mime_type};base64,{data}"
+        await self.state.set(
+            USER_PART_PREFIX + name, {"type": "image_url", "image_url": {"url": url}}
+        )
+
+    async def delete_user_part(self, name: str) -> None:
+        """Stop attaching the part called ``name``."""
+        await self.state.delete(USER_PART_PREFIX + name)
+
+    async def clear_user_parts(self) -> None:
+        """Stop attaching any user part."""
+        for key in [k for k in self.state.keys() if k.startswith(USER_PART_PREFIX)]:
+            await self.state.delete(key)
+
+    async def close(self) -> None:
+        """Close the storage this session opened."""
+        await self.storage.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.session_id!r}: {len(self._history)} messages>"
+
+
+async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:
+    async with aclosing(events) as stream:
+        async for event in stream:
+            if isinstance(event, TurnDone):
+                return event.result
+    raise ConversaError("the turn ended without a result")  # pragma: no cover
+
+
+async def create_session(
+    session_id: str,
+    storage: str | PathLike[str] | ConversationStorage = "sessions",
+    **options: Any,
+) -> Session:
+    """Open the session ``session_id`` in ``storage`` (a URL, a path or a storage object).
+
+    It is created if it does not exist, else its history and state are loaded. Options are
+    Session's keyword arguments: model, tools, system_prompt, max_iterations, react_mode,
+    context_window, approve, user_id, on_limit, token_counter and the interceptors.
+    """
+    store = open_storage(storage)
+    session = Session(session_id, store, **options)
+    if not await store.exists(session_id):
+        await store.save(session_id, [])
+    await session.refresh()
+    await session.state.reload()
+    if session.user_id is not None:
+        info = await store.get_info(session_id)
+        if info is None or info.user_id != session.user_id:
+            await store.update_info(session_id, user_id=session.user_id)
+    return session

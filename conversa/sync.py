@@ -1,0 +1,139 @@
+"""Blocking counterparts of create_session and Session, for scripts that do not use asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from os import PathLike
+from typing import Any, TypeVar
+
+from .agent import AgentResult
+from .errors import ConversaError
+from .messages import ChatMessage, Content
+from .session import Session, create_session
+from .storage import ConversationStorage
+
+T = TypeVar("T")
+
+
+class SyncSession:
+    """A Session whose methods block; it runs its own event loop."""
+
+    def __init__(self, runner: asyncio.Runner, session: Session) -> None:
+        self._runner = runner
+        self.session = session
+        """The underlying async Session."""
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+    @property
+    def session_id(self) -> str:
+        """The session's id."""
+        return self.session.session_id
+
+    @property
+    def history(self) -> list[ChatMessage]:
+        """The stored history as of the last sync."""
+        return self.session.history
+
+    @property
+    def state(self) -> SyncState:
+        """The session's state, with blocking writes."""
+        return SyncState(self)
+
+    def message_count(self) -> int:
+        """Every stored message."""
+        return self.session.message_count()
+
+    def send_message(
+        self, content: Content | ChatMessage, *, max_iterations: int | None = None
+    ) -> AgentResult:
+        """Send a user message and block until the agent answers."""
+        return self._run(self.session.send_message(content, max_iterations=max_iterations))
+
+    def send_message_with_iterations(
+        self, content: Content | ChatMessage, max_iterations: int
+    ) -> AgentResult:
+        """send_message with a one-off iteration limit."""
+        return self.send_message(content, max_iterations=max_iterations)
+
+    def retry(self) -> AgentResult:
+        """Answer the last user message again."""
+        return self._run(self.session.retry())
+
+    def undo(self) -> list[ChatMessage]:
+        """Remove the last user message and everything after it."""
+        return self._run(self.session.undo())
+
+    def clear_history(self) -> None:
+        """Delete every message of this session."""
+        self._run(self.session.clear_history())
+
+    def close(self) -> None:
+        """Close the storage and the event loop."""
+        try:
+            self._run(self.session.close())
+        finally:
+            self._runner.close()
+
+    def __enter__(self) -> SyncSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncState:
+    """SessionState with blocking writes."""
+
+    def __init__(self, owner: SyncSession) -> None:
+        self._owner = owner
+        self._state = owner.session.state
+
+    def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
+        """The value of ``key`` or ``default``."""
+        return self._state.get(key, default, as_type=as_type)
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store a value, optionally expiring after ``ttl`` seconds."""
+        self._owner._run(self._state.set(key, value, ttl=ttl))
+
+    def delete(self, key: str) -> None:
+        """Remove a key."""
+        self._owner._run(self._state.delete(key))
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is set."""
+        return self._state.has(key)
+
+    def keys(self) -> list[str]:
+        """The live keys."""
+        return self._state.keys()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A copy of the state."""
+        return self._state.to_dict()
+
+
+def create_session_sync(
+    session_id: str,
+    storage: str | PathLike[str] | ConversationStorage = "sessions",
+    **options: Any,
+) -> SyncSession:
+    """create_session for code without an event loop; close() the result when done."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise ConversaError(
+            "create_session_sync() cannot run inside an event loop; use `await create_session()`"
+        )
+    runner = asyncio.Runner()
+    try:
+        session = runner.run(create_session(session_id, storage, **options))
+    except BaseException:
+        runner.close()
+        raise
+    return SyncSession(runner, session)
