@@ -13,12 +13,12 @@ import inspect
 import json
 import re
 import time
-from contextlib import aclosing
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .context import describe_tools_for_text_protocol, interrupted_result, repair, trim
+from .context import describe_tools_for_text_protocol, interrupted_result
 from .errors import ModelError, ToolError, ToolsUnsupported
 from .messages import ChatMessage, ToolCall
 from .model import ModelResponse, TextDelta, ToolCallStarted, Usage
@@ -100,10 +100,10 @@ class ModelRequest:
 
 
 RequestInterceptor = Callable[
-    [ModelRequest, "Session"], ModelRequest | None | Awaitable[ModelRequest | None]
+    [ModelRequest, "Session"], ModelRequest | Awaitable[ModelRequest | None] | None
 ]
 ResponseInterceptor = Callable[
-    [ModelResponse, "Session"], ModelResponse | None | Awaitable[ModelResponse | None]
+    [ModelResponse, "Session"], ModelResponse | Awaitable[ModelResponse | None] | None
 ]
 Approver = Callable[[str, dict[str, Any]], bool | Awaitable[bool]]
 

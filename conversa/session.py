@@ -265,7 +265,7 @@ class Session:
 
     async def clear_user_parts(self) -> None:
         """Stop attaching any user part."""
-        for key in [k for k in self.state.keys() if k.startswith(USER_PART_PREFIX)]:
+        for key in [k for k in self.state if k.startswith(USER_PART_PREFIX)]:
             await self.state.delete(key)
 
     async def close(self) -> None:
