@@ -129,14 +129,18 @@ class TextReply:
 
 
 def parse_text_reply(text: str) -> TextReply:
-    """Read a reply of the JSON text protocol; prose without any JSON counts as an answer."""
+    """Read a reply of the JSON text protocol; prose that is not JSON counts as an answer."""
     fenced = _FENCE.search(text)
     candidate = fenced.group(1) if fenced else text.strip()
-    start, end = candidate.find("{"), candidate.rfind("}")
-    if start == -1 or end < start:
-        return TextReply(final_answer=text.strip())
+    if not candidate.startswith("{"):
+        # Models often wrap the JSON in a sentence: use an embedded object if there is one.
+        start, end = candidate.find("{"), candidate.rfind("}")
+        embedded = _json_object(candidate[start : end + 1]) if 0 <= start < end else None
+        if embedded is None or not ({"action", "final_answer"} & embedded.keys()):
+            return TextReply(final_answer=text.strip())
+        candidate = candidate[start : end + 1]
     try:
-        data = json.loads(candidate[start : end + 1])
+        data = json.loads(candidate)
     except json.JSONDecodeError as exc:
         return TextReply(problem=f"your reply was not valid JSON ({exc})")
     if not isinstance(data, dict):
@@ -159,6 +163,14 @@ def parse_text_reply(text: str) -> TextReply:
             return TextReply(thought, problem="action_input must be a JSON object")
         return TextReply(thought, action=str(data["action"]), action_input=raw)
     return TextReply(thought, problem='the JSON needs either "action" or "final_answer"')
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # -- running tools -------------------------------------------------------------------------

@@ -189,6 +189,11 @@ class Session:
         async with self._lock:
             await self.refresh()
             await self.state.reload()
+            # A crash may have left tool calls unanswered at the end: answer them for good
+            # now, before the new user message makes them a gap in the middle.
+            dangling = repair(self._history).to_store
+            if dangling:
+                await self._append(dangling)
             if message is None:
                 index = self._last_user_index()
                 if index is None:

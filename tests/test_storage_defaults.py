@@ -88,3 +88,53 @@ def test_unknown_url_hides_password() -> None:
         open_storage("mongodb://bob:s3cret@localhost/db")
     assert "s3cret" not in str(err.value)
     assert "bob:***@localhost" in str(err.value)
+
+
+async def test_search_default_finds_substrings_newest_session_first() -> None:
+    store = MinimalStorage()
+    await store.append(
+        "old", [ChatMessage.user("The Quick brown fox"), ChatMessage.assistant("ok")]
+    )
+    await store.append("new", [ChatMessage.user("no match"), ChatMessage.assistant("quick reply")])
+    hits = await store.search("QUICK")
+    assert [(h.session_id, h.position, h.message.text) for h in hits] == [
+        ("new", 1, "quick reply"),
+        ("old", 0, "The Quick brown fox"),
+    ]
+    assert len(await store.search("quick", limit=1)) == 1
+    assert await store.search("   ") == []
+
+
+async def test_copy_session_between_backends_is_repeatable() -> None:
+    from conversa.storage import InMemoryStorage
+    from conversa.storage.transfer import copy_session, migrate
+
+    source, target = MinimalStorage(), InMemoryStorage()
+    await source.append("a", [ChatMessage.user("hello"), ChatMessage.assistant("hi")])
+    await source.update_info("a", user_id="alice", status="completed", metadata={"x": 1})
+    await source.set_state("a", {"k": [1, 2]})
+    await source.append("b", [ChatMessage.user("second")])
+    await source.update_info("b", title="Named")
+    for _ in range(2):
+        copied = [c async for c in migrate(source, target)]
+        assert [(c.session_id, c.messages, c.state_keys) for c in copied] == [
+            ("a", 2, 1),
+            ("b", 1, 0),
+        ]
+    assert await target.list_sessions() == ["b", "a"]
+    assert await target.load("a") == await source.load("a")
+    assert await target.get_state("a") == {"k": [1, 2]}
+    info = await target.get_info("a")
+    assert info is not None
+    assert (info.user_id, info.status, info.metadata, info.title) == (
+        "alice",
+        "completed",
+        {"x": 1},
+        "hello",
+    )
+    info_b = await target.get_info("b")
+    assert info_b is not None and info_b.title == "Named"
+    fork = await copy_session(target, target, "a", "a-fork")
+    assert fork.messages == 2
+    await target.append("a-fork", [ChatMessage.user("diverge")])
+    assert await target.count("a") == 2

@@ -116,6 +116,16 @@ class SessionInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One message that matched a search, and where it sits."""
+
+    session_id: str
+    position: int
+    """The message's index in its session's history."""
+    message: ChatMessage
+
+
 _UNSET: Any = object()
 
 
@@ -263,6 +273,23 @@ class ConversationStorage(ABC):
                 if limit is not None and len(found) >= limit:
                     break
         return found
+
+    async def search(self, query: str, *, limit: int = 50) -> list[SearchHit]:
+        """Messages whose text contains ``query`` (ignoring case), newest session first.
+
+        Backends with a full-text index (SQLite FTS5) may match by words instead.
+        """
+        needle = query.casefold().strip()
+        if not needle:
+            return []
+        hits: list[SearchHit] = []
+        for sid in await self.list_sessions():
+            for i, m in enumerate(await self.load(sid)):
+                if needle in m.text.casefold():
+                    hits.append(SearchHit(sid, i, m))
+                    if len(hits) >= limit:
+                        return hits
+        return hits
 
     # -- session state --------------------------------------------------------------------
 
