@@ -57,7 +57,6 @@ def repair(history: Sequence[ChatMessage]) -> Repair:
     """Pair every tool call with exactly one result, the way the chat API demands."""
     out: list[ChatMessage] = []
     pending: dict[str, None] = {}  # ordered set of call ids still owed a result
-    answered: set[str] = set()
     changed = False
     for m in history:
         if m.role == "tool":
@@ -73,8 +72,7 @@ def repair(history: Sequence[ChatMessage]) -> Repair:
             changed = True
         out.append(m)
         if m.tool_calls:
-            pending = {c.id: None for c in m.tool_calls if c.id not in answered}
-            answered.update(pending)
+            pending = {c.id: None for c in m.tool_calls}
     tail = [interrupted_result(cid) for cid in pending]
     if not changed and not tail:
         return Repair(list(history), [])

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..errors import InvalidSessionId, StorageError
-from ..messages import ChatMessage, ToolCall
+from ..messages import ChatMessage, Role, ToolCall
 from ..storage.base import ConversationStorage
 
 # -- strategies: arbitrary valid messages ------------------------------------------------
@@ -75,7 +75,7 @@ _tool_calls = st.lists(
 @st.composite
 def chat_messages(draw: st.DrawFn) -> ChatMessage:
     """Any valid ChatMessage: every role, text or content parts, tool calls, metadata."""
-    role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
+    role: Role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
     kw: dict[str, Any] = {
         "created_at": draw(_times),
         "metadata": draw(_metadata),
