@@ -1,0 +1,793 @@
+"""Tools: schema generation, validation, running, the registry and the built-in tools."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from conversa.errors import ToolError
+from conversa.tools import (
+    Tool,
+    ToolArgumentsError,
+    ToolRegistry,
+    ToolTimeout,
+    builtin_tools,
+    get_builtin,
+    tool,
+)
+from conversa.tools.builtins import (
+    calculator,
+    current_time,
+    fetch_url_tool,
+    list_files_tool,
+    read_file_tool,
+    session_data,
+)
+
+# --- schema generation -------------------------------------------------------------------
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+@tool
+def search(
+    query: str,
+    limit: int = 5,
+    mode: Literal["fast", "exact"] = "fast",
+    tags: list[str] | None = None,
+    weight: Annotated[float, Field(description="From Annotated.", ge=0)] = 1.0,
+    session: Any = None,
+) -> str:
+    """Search the notes for a query.
+
+    More text that is not part of the description.
+
+    Args:
+        query: What to look for,
+            over two lines.
+        limit (int): How many results.
+        weight: Overridden by the Annotated description.
+
+    Returns:
+        The matches.
+    """
+    return f"{query}:{limit}:{mode}:{tags}:{weight}:{session}"
+
+
+def test_schema_has_types_required_and_descriptions() -> None:
+    schema = search.openai_schema()
+    assert schema["type"] == "function"
+    function = schema["function"]
+    assert function["name"] == "search"
+    assert function["description"] == "Search the notes for a query."
+    parameters = function["parameters"]
+    assert parameters["type"] == "object"
+    assert parameters["required"] == ["query"]
+    props = parameters["properties"]
+    assert list(props) == ["query", "limit", "mode", "tags", "weight"]
+    assert props["query"] == {"type": "string", "description": "What to look for, over two lines."}
+    assert props["limit"] == {"type": "integer", "default": 5, "description": "How many results."}
+    assert props["mode"]["enum"] == ["fast", "exact"]
+    assert props["weight"]["description"] == "From Annotated."
+    assert props["weight"]["minimum"] == 0
+
+
+def test_session_parameter_is_hidden_from_the_model() -> None:
+    assert search.wants_session
+    assert "session" not in search.parameters["properties"]
+    assert "session" not in json.dumps(search.openai_schema())
+
+    @tool
+    def plain(a: int) -> int:
+        return a
+
+    assert not plain.wants_session
+
+
+def test_decorator_forms_and_options() -> None:
+    @tool()
+    def first() -> str:
+        """First."""
+        return "1"
+
+    @tool(name="renamed", description="Custom.", requires_approval=True, timeout=None)
+    def second() -> str:
+        return "2"
+
+    assert (first.name, first.description, first.requires_approval) == ("first", "First.", False)
+    assert first.timeout == 60.0 and first.max_output_chars == 20_000
+    assert (second.name, second.description, second.requires_approval) == (
+        "renamed",
+        "Custom.",
+        True,
+    )
+    assert second.timeout is None
+    assert first() == "1"  # a Tool still calls like its function
+    assert first.parameters == {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def test_field_as_default_and_names_that_clash_with_basemodel() -> None:
+    @tool
+    def odd(json: str, model_config: int = Field(3, description="From a Field default.")) -> str:
+        return f"{json}{model_config}"
+
+    props = odd.parameters["properties"]
+    assert set(props) == {"json", "model_config"}
+    assert props["model_config"]["default"] == 3
+    assert props["model_config"]["description"] == "From a Field default."
+    assert odd.validate({"json": "a"}) == {"json": "a", "model_config": 3}
+
+
+def test_nested_model_arguments_are_validated_into_models() -> None:
+    @tool
+    def distance(a: Point, b: Point) -> float:
+        return float(abs(a.x - b.x) + abs(a.y - b.y))
+
+    assert "$defs" in distance.parameters
+    args = distance.validate({"a": {"x": 1, "y": 2}, "b": {"x": "4", "y": 6}})
+    assert args["b"] == Point(x=4, y=6)
+
+
+@pytest.mark.parametrize(
+    "define",
+    [
+        lambda: tool(lambda x: x),
+        lambda: tool(name="has space")(lambda: None),
+        lambda: tool(_star_args),
+        lambda: tool(_positional_only),
+        lambda: tool(name="t", timeout=0)(lambda: None),
+        lambda: tool(name="t", max_output_chars=0)(lambda: None),
+    ],
+)
+def test_unusable_definitions_raise_tool_error(define: Any) -> None:
+    with pytest.raises(ToolError):
+        define()
+
+
+def _star_args(*items: int) -> int:
+    return len(items)
+
+
+def _positional_only(a: int, /) -> int:
+    return a
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def test_validation_coerces_and_fills_defaults() -> None:
+    assert search.validate({"query": "q", "limit": "7"}) == {
+        "query": "q",
+        "limit": 7,
+        "mode": "fast",
+        "tags": None,
+        "weight": 1.0,
+    }
+    assert tool(name="empty")(lambda: None).validate(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({}, "missing required argument 'query'"),
+        ({"query": "q", "limit": "many"}, "argument 'limit': Input should be a valid integer"),
+        ({"query": "q", "mode": "slow"}, "argument 'mode'"),
+        ({"query": "q", "weight": -1}, "argument 'weight': Input should be greater than"),
+        ({"query": "q", "colour": "red"}, "unknown argument 'colour'"),
+        ({"query": "q", "session": "x"}, "unknown argument 'session'"),
+    ],
+)
+def test_validation_errors_name_the_argument(arguments: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ToolArgumentsError, match="invalid arguments for tool 'search'") as info:
+        search.validate(arguments)
+    assert expected in str(info.value)
+    assert isinstance(info.value, ToolError)
+
+
+def test_validation_rejects_arguments_that_are_not_an_object() -> None:
+    with pytest.raises(ToolArgumentsError, match="must be a JSON object"):
+        search.validate(["q"])  # type: ignore[arg-type]
+
+
+async def test_run_validates_before_calling() -> None:
+    calls: list[int] = []
+
+    @tool
+    def record(n: int) -> str:
+        calls.append(n)
+        return "ok"
+
+    with pytest.raises(ToolArgumentsError):
+        await record.run({"n": "x"})
+    assert calls == []
+    assert await record.run({"n": "3"}) == "ok"
+    assert calls == [3]
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+async def test_sync_tool_runs_in_a_worker_thread() -> None:
+    @tool
+    def where() -> str:
+        return threading.current_thread().name
+
+    assert await where.run({}) != threading.current_thread().name
+
+
+async def test_async_tool_runs_on_the_event_loop() -> None:
+    @tool
+    async def where() -> str:
+        await asyncio.sleep(0)
+        return threading.current_thread().name
+
+    assert await where.run({}) == threading.current_thread().name
+
+
+class _Adder:
+    async def __call__(self, a: int, b: int = 1) -> int:
+        return a + b
+
+
+async def test_callable_objects_and_partials_are_tools() -> None:
+    adder = Tool(_Adder(), name="adder")
+    assert adder.parameters["required"] == ["a"]
+    assert await adder.run({"a": "2"}) == "3"
+    triple = Tool(functools.partial(_multiply, b=3), name="triple")
+    assert triple.parameters["properties"]["b"]["default"] == 3
+    assert await triple.run({"a": 2}) == "6"
+
+
+def _multiply(a: int, b: int) -> int:
+    return a * b
+
+
+async def test_session_is_injected() -> None:
+    marker = object()
+    assert (await search.run({"query": "q"}, session=marker)).endswith(str(marker))
+
+
+async def test_async_tool_timeout() -> None:
+    @tool(timeout=0.05)
+    async def hang() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    with pytest.raises(ToolTimeout, match=r"tool 'hang' timed out after 0.05s"):
+        await hang.run({})
+
+
+async def test_sync_tool_timeout() -> None:
+    release = threading.Event()
+
+    @tool(timeout=0.05)
+    def block() -> str:
+        release.wait(timeout=10)  # bounded, so a broken timeout fails instead of hanging
+        return "late"
+
+    try:
+        with pytest.raises(ToolTimeout, match="timed out"):
+            await block.run({})
+    finally:
+        release.set()
+
+
+async def test_timeout_error_raised_by_the_tool_itself_is_not_a_tool_timeout() -> None:
+    @tool
+    async def fails() -> str:
+        raise TimeoutError("upstream")
+
+    with pytest.raises(TimeoutError, match="upstream") as info:
+        await fails.run({})
+    assert not isinstance(info.value, ToolTimeout)
+
+
+async def test_exceptions_from_the_function_propagate() -> None:
+    @tool
+    def broken() -> str:
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        await broken.run({})
+
+
+@dataclass
+class Pair:
+    a: int
+    b: str
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("plain", "plain"),
+        (None, "done"),
+        (42, "42"),
+        ({"k": [1, "é"]}, '{"k": [1, "é"]}'),
+        (Point(x=1, y=2), '{"x":1,"y":2}'),
+        (Pair(1, "b"), '{"a": 1, "b": "b"}'),
+        ({"when": datetime(2024, 1, 2, 3, 4, 5)}, '{"when": "2024-01-02 03:04:05"}'),
+    ],
+)
+async def test_return_values_become_text(value: Any, text: str) -> None:
+    assert await tool(name="give")(lambda: value).run({}) == text
+
+
+async def test_long_output_is_truncated_with_a_note() -> None:
+    @tool(max_output_chars=10)
+    def long() -> str:
+        return "x" * 25
+
+    assert await long.run({}) == "x" * 10 + "\n[... output truncated: 15 more characters]"
+    exact = tool(name="exact", max_output_chars=25)(lambda: "y" * 25)
+    assert await exact.run({}) == "y" * 25
+
+
+# --- registry ----------------------------------------------------------------------------
+
+
+def test_registry_wraps_functions_and_looks_tools_up() -> None:
+    def helper(text: str) -> str:
+        """Echo text."""
+        return text
+
+    registry = ToolRegistry([search, helper])
+    assert registry.names() == ["search", "helper"]
+    assert len(registry) == 2
+    assert "helper" in registry and search in registry and "nope" not in registry
+    wrapped = registry.get("helper")
+    assert isinstance(wrapped, Tool) and wrapped.description == "Echo text."
+    assert registry.get("nope") is None
+    assert [t.name for t in registry] == ["search", "helper"]
+    assert [s["function"]["name"] for s in registry.openai_schemas()] == ["search", "helper"]
+    added = registry.add(tool(name="third")(lambda: "3"))
+    assert registry.get("third") is added
+
+
+def test_registry_refuses_duplicate_names() -> None:
+    def search() -> str:
+        return "another"
+
+    with pytest.raises(ToolError, match="two tools are named 'search'"):
+        ToolRegistry([tool(name="search")(lambda: None), search])
+    registry = ToolRegistry()
+    registry.add(search)
+    with pytest.raises(ToolError):
+        registry.add(search)
+    assert len(registry) == 1
+
+
+# --- calculator --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "result"),
+    [
+        ("1 + 2 * 3", "7"),
+        ("(1 + 2) * 3", "9"),
+        ("2 ** 10", "1024"),
+        ("7 / 2", "3.5"),
+        ("7 // 2", "3"),
+        ("-7 % 3", "2"),
+        ("-(+3)", "-3"),
+        ("2 ** -1", "0.5"),
+        ("sqrt(16) + abs(-2)", "6.0"),
+        ("round(pi, 2)", "3.14"),
+        ("log(e)", "1.0"),
+        ("log(8, 2)", "3.0"),
+        ("exp(0) + sin(0) + cos(0) + tan(0)", "2.0"),
+        ("1.5e3", "1500.0"),
+        ("2 ** 100", str(2**100)),
+    ],
+)
+async def test_calculator_results(expression: str, result: str) -> None:
+    assert await calculator.run({"expression": expression}) == result
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        # "refused" comes only from the check made before computing.
+        ("9**9**9", "refused"),
+        ("9**9**9**9", "refused"),
+        ("10**10**10", "refused"),
+        ("(10**3000) * (10**3000)", "refused"),
+        ("(2**5000) ** 3", "refused"),
+        ("round(5, -10**9)", "round"),
+        ("__import__('os')", "only these functions"),
+        ("__import__('os').system('true')", "attribute access"),
+        ("(1).__class__", "attribute access"),
+        ("().__class__.__bases__[0]", "indexing"),
+        ("(1).__class__.__bases__", "attribute access"),
+        ("open('/etc/passwd')", "only these functions"),
+        ("x", "unknown name"),
+        ("'a' * 3", "only numbers"),
+        ("True + 1", "only numbers"),
+        ("[1, 2][0]", "indexing"),
+        ("lambda: 1", "lambda"),
+        ("1 < 2", "comparisons"),
+        ("2 ^ 3", "use '**'"),
+        ("1 / 0", "division by zero"),
+        ("sqrt(-1)", "math domain error"),
+        ("(-8) ** 0.5", "not a real number"),
+        ("exp(1000)", "too large"),
+        ("1e308 * 10", "too large"),
+        ("sqrt(x=4)", "positional"),
+        ("1 +", "not a valid expression"),
+        ("1" + "+1" * 150, "parts"),
+        ("1" * 2_000, "characters long"),
+    ],
+)
+async def test_calculator_refuses_clearly(expression: str, message: str) -> None:
+    with pytest.raises(ToolError) as info:
+        await calculator.run({"expression": expression})
+    assert message in str(info.value)
+
+
+# --- current_time ------------------------------------------------------------------------
+
+
+async def test_current_time_in_utc_and_a_named_zone() -> None:
+    before = datetime.now().astimezone()
+    utc = datetime.fromisoformat(await current_time.run({}))
+    kolkata = datetime.fromisoformat(await current_time.run({"timezone": "Asia/Kolkata"}))
+    after = datetime.now().astimezone()
+    assert utc.utcoffset() == timedelta(0)
+    assert kolkata.utcoffset() == timedelta(hours=5, minutes=30)
+    for moment in (utc, kolkata):
+        assert before - timedelta(seconds=1) <= moment <= after
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "", "../../etc/passwd", "/etc/passwd"])
+async def test_current_time_unknown_zone(zone: str) -> None:
+    with pytest.raises(ToolError, match="unknown time zone"):
+        await current_time.run({"timezone": zone})
+
+
+# --- session_data ------------------------------------------------------------------------
+
+
+class FakeState:
+    """The SessionState interface session_data relies on: sync reads, async writes."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self.data[key] = value
+
+    async def delete(self, key: str) -> None:
+        del self.data[key]
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def keys(self) -> list[str]:
+        return list(self.data)
+
+    async def clear(self) -> None:
+        self.data.clear()
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.state = FakeState()
+
+
+async def _data(session: Any, **arguments: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(await session_data.run(arguments, session=session))
+    return result
+
+
+async def test_session_data_every_action() -> None:
+    session = FakeSession()
+    assert session_data.wants_session
+    assert await _data(session, action="set", key="city", value="Paris") == {
+        "status": "success",
+        "action": "set",
+        "key": "city",
+        "value": "Paris",
+    }
+    await _data(session, action="set", key="prefs", value={"units": "metric"})
+    assert session.state.data == {"city": "Paris", "prefs": {"units": "metric"}}
+    assert await _data(session, action="get", key="prefs") == {
+        "status": "success",
+        "action": "get",
+        "key": "prefs",
+        "found": True,
+        "value": {"units": "metric"},
+    }
+    assert await _data(session, action="get", key="missing") == {
+        "status": "success",
+        "action": "get",
+        "key": "missing",
+        "found": False,
+        "value": None,
+    }
+    assert await _data(session, action="list") == {
+        "status": "success",
+        "action": "list",
+        "keys": ["city", "prefs"],
+    }
+    deleted = await _data(session, action="delete", key="city")
+    assert deleted["status"] == "success" and deleted["deleted"] is True
+    assert "city" not in session.state.data
+    assert (await _data(session, action="delete", key="city"))["deleted"] is False
+    cleared = await _data(session, action="clear")
+    assert cleared["status"] == "success" and cleared["action"] == "clear"
+    assert session.state.data == {}
+    assert (await _data(session, action="list"))["keys"] == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "missing 'action'"),
+        ({"action": "explode"}, "unknown action 'explode'"),
+        ({"action": "set", "value": 1}, "needs a 'key'"),
+        ({"action": "get"}, "needs a 'key'"),
+        ({"action": "delete"}, "needs a 'key'"),
+        ({"action": "set", "key": "k"}, "needs a 'value'"),
+    ],
+)
+async def test_session_data_errors(arguments: dict[str, Any], message: str) -> None:
+    session = FakeSession()
+    result = await _data(session, **arguments)
+    assert result["status"] == "error"
+    assert message in result["message"]
+    assert session.state.data == {}
+
+
+async def test_session_data_without_a_session() -> None:
+    result = json.loads(await session_data.run({"action": "list"}))
+    assert result["status"] == "error" and "session" in result["message"]
+
+
+# --- list_files / read_file --------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Path:
+    """A root with files, a subdirectory and symlinks, beside a secret outside it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("top secret")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_text("hello world\n")
+    (root / "sub" / "inner.txt").write_text("inner")
+    (root / "escape.txt").symlink_to(outside / "secret.txt")
+    (root / "escape_dir").symlink_to(outside)
+    (root / "alias.txt").symlink_to(root / "hello.txt")
+    return root
+
+
+async def test_list_files(sandbox: Path) -> None:
+    list_files = list_files_tool(sandbox)
+    listing = await list_files.run({})
+    assert listing.splitlines()[0] == ".: 5 entries"
+    assert "sub/" in listing
+    assert "hello.txt  (12 bytes)" in listing
+    assert "escape.txt  (link to outside the accessible directory)" in listing
+    assert "inner.txt" in await list_files.run({"path": "sub"})
+    assert "inner.txt" in await list_files.run({"path": str(sandbox / "sub")})
+
+
+@pytest.mark.parametrize("path", ["..", "../outside", "sub/../..", "escape_dir", "/", "/etc"])
+async def test_list_files_refuses_paths_outside_the_root(sandbox: Path, path: str) -> None:
+    with pytest.raises(ToolError, match="outside the directory"):
+        await list_files_tool(sandbox).run({"path": path})
+
+
+async def test_list_files_errors(sandbox: Path) -> None:
+    list_files = list_files_tool(sandbox)
+    with pytest.raises(ToolError, match="no such directory"):
+        await list_files.run({"path": "nope"})
+    with pytest.raises(ToolError, match="use read_file"):
+        await list_files.run({"path": "hello.txt"})
+
+
+async def test_read_file(sandbox: Path) -> None:
+    read_file = read_file_tool(sandbox)
+    assert await read_file.run({"path": "hello.txt"}) == "hello world\n"
+    assert await read_file.run({"path": "sub/inner.txt"}) == "inner"
+    assert await read_file.run({"path": "./sub/../alias.txt"}) == "hello world\n"
+    assert await read_file.run({"path": str(sandbox / "hello.txt")}) == "hello world\n"
+
+
+@pytest.mark.parametrize(
+    "path", ["../outside/secret.txt", "escape.txt", "escape_dir/secret.txt", "/etc/passwd"]
+)
+async def test_read_file_refuses_paths_outside_the_root(sandbox: Path, path: str) -> None:
+    with pytest.raises(ToolError, match="outside the directory") as info:
+        await read_file_tool(sandbox).run({"path": path})
+    assert "top secret" not in str(info.value)
+
+
+async def test_read_file_refuses_binary_and_non_utf8(sandbox: Path) -> None:
+    (sandbox / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (sandbox / "latin1.txt").write_bytes("café".encode("latin-1"))
+    read_file = read_file_tool(sandbox)
+    for name in ("image.bin", "latin1.txt"):
+        with pytest.raises(ToolError, match="binary file"):
+            await read_file.run({"path": name})
+
+
+async def test_read_file_cuts_large_files_with_a_note(sandbox: Path) -> None:
+    (sandbox / "big.txt").write_text("é" * 1_000)  # 2000 bytes
+    read_file = read_file_tool(sandbox)
+    text = await read_file.run({"path": "big.txt", "max_bytes": 101})
+    # 101 bytes end inside a two-byte character: the half character is dropped, no error.
+    assert text == "é" * 50 + "\n[... file is 2000 bytes; only the first 101 are shown]"
+    with pytest.raises(ToolArgumentsError, match="max_bytes"):
+        await read_file.run({"path": "big.txt", "max_bytes": 10**9})
+
+
+async def test_read_file_errors(sandbox: Path) -> None:
+    read_file = read_file_tool(sandbox)
+    with pytest.raises(ToolError, match="no such file"):
+        await read_file.run({"path": "missing.txt"})
+    with pytest.raises(ToolError, match="not a regular file"):
+        await read_file.run({"path": "sub"})
+
+
+def test_file_tools_need_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ToolError, match="not a directory"):
+        list_files_tool(tmp_path / "missing")
+
+
+# --- fetch_url ---------------------------------------------------------------------------
+
+BIG_BODY = b"a" * 50_000
+
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: ClassVar[dict[str, tuple[int, str, bytes]]] = {
+        "/hello": (200, "text/plain; charset=utf-8", "héllo from loopback".encode()),
+        "/big": (200, "text/plain", BIG_BODY),
+        "/missing": (404, "text/html", b"<h1>not here</h1>"),
+        "/image": (200, "image/png", b"\x89PNG\r\n\x1a\n\x00\x00"),
+    }
+
+    def do_GET(self) -> None:
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/hello")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        status, content_type, body = self.routes.get(self.path, (404, "text/plain", b"?"))
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy configured in the environment must not intercept loopback test traffic.
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.delenv(name)
+
+
+async def test_fetch_url_returns_status_type_and_text(server: str) -> None:
+    fetch_url = fetch_url_tool()
+    assert fetch_url.requires_approval
+    assert fetch_url.name == "fetch_url"
+    text = await fetch_url.run({"url": f"{server}/hello"})
+    assert text == "status: 200 OK\ncontent-type: text/plain; charset=utf-8\n\nhéllo from loopback"
+    missing = await fetch_url.run({"url": f"{server}/missing"})
+    assert missing.startswith("status: 404 Not Found\ncontent-type: text/html")
+    assert "<h1>not here</h1>" in missing
+
+
+async def test_fetch_url_follows_redirects(server: str) -> None:
+    text = await fetch_url_tool().run({"url": f"{server}/redirect"})
+    assert f"final url: {server}/hello" in text
+    assert text.endswith("héllo from loopback")
+
+
+async def test_fetch_url_stops_at_the_size_limit(server: str) -> None:
+    text = await fetch_url_tool(max_bytes=1_000).run({"url": f"{server}/big"})
+    body = text.split("\n\n", 1)[1]
+    assert body == "a" * 1_000 + "\n[... response cut at 1000 bytes; the rest was not downloaded]"
+    full = await fetch_url_tool(max_bytes=len(BIG_BODY)).run({"url": f"{server}/big"})
+    assert "cut" not in full and full.endswith("a" * 100)
+
+
+async def test_fetch_url_does_not_show_binary_content(server: str) -> None:
+    text = await fetch_url_tool().run({"url": f"{server}/image"})
+    assert "content-type: image/png" in text
+    assert "[binary content, 10 bytes read; not shown]" in text
+    assert "PNG" not in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1/", "javascript:alert(1)"],
+)
+async def test_fetch_url_refuses_other_schemes(url: str) -> None:
+    with pytest.raises(ToolError, match="use a full http:// or https:// URL"):
+        await fetch_url_tool().run({"url": url})
+
+
+async def test_fetch_url_connection_errors_are_tool_errors() -> None:
+    # Bind a port, then close it, so nothing listens there.
+    probe = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = probe.server_address[1]
+    probe.server_close()
+    with pytest.raises(ToolError, match="could not fetch"):
+        await fetch_url_tool().run({"url": f"http://127.0.0.1:{port}/"})
+    with pytest.raises(ToolError, match="without a scheme"):
+        await fetch_url_tool().run({"url": "example.com/page"})
+
+
+# --- the built-in set --------------------------------------------------------------------
+
+
+def test_builtin_tools_by_name() -> None:
+    tools = builtin_tools()
+    assert set(tools) == {
+        "calculator",
+        "current_time",
+        "session_data",
+        "list_files",
+        "read_file",
+        "fetch_url",
+    }
+    assert all(name == t.name for name, t in tools.items())
+    assert [name for name, t in tools.items() if t.requires_approval] == ["fetch_url"]
+    assert get_builtin("calculator") is calculator
+    assert ToolRegistry(tools.values()).names() == list(tools)
+
+
+async def test_builtin_file_tools_are_confined_to_the_working_directory(
+    sandbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(sandbox)
+    assert await get_builtin("read_file").run({"path": "hello.txt"}) == "hello world\n"
+    with pytest.raises(ToolError, match="outside the directory"):
+        await get_builtin("read_file").run({"path": "../outside/secret.txt"})
+
+
+def test_get_builtin_unknown_name_lists_the_available_ones() -> None:
+    with pytest.raises(ToolError, match="no built-in tool named 'shell'") as info:
+        get_builtin("shell")
+    assert "calculator" in str(info.value) and "fetch_url" in str(info.value)
