@@ -1,0 +1,826 @@
+"""FileSystemStorage: one human-readable JSON Lines file per session, safe across processes.
+
+Layout of the directory (created on the first write, mode 0700)::
+
+    user-123.jsonl              the history: one ChatMessage.to_json() per line, append-only
+    user-123.meta.json          created_at, app-set info (title, user_id, status, metadata),
+                                state entries and the real session id
+    .user-123.jsonl.*.tmp       a rewrite in progress (save, truncate, pop, meta updates)
+
+Every write holds ``flock(LOCK_EX)`` on the session's ``.jsonl`` file; reads hold ``LOCK_SH`` only
+while they read the bytes. Rewrites replace the file with ``os.replace``, so a writer that waited
+for the lock re-checks that its descriptor still is the file at the path.
+
+One append is one ``write()``. When it holds several messages, every line but the last ends with
+``"} \\n"`` (JSON allows the trailing space): a crash in the middle of a multi-line write leaves
+either a line without ``"\\n"`` or a last line that ends with ``"} \\n"``. Both mark an append
+that never returned; it is ignored on load (with a warning) and cut off by the next write, so
+an append is all or nothing.
+
+``updated_at`` is the newest mtime of the two files. Each write sets the mtime itself from the
+nanosecond clock, because the kernel's file clock is too coarse to order quick writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, ParamSpec, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from ..errors import (
+    CorruptSessionError,
+    InvalidMessage,
+    InvalidSessionId,
+    StorageError,
+    UnsupportedStorageURL,
+)
+from ..messages import ChatMessage
+from ._urls import query_options, redact_url
+from .base import (
+    _UNSET,
+    ConversationStorage,
+    SessionInfo,
+    info_fields,
+    info_matches,
+    live_state,
+    state_entries,
+    title_from,
+    validate_session_id,
+)
+
+__all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
+
+Durability = Literal["crash", "power"]
+DURABILITIES: tuple[str, ...] = ("crash", "power")
+
+HISTORY_SUFFIX = ".jsonl"
+META_SUFFIX = ".meta.json"
+MAX_STEM_BYTES = 200
+"""Longer encoded ids get a shortened, hashed file name (file names stop at 255 bytes)."""
+_HASHED_PREFIX_BYTES = 120
+_HASH_MARK = "~"  # never left unencoded, so it marks the hashed form unambiguously
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@+_.-")
+_CHUNK = 1 << 20
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+# -- session ids <-> file names -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def session_file_stem(session_id: str) -> str:
+    """The file name (without suffix) of a session: its id, percent-encoded where unsafe.
+
+    Characters outside ``[A-Za-z0-9@+_.-]`` and a leading ``.`` become ``%XX`` (UTF-8), so no id
+    can name a path outside the directory. An encoding longer than 200 bytes is cut and
+    suffixed with ``~`` and a hash of the id; the meta file then keeps the real id.
+    """
+    parts: list[str] = []
+    for i, ch in enumerate(session_id):
+        if ch in _SAFE and not (i == 0 and ch == "."):
+            parts.append(ch)
+        else:
+            parts.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    stem = "".join(parts)
+    if len(stem) <= MAX_STEM_BYTES:
+        return stem
+    prefix = stem[:_HASHED_PREFIX_BYTES]
+    escape = prefix.rfind("%", len(prefix) - 2)
+    if escape != -1:  # do not cut a %XX escape in half
+        prefix = prefix[:escape]
+    digest = hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:40]
+    return f"{prefix}{_HASH_MARK}{digest}"
+
+
+def session_id_from_stem(stem: str) -> str | None:
+    """The id a non-hashed file name stands for; None if no valid id maps to exactly it."""
+    if _HASH_MARK in stem:
+        return None
+    try:
+        session_id = unquote(stem, errors="strict")
+        validate_session_id(session_id)
+    except (UnicodeDecodeError, InvalidSessionId):
+        return None
+    # Only the canonical spelling counts: "a%2db.jsonl" dropped in by hand is not session "a-b".
+    return session_id if session_file_stem(session_id) == stem else None
+
+
+# -- the clock ----------------------------------------------------------------------------
+
+_clock_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _stamp() -> int:
+    """Now in nanoseconds, strictly increasing within this process."""
+    global _last_stamp
+    with _clock_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _from_ns(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+# -- bytes on disk ------------------------------------------------------------------------
+
+
+def _serialize(messages: Sequence[ChatMessage], *, one_append: bool) -> bytes:
+    """The lines of ``messages``; for one append, every line but the last ends with " \\n"."""
+    lines = [m.to_json() for m in messages]
+    sep = " \n" if one_append else "\n"
+    text = sep.join(lines) + "\n" if lines else ""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessage(
+            f"a message holds text that is not valid Unicode ({exc.reason}: "
+            f"{exc.object[exc.start : exc.end]!r}); decode the text properly before storing it"
+        ) from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_all(fd: int, end: int | None = None) -> bytes:
+    with open(fd, "rb", closefd=False) as f:
+        return f.read() if end is None else f.read(end)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _complete_end(
+    size: int, byte_at: Callable[[int], int], newline_before: Callable[[int], int]
+) -> int:
+    """The offset just past the last append that was written completely.
+
+    Drops a last line without "\\n" and the lines of an unfinished multi-line append before it.
+    ``newline_before(end)`` is the offset of the last "\\n" before ``end``, or -1.
+    """
+    end = size
+    if end and byte_at(end - 1) != ord("\n"):
+        end = newline_before(end) + 1
+    # A line of a multi-line append ends with "} \n"; one like it last means the rest is missing.
+    while end >= 3 and byte_at(end - 2) == ord(" ") and byte_at(end - 3) == ord("}"):
+        end = newline_before(end - 1) + 1
+    return end
+
+
+def _complete_end_of_bytes(data: bytes) -> int:
+    return _complete_end(len(data), data.__getitem__, lambda end: data.rfind(b"\n", 0, end))
+
+
+def _complete_end_of_fd(fd: int, size: int) -> int:
+    def byte_at(offset: int) -> int:
+        return os.pread(fd, 1, offset)[0]
+
+    def newline_before(end: int) -> int:
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            found = os.pread(fd, end - start, start).rfind(b"\n")
+            if found != -1:
+                return start + found
+            end = start
+        return -1
+
+    return _complete_end(size, byte_at, newline_before)
+
+
+def _corrupt(path: str, line: int, why: str) -> CorruptSessionError:
+    return CorruptSessionError(
+        f"session file {path} is damaged at line {line}: {why}. It was left untouched; "
+        "fix or remove that line (or restore the file from a backup) and try again"
+    )
+
+
+def _split_lines(data: bytes, path: str) -> tuple[list[str], int]:
+    """The complete lines of a history file and the number of bytes of an unfinished append."""
+    end = _complete_end_of_bytes(data)
+    try:
+        text = data[:end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, data.count(b"\n", 0, exc.start) + 1, "not valid UTF-8") from exc
+    lines = text.split("\n")  # not splitlines(): U+2028 and friends may sit inside the JSON
+    lines.pop()  # the empty string after the final "\n"
+    return lines, len(data) - end
+
+
+def _parse_line(line: str | bytes, path: str, line_no: int) -> ChatMessage:
+    try:
+        return ChatMessage.from_dict(json.loads(line))
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, line_no, f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
+    except (InvalidMessage, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise _corrupt(path, line_no, f"not a stored message ({exc})") from exc
+
+
+def _parse_lines(lines: Sequence[str], path: str) -> list[ChatMessage]:
+    return [_parse_line(line, path, n) for n, line in enumerate(lines, 1)]
+
+
+def _torn_warning(path: str, size: int) -> str:
+    return (
+        f"{path}: ignoring the last {size} bytes, an append that was interrupted before it "
+        "finished (it never returned); the next write to this session cuts them off"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Filters:
+    user_id: str | None
+    status: str | None
+    updated_before: datetime | None
+
+
+# -- the backend --------------------------------------------------------------------------
+
+
+class FileSystemStorage(ConversationStorage):
+    """Sessions as JSON Lines files in a directory. URL: ``file://DIR`` (or a plain path).
+
+    ``durability="crash"`` (default): an append that returned survives the process being killed.
+    ``durability="power"``: every write is fsynced too, so it survives a power cut.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str] = "sessions", *, durability: str = "crash"
+    ) -> None:
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be 'crash' or 'power', not {durability!r}")
+        self._dir = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+        self._durability: Durability = "power" if durability == "power" else "crash"
+        self._fsync = durability == "power"
+
+    @classmethod
+    def from_url(cls, url: str) -> FileSystemStorage:
+        """Open ``file:///abs/dir`` or ``file://relative/dir``; option ``?durability=power``."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "file":
+            raise UnsupportedStorageURL(
+                f"not a file:// URL: {redact_url(url)!r}; use file:///abs/dir or file://rel/dir"
+            )
+        durability = query_options(url, {"durability"}).get("durability", "crash")
+        if durability not in DURABILITIES:
+            raise UnsupportedStorageURL(
+                f"durability={durability!r} in {redact_url(url)!r}: use durability=crash "
+                "(survives a killed process) or durability=power (survives a power cut, slower)"
+            )
+        directory = unquote(parts.netloc + parts.path) or "sessions"
+        return cls(directory, durability=durability)
+
+    @property
+    def directory(self) -> str:
+        """The absolute path of the session directory."""
+        return self._dir
+
+    @property
+    def durability(self) -> Durability:
+        """Either "crash" or "power"."""
+        return self._durability
+
+    def __repr__(self) -> str:
+        return f"FileSystemStorage({self._dir!r}, durability={self._durability!r})"
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _paths(self, session_id: str) -> tuple[str, str]:
+        stem = session_file_stem(validate_session_id(session_id))
+        return (
+            os.path.join(self._dir, stem + HISTORY_SUFFIX),
+            os.path.join(self._dir, stem + META_SUFFIX),
+        )
+
+    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run blocking file work in a thread; OS errors say what to check."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except OSError as exc:
+            where = exc.filename or self._dir
+            raise StorageError(
+                f"file storage could not use {where}: {exc.strerror or exc}. Check that the "
+                f"directory {self._dir} is writable by this user and the disk is not full"
+            ) from exc
+
+    def _make_dir(self) -> None:
+        if os.path.isdir(self._dir):
+            return
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        if self._fsync:
+            _fsync_dir(os.path.dirname(self._dir))
+
+    @contextlib.contextmanager
+    def _locked(self, path: str, *, write: bool, create: bool = False) -> Iterator[int | None]:
+        """Hold the session's lock; yields the open file, or None if it does not exist."""
+        flags = (os.O_RDWR | os.O_APPEND if write else os.O_RDONLY) | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT
+        while True:
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                if not create:
+                    yield None
+                    return
+                self._make_dir()
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    current = None
+                # A save or delete may have replaced the file while we waited for its lock.
+                if current is not None and (current.st_ino, current.st_dev) == (
+                    held.st_ino,
+                    held.st_dev,
+                ):
+                    yield fd
+                    return
+            finally:
+                os.close(fd)
+
+    def _replace(self, path: str, data: bytes, stamp: int) -> None:
+        """Write ``data`` to a temp file beside ``path`` and move it over ``path``."""
+        fd, tmp = tempfile.mkstemp(
+            dir=self._dir, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+        )
+        try:
+            try:
+                _write_all(fd, data)
+                os.utime(fd, ns=(stamp, stamp))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if self._fsync:
+            _fsync_dir(self._dir)
+
+    def _read_meta(self, meta_path: str) -> dict[str, Any] | None:
+        try:
+            with open(meta_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptSessionError(
+                f"session info file {meta_path} is not valid JSON ({exc}). It was left "
+                "untouched; fix it, or delete it to drop the session's info and state"
+            ) from exc
+        if not isinstance(meta, dict):
+            raise CorruptSessionError(
+                f"session info file {meta_path} does not hold a JSON object. It was left "
+                "untouched; fix it, or delete it to drop the session's info and state"
+            )
+        return meta
+
+    def _write_meta(self, meta_path: str, meta: dict[str, Any], stamp: int) -> None:
+        text = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
+        self._replace(meta_path, text.encode("utf-8"), stamp)
+
+    def _ensure_meta(self, session_id: str, meta_path: str, stamp: int) -> None:
+        """Give a new session its meta file: created_at, and the id a hashed name hides."""
+        if not os.path.exists(meta_path):
+            self._write_meta(meta_path, self._new_meta(session_id, stamp), stamp)
+
+    @staticmethod
+    def _new_meta(session_id: str, stamp: int) -> dict[str, Any]:
+        return {"session_id": session_id, "created_at": _from_ns(stamp).isoformat()}
+
+    # -- history --------------------------------------------------------------------------
+
+    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        """Add ``messages`` to the end in one write; the file is never rewritten."""
+        path, meta_path = self._paths(session_id)
+        data = _serialize(messages, one_append=True)
+        cut = await self._run(self._append_sync, session_id, path, meta_path, data)
+        if cut:
+            log.warning(
+                "%s: cut off the last %d bytes, an append that was interrupted before it "
+                "finished (it never returned)",
+                path,
+                cut,
+            )
+
+    def _append_sync(self, session_id: str, path: str, meta_path: str, data: bytes) -> int:
+        with self._locked(path, write=True, create=True) as fd:
+            assert fd is not None
+            size = os.fstat(fd).st_size
+            cut = 0
+            if size:
+                # Reads only the last byte or two, unless an unfinished append must be cut off.
+                end = _complete_end_of_fd(fd, size)
+                if end < size:
+                    os.ftruncate(fd, end)
+                    cut = size - end
+            stamp = _stamp()
+            if size == 0:
+                self._ensure_meta(session_id, meta_path, stamp)
+            if data:
+                _write_all(fd, data)
+            os.utime(fd, ns=(stamp, stamp))
+            if self._fsync:
+                os.fsync(fd)
+                if size == 0:
+                    _fsync_dir(self._dir)
+            return cut
+
+    async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
+        """Replace the whole history atomically (temp file + rename)."""
+        path, meta_path = self._paths(session_id)
+        data = _serialize(history, one_append=False)
+        await self._run(self._save_sync, session_id, path, meta_path, data)
+
+    def _save_sync(self, session_id: str, path: str, meta_path: str, data: bytes) -> None:
+        with self._locked(path, write=True, create=True):
+            stamp = _stamp()
+            self._ensure_meta(session_id, meta_path, stamp)
+            # Last: once replaced, other writers lock the new file, not the one we hold.
+            self._replace(path, data, stamp)
+
+    async def load(self, session_id: str) -> list[ChatMessage]:
+        """The whole history; an unfinished last append is ignored with a warning."""
+        path, _ = self._paths(session_id)
+        messages, torn = await self._run(self._load_sync, path)
+        if torn:
+            warnings.warn(_torn_warning(path, torn), stacklevel=2)
+        return messages
+
+    def _load_sync(self, path: str) -> tuple[list[ChatMessage], int]:
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                return [], 0
+            data = _read_all(fd)
+        lines, torn = _split_lines(data, path)
+        return _parse_lines(lines, path), torn
+
+    async def delete(self, session_id: str) -> None:
+        """Remove the history and meta files; a no-op for an unknown session."""
+        path, meta_path = self._paths(session_id)
+        await self._run(self._delete_sync, path, meta_path)
+
+    def _delete_sync(self, path: str, meta_path: str) -> None:
+        with self._locked(path, write=True) as fd:
+            # Meta first: an interrupted delete leaves history without info, never the reverse.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(meta_path)
+            if fd is not None:
+                os.unlink(path)
+        if self._fsync and os.path.isdir(self._dir):
+            _fsync_dir(self._dir)
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session's history file exists (every write creates it)."""
+        path, _ = self._paths(session_id)
+        return await self._run(os.path.exists, path)
+
+    async def count(self, session_id: str) -> int:
+        """The number of stored messages, counted as complete lines without parsing JSON."""
+        path, _ = self._paths(session_id)
+        return await self._run(self._count_sync, path)
+
+    def _count_sync(self, path: str) -> int:
+        with self._locked(path, write=False) as fd:
+            return 0 if fd is None else self._count_lines(fd)
+
+    @staticmethod
+    def _count_lines(fd: int, end: int | None = None) -> int:
+        """The number of complete lines before ``end`` (default: the last complete append)."""
+        if end is None:
+            end = _complete_end_of_fd(fd, os.fstat(fd).st_size)
+        lines = offset = 0
+        while offset < end:
+            chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+        return lines
+
+    async def truncate(self, session_id: str, keep: int) -> None:
+        """Keep only the oldest ``keep`` messages (an atomic rewrite)."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        path, _ = self._paths(session_id)
+        await self._run(self._cut_sync, path, lambda n: keep)
+
+    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """Remove and return the newest ``n`` messages (an atomic rewrite)."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        path, _ = self._paths(session_id)
+        if n == 0:
+            return []
+        return await self._run(self._cut_sync, path, lambda total: max(0, total - n))
+
+    def _cut_sync(self, path: str, keep_of: Callable[[int], int]) -> list[ChatMessage]:
+        """Rewrite the history keeping its oldest ``keep_of(count)`` lines; return the rest."""
+        with self._locked(path, write=True) as fd:
+            if fd is None:
+                return []
+            data = _read_all(fd)
+            lines, _ = _split_lines(data, path)
+            messages = _parse_lines(lines, path)  # a damaged file is never rewritten
+            keep = keep_of(len(lines))
+            if keep >= len(lines):
+                return []
+            # Trailing spaces mark lines inside one append; a kept last line must not have one.
+            kept = "".join(line.rstrip(" ") + "\n" for line in lines[:keep])
+            self._replace(path, kept.encode("utf-8"), _stamp())
+            return messages[keep:]
+
+    # -- listing --------------------------------------------------------------------------
+
+    def _scan(self) -> list[tuple[int, str, str]]:
+        """(updated ns, session id, stem) of every session, newest first."""
+        try:
+            with os.scandir(self._dir) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return []
+        names = {e.name for e in entries}
+        rows: list[tuple[int, str, str]] = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or not name.endswith(HISTORY_SUFFIX):
+                continue
+            stem = name[: -len(HISTORY_SUFFIX)]
+            try:
+                updated = entry.stat().st_mtime_ns
+                meta_name = stem + META_SUFFIX
+                if meta_name in names:
+                    meta_path = os.path.join(self._dir, meta_name)
+                    updated = max(updated, os.stat(meta_path).st_mtime_ns)
+                session_id = self._id_of(stem, entry.path)
+            except FileNotFoundError:  # deleted while we looked
+                continue
+            if session_id is not None:
+                rows.append((updated, session_id, stem))
+        rows.sort(key=lambda r: (-r[0], r[2]))
+        return rows
+
+    def _id_of(self, stem: str, path: str) -> str | None:
+        session_id = session_id_from_stem(stem)
+        if session_id is not None or _HASH_MARK not in stem:
+            return session_id
+        meta = self._read_meta(os.path.join(self._dir, stem + META_SUFFIX)) or {}
+        session_id = meta.get("session_id")
+        if isinstance(session_id, str) and session_file_stem(session_id) == stem:
+            return session_id
+        if os.path.getsize(path):
+            log.warning(
+                "%s: skipped; its meta file %s%s, which holds the session id this shortened "
+                "name stands for, is missing or wrong",
+                path,
+                stem,
+                META_SUFFIX,
+            )
+        return None
+
+    async def list_sessions(self) -> list[str]:
+        """Session ids, most recently updated first (ties by file name)."""
+        return [sid for _, sid, _ in await self._run(self._scan)]
+
+    # -- session info ---------------------------------------------------------------------
+
+    async def get_info(self, session_id: str) -> SessionInfo | None:
+        """The session's info from its meta file and a line count; None if it does not exist."""
+        path, meta_path = self._paths(session_id)
+        return await self._run(self._info_sync, session_id, path, meta_path, None)
+
+    def _info_sync(
+        self, session_id: str, path: str, meta_path: str, filters: _Filters | None
+    ) -> SessionInfo | None:
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                return None
+            meta = self._read_meta(meta_path) or {}
+            st = os.fstat(fd)
+            end = _complete_end_of_fd(fd, st.st_size)
+            updated_ns = st.st_mtime_ns
+            with contextlib.suppress(FileNotFoundError):
+                updated_ns = max(updated_ns, os.stat(meta_path).st_mtime_ns)
+            status = meta.get("status", "active")
+            user_id = meta.get("user_id")
+            if filters is not None and not (
+                (filters.user_id is None or filters.user_id == user_id)
+                and (filters.status is None or filters.status == status)
+            ):
+                return None
+            title = meta.get("title")
+            created = self._created_at(meta, meta_path)
+            first_created, first_title = (None, None)
+            if created is None or not title:
+                first_created, first_title = self._head(fd, path, end, want_title=not title)
+            created = created or first_created or _from_ns(updated_ns)
+            info = SessionInfo(
+                session_id=session_id,
+                created_at=created,
+                updated_at=max(_from_ns(updated_ns), created),
+                message_count=self._count_lines(fd, end),
+                title=title or first_title,
+                user_id=user_id,
+                status=status,
+                metadata=dict(meta.get("metadata") or {}),
+            )
+        if filters is not None and not info_matches(info, None, None, filters.updated_before):
+            return None
+        return info
+
+    @staticmethod
+    def _created_at(meta: Mapping[str, Any], meta_path: str) -> datetime | None:
+        raw = meta.get("created_at")
+        if raw is None:
+            return None
+        try:
+            created = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+        except ValueError:
+            created = None
+        if created is None:
+            raise CorruptSessionError(
+                f"session info file {meta_path} has a bad created_at {raw!r}; "
+                "fix it to an ISO 8601 time or remove the key"
+            )
+        return created if created.tzinfo else created.replace(tzinfo=UTC)
+
+    @staticmethod
+    def _head(
+        fd: int, path: str, end: int, *, want_title: bool
+    ) -> tuple[datetime | None, str | None]:
+        """The first message's time and the default title, reading lines only until found."""
+        first: datetime | None = None
+        offset = 0
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            for line_no, line in enumerate(f, 1):
+                offset += len(line)
+                if offset > end:
+                    break  # an unfinished append
+                message = _parse_line(line, path, line_no)
+                if first is None:
+                    first = message.created_at
+                    if not want_title:
+                        break
+                if message.role == "user":
+                    return first, title_from([message])
+        return first, None
+
+    async def update_info(
+        self,
+        session_id: str,
+        *,
+        title: str | None = _UNSET,
+        user_id: str | None = _UNSET,
+        status: str = _UNSET,
+        metadata: Mapping[str, Any] = _UNSET,
+    ) -> SessionInfo:
+        """Set info fields in the meta file (creating the session if needed); return the info."""
+        path, meta_path = self._paths(session_id)
+        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+
+        def change(meta: dict[str, Any]) -> bool:
+            meta.update(fields)
+            return True
+
+        await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
+        info = await self._run(self._info_sync, session_id, path, meta_path, None)
+        assert info is not None
+        return info
+
+    def _change_meta_sync(
+        self,
+        session_id: str,
+        path: str,
+        meta_path: str,
+        change: Callable[[dict[str, Any]], bool],
+        create: bool,
+    ) -> None:
+        """Read-modify-write the meta file under the session's lock."""
+        with self._locked(path, write=True, create=create) as fd:
+            if fd is None:
+                return
+            stamp = _stamp()
+            meta = self._read_meta(meta_path)
+            if meta is None:
+                meta = self._new_meta(session_id, stamp)
+                size = os.fstat(fd).st_size
+                if size:  # a history written without us (by hand): it began with its first line
+                    first, _ = self._head(fd, path, _complete_end_of_fd(fd, size), want_title=False)
+                    if first is not None:
+                        meta["created_at"] = first.isoformat()
+            if change(meta):
+                meta["session_id"] = session_id
+                self._write_meta(meta_path, meta, stamp)
+
+    async def find_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        status: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[SessionInfo]:
+        """Infos of the sessions matching every filter, newest first."""
+        filters = _Filters(user_id, status, updated_before)
+        return await self._run(self._find_sync, filters, limit)
+
+    def _find_sync(self, filters: _Filters, limit: int | None) -> list[SessionInfo]:
+        found: list[SessionInfo] = []
+        for _, session_id, stem in self._scan():
+            if limit is not None and len(found) >= limit:
+                break
+            path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+            meta_path = os.path.join(self._dir, stem + META_SUFFIX)
+            info = self._info_sync(session_id, path, meta_path, filters)
+            if info is not None:
+                found.append(info)
+        return found
+
+    # -- session state --------------------------------------------------------------------
+
+    async def get_state(self, session_id: str) -> dict[str, Any]:
+        """The unexpired state values from the meta file."""
+        _, meta_path = self._paths(session_id)
+        meta = await self._run(self._read_meta, meta_path) or {}
+        return live_state(meta.get("state") or {})
+
+    async def set_state(
+        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+    ) -> None:
+        """Set state keys (optionally expiring after ``ttl`` seconds); prunes expired keys."""
+        path, meta_path = self._paths(session_id)
+        entries = state_entries(values, ttl)
+
+        def change(meta: dict[str, Any]) -> bool:
+            now = time.time()
+            state = {
+                k: e
+                for k, e in (meta.get("state") or {}).items()
+                if e.get("expires_at") is None or e["expires_at"] > now
+            }
+            state.update(entries)
+            meta["state"] = state
+            return True
+
+        await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
+
+    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove state keys; absent keys are ignored."""
+        path, meta_path = self._paths(session_id)
+        doomed = list(keys)
+
+        def change(meta: dict[str, Any]) -> bool:
+            state = meta.get("state") or {}
+            if not any(k in state for k in doomed):
+                return False
+            meta["state"] = {k: e for k, e in state.items() if k not in doomed}
+            return True
+
+        await self._run(self._change_meta_sync, session_id, path, meta_path, change, False)
+
+    async def clear_state(self, session_id: str) -> None:
+        """Remove every state key."""
+        path, meta_path = self._paths(session_id)
+
+        def change(meta: dict[str, Any]) -> bool:
+            if not meta.get("state"):
+                return False
+            meta["state"] = {}
+            return True
+
+        await self._run(self._change_meta_sync, session_id, path, meta_path, change, False)

@@ -1,0 +1,620 @@
+"""FileSystemStorage: conformance, file names and containment, damage, modes, URLs, append-only."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import stat
+import time
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conversa import (
+    ChatMessage,
+    CorruptSessionError,
+    InvalidSessionId,
+    StorageError,
+    UnsupportedStorageURL,
+    open_storage,
+)
+from conversa.storage.filesystem import (
+    FileSystemStorage,
+    session_file_stem,
+    session_id_from_stem,
+)
+from conversa.testing.conformance import StorageConformance
+
+
+class TestFileConformance(StorageConformance):
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[FileSystemStorage]:
+        async with FileSystemStorage(tmp_path / "sessions") as store:
+            yield store
+
+
+class TestFilePowerConformance(StorageConformance):
+    """The same contract with an fsync on every write."""
+
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[FileSystemStorage]:
+        async with FileSystemStorage(tmp_path / "sessions", durability="power") as store:
+            yield store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileSystemStorage:
+    return FileSystemStorage(tmp_path / "sessions")
+
+
+def _files(root: Path) -> set[str]:
+    """Every path under ``root``, relative to it."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _user(text: str) -> ChatMessage:
+    return ChatMessage.user(text)
+
+
+# -- ids, file names and containment ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("session_id", "name"),
+    [
+        ("user-123", "user-123.jsonl"),
+        ("alice@example.com", "alice@example.com.jsonl"),
+        ("a+b_c.d", "a+b_c.d.jsonl"),
+        ("a b", "a%20b.jsonl"),
+        ("100%", "100%25.jsonl"),
+        ("ü", "%C3%BC.jsonl"),
+        ("~x", "%7Ex.jsonl"),
+        (".hidden", "%2Ehidden.jsonl"),
+    ],
+)
+async def test_readable_file_names(store: FileSystemStorage, session_id: str, name: str) -> None:
+    await store.append(session_id, [_user("hi")])
+    assert sorted(os.listdir(store.directory)) == sorted([name, name[:-6] + ".meta.json"])
+    line = (Path(store.directory) / name).read_text(encoding="utf-8")
+    assert json.loads(line)["content"] == "hi"
+    assert await store.list_sessions() == [session_id]
+
+
+EVIL_IDS = [
+    "..",
+    ".",
+    "../../etc/passwd",
+    "../escape",
+    "/abs/path",
+    "/etc/passwd",
+    "a/b",
+    "a/../../b",
+    "\\windows\\path",
+    "nul\x00byte",
+    "",
+    "x" * 257,
+    "..\u2215slash",
+]
+
+
+@pytest.mark.parametrize("evil", EVIL_IDS)
+async def test_evil_ids_stay_inside_the_directory(tmp_path: Path, evil: str) -> None:
+    root = tmp_path / "outer"
+    store = FileSystemStorage(root / "sessions")
+    before = _files(tmp_path)
+    try:
+        await store.append(evil, [_user("x")])
+        await store.set_state(evil, {"k": 1})
+        await store.update_info(evil, title="t")
+        await store.save(evil, [_user("y")])
+    except InvalidSessionId:
+        assert evil in ("", "nul\x00byte", "x" * 257)
+        assert _files(tmp_path) == before
+        return
+    created = _files(tmp_path) - before
+    assert created, "nothing was written"
+    assert all(p == "outer" or p.startswith(("outer/sessions/", "outer/sessions")) for p in created)
+    assert all(os.sep not in p for p in os.listdir(root / "sessions"))
+    assert set(os.listdir(root / "sessions")) <= {
+        f"{session_file_stem(evil)}.jsonl",
+        f"{session_file_stem(evil)}.meta.json",
+    }
+    assert await store.list_sessions() == [evil]
+    assert [m.text for m in await store.load(evil)] == ["y"]
+    await store.delete(evil)
+    assert os.listdir(root / "sessions") == []
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "nul\x00", "x" * 257, "bell\x07"], ids=["empty", "nul", "long", "ctrl"]
+)
+async def test_every_method_validates_the_id(store: FileSystemStorage, bad: str) -> None:
+    calls = [
+        store.save(bad, []),
+        store.load(bad),
+        store.delete(bad),
+        store.exists(bad),
+        store.append(bad, [_user("x")]),
+        store.count(bad),
+        store.truncate(bad, 0),
+        store.pop(bad),
+        store.pop(bad, 0),
+        store.get_info(bad),
+        store.update_info(bad, title="t"),
+        store.get_state(bad),
+        store.set_state(bad, {"k": 1}),
+        store.delete_state(bad, ["k"]),
+        store.clear_state(bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidSessionId):
+            await call
+    assert not os.path.exists(store.directory)
+
+
+_ids = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=256)
+
+
+@settings(max_examples=300, deadline=None)
+@given(session_id=_ids)
+def test_names_are_safe_and_reversible(session_id: str) -> None:
+    stem = session_file_stem(session_id)
+    name = stem + ".meta.json"
+    assert "/" not in name and "\x00" not in name
+    assert not stem.startswith(".")
+    assert len(("." + name + ".abcdefgh.tmp").encode()) <= 255
+    if "~" in stem:
+        assert len(stem) <= 200
+        assert session_id_from_stem(stem) is None  # recovered from the meta file instead
+    else:
+        assert session_id_from_stem(stem) == session_id
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(session_id=_ids)
+async def test_any_valid_id_roundtrips_through_the_directory(
+    tmp_path: Path, session_id: str
+) -> None:
+    store = FileSystemStorage(tmp_path / os.urandom(6).hex())
+    await store.append(session_id, [_user("hello")])
+    assert await store.list_sessions() == [session_id]
+    assert await store.count(session_id) == 1
+    assert len(os.listdir(store.directory)) == 2
+
+
+def test_long_ids_get_distinct_hashed_names() -> None:
+    a, b = "x" * 250 + "a", "x" * 250 + "b"
+    assert session_file_stem(a) != session_file_stem(b)
+    assert "~" in session_file_stem(a)
+    assert session_file_stem("é" * 40) != session_file_stem("é" * 41)
+
+
+def test_foreign_file_names_are_not_sessions() -> None:
+    assert session_id_from_stem("a%2db") is None  # not the canonical spelling of "a-b"
+    assert session_id_from_stem("a~b") is None
+    assert session_id_from_stem("%FF") is None  # not UTF-8
+    assert session_id_from_stem("%00") is None  # decodes to a control character
+    assert session_id_from_stem("a-b") == "a-b"
+
+
+async def test_listing_ignores_foreign_and_temp_files(store: FileSystemStorage) -> None:
+    await store.append("real", [_user("x")])
+    d = Path(store.directory)
+    for junk in (".real.jsonl.abc.tmp", "notes.txt", "a%2db.jsonl", "x~y.jsonl"):
+        (d / junk).write_text("junk\n")
+    assert await store.list_sessions() == ["real"]
+
+
+async def test_hashed_id_listed_from_meta(store: FileSystemStorage) -> None:
+    long_id = "conversation/" + "é" * 200
+    await store.append(long_id, [_user("x")])
+    names = os.listdir(store.directory)
+    assert all(len(n.encode()) < 255 for n in names)
+    meta = json.loads(next(Path(store.directory).glob("*.meta.json")).read_text())
+    assert meta["session_id"] == long_id
+    assert await store.list_sessions() == [long_id]
+
+
+# -- modes --------------------------------------------------------------------------------
+
+
+async def test_directory_created_lazily_with_private_modes(tmp_path: Path) -> None:
+    store = FileSystemStorage(tmp_path / "a" / "sessions")
+    assert await store.load("s") == []
+    assert await store.list_sessions() == []
+    assert await store.get_state("s") == {}
+    await store.delete("s")
+    assert not (tmp_path / "a").exists()
+    await store.append("s", [_user("x")])
+    await store.save("t", [_user("y")])
+    await store.set_state("u", {"k": 1})
+    assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
+    files = os.listdir(store.directory)
+    assert len(files) == 6
+    for name in files:
+        mode = stat.S_IMODE(os.stat(os.path.join(store.directory, name)).st_mode)
+        assert mode == 0o600, (name, oct(mode))
+
+
+async def test_existing_directory_mode_is_left_alone(tmp_path: Path) -> None:
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    await FileSystemStorage(d).append("s", [_user("x")])
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
+
+
+async def test_unwritable_directory_says_what_to_check(tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("")
+    store = FileSystemStorage(blocker / "sessions")
+    with pytest.raises(StorageError, match="writable"):
+        await store.append("s", [_user("x")])
+
+
+# -- URLs ---------------------------------------------------------------------------------
+
+
+def test_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    absolute = open_storage(f"file://{tmp_path}/abs")
+    assert isinstance(absolute, FileSystemStorage)
+    assert absolute.directory == str(tmp_path / "abs")
+    assert absolute.durability == "crash"
+    relative = open_storage("file://rel/dir")
+    assert isinstance(relative, FileSystemStorage)
+    assert relative.directory == str(tmp_path / "rel" / "dir")
+    power = FileSystemStorage.from_url(f"file://{tmp_path}/p?durability=power")
+    assert (power.directory, power.durability) == (str(tmp_path / "p"), "power")
+    assert FileSystemStorage.from_url("file://my%20dir").directory == str(tmp_path / "my dir")
+    assert FileSystemStorage.from_url("file://").directory == str(tmp_path / "sessions")
+    assert FileSystemStorage().directory == str(tmp_path / "sessions")
+    plain = open_storage("some/dir")
+    assert isinstance(plain, FileSystemStorage)
+    assert plain.directory == str(tmp_path / "some" / "dir")
+    with pytest.raises(UnsupportedStorageURL, match="crash"):
+        FileSystemStorage.from_url("file:///x?durability=sometimes")
+    with pytest.raises(UnsupportedStorageURL, match="durability"):
+        FileSystemStorage.from_url("file:///x?fsync=1")
+    with pytest.raises(UnsupportedStorageURL, match="file://"):
+        FileSystemStorage.from_url("sqlite:///x.db")
+    with pytest.raises(ValueError, match="power"):
+        FileSystemStorage(tmp_path, durability="never")
+    assert "rel/dir" in repr(relative)
+
+
+async def test_directory_is_fixed_at_construction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = FileSystemStorage("here")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    await store.append("s", [_user("x")])
+    assert (tmp_path / "here" / "s.jsonl").exists()
+    assert not (other / "here").exists()
+
+
+# -- append only --------------------------------------------------------------------------
+
+
+async def test_append_never_rewrites(store: FileSystemStorage) -> None:
+    await store.append("s", [_user("one"), _user("two")])
+    path = Path(store.directory) / "s.jsonl"
+    before = path.read_bytes()
+    inode = os.stat(path).st_ino
+    for i in range(5):
+        await store.append("s", [_user(f"more {i}")])
+        assert os.stat(path).st_ino == inode
+        assert path.read_bytes().startswith(before)
+    assert await store.count("s") == 7
+
+
+async def test_rewrites_replace_the_file_atomically(store: FileSystemStorage) -> None:
+    msgs = [_user(str(i)) for i in range(4)]
+    await store.append("s", msgs)
+    path = Path(store.directory) / "s.jsonl"
+    inode = os.stat(path).st_ino
+    await store.pop("s")
+    assert os.stat(path).st_ino != inode
+    assert await store.load("s") == msgs[:3]
+    assert not [n for n in os.listdir(store.directory) if n.endswith(".tmp")]
+
+
+async def test_file_is_human_readable_json_lines(store: FileSystemStorage) -> None:
+    one, two, three = _user("a"), ChatMessage.assistant("b"), _user("c")
+    await store.append("s", [one])
+    await store.append("s", [two, three])
+    lines = (Path(store.directory) / "s.jsonl").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == ""
+    assert [json.loads(line) for line in lines[:-1]] == [m.to_dict() for m in (one, two, three)]
+    assert lines[0] == one.to_json()
+    await store.save("s", [one, two, three])
+    lines = (Path(store.directory) / "s.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines == [m.to_json() for m in (one, two, three)]
+
+
+async def test_newlines_and_separators_inside_messages(store: FileSystemStorage) -> None:
+    msgs = [_user("a\nb\r\nc\u2028d\u2029e\x85f\x0bg\x0ch"), _user("next")]
+    await store.append("s", msgs)
+    assert await store.load("s") == msgs
+    assert await store.count("s") == 2
+
+
+# -- damage -------------------------------------------------------------------------------
+
+
+async def _damaged(store: FileSystemStorage, middle: bytes) -> tuple[Path, bytes]:
+    await store.append("s", [_user("first")])
+    path = Path(store.directory) / "s.jsonl"
+    with open(path, "ab") as f:
+        f.write(middle)
+    await store.append("s", [_user("last")])
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("middle", "why"),
+    [
+        (b'{"role": "user", "content": \n', "invalid JSON"),
+        (b"not json at all\n", "invalid JSON"),
+        (b"\n", "invalid JSON"),
+        (b"[1, 2]\n", "not a stored message"),
+        (b'{"content": "no role"}\n', "not a stored message"),
+        (b'{"role": "robot", "content": "x"}\n', "not a stored message"),
+        (b'{"role": "tool", "content": "no call id"}\n', "not a stored message"),
+        (b'{"role": "user", "content": "x", "created_at": "yesterday"}\n', "not a stored"),
+        (b'{"role": "user", "content": "\xff\xfe"}\n', "UTF-8"),
+    ],
+)
+async def test_damaged_middle_line_is_reported_and_left_alone(
+    store: FileSystemStorage, middle: bytes, why: str
+) -> None:
+    path, data = await _damaged(store, middle)
+    for action in (
+        store.load("s"),
+        store.pop("s"),
+        store.truncate("s", 1),
+    ):
+        with pytest.raises(CorruptSessionError) as err:
+            await action
+        assert str(path) in str(err.value)
+        assert "line 2" in str(err.value)
+        assert why in str(err.value)
+        assert path.read_bytes() == data
+    # Appends still work and never touch the damaged line.
+    await store.append("s", [_user("after")])
+    assert path.read_bytes().startswith(data)
+
+
+async def test_damaged_line_before_first_user_message_fails_get_info(
+    store: FileSystemStorage,
+) -> None:
+    await store.append("s", [ChatMessage.system("sys")])
+    path = Path(store.directory) / "s.jsonl"
+    with open(path, "ab") as f:
+        f.write(b"garbage\n")
+    with pytest.raises(CorruptSessionError, match="line 2"):
+        await store.get_info("s")
+
+
+async def test_damaged_meta_file_is_reported(store: FileSystemStorage) -> None:
+    await store.set_state("s", {"k": 1})
+    meta = Path(store.directory) / "s.meta.json"
+    meta.write_text("{broken")
+    with pytest.raises(CorruptSessionError, match=str(meta)):
+        await store.get_state("s")
+    with pytest.raises(CorruptSessionError, match=r"s\.meta\.json"):
+        await store.set_state("s", {"k": 2})
+    assert meta.read_text() == "{broken"
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b'{"id":"x","role":"us', b"{", b'{"role":"user","content":"complete but no newline"}'],
+)
+async def test_torn_last_line_is_ignored_then_cut(
+    store: FileSystemStorage, tail: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    msgs = [_user("a"), _user("b")]
+    await store.append("s", msgs)
+    path = Path(store.directory) / "s.jsonl"
+    good = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(tail)
+    with pytest.warns(UserWarning, match=rf"{path}.*interrupted"):
+        assert await store.load("s") == msgs
+    assert await store.count("s") == 2
+    info = await store.get_info("s")
+    assert info is not None and info.message_count == 2
+    assert path.read_bytes() == good + tail  # reading never writes
+    extra = _user("c")
+    with caplog.at_level(logging.WARNING, logger="conversa.storage.filesystem"):
+        await store.append("s", [extra])
+    assert "cut off" in caplog.text
+    assert path.read_bytes() == good + extra.to_json().encode() + b"\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await store.load("s") == [*msgs, extra]
+
+
+async def test_unfinished_multi_message_append_is_dropped_whole(
+    store: FileSystemStorage,
+) -> None:
+    """A crash between the lines of one append must not leave half of it."""
+    first = [_user("a")]
+    await store.append("s", first)
+    path = Path(store.directory) / "s.jsonl"
+    good = path.read_bytes()
+    batch = [_user("b1"), _user("b2"), _user("b3")]
+    await store.append("s", batch)
+    full = path.read_bytes()
+    # Every prefix of the batch's bytes (as a killed write() could leave) reads as no batch.
+    appended = full[len(good) :]
+    cuts = sorted(
+        {*range(0, len(appended), 37), *(i + 1 for i, b in enumerate(appended) if b == 10)}
+    )
+    for cut in cuts[:-1]:
+        path.write_bytes(good + appended[:cut])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert await store.load("s") == first, cut
+        assert await store.count("s") == 1
+    path.write_bytes(full)
+    assert await store.load("s") == [*first, *batch]
+    path.write_bytes(good + appended[: appended.index(b"\n") + 1])
+    await store.append("s", [_user("c")])
+    assert [m.text for m in await store.load("s")] == ["a", "c"]
+
+
+async def test_pop_after_multi_message_append_leaves_a_clean_end(
+    store: FileSystemStorage,
+) -> None:
+    batch = [_user("1"), _user("2"), _user("3")]
+    await store.append("s", batch)
+    assert await store.pop("s") == batch[2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await store.load("s") == batch[:2]
+    await store.truncate("s", 1)
+    assert await store.load("s") == batch[:1]
+
+
+async def test_hand_edited_file_without_final_newline_loses_only_that_line(
+    store: FileSystemStorage,
+) -> None:
+    path = Path(store.directory)
+    path.mkdir()
+    a, b = _user("a"), _user("b")
+    (path / "s.jsonl").write_text(a.to_json() + "\n" + b.to_json())
+    with pytest.warns(UserWarning):
+        assert await store.load("s") == [a]
+    info = await store.get_info("s")
+    assert info is not None
+    assert info.created_at == a.created_at  # no meta file: the first message's time
+    assert info.title == "a"
+    await store.update_info("s", user_id="u")  # creates the meta file
+    again = await store.get_info("s")
+    assert again is not None
+    assert (again.created_at, again.user_id) == (a.created_at, "u")
+
+
+# -- info and listing ---------------------------------------------------------------------
+
+
+async def test_meta_file_holds_info_and_state(store: FileSystemStorage) -> None:
+    await store.append("s", [_user("hi")])
+    await store.update_info("s", title="T", user_id="u", status="completed", metadata={"a": 1})
+    await store.set_state("s", {"k": [1, 2]}, ttl=60)
+    meta = json.loads((Path(store.directory) / "s.meta.json").read_text(encoding="utf-8"))
+    assert meta["session_id"] == "s"
+    assert (meta["title"], meta["user_id"], meta["status"], meta["metadata"]) == (
+        "T",
+        "u",
+        "completed",
+        {"a": 1},
+    )
+    assert meta["state"]["k"]["value"] == [1, 2]
+    assert meta["state"]["k"]["expires_at"] > 0
+    info = await store.get_info("s")
+    assert info is not None
+    assert info.created_at.isoformat() == meta["created_at"]
+
+
+async def test_expired_state_is_pruned_on_write(store: FileSystemStorage) -> None:
+    await store.set_state("s", {"old": 1}, ttl=0.05)
+    await asyncio.sleep(0.1)
+    await store.set_state("s", {"new": 2})
+    meta = json.loads((Path(store.directory) / "s.meta.json").read_text())
+    assert set(meta["state"]) == {"new"}
+
+
+async def test_state_ops_on_unknown_session_create_nothing(store: FileSystemStorage) -> None:
+    await store.delete_state("s", ["k"])
+    await store.clear_state("s")
+    await store.truncate("s", 0)
+    assert await store.pop("s", 3) == []
+    assert not os.path.exists(store.directory)
+
+
+async def test_list_and_info_follow_file_mtimes(store: FileSystemStorage) -> None:
+    for sid in ("a", "b", "c"):
+        await store.append(sid, [_user(sid)])
+    assert await store.list_sessions() == ["c", "b", "a"]
+    await store.set_state("a", {"k": 1})
+    assert await store.list_sessions() == ["a", "c", "b"]
+    d = Path(store.directory)
+    same = (time.time_ns() // 10**9 + 3600) * 10**9
+    for name in os.listdir(d):
+        os.utime(d / name, ns=(same, same))
+    assert await store.list_sessions() == ["a", "b", "c"]  # ties: by file name
+    info = await store.get_info("b")
+    assert info is not None
+    assert int(info.updated_at.timestamp()) == same // 10**9
+
+
+async def test_many_sessions_find_sessions(store: FileSystemStorage) -> None:
+    for i in range(30):
+        await store.append(f"s{i}", [_user(f"q{i}")])
+        await store.update_info(f"s{i}", user_id="even" if i % 2 == 0 else "odd")
+    found = await store.find_sessions(user_id="odd", limit=3)
+    assert [i.session_id for i in found] == ["s29", "s27", "s25"]
+    assert [i.title for i in found] == ["q29", "q27", "q25"]
+    assert await store.find_sessions(limit=0) == []
+    assert len(await store.find_sessions()) == 30
+
+
+# -- a writer that waited for the lock while the file was swapped --------------------------
+
+
+async def _append_blocked_on_old_file(
+    store: FileSystemStorage, swap: str
+) -> tuple[Path, ChatMessage]:
+    """Hold the session's lock, let an append open the file and wait, ``swap`` it, release."""
+    await store.append("s", [_user("old")])
+    path = Path(store.directory) / "s.jsonl"
+    held = os.open(path, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    late = _user("late")
+    task = asyncio.create_task(store.append("s", [late]))
+    # Wait until the append has the old file open (it is then blocked on our lock).
+    while sum(1 for fd in os.listdir("/proc/self/fd") if _points_at(fd, path)) < 2:
+        await asyncio.sleep(0.001)
+    if swap == "save":  # what a save in another process does: a new file over the path
+        tmp = path.with_name(".swap.tmp")
+        tmp.write_text(_user("new").to_json() + "\n")
+        os.replace(tmp, path)
+    else:
+        os.unlink(path)
+    fcntl.flock(held, fcntl.LOCK_UN)
+    os.close(held)
+    await task
+    return path, late
+
+
+def _points_at(fd: str, path: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    except OSError:
+        return False
+
+
+async def test_append_waiting_for_a_save_lands_in_the_new_file(store: FileSystemStorage) -> None:
+    path, late = await _append_blocked_on_old_file(store, "save")
+    assert [m.text for m in await store.load("s")] == ["new", "late"]
+    assert path.read_text().endswith(late.to_json() + "\n")
+
+
+async def test_append_waiting_for_a_delete_starts_a_new_file(store: FileSystemStorage) -> None:
+    _, late = await _append_blocked_on_old_file(store, "delete")
+    assert await store.load("s") == [late]
