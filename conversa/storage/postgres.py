@@ -1,0 +1,728 @@
+"""PostgresStorage: a durable store in PostgreSQL, shared by many app instances.
+
+Design note
+-----------
+Tables, in schema ``S`` (``?schema=``, default ``public``) with prefix ``T`` (``?table_prefix=``,
+default ``conversa_``), created and migrated on first use:
+
+* ``T schema_version(version)``: the number of migrations applied. Migrations are the numbered
+  plain functions in ``MIGRATIONS``; they run once, under an advisory lock, so many instances
+  starting at once migrate exactly once.
+* ``T sessions``: one row per session: created_at, updated_at (the server's clock), ``touched``
+  (from the sequence ``T touch``: the write order, so listing has no clock ties),
+  message_count, title, user_id, status, metadata, and the default title with the position of
+  the first user message, so get_info never reads the history.
+* ``T messages(session_id, seq, role, body)``: one row per message, ``seq`` 0, 1, 2, ...
+* ``T state(session_id, key, value, expires_at)``: session state, one row per key.
+
+JSON is stored as text, not JSONB: JSONB cannot hold ``\\u0000`` and rewrites numbers (1e300
+comes back as an integer), which would break the contract that every message round-trips
+unchanged. ``body`` is exactly ``ChatMessage.to_json()`` (NUL stays the escape ``\\u0000``), so
+SQL can still look inside with ``body::json`` (the json type keeps numbers as they are; its
+operators fail only on a message that holds NUL). Text columns that hold app strings (title,
+user_id, state keys) escape NUL reversibly (``\\x00`` -> U+E000 U+E002, U+E000 -> U+E000
+U+E001); ordinary strings are stored unchanged.
+
+Atomicity: an append is one statement: an UPSERT of the session row that adds to
+message_count (taking the row lock, so appends to one session from any number of instances
+queue up) RETURNING the new count, feeding an INSERT of the messages at the seq numbers before
+it. save, pop and truncate lock the row first, then change the messages, in one transaction.
+Every write moves updated_at and touched. An append costs one round trip and grows with the
+messages appended only.
+
+Failures: a lost connection or a timeout raises BackendUnavailable. A write is never sent
+twice once it may have reached the server (its reply may be what was lost); a transaction that
+fails before COMMIT is rolled back by the server, so a write either failed whole or ran
+whole. Reads are retried once on a fresh connection; the pool replaces connections the server
+closed, so the next operation reconnects by itself.
+
+Durability: an append that returned is committed (with PostgreSQL's default
+``synchronous_commit``, flushed to the WAL on disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ..errors import BackendUnavailable, CorruptSessionError, InvalidMessage, StorageError
+from ..messages import ChatMessage
+from ._urls import query_options, redact_url
+from .base import (
+    _UNSET,
+    ConversationStorage,
+    SessionInfo,
+    info_fields,
+    state_entries,
+    title_from,
+    validate_session_id,
+)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds to wait for a new connection."""
+POOL_SIZE = 5
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
+
+
+def _import_asyncpg() -> Any:
+    try:
+        return importlib.import_module("asyncpg")
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"PostgresStorage needs the asyncpg package ({exc}); install it with: "
+            "pip install 'conversa[postgres]'"
+        ) from None
+
+
+# -- NUL-safe text columns ----------------------------------------------------------------
+
+
+def _esc(text: str) -> str:
+    """``text`` without NUL, reversibly (PostgreSQL text cannot hold NUL)."""
+    if "\x00" not in text and "\ue000" not in text:
+        return text
+    return text.replace("\ue000", "\ue000\ue001").replace("\x00", "\ue000\ue002")
+
+
+def _unesc(text: str) -> str:
+    """The string ``_esc`` was given."""
+    if "\ue000" not in text:
+        return text
+    return text.replace("\ue000\ue002", "\x00").replace("\ue000\ue001", "\ue000")
+
+
+def _unesc_opt(text: str | None) -> str | None:
+    return None if text is None else _unesc(text)
+
+
+def _body(message: ChatMessage) -> str:
+    """The message's JSON; all-ASCII if it holds a lone surrogate, which UTF-8 cannot."""
+    text = message.to_json()
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(message.to_dict(), separators=(",", ":"))
+    return text
+
+
+def _first_user(messages: Sequence[ChatMessage]) -> tuple[int | None, str | None]:
+    """Position of the first user message and its default title."""
+    for i, m in enumerate(messages):
+        if m.role == "user":
+            title = title_from([m])
+            return i, None if title is None else _esc(title)
+    return None, None
+
+
+# -- schema and migrations ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """The quoted, schema-qualified names of the tables (schema and prefix are validated)."""
+
+    schema: str
+    prefix: str
+
+    def of(self, name: str) -> str:
+        """The qualified name of table or sequence ``name``."""
+        return f'"{self.schema}"."{self.prefix}{name}"'
+
+    @property
+    def sessions(self) -> str:
+        """The sessions table."""
+        return self.of("sessions")
+
+    @property
+    def messages(self) -> str:
+        """The messages table."""
+        return self.of("messages")
+
+    @property
+    def state(self) -> str:
+        """The state table."""
+        return self.of("state")
+
+    @property
+    def version(self) -> str:
+        """The schema version table."""
+        return self.of("schema_version")
+
+    @property
+    def touch(self) -> str:
+        """The expression that takes the next write-order number."""
+        return f"nextval('{self.of('touch')}')"
+
+
+async def _migration_1(con: Any, n: _Names) -> None:
+    """The first schema: sessions, messages, state."""
+    p = n.prefix
+    await con.execute(f"""
+        CREATE SEQUENCE {n.of("touch")};
+        CREATE TABLE {n.sessions} (
+            session_id text PRIMARY KEY,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            touched bigint NOT NULL,
+            message_count bigint NOT NULL DEFAULT 0,
+            title text,
+            user_id text,
+            status text NOT NULL DEFAULT 'active',
+            metadata text NOT NULL DEFAULT '{{}}',
+            auto_title text,
+            auto_title_seq bigint
+        );
+        CREATE INDEX "{p}sessions_touched" ON {n.sessions} (touched DESC);
+        CREATE INDEX "{p}sessions_user" ON {n.sessions} (user_id, touched DESC);
+        CREATE TABLE {n.messages} (
+            session_id text NOT NULL,
+            seq bigint NOT NULL,
+            role text NOT NULL,
+            body text NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        );
+        CREATE TABLE {n.state} (
+            session_id text NOT NULL,
+            key text NOT NULL,
+            value text NOT NULL,
+            expires_at double precision,
+            PRIMARY KEY (session_id, key)
+        );
+    """)
+
+
+MIGRATIONS: list[Callable[[Any, _Names], Awaitable[None]]] = [_migration_1]
+"""Migration i + 1 is MIGRATIONS[i]; append new ones, never change old ones."""
+
+
+async def _migrate(con: Any, n: _Names) -> None:
+    """Create the schema and tables, or bring them up to date, once across all instances."""
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"conversa:{n.prefix}")
+        if not await con.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", n.schema):
+            await con.execute(f'CREATE SCHEMA "{n.schema}"')
+        await con.execute(f"CREATE TABLE IF NOT EXISTS {n.version} (version int NOT NULL)")
+        version = await con.fetchval(f"SELECT max(version) FROM {n.version}") or 0
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"the conversa tables in schema {n.schema!r} are at version {version}, newer "
+                f"than this conversa knows ({len(MIGRATIONS)}): upgrade conversa"
+            )
+        for step in MIGRATIONS[version:]:
+            await step(con, n)
+        if version < len(MIGRATIONS):
+            await con.execute(f"DELETE FROM {n.version}")
+            await con.execute(f"INSERT INTO {n.version} VALUES ($1)", len(MIGRATIONS))
+
+
+class PostgresStorage(ConversationStorage):
+    """Sessions in PostgreSQL. URL: ``postgresql://user[:password]@host:port/db``.
+
+    Options: ``?schema=NAME`` and ``?table_prefix=NAME`` (default ``conversa_``) choose the
+    namespace, ``?timeout=SECONDS`` the connect timeout, ``?pool_size=N`` the pool, and
+    ``?application_name=NAME`` (default ``conversa``) names the connections in
+    pg_stat_activity.
+    """
+
+    def __init__(
+        self,
+        url: str = "postgresql://postgres@127.0.0.1:5432/postgres",
+        *,
+        schema: str = "public",
+        table_prefix: str = "conversa_",
+        timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = POOL_SIZE,
+        application_name: str = "conversa",
+    ) -> None:
+        self._shown = redact_url(url)
+        for what, name in (("schema", schema), ("table_prefix", table_prefix)):
+            if not _IDENTIFIER.fullmatch(name):
+                raise StorageError(
+                    f"{what} {name!r} in {self._shown!r} must be letters, digits and _ "
+                    "(not starting with a digit, at most 41 characters)"
+                )
+        if timeout <= 0 or pool_size < 1:
+            raise StorageError("timeout must be positive and pool_size at least 1")
+        self._pg = _import_asyncpg()
+        self._dsn = urlsplit(url)._replace(query="", fragment="").geturl()
+        self._names = _Names(schema, table_prefix)
+        self._timeout = timeout
+        self._pool_size = pool_size
+        self._application_name = application_name
+        self._pool: Any = None
+        self._pool_lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStorage:
+        """Open ``postgresql://`` or ``postgres://`` with its options."""
+        options = query_options(
+            url, {"schema", "table_prefix", "timeout", "pool_size", "application_name"}
+        )
+        try:
+            timeout = float(options.get("timeout") or DEFAULT_TIMEOUT)
+            pool_size = int(options.get("pool_size") or POOL_SIZE)
+        except ValueError:
+            raise StorageError(
+                f"timeout and pool_size in {redact_url(url)!r} must be numbers"
+            ) from None
+        return cls(
+            url,
+            schema=options.get("schema") or "public",
+            table_prefix=options.get("table_prefix") or "conversa_",
+            timeout=timeout,
+            pool_size=pool_size,
+            application_name=options.get("application_name") or "conversa",
+        )
+
+    def __repr__(self) -> str:
+        n = self._names
+        return f"PostgresStorage({self._shown!r}, schema={n.schema!r}, table_prefix={n.prefix!r})"
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _get_pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        if self._pool_lock is None:
+            self._pool_lock = asyncio.Lock()
+        async with self._pool_lock:
+            if self._pool is None:
+                pool = await self._pg.create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    timeout=self._timeout,
+                    server_settings={"application_name": self._application_name},
+                )
+                try:
+                    async with pool.acquire() as con:
+                        await _migrate(con, self._names)
+                except BaseException:
+                    await pool.close()
+                    raise
+                self._pool = pool
+        return self._pool
+
+    def _is_lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says an established connection went away."""
+        pg = self._pg
+        return isinstance(
+            exc,
+            pg.ConnectionDoesNotExistError
+            | pg.exceptions.AdminShutdownError
+            | pg.InternalClientError
+            | ConnectionResetError
+            | BrokenPipeError,
+        ) or (isinstance(exc, pg.InterfaceError) and "closed" in str(exc))
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        """The error to raise when the server cannot be used, with what to check."""
+        pg = self._pg
+        if isinstance(exc, pg.InvalidPasswordError):
+            hint = "the server refused the password: check the user name and password"
+        elif isinstance(exc, pg.InvalidAuthorizationSpecificationError):
+            hint = "the server refused the login: check the user name (and pg_hba.conf)"
+        elif isinstance(exc, pg.InvalidCatalogNameError):
+            hint = "create the database (createdb NAME) or fix its name in the URL"
+        elif isinstance(exc, TimeoutError):
+            hint = (
+                f"no answer within {self._timeout:g}s: check the host and port, and that "
+                "PostgreSQL is running"
+            )
+        elif isinstance(exc, pg.TooManyConnectionsError):
+            hint = "the server has no free connection: lower pool_size or raise max_connections"
+        elif self._is_lost(exc):
+            hint = "the connection was lost: check that PostgreSQL is running"
+        else:
+            hint = "check that PostgreSQL is running and the host and port are right"
+        reason = " ".join((str(exc) or type(exc).__name__).split())
+        return BackendUnavailable(f"PostgreSQL at {self._shown} failed: {reason}; {hint}")
+
+    async def _run(
+        self, op: Callable[[Any], Awaitable[T]], *, retry: bool = False, transaction: bool = False
+    ) -> T:
+        """Run ``op(connection)``, turning asyncpg errors into conversa errors.
+
+        With ``retry`` (reads, idempotent writes) it runs again after a lost connection; a
+        transaction runs again only if its BEGIN failed, when nothing was done yet.
+        """
+        pg = self._pg
+        for attempt in (0, 1):
+            began = False
+            try:
+                pool = await self._get_pool()
+                async with pool.acquire() as con:
+                    try:
+                        if not transaction:
+                            return await op(con)
+                        tx = con.transaction()
+                        await tx.start()
+                        began = True
+                        result = await op(con)
+                        await tx.commit()
+                        return result
+                    except pg.InternalClientError:
+                        # The connection saw its backend end while idle and is stuck; asyncpg
+                        # refused before sending anything, so retrying on a new one is safe.
+                        con.terminate()
+                        began = False
+                        raise
+                    except BaseException:
+                        if began and not con.is_closed():
+                            with contextlib.suppress(Exception):
+                                await tx.rollback()
+                        raise
+            except (OSError, pg.PostgresError, pg.InterfaceError, pg.InternalClientError) as exc:
+                safe = (
+                    retry or (transaction and not began) or isinstance(exc, pg.InternalClientError)
+                )
+                if attempt == 0 and safe and self._is_lost(exc):
+                    continue
+                raise self._error(exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _error(self, exc: BaseException) -> StorageError:
+        """The conversa error for an asyncpg or socket error."""
+        pg = self._pg
+        connection_errors = (
+            OSError,
+            pg.PostgresConnectionError,
+            pg.InterfaceError,
+            pg.InternalClientError,
+            pg.InvalidAuthorizationSpecificationError,
+            pg.InvalidCatalogNameError,
+            pg.OperatorInterventionError,
+            pg.InsufficientResourcesError,
+        )
+        if isinstance(exc, connection_errors):
+            return self._unavailable(exc)
+        return StorageError(f"PostgreSQL at {self._shown} failed: {exc}")
+
+    def _decode(self, session_id: str, rows: Iterable[Any]) -> list[ChatMessage]:
+        messages = []
+        for row in rows:
+            try:
+                messages.append(ChatMessage.from_json(row["body"]))
+            except (ValueError, InvalidMessage) as exc:
+                raise CorruptSessionError(
+                    f"message {row['seq']} of session {session_id!r} in table "
+                    f"{self._names.messages} at {self._shown} is damaged ({exc}); "
+                    "fix or delete that row"
+                ) from None
+        return messages
+
+    def _info(self, row: Any) -> SessionInfo:
+        try:
+            metadata = json.loads(row["metadata"])
+        except ValueError as exc:
+            raise CorruptSessionError(
+                f"the metadata of session {row['session_id']!r} in table "
+                f"{self._names.sessions} at {self._shown} is damaged ({exc}); fix that row"
+            ) from None
+        return SessionInfo(
+            session_id=row["session_id"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            message_count=row["message_count"],
+            title=_unesc_opt(row["title"]) or _unesc_opt(row["auto_title"]) or None,
+            user_id=_unesc_opt(row["user_id"]),
+            status=row["status"],
+            metadata=metadata,
+        )
+
+    def _touch_sql(self) -> str:
+        return f"updated_at = clock_timestamp(), touched = {self._names.touch}"
+
+    def _new_row_sql(self) -> str:
+        """Columns and values of a new session row, for an UPSERT."""
+        return (
+            "(session_id, created_at, updated_at, touched) "
+            f"VALUES ($1, clock_timestamp(), clock_timestamp(), {self._names.touch})"
+        )
+
+    # -- the core -------------------------------------------------------------------------
+
+    async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
+        """Lock the session row, replace every message, in one transaction."""
+        validate_session_id(session_id)
+        n = self._names
+        pos, title = _first_user(history)
+        roles = [m.role for m in history]
+        bodies = [_body(m) for m in history]
+        # the UPSERT locks the row first, so no append slips in between DELETE and INSERT
+        upsert = f"""
+            INSERT INTO {n.sessions} AS s
+                (session_id, created_at, updated_at, touched, message_count,
+                 auto_title, auto_title_seq)
+            VALUES ($1, clock_timestamp(), clock_timestamp(), {n.touch}, $2, $3, $4)
+            ON CONFLICT (session_id) DO UPDATE SET {self._touch_sql()},
+                message_count = excluded.message_count, auto_title = excluded.auto_title,
+                auto_title_seq = excluded.auto_title_seq"""
+
+        async def op(con: Any) -> None:
+            await con.execute(upsert, session_id, len(history), title, pos)
+            await con.execute(f"DELETE FROM {n.messages} WHERE session_id = $1", session_id)
+            await con.execute(
+                f"""INSERT INTO {n.messages} (session_id, seq, role, body)
+                SELECT $1, m.ord - 1, m.role, m.body
+                FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS m(role, body, ord)""",
+                session_id,
+                roles,
+                bodies,
+            )
+
+        await self._run(op, transaction=True)
+
+    async def load(self, session_id: str) -> list[ChatMessage]:
+        """The whole history, in order."""
+        validate_session_id(session_id)
+        sql = f"SELECT seq, body FROM {self._names.messages} WHERE session_id = $1 ORDER BY seq"
+        rows = await self._run(lambda con: con.fetch(sql, session_id), retry=True)
+        return self._decode(session_id, rows)
+
+    async def delete(self, session_id: str) -> None:
+        """Remove messages, state and the session row, in one statement."""
+        validate_session_id(session_id)
+        n = self._names
+        sql = f"""WITH m AS (DELETE FROM {n.messages} WHERE session_id = $1),
+                       s AS (DELETE FROM {n.state} WHERE session_id = $1)
+                  DELETE FROM {n.sessions} WHERE session_id = $1"""
+        await self._run(lambda con: con.execute(sql, session_id), retry=True)
+
+    async def list_sessions(self) -> list[str]:
+        """Session ids, most recently written first."""
+        sql = f"SELECT session_id FROM {self._names.sessions} ORDER BY touched DESC"
+        rows = await self._run(lambda con: con.fetch(sql), retry=True)
+        return [row["session_id"] for row in rows]
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session row exists."""
+        validate_session_id(session_id)
+        sql = f"SELECT 1 FROM {self._names.sessions} WHERE session_id = $1"
+        return bool(await self._run(lambda con: con.fetchval(sql, session_id), retry=True))
+
+    # -- history --------------------------------------------------------------------------
+
+    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        """Add messages to the end: one statement, one round trip."""
+        validate_session_id(session_id)
+        n = self._names
+        pos, title = _first_user(messages)
+        roles = [m.role for m in messages]
+        bodies = [_body(m) for m in messages]
+        # The UPSERT takes the session row's lock, so concurrent appends get disjoint seqs.
+        sql = f"""
+            WITH s AS (
+                INSERT INTO {n.sessions} AS s
+                    (session_id, created_at, updated_at, touched, message_count,
+                     auto_title, auto_title_seq)
+                VALUES ($1, clock_timestamp(), clock_timestamp(), {n.touch}, $2, $3, $4)
+                ON CONFLICT (session_id) DO UPDATE SET
+                    message_count = s.message_count + $2,
+                    {self._touch_sql()},
+                    auto_title = CASE WHEN s.auto_title_seq IS NULL
+                        THEN $3 ELSE s.auto_title END,
+                    auto_title_seq = CASE WHEN s.auto_title_seq IS NULL
+                        THEN s.message_count + $4 ELSE s.auto_title_seq END
+                RETURNING message_count
+            )
+            INSERT INTO {n.messages} (session_id, seq, role, body)
+            SELECT $1, s.message_count - $2 + m.ord - 1, m.role, m.body
+            FROM s, unnest($5::text[], $6::text[]) WITH ORDINALITY AS m(role, body, ord)"""
+        await self._run(
+            lambda con: con.execute(sql, session_id, len(messages), title, pos, roles, bodies)
+        )
+
+    async def count(self, session_id: str) -> int:
+        """The message count kept in the session row."""
+        validate_session_id(session_id)
+        sql = f"SELECT message_count FROM {self._names.sessions} WHERE session_id = $1"
+        value = await self._run(lambda con: con.fetchval(sql, session_id), retry=True)
+        return int(value or 0)
+
+    async def _cut(self, session_id: str, new_count: str, guard: str, arg: int) -> list[Any]:
+        """Lock the row, set message_count to ``new_count``, delete (and return) the rest."""
+        n = self._names
+        update = f"""
+            UPDATE {n.sessions} SET message_count = {new_count}, {self._touch_sql()},
+                auto_title = CASE WHEN auto_title_seq >= {new_count}
+                    THEN NULL ELSE auto_title END,
+                auto_title_seq = CASE WHEN auto_title_seq >= {new_count}
+                    THEN NULL ELSE auto_title_seq END
+            WHERE session_id = $1 AND {guard}
+            RETURNING message_count"""
+        delete = f"""DELETE FROM {n.messages} WHERE session_id = $1 AND seq >= $2
+                     RETURNING seq, body"""
+
+        async def op(con: Any) -> list[Any]:
+            keep = await con.fetchval(update, session_id, arg)
+            if keep is None:
+                return []
+            # a new statement, so it sees every append committed before the lock was ours
+            rows = await con.fetch(delete, session_id, keep)
+            return sorted(rows, key=lambda row: row["seq"])
+
+        return await self._run(op, transaction=True)
+
+    async def truncate(self, session_id: str, keep: int) -> None:
+        """Keep the oldest ``keep`` messages."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        validate_session_id(session_id)
+        await self._cut(session_id, "$2", "message_count > $2", keep)
+
+    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """Remove and return the newest ``n`` messages."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        validate_session_id(session_id)
+        if n == 0:
+            return []
+        rows = await self._cut(
+            session_id, "greatest(message_count - $2, 0)", "message_count > 0", n
+        )
+        return self._decode(session_id, rows)
+
+    # -- session info ---------------------------------------------------------------------
+
+    async def get_info(self, session_id: str) -> SessionInfo | None:
+        """The session's row as a SessionInfo."""
+        validate_session_id(session_id)
+        sql = f"SELECT * FROM {self._names.sessions} WHERE session_id = $1"
+        row = await self._run(lambda con: con.fetchrow(sql, session_id), retry=True)
+        return None if row is None else self._info(row)
+
+    async def update_info(
+        self,
+        session_id: str,
+        *,
+        title: str | None = _UNSET,
+        user_id: str | None = _UNSET,
+        status: str = _UNSET,
+        metadata: Mapping[str, Any] = _UNSET,
+    ) -> SessionInfo:
+        """Set info fields in one UPSERT and return the info."""
+        validate_session_id(session_id)
+        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+        values: list[Any] = [session_id]
+        for name, value in fields.items():
+            if name == "metadata":
+                values.append(json.dumps(value))
+            else:
+                values.append(_esc(value) if isinstance(value, str) else value)
+        # column names come from info_fields, never from the caller
+        columns = "".join(f", {name}" for name in fields)
+        params = "".join(f", ${i}" for i in range(2, len(values) + 1))
+        sets = "".join(f", {name} = excluded.{name}" for name in fields)
+        sql = f"""
+            INSERT INTO {self._names.sessions} AS s
+                (session_id, created_at, updated_at, touched{columns})
+            VALUES ($1, clock_timestamp(), clock_timestamp(), {self._names.touch}{params})
+            ON CONFLICT (session_id) DO UPDATE SET {self._touch_sql()}{sets}
+            RETURNING *"""
+        row = await self._run(lambda con: con.fetchrow(sql, *values))
+        return self._info(row)
+
+    async def find_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        status: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[SessionInfo]:
+        """Matching infos, newest first, filtered and limited by the server."""
+        sql = f"""SELECT * FROM {self._names.sessions}
+                  WHERE ($1::text IS NULL OR user_id = $1)
+                    AND ($2::text IS NULL OR status = $2)
+                    AND ($3::timestamptz IS NULL OR updated_at < $3)
+                  ORDER BY touched DESC LIMIT $4"""
+        args = (None if user_id is None else _esc(user_id), status, updated_before, limit)
+        rows = await self._run(lambda con: con.fetch(sql, *args), retry=True)
+        return [self._info(row) for row in rows]
+
+    # -- session state --------------------------------------------------------------------
+
+    async def get_state(self, session_id: str) -> dict[str, Any]:
+        """Unexpired state values."""
+        validate_session_id(session_id)
+        sql = f"""SELECT key, value FROM {self._names.state} WHERE session_id = $1
+                  AND (expires_at IS NULL OR expires_at > $2)"""
+        rows = await self._run(lambda con: con.fetch(sql, session_id, time.time()), retry=True)
+        state: dict[str, Any] = {}
+        for row in rows:
+            key = _unesc(row["key"])
+            try:
+                state[key] = json.loads(row["value"])
+            except ValueError as exc:
+                raise CorruptSessionError(
+                    f"state key {key!r} of session {session_id!r} in table "
+                    f"{self._names.state} at {self._shown} is damaged ({exc}); fix that row"
+                ) from None
+        return state
+
+    async def set_state(
+        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+    ) -> None:
+        """Set state keys (dropping the session's expired ones) in one statement."""
+        validate_session_id(session_id)
+        entries = state_entries(values, ttl)
+        keys = [_esc(k) for k in entries]
+        texts = [json.dumps(e["value"]) for e in entries.values()]
+        expiry = [e["expires_at"] for e in entries.values()]
+        n = self._names
+        sql = f"""
+            WITH s AS (
+                INSERT INTO {n.sessions} AS s {self._new_row_sql()}
+                ON CONFLICT (session_id) DO UPDATE SET {self._touch_sql()}
+            ), gone AS (
+                DELETE FROM {n.state} WHERE session_id = $1 AND expires_at <= $5
+                    AND NOT key = ANY($2::text[])
+            )
+            INSERT INTO {n.state} (session_id, key, value, expires_at)
+            SELECT $1, * FROM unnest($2::text[], $3::text[], $4::float8[])
+            ON CONFLICT (session_id, key) DO UPDATE
+                SET value = excluded.value, expires_at = excluded.expires_at"""
+        await self._run(lambda con: con.execute(sql, session_id, keys, texts, expiry, time.time()))
+
+    async def _drop_state(self, session_id: str, keys: list[str] | None) -> None:
+        """Delete the given state keys (all if None); touch the session if any went."""
+        n = self._names
+        which = "" if keys is None else "AND key = ANY($2::text[])"
+        sql = f"""
+            WITH gone AS (DELETE FROM {n.state} WHERE session_id = $1 {which} RETURNING 1)
+            UPDATE {n.sessions} SET {self._touch_sql()}
+            WHERE session_id = $1 AND EXISTS (SELECT 1 FROM gone)"""
+        args = [session_id] if keys is None else [session_id, keys]
+        await self._run(lambda con: con.execute(sql, *args))
+
+    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove state keys; absent keys are ignored."""
+        validate_session_id(session_id)
+        names = [_esc(k) for k in keys]
+        if names:
+            await self._drop_state(session_id, names)
+
+    async def clear_state(self, session_id: str) -> None:
+        """Remove every state key."""
+        validate_session_id(session_id)
+        await self._drop_state(session_id, None)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

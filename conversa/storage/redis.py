@@ -1,0 +1,591 @@
+"""RedisStorage: sessions in Redis, shared by many app instances, with an optional TTL.
+
+Design note
+-----------
+Keys, with ``P`` the prefix (default ``conversa:``) and ``ID`` the session id, verbatim:
+
+* ``P sessions`` (sorted set): every session id, scored by a write counter ``P clock``, so
+  ``list_sessions`` is ordered by last write with no clock ties between app instances.
+* ``P m:ID`` (list): the history, one ``ChatMessage.to_json()`` string per message.
+* ``P i:ID`` (hash): session info: ``created``/``updated`` (microseconds since the epoch, the
+  server's clock), ``title``, ``user_id``, ``status``, ``metadata`` (JSON), and the default title
+  (``atitle``) with the index of the first user message (``aidx``), kept up to date by every
+  write so get_info never reads the history. It exists for every existing session.
+* ``P s:ID`` (hash): session state, key -> JSON value.
+* ``P x:ID`` (hash): state expiry, key -> epoch seconds, for keys set with a ttl. Redis 7.0 has
+  no per-field expiry, so expired keys read as absent and the next get_state removes them.
+
+The kind of a key comes before the id, so no id can name another session's key, and nothing
+is written outside the prefix: several apps share one server by using different prefixes.
+
+Atomicity: every write is one Lua script, which Redis runs whole, never interleaved with
+another client's commands; it also moves ``updated``, the index and, with ``?ttl=SECONDS``,
+the expiry of all the session's keys (a session unwritten for that long vanishes; its index
+entry is dropped by the next ``list_sessions``). Reads are one command or one MULTI/EXEC.
+An append is one round trip whose cost grows with the messages appended only.
+
+Failures: a lost connection or a timeout raises BackendUnavailable. A write is never retried
+(its reply may be what was lost, and a retry would duplicate messages), so it either failed
+or ran whole; reads are retried once on a fresh connection. Connections the server closed
+while idle are replaced before use, so the next operation reconnects by itself.
+
+Durability: an append that returned is in the server's memory; surviving a Redis restart
+depends on the server's persistence settings (AOF with ``appendfsync always`` for the
+strongest guarantee). Redis Cluster is not supported (a session's keys may hash to
+different slots).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ..errors import BackendUnavailable, CorruptSessionError, InvalidMessage, StorageError
+from ..messages import ChatMessage
+from ._urls import query_options, redact_url
+from .base import (
+    _UNSET,
+    ConversationStorage,
+    SessionInfo,
+    info_fields,
+    info_matches,
+    state_entries,
+    title_from,
+    validate_session_id,
+)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "conversa:"
+DEFAULT_TIMEOUT = 5.0
+"""Seconds to wait for a connection and for each reply; no Redis command should take longer."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FIND_CHUNK = 200
+
+# Shared by every write script. KEYS: 1 messages, 2 info, 3 state, 4 state expiry, 5 index,
+# 6 clock. ARGV: 1 session id, 2 ttl in seconds (0: none), then the script's own arguments.
+_LUA_COMMON = """
+local function touch()
+  local t = redis.call('TIME')
+  local now = t[1] .. string.sub('00000' .. t[2], -6)
+  redis.call('HSETNX', KEYS[2], 'created', now)
+  redis.call('HSET', KEYS[2], 'updated', now)
+  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[1])
+  local ttl = tonumber(ARGV[2])
+  if ttl > 0 then
+    for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+end
+local function push(from)
+  local i = from
+  while i <= #ARGV do
+    local j = math.min(i + 999, #ARGV)
+    redis.call('RPUSH', KEYS[1], unpack(ARGV, i, j))
+    i = j + 1
+  end
+end
+local function set_title(off, base, title, has)
+  if tonumber(off) < 0 then return end
+  redis.call('HSET', KEYS[2], 'aidx', base + tonumber(off))
+  if has == '1' then redis.call('HSET', KEYS[2], 'atitle', title) end
+end
+local function cut(keep)
+  if keep == 0 then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('LTRIM', KEYS[1], 0, keep - 1)
+  end
+  local idx = redis.call('HGET', KEYS[2], 'aidx')
+  if idx and tonumber(idx) >= keep then redis.call('HDEL', KEYS[2], 'aidx', 'atitle') end
+end
+"""
+
+# ARGV 3: offset of the first user message in the batch (-1: none), 4: its title,
+# 5: '1' if it has one; 6...: the messages.
+_APPEND = """
+local before = redis.call('LLEN', KEYS[1])
+push(6)
+if redis.call('HEXISTS', KEYS[2], 'aidx') == 0 then
+  set_title(ARGV[3], before, ARGV[4], ARGV[5])
+end
+touch()
+return before + #ARGV - 5
+"""
+
+_SAVE = """
+redis.call('DEL', KEYS[1])
+push(6)
+redis.call('HDEL', KEYS[2], 'aidx', 'atitle')
+set_title(ARGV[3], 0, ARGV[4], ARGV[5])
+touch()
+return #ARGV - 5
+"""
+
+# ARGV 3: how many messages to keep.
+_TRUNCATE = """
+local keep = tonumber(ARGV[3])
+if keep >= redis.call('LLEN', KEYS[1]) then return 0 end
+cut(keep)
+touch()
+return 1
+"""
+
+# ARGV 3: how many messages to remove and return.
+_POP = """
+local n = tonumber(ARGV[3])
+local len = redis.call('LLEN', KEYS[1])
+if n == 0 or len == 0 then return {} end
+local keep = math.max(0, len - n)
+local items = redis.call('LRANGE', KEYS[1], keep, -1)
+cut(keep)
+touch()
+return items
+"""
+
+# ARGV 3...: triples (op 's' set or 'd' delete, field, value).
+_UPDATE_INFO = """
+for i = 3, #ARGV, 3 do
+  if ARGV[i] == 's' then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+  else
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
+  end
+end
+touch()
+return {redis.call('HGETALL', KEYS[2]), redis.call('LLEN', KEYS[1])}
+"""
+
+# ARGV 3...: triples (key, JSON value, expires_at or '').
+_SET_STATE = """
+for i = 3, #ARGV, 3 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  if ARGV[i + 2] == '' then
+    redis.call('HDEL', KEYS[4], ARGV[i])
+  else
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
+  end
+end
+touch()
+return 1
+"""
+
+# ARGV 3...: the keys to remove.
+_DELETE_STATE = """
+local removed = 0
+for i = 3, #ARGV do
+  removed = removed + redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('HDEL', KEYS[4], ARGV[i])
+end
+if removed > 0 then touch() end
+return removed
+"""
+
+_CLEAR_STATE = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+redis.call('DEL', KEYS[3], KEYS[4])
+touch()
+return 1
+"""
+
+# KEYS: 1 state, 2 state expiry. ARGV 1: now (epoch seconds).
+_GET_STATE = """
+local exp = redis.call('HGETALL', KEYS[2])
+for i = 1, #exp, 2 do
+  if tonumber(exp[i + 1]) <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], exp[i])
+    redis.call('HDEL', KEYS[2], exp[i])
+  end
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: 1 index, 2 info. ARGV 1: session id. Drops the entry of a session that expired.
+_PRUNE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+_WRITE_SCRIPTS = {
+    "append": _APPEND,
+    "save": _SAVE,
+    "truncate": _TRUNCATE,
+    "pop": _POP,
+    "update_info": _UPDATE_INFO,
+    "set_state": _SET_STATE,
+    "delete_state": _DELETE_STATE,
+    "clear_state": _CLEAR_STATE,
+}
+
+
+def _import_redis() -> Any:
+    try:
+        return importlib.import_module("redis.asyncio")
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"RedisStorage needs the redis package ({exc}); install it with: "
+            "pip install 'conversa[redis]'"
+        ) from None
+
+
+def _title_args(messages: Sequence[ChatMessage]) -> list[str]:
+    """ARGV 3-5 of append/save: where the first user message is and its default title."""
+    for i, m in enumerate(messages):
+        if m.role == "user":
+            title = title_from([m])
+            return [str(i), title or "", "0" if title is None else "1"]
+    return ["-1", "", "0"]
+
+
+def _from_us(value: str) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(value))
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    """A Lua HGETALL reply (flat list) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class RedisStorage(ConversationStorage):
+    """Sessions in Redis. URL: ``redis://[[user]:password@]host:port/db?prefix=...&ttl=SECONDS``."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        ttl: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if ttl is not None and ttl <= 0:
+            raise StorageError("ttl must be a positive number of seconds, or None for no expiry")
+        if timeout <= 0:
+            raise StorageError("timeout must be a positive number of seconds")
+        self._shown = redact_url(url)
+        self._prefix = prefix
+        self._ttl = str(ttl or 0)
+        module = _import_redis()
+        retry_module = importlib.import_module("redis.asyncio.retry")
+        backoff_module = importlib.import_module("redis.backoff")
+        # No automatic retries: a write whose reply was lost would run twice.
+        self._client: Any = module.Redis.from_url(
+            urlsplit(url)._replace(query="", fragment="").geturl(),
+            decode_responses=True,
+            encoding_errors="surrogatepass",
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=retry_module.Retry(backoff_module.NoBackoff(), 0),
+            # RESP2: with RESP3 redis-py skips its check for connections the server closed
+            protocol=2,
+        )
+        self._scripts: dict[str, Any] = {
+            name: self._client.register_script(_LUA_COMMON + body)
+            for name, body in _WRITE_SCRIPTS.items()
+        }
+        self._get_state = self._client.register_script(_GET_STATE)
+        self._prune = self._client.register_script(_PRUNE)
+        self._exc = importlib.import_module("redis.exceptions")
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStorage:
+        """Open ``redis://`` or ``rediss://`` with options ``prefix``, ``ttl`` and ``timeout``."""
+        options = query_options(url, {"prefix", "ttl", "timeout"})
+        try:
+            ttl = int(options["ttl"]) if options.get("ttl") else None
+            timeout = float(options.get("timeout") or DEFAULT_TIMEOUT)
+        except ValueError:
+            raise StorageError(
+                f"ttl and timeout in {redact_url(url)!r} must be numbers of seconds"
+            ) from None
+        return cls(url, prefix=options.get("prefix", DEFAULT_PREFIX), ttl=ttl, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({self._shown!r}, prefix={self._prefix!r})"
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _key(self, kind: str, session_id: str) -> str:
+        return f"{self._prefix}{kind}:{session_id}"
+
+    def _keys(self, session_id: str) -> list[str]:
+        """KEYS of the write scripts."""
+        return [
+            *(self._key(kind, session_id) for kind in ("m", "i", "s", "x")),
+            f"{self._prefix}sessions",
+            f"{self._prefix}clock",
+        ]
+
+    def _unavailable(self, exc: Exception) -> BackendUnavailable:
+        """The error to raise for a failure of the connection or the server."""
+        e = self._exc
+        if (
+            isinstance(exc, e.AuthenticationError)
+            or "NOAUTH" in str(exc)
+            or "WRONGPASS" in str(exc)
+        ):
+            hint = "the server refused the credentials: check the user name and password"
+        elif isinstance(exc, e.TimeoutError):
+            hint = "no answer in time: check the host and port, and that Redis is not overloaded"
+        elif "DB index is out of range" in str(exc):
+            hint = "the database number does not exist on this server: check the /db in the URL"
+        else:
+            hint = "check that Redis is running and the host and port are right"
+        return BackendUnavailable(f"Redis at {self._shown} failed: {exc}; {hint}")
+
+    async def _run(self, op: Callable[[], Awaitable[T]], *, retry: bool = False) -> T:
+        """Run one server call, turning redis errors into conversa errors."""
+        e = self._exc
+        for attempt in (0, 1):
+            try:
+                return await op()
+            except (e.ConnectionError, e.TimeoutError, OSError) as exc:
+                # a dropped connection is worth one more try; a timeout or a refusal is not
+                stale = isinstance(exc, e.ConnectionError) and not isinstance(
+                    exc, e.AuthenticationError
+                )
+                if retry and attempt == 0 and stale:
+                    continue
+                raise self._unavailable(exc) from None
+            except e.ResponseError as exc:
+                if "DB index" in str(exc) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                    raise self._unavailable(exc) from None
+                raise StorageError(f"Redis at {self._shown} rejected a command: {exc}") from None
+            except e.RedisError as exc:
+                raise StorageError(f"Redis at {self._shown} failed: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _write(self, name: str, session_id: str, args: Sequence[str | int | float]) -> Any:
+        script = self._scripts[name]
+        keys = self._keys(session_id)
+        argv = [session_id, self._ttl, *args]
+        return await self._run(lambda: script(keys=keys, args=argv))
+
+    def _decode(self, session_id: str, raw: Iterable[str], start: int = 0) -> list[ChatMessage]:
+        messages = []
+        for i, line in enumerate(raw, start):
+            try:
+                messages.append(ChatMessage.from_json(line))
+            except (ValueError, InvalidMessage) as exc:
+                raise CorruptSessionError(
+                    f"message {i} of session {session_id!r} in Redis key "
+                    f"{self._key('m', session_id)!r} at {self._shown} is damaged ({exc}); "
+                    "fix or delete it"
+                ) from None
+        return messages
+
+    def _info(self, session_id: str, h: Mapping[str, str], count: int) -> SessionInfo:
+        try:
+            return SessionInfo(
+                session_id=session_id,
+                created_at=_from_us(h["created"]),
+                updated_at=_from_us(h["updated"]),
+                message_count=count,
+                title=h.get("title") or h.get("atitle") or None,
+                user_id=h.get("user_id"),
+                status=h.get("status", "active"),
+                metadata=json.loads(h.get("metadata", "{}")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise CorruptSessionError(
+                f"the info of session {session_id!r} in Redis key "
+                f"{self._key('i', session_id)!r} at {self._shown} is damaged ({exc!r}); "
+                "fix or delete it"
+            ) from None
+
+    # -- the core -------------------------------------------------------------------------
+
+    async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
+        """Replace the whole history in one script."""
+        validate_session_id(session_id)
+        lines = [m.to_json() for m in history]
+        await self._write("save", session_id, [*_title_args(history), *lines])
+
+    async def load(self, session_id: str) -> list[ChatMessage]:
+        """The whole history, in order."""
+        validate_session_id(session_id)
+        key = self._key("m", session_id)
+        raw: list[str] = await self._run(lambda: self._client.lrange(key, 0, -1), retry=True)
+        return self._decode(session_id, raw)
+
+    async def delete(self, session_id: str) -> None:
+        """Remove every key of the session and its index entry, in one transaction."""
+        validate_session_id(session_id)
+        keys = [self._key(kind, session_id) for kind in ("m", "i", "s", "x")]
+
+        async def op() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(*keys)
+                pipe.zrem(f"{self._prefix}sessions", session_id)
+                await pipe.execute()
+
+        await self._run(op, retry=True)
+
+    async def list_sessions(self) -> list[str]:
+        """Session ids, most recently written first; entries of expired sessions are dropped."""
+        index = f"{self._prefix}sessions"
+        ids: list[str] = await self._run(lambda: self._client.zrevrange(index, 0, -1), retry=True)
+
+        async def alive() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    pipe.exists(self._key("i", sid))
+                return list(await pipe.execute())
+
+        flags = await self._run(alive, retry=True) if ids else []
+        for sid, flag in zip(ids, flags, strict=True):
+            if not flag:
+                keys, args = [index, self._key("i", sid)], [sid]
+                await self._run(partial(self._prune, keys=keys, args=args), retry=True)
+        return [sid for sid, flag in zip(ids, flags, strict=True) if flag]
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session's info hash exists (every write creates it)."""
+        validate_session_id(session_id)
+        key = self._key("i", session_id)
+        return bool(await self._run(lambda: self._client.exists(key), retry=True))
+
+    # -- history --------------------------------------------------------------------------
+
+    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        """Add messages to the end: one script, one round trip."""
+        validate_session_id(session_id)
+        lines = [m.to_json() for m in messages]
+        await self._write("append", session_id, [*_title_args(messages), *lines])
+
+    async def count(self, session_id: str) -> int:
+        """LLEN of the message list."""
+        validate_session_id(session_id)
+        key = self._key("m", session_id)
+        return int(await self._run(lambda: self._client.llen(key), retry=True))
+
+    async def truncate(self, session_id: str, keep: int) -> None:
+        """Keep the oldest ``keep`` messages."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        validate_session_id(session_id)
+        await self._write("truncate", session_id, [keep])
+
+    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """Remove and return the newest ``n`` messages."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        validate_session_id(session_id)
+        if n == 0:
+            return []
+        raw = await self._write("pop", session_id, [n])
+        return self._decode(session_id, raw)
+
+    # -- session info ---------------------------------------------------------------------
+
+    async def _infos(self, ids: Sequence[str]) -> list[SessionInfo | None]:
+        async def op() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for sid in ids:
+                    pipe.hgetall(self._key("i", sid))
+                    pipe.llen(self._key("m", sid))
+                return list(await pipe.execute())
+
+        replies = await self._run(op, retry=True)
+        return [
+            self._info(sid, h, int(n)) if h else None
+            for sid, h, n in zip(ids, replies[::2], replies[1::2], strict=True)
+        ]
+
+    async def get_info(self, session_id: str) -> SessionInfo | None:
+        """The session's info from its info hash, without reading the history."""
+        validate_session_id(session_id)
+        return (await self._infos([session_id]))[0]
+
+    async def update_info(
+        self,
+        session_id: str,
+        *,
+        title: str | None = _UNSET,
+        user_id: str | None = _UNSET,
+        status: str = _UNSET,
+        metadata: Mapping[str, Any] = _UNSET,
+    ) -> SessionInfo:
+        """Set info fields and return the info."""
+        validate_session_id(session_id)
+        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+        args: list[str] = []
+        for name, value in fields.items():
+            if value is None:
+                args += ["d", name, ""]
+            else:
+                text = json.dumps(value) if name == "metadata" else value
+                args += ["s", name, text]
+        flat, count = await self._write("update_info", session_id, args)
+        return self._info(session_id, _pairs(flat), int(count))
+
+    async def find_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        status: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[SessionInfo]:
+        """Matching infos, newest first, read in pipelined chunks."""
+        ids = await self.list_sessions()
+        found: list[SessionInfo] = []
+        for start in range(0, len(ids), _FIND_CHUNK):
+            for info in await self._infos(ids[start : start + _FIND_CHUNK]):
+                if info is not None and info_matches(info, user_id, status, updated_before):
+                    found.append(info)
+                    if limit is not None and len(found) >= limit:
+                        return found
+        return found
+
+    # -- session state --------------------------------------------------------------------
+
+    async def get_state(self, session_id: str) -> dict[str, Any]:
+        """Unexpired state values; expired keys are removed on the way."""
+        validate_session_id(session_id)
+        keys = [self._key("s", session_id), self._key("x", session_id)]
+        args = [repr(time.time())]
+        flat = await self._run(lambda: self._get_state(keys=keys, args=args), retry=True)
+        state = {}
+        for key, text in _pairs(flat).items():
+            try:
+                state[key] = json.loads(text)
+            except ValueError as exc:
+                raise CorruptSessionError(
+                    f"state key {key!r} of session {session_id!r} in Redis key {keys[0]!r} "
+                    f"at {self._shown} is damaged ({exc}); fix or delete it"
+                ) from None
+        return state
+
+    async def set_state(
+        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+    ) -> None:
+        """Set state keys, optionally expiring after ``ttl`` seconds."""
+        validate_session_id(session_id)
+        args: list[str] = []
+        for key, entry in state_entries(values, ttl).items():
+            expires = entry["expires_at"]
+            args += [key, json.dumps(entry["value"]), "" if expires is None else repr(expires)]
+        await self._write("set_state", session_id, args)
+
+    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove state keys; absent keys are ignored."""
+        validate_session_id(session_id)
+        names = list(keys)
+        if names:
+            await self._write("delete_state", session_id, names)
+
+    async def clear_state(self, session_id: str) -> None:
+        """Remove every state key."""
+        validate_session_id(session_id)
+        await self._write("clear_state", session_id, [])
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()

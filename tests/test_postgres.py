@@ -1,0 +1,629 @@
+"""PostgresStorage against the real local PostgreSQL: conformance, concurrency, failures, secrets.
+
+Every test works in its own schema and drops it afterwards. The server is never stopped:
+"the server goes away" is a TCP proxy on 127.0.0.1 that the test cuts, or
+pg_terminate_backend of this test's own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import struct
+import sys
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import asyncpg
+import pytest
+
+from conversa import (
+    BackendUnavailable,
+    ChatMessage,
+    CorruptSessionError,
+    StorageError,
+    UnsupportedStorageURL,
+    open_storage,
+)
+from conversa.storage import ConversationStorage, PostgresStorage
+from conversa.storage._urls import redact_url
+from conversa.testing.conformance import StorageConformance
+
+URL = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+_PARTS = urlsplit(URL)
+HOST, PORT = _PARTS.hostname or "127.0.0.1", _PARTS.port or 5432
+DATABASE = _PARTS.path.lstrip("/")
+
+
+def _reachable() -> bool:
+    try:
+        socket.create_connection((HOST, PORT), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+if not _reachable():
+    pytest.skip(
+        f"no PostgreSQL at {redact_url(URL)}: start one or set CONVERSA_TEST_POSTGRES_URL",
+        allow_module_level=True,
+    )
+
+pytestmark = pytest.mark.postgres
+
+RUN = uuid.uuid4().hex[:10]
+_counter = itertools.count()
+
+
+def with_url(
+    url: str = URL, netloc: str | None = None, path: str | None = None, **opts: Any
+) -> str:
+    """``url`` with another host part, database or query options."""
+    parts = urlsplit(url)
+    return parts._replace(
+        netloc=parts.netloc if netloc is None else netloc,
+        path=parts.path if path is None else path,
+        query=urlencode(opts),
+    ).geturl()
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[Any]:
+    """A plain asyncpg connection to look at the server directly."""
+    con = await asyncpg.connect(URL)
+    yield con
+    await con.close()
+
+
+@pytest.fixture
+async def schema(admin: Any) -> AsyncIterator[str]:
+    """A schema of this test alone; dropped, and checked gone, afterwards."""
+    name = f"conversa_test_{RUN}_{next(_counter)}"
+    yield name
+    await admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    assert await admin.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", name) == 0
+
+
+@pytest.fixture
+async def store(schema: str) -> AsyncIterator[PostgresStorage]:
+    storage = open_storage(with_url(schema=schema))
+    assert isinstance(storage, PostgresStorage)
+    yield storage
+    await storage.close()
+
+
+class TestPostgresConformance(StorageConformance):
+    @pytest.fixture
+    async def storage(self, store: PostgresStorage) -> AsyncIterator[ConversationStorage]:
+        yield store
+
+
+# -- URL, schema and migrations -----------------------------------------------------------
+
+
+def test_url_forms_and_repr() -> None:
+    assert isinstance(open_storage("postgres://postgres@127.0.0.1:5432/test"), PostgresStorage)
+    shown = repr(open_storage(with_url(schema="s1", table_prefix="app_")))
+    assert "schema='s1'" in shown and "table_prefix='app_'" in shown
+    with pytest.raises(
+        UnsupportedStorageURL, match="known options: application_name, pool_size, schema"
+    ):
+        open_storage(with_url(schem="typo"))
+    with pytest.raises(StorageError, match="letters, digits and _"):
+        open_storage(with_url(schema='x"; DROP TABLE y; --'))
+    with pytest.raises(StorageError, match="numbers"):
+        open_storage(with_url(timeout="soon"))
+
+
+async def test_tables_created_once_and_versioned(schema: str, admin: Any) -> None:
+    stores = [open_storage(with_url(schema=schema)) for _ in range(4)]
+    try:
+        # four instances meet an empty database at once: one migrates, all work
+        await asyncio.gather(
+            *(s.append(f"s{i}", [ChatMessage.user("x")]) for i, s in enumerate(stores))
+        )
+        assert sorted(await stores[0].list_sessions()) == ["s0", "s1", "s2", "s3"]
+        version = await admin.fetchval(f'SELECT version FROM "{schema}".conversa_schema_version')
+        assert version == 1
+        tables = await admin.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema
+        )
+        assert [t["tablename"] for t in tables] == [
+            "conversa_messages",
+            "conversa_schema_version",
+            "conversa_sessions",
+            "conversa_state",
+        ]
+        await admin.execute(f'UPDATE "{schema}".conversa_schema_version SET version = 99')
+        newer = open_storage(with_url(schema=schema))
+        with pytest.raises(StorageError, match="version 99, newer than this conversa knows"):
+            await newer.count("s0")
+        await newer.close()
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_table_prefix_separates_apps(schema: str) -> None:
+    a = open_storage(with_url(schema=schema, table_prefix="app_a_"))
+    b = open_storage(with_url(schema=schema, table_prefix="app_b_"))
+    try:
+        await a.append("same", [ChatMessage.user("from a")])
+        await b.append("same", [ChatMessage.user("from b")])
+        assert [m.text for m in await a.load("same")] == ["from a"]
+        assert [m.text for m in await b.load("same")] == ["from b"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_nul_and_exact_numbers_roundtrip(
+    store: PostgresStorage, admin: Any, schema: str
+) -> None:
+    odd = "nul\x00 private\ue000 both\ue000\x00\ue001\ue002 end"
+    msg = ChatMessage.user(odd, name=odd, metadata={odd: [1e300, -0.0, 5e-324, 2**70]})
+    await store.append("s", [msg])
+    assert await store.load("s") == [msg]
+    info = await store.update_info("s", title=odd, user_id=odd, metadata={"k": odd})
+    assert (info.title, info.user_id, info.metadata) == (odd, odd, {"k": odd})
+    assert [i.session_id for i in await store.find_sessions(user_id=odd)] == ["s"]
+    await store.set_state("s", {odd: odd})
+    assert await store.get_state("s") == {odd: odd}
+    await store.delete_state("s", [odd])
+    assert await store.get_state("s") == {}
+    # the body is the message's JSON, exactly; SQL can look inside (where there is no NUL)
+    table = f'"{schema}".conversa_messages'
+    assert await admin.fetchval(f"SELECT body FROM {table}") == msg.to_json()
+    await store.append("s", [ChatMessage.assistant("plain", metadata={"model": "m1"})])
+    sql = f"SELECT body::json->'metadata'->>'model' FROM {table} WHERE seq = 1"
+    assert await admin.fetchval(sql) == "m1"
+
+
+async def test_expired_state_rows_are_removed(
+    store: PostgresStorage, admin: Any, schema: str
+) -> None:
+    await store.set_state("s", {"short": 1}, ttl=0.05)
+    await asyncio.sleep(0.1)
+    await store.set_state("s", {"kept": 2})
+    rows = await admin.fetch(f'SELECT key FROM "{schema}".conversa_state')
+    assert [r["key"] for r in rows] == ["kept"]
+
+
+async def test_damaged_row_is_reported(store: PostgresStorage, admin: Any, schema: str) -> None:
+    await store.append("s", [ChatMessage.user("ok")])
+    await admin.execute(f"UPDATE \"{schema}\".conversa_messages SET body = '{{oops'")
+    with pytest.raises(CorruptSessionError, match=r"message 0 of session 's'.*damaged"):
+        await store.load("s")
+
+
+# -- many processes -----------------------------------------------------------------------
+
+WORKER = """
+import asyncio, sys
+from conversa import ChatMessage, open_storage
+
+async def main(url, sid, writer, total):
+    store = open_storage(url)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    sent, batch = 0, 0
+    while sent < total:
+        size = min(1 + batch % 3, total - sent)
+        msgs = [
+            ChatMessage.user(f"{writer}-{i}", metadata={"w": writer, "i": i, "b": batch})
+            for i in range(sent, sent + size)
+        ]
+        await store.append(sid, msgs)
+        sent, batch = sent + size, batch + 1
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+async def run_writers(url: str, sessions: list[str], per_writer: int) -> None:
+    """Start one process per session id, let them append at the same moment, wait for all."""
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WORKER,
+            url,
+            sid,
+            str(w),
+            str(per_writer),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for w, sid in enumerate(sessions)
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        assert await p.stdout.readline() == b"ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+        await p.stdin.drain()
+    assert [await p.wait() for p in procs] == [0] * len(procs)
+
+
+def check_writers(loaded: list[ChatMessage], writers: list[int], per_writer: int) -> None:
+    """Nothing lost or duplicated, each writer's order kept, each append contiguous."""
+    assert len(loaded) == len(writers) * per_writer
+    assert len({m.id for m in loaded}) == len(loaded)
+    for w in writers:
+        assert [m.metadata["i"] for m in loaded if m.metadata["w"] == w] == list(range(per_writer))
+    runs = [key for key, _ in itertools.groupby((m.metadata["w"], m.metadata["b"]) for m in loaded)]
+    assert len(runs) == len(set(runs)), "an append was split by another writer's messages"
+
+
+async def test_four_processes_append_to_one_session(store: PostgresStorage, schema: str) -> None:
+    await run_writers(with_url(schema=schema), ["shared"] * 4, 250)
+    check_writers(await store.load("shared"), [0, 1, 2, 3], 250)
+    assert await store.count("shared") == 1000
+
+
+async def test_four_processes_append_to_four_sessions(store: PostgresStorage, schema: str) -> None:
+    sessions = [f"own-{w}" for w in range(4)]
+    await run_writers(with_url(schema=schema), sessions, 250)
+    for w, sid in enumerate(sessions):
+        check_writers(await store.load(sid), [w], 250)
+        assert await store.count(sid) == 250
+    assert sorted(await store.list_sessions()) == sessions
+
+
+# -- the server goes away -----------------------------------------------------------------
+
+
+class CutProxy:
+    """A TCP proxy on 127.0.0.1 in front of the server, which the test can cut at will.
+
+    Arm it with ``trigger``: the next client chunk containing those bytes is either half
+    forwarded and the link cut ("half": the server sees a broken request), or forwarded whole
+    and the link cut when the server's reply arrives ("after": the server did the work, the
+    client never hears of it).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.trigger: bytes | None = None
+        self.mode = "half"
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def drop_all(self) -> None:
+        """Close every open connection, as a server restart or CLIENT KILL would."""
+        for link in list(self._links):
+            for writer in link:
+                writer.close()
+            self._links.discard(link)
+
+    async def stop(self) -> None:
+        """Stop listening and cut every connection: the server is gone."""
+        assert self._server is not None
+        self._server.close()
+        self.drop_all()
+        await self._server.wait_closed()
+
+    def _cut(self, link: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        for writer in link:
+            writer.transport.abort()
+        self._links.discard(link)
+
+    async def _handle(self, c_read: asyncio.StreamReader, c_write: asyncio.StreamWriter) -> None:
+        try:
+            s_read, s_write = await asyncio.open_connection(*self.target)
+        except OSError:
+            c_write.transport.abort()
+            return
+        link = (c_write, s_write)
+        self._links.add(link)
+        swallow = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await c_read.read(65536):
+                if self.trigger is not None and self.trigger in data:
+                    self.trigger = None
+                    if self.mode == "half":
+                        s_write.write(data[: len(data) // 2])
+                        await s_write.drain()
+                        return
+                    swallow.set()
+                s_write.write(data)
+                await s_write.drain()
+
+        async def downstream() -> None:
+            while data := await s_read.read(65536):
+                if swallow.is_set():
+                    return
+                c_write.write(data)
+                await c_write.drain()
+
+        async def pump(direction: Callable[[], Any]) -> None:
+            try:
+                await direction()
+            except OSError:
+                pass
+            finally:
+                self._cut(link)
+
+        await asyncio.gather(pump(upstream), pump(downstream))
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[CutProxy]:
+    p = CutProxy(HOST, PORT)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def proxied(proxy: CutProxy, schema: str) -> PostgresStorage:
+    netloc = _PARTS.netloc.rsplit("@", 1)[0] + "@" if "@" in _PARTS.netloc else ""
+    storage = open_storage(with_url(netloc=f"{netloc}127.0.0.1:{proxy.port}", schema=schema))
+    assert isinstance(storage, PostgresStorage)
+    return storage
+
+
+@pytest.mark.parametrize(
+    ("operation", "mode", "applied"),
+    [
+        ("append", "half", False),  # the statement never arrived whole
+        ("append", "after", True),  # it ran and committed; only the reply was lost
+        ("save", "half", False),
+        ("save", "after", False),  # the INSERT ran, COMMIT never came: rolled back whole
+    ],
+)
+async def test_write_cut_midway_is_all_or_nothing(
+    proxy: CutProxy, schema: str, store: PostgresStorage, operation: str, mode: str, applied: bool
+) -> None:
+    storage = proxied(proxy, schema)
+    try:
+        first = [ChatMessage.user("before"), ChatMessage.assistant("reply")]
+        await storage.append("s", first)
+        batch = [ChatMessage.user(f"CUT-{uuid.uuid4().hex} {i}") for i in range(3)]
+        proxy.trigger, proxy.mode = batch[0].text.encode(), mode
+        with pytest.raises(BackendUnavailable, match=r"PostgreSQL at postgresql://"):
+            if operation == "append":
+                await storage.append("s", batch)
+            else:
+                await storage.save("s", batch)
+        assert proxy.trigger is None, "the proxy never saw the write"
+        expected = (first + batch if operation == "append" else batch) if applied else first
+        assert await store.load("s") == expected
+        assert await store.count("s") == len(expected)
+        # the next operation reconnects by itself
+        await storage.append("s", [ChatMessage.assistant("after")])
+        assert [m.text for m in await storage.load("s")][-1] == "after"
+    finally:
+        await storage.close()
+
+
+async def terminate_backends_of(admin: Any, name: str) -> int:
+    """pg_terminate_backend every connection of application ``name``; wait until all are gone."""
+    sql = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+    pids = [r["pid"] for r in await admin.fetch(sql, name)]
+    for pid in pids:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    while await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids
+    ):
+        await asyncio.sleep(0.01)
+    return len(pids)
+
+
+async def test_terminated_backend_then_next_operation_reconnects(admin: Any, schema: str) -> None:
+    name = f"conversa-test-{schema}"
+    storage = open_storage(with_url(schema=schema, application_name=name))
+    try:
+        await storage.append("s", [ChatMessage.user("one")])
+        assert await terminate_backends_of(admin, name) >= 1
+        await storage.append("s", [ChatMessage.user("two")])
+        assert await terminate_backends_of(admin, name) >= 1
+        assert [m.text for m in await storage.load("s")] == ["one", "two"]
+        assert await terminate_backends_of(admin, name) >= 1
+    finally:
+        await storage.close()
+
+
+async def test_reads_survive_dropped_connections(proxy: CutProxy, schema: str) -> None:
+    storage = proxied(proxy, schema)
+    try:
+        await storage.append("s", [ChatMessage.user("one")])
+        proxy.drop_all()
+        # a read right after the drop: retried on a fresh connection
+        assert [m.text for m in await storage.load("s")] == ["one"]
+        proxy.drop_all()
+        assert await storage.count("s") == 1
+    finally:
+        await storage.close()
+
+
+async def test_server_gone_then_back(proxy: CutProxy, schema: str) -> None:
+    storage = proxied(proxy, schema)
+    try:
+        await storage.append("s", [ChatMessage.user("one")])
+        port = proxy.port
+        await proxy.stop()
+        with pytest.raises(BackendUnavailable, match="PostgreSQL at"):
+            await storage.append("s", [ChatMessage.user("lost")])
+        with pytest.raises(BackendUnavailable, match="check that PostgreSQL is running"):
+            await storage.load("s")
+        await proxy.start(port)
+        await storage.append("s", [ChatMessage.user("two")])
+        assert [m.text for m in await storage.load("s")] == ["one", "two"]
+    finally:
+        await storage.close()
+
+
+# -- wrong addresses and credentials ------------------------------------------------------
+
+
+def blackhole() -> socket.socket:
+    """A socket that accepts connections (in its backlog) and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    return s
+
+
+def _error_response(sqlstate: str, message: str) -> bytes:
+    fields = (
+        b"".join(
+            code + text.encode() + b"\0"
+            for code, text in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
+        )
+        + b"\0"
+    )
+    return b"E" + struct.pack("!I", len(fields) + 4) + fields
+
+
+class RefusingServer:
+    """Speaks just enough of the PostgreSQL protocol to refuse a password (28P01).
+
+    The local server trusts every connection from 127.0.0.1 (pg_hba ``trust``), so it
+    accepts any password; this stands in for a server that checks them.
+    """
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                (length,) = struct.unpack("!I", await reader.readexactly(4))
+                body = await reader.readexactly(length - 4)
+                if body[:4] == struct.pack("!I", 80877103):  # SSLRequest: no TLS here
+                    writer.write(b"N")
+                    continue
+                user = body.split(b"user\0", 1)[1].split(b"\0", 1)[0].decode()
+                writer.write(
+                    _error_response("28P01", f'password authentication failed for user "{user}"')
+                )
+                await writer.drain()
+                break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def refusing() -> AsyncIterator[int]:
+    server = RefusingServer()
+    port = await server.start()
+    yield port
+    await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("where", "hint"),
+    [
+        ("wrong-host", "check that PostgreSQL is running and the host and port are right"),
+        ("wrong-port", "check that PostgreSQL is running and the host and port are right"),
+        ("missing-db", "create the database (createdb NAME) or fix its name in the URL"),
+        ("wrong-user", "the server refused the login: check the user name"),
+        ("wrong-password", "the server refused the password: check the user name and password"),
+        ("no-answer", "no answer within 0.5s"),
+    ],
+)
+async def test_unreachable_is_one_clear_line(
+    where: str, hint: str, schema: str, refusing: int
+) -> None:
+    hole = blackhole()
+    url = {
+        "wrong-host": with_url(netloc=f"postgres@127.0.0.2:{PORT}", schema=schema),
+        "wrong-port": with_url(netloc=f"postgres@127.0.0.1:{unused_port()}", schema=schema),
+        "missing-db": with_url(path=f"/nosuchdb_{RUN}", schema=schema),
+        "wrong-user": with_url(netloc=f"nosuchrole_{RUN}@{HOST}:{PORT}", schema=schema),
+        "wrong-password": with_url(netloc=f"postgres:bad@127.0.0.1:{refusing}", schema=schema),
+        "no-answer": with_url(netloc=f"postgres@127.0.0.1:{hole.getsockname()[1]}", timeout=0.5),
+    }[where]
+    storage = open_storage(url)
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            await storage.append("s", [ChatMessage.user("x")])
+        message = str(info.value)
+        assert "\n" not in message
+        assert hint in message
+        assert redact_url(url) in message
+    finally:
+        await storage.close()
+        hole.close()
+
+
+@pytest.fixture
+async def role(admin: Any, schema: str) -> AsyncIterator[tuple[str, str]]:
+    """A temporary login role with a password, owning this test's schema; dropped afterwards."""
+    name, password = f"conversa_test_{RUN}", f"s3cret-{uuid.uuid4().hex}"
+    await admin.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")
+    await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{name}"')
+    try:
+        yield name, password
+    finally:
+        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await admin.execute(f'DROP ROLE "{name}"')
+
+
+async def test_credentials_never_leak(
+    role: tuple[str, str], schema: str, refusing: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    user, password = role
+    caplog.set_level(logging.DEBUG)
+    good = with_url(netloc=f"{user}:{password}@{HOST}:{PORT}", schema=schema)
+    storage = open_storage(good)
+    assert password not in repr(storage) and "***" in repr(storage)
+    await storage.append("s", [ChatMessage.user("authorised")])
+    assert await storage.count("s") == 1
+    await storage.close()
+
+    seen: list[str] = []
+    for url, hint in [
+        (with_url(netloc=f"{user}:{password}@127.0.0.1:{refusing}", schema=schema), "password"),
+        (with_url(netloc=f"{user}:{password}@127.0.0.1:{unused_port()}", schema=schema), "port"),
+        (with_url(netloc=f"{user}:{password}@{HOST}:{PORT}", path=f"/nosuchdb_{RUN}"), "createdb"),
+    ]:
+        storage = open_storage(url)
+        with pytest.raises(BackendUnavailable) as info:
+            await storage.load("s")
+        assert hint in str(info.value)
+        seen += [repr(storage), *traceback.format_exception(info.value)]
+        await storage.close()
+    seen.append(caplog.text)
+    assert not [text for text in seen if password in text]
+
+
+async def test_missing_dependency_message() -> None:
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "from conversa import open_storage, BackendUnavailable\n"
+        "try:\n    open_storage('postgresql://postgres@127.0.0.1:5432/test')\n"
+        "except BackendUnavailable as e:\n    print(e)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert "pip install 'conversa[postgres]'" in out.decode()
