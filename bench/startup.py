@@ -1,0 +1,113 @@
+"""Start-up time of the `conversa` command: `--help`, and the chat prompt in a pseudo-terminal.
+
+    python bench/startup.py [--runs 7]
+
+Targets: `conversa --help` under 0.3 s; the chat prompt ready under 0.6 s. Each number is the
+median of several runs. The chat runs against a FakeOpenAIServer on 127.0.0.1 (only its
+address is needed: no message is sent), with a session of 50 stored messages to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pexpect
+
+from conversa.messages import ChatMessage
+from conversa.storage import open_storage
+from conversa.testing.server import FakeOpenAIServer
+
+CONVERSA = str(Path(sys.executable).with_name("conversa"))
+HELP_TARGET = 0.3
+PROMPT_TARGET = 0.6
+
+
+def help_time() -> float:
+    """Wall time of `conversa --help` as a subprocess."""
+    started = time.perf_counter()
+    subprocess.run([CONVERSA, "--help"], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def prompt_time(env: dict[str, str]) -> float:
+    """Time from spawning `conversa chat` in a pty until its prompt is on the screen."""
+    started = time.perf_counter()
+    child = pexpect.spawn(CONVERSA, ["chat"], env=env, encoding="utf-8", timeout=30)
+    child.expect_exact("bench> ")
+    elapsed = time.perf_counter() - started
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    return elapsed
+
+
+def seed(url: str) -> None:
+    """A session with 50 messages, so that the chat resumes a real history."""
+
+    async def fill() -> None:
+        storage = open_storage(url)
+        texts = [f"message number {i} " * 5 for i in range(50)]
+        history = [
+            ChatMessage.user(t) if i % 2 == 0 else ChatMessage.assistant(t)
+            for i, t in enumerate(texts)
+        ]
+        await storage.save("bench", history)
+        await storage.close()
+
+    asyncio.run(fill())
+
+
+def report(name: str, samples: list[float], target: float) -> bool:
+    """Print the median (and the spread) against the target; True when it is met."""
+    median = statistics.median(samples)
+    ok = median < target
+    print(
+        f"{name:<22} median {median * 1000:6.0f} ms  (min {min(samples) * 1000:.0f}, "
+        f"max {max(samples) * 1000:.0f}, n={len(samples)})  target < {target * 1000:.0f} ms  "
+        f"{'ok' if ok else 'MISSED'}"
+    )
+    return ok
+
+
+def main() -> int:
+    """Measure both and exit non-zero if a target is missed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, FakeOpenAIServer() as server:
+        for storage in (str(Path(tmp) / "sessions"), f"sqlite:///{tmp}/sessions.db"):
+            seed(storage)
+        env = {
+            **os.environ,
+            "HOME": tmp,
+            "TERM": "xterm",
+            "LOGNAME": "bench",
+            "USER": "bench",
+            "OPENAI_BASE_URL": server.base_url,
+            "OPENAI_API_KEY": "bench",
+            "CONVERSA_MODEL": "fake-model",
+            "PROMPT_TOOLKIT_NO_CPR": "1",
+        }
+        help_time()  # warm the OS file cache once; it is not counted
+        ok = report("conversa --help", [help_time() for _ in range(args.runs)], HELP_TARGET)
+        for label, storage in (
+            ("chat prompt (file)", str(Path(tmp) / "sessions")),
+            ("chat prompt (sqlite)", f"sqlite:///{tmp}/sessions.db"),
+        ):
+            run_env = {**env, "CONVERSA_STORAGE": storage}
+            prompt_time(run_env)
+            samples = [prompt_time(run_env) for _ in range(args.runs)]
+            ok = report(label, samples, PROMPT_TARGET) and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

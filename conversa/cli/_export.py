@@ -1,0 +1,140 @@
+"""Export and import formats: Markdown for reading, JSON for moving sessions around.
+
+Import reads conversa's own JSON export, a plain JSON array of messages
+(``[{"role": "user", "content": "..."}, ...]``, the ``{session_id}.json`` format of the
+original design) and JSON Lines (one message per line, as the file backend stores them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._format import call_summary
+
+if TYPE_CHECKING:
+    from ..messages import ChatMessage
+    from ..storage import SessionInfo
+
+FORMAT_NAME = "conversa.session"
+FORMAT_VERSION = 1
+ExportFormat = Literal["md", "json"]
+
+
+def format_for(path: str | None, explicit: str | None = None) -> ExportFormat:
+    """The export format: the one asked for, else by the file's extension (Markdown default)."""
+    if explicit:
+        return "json" if explicit.lower() == "json" else "md"
+    return "json" if path and Path(path).suffix.lower() in (".json", ".jsonl") else "md"
+
+
+def to_json(
+    session_id: str,
+    messages: Sequence[ChatMessage],
+    info: SessionInfo | None,
+    state: dict[str, Any],
+) -> str:
+    """conversa's JSON export: the messages with ids, times and metadata, the info and state."""
+    document: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "session_id": session_id,
+        "exported_at": datetime.now(UTC).isoformat(),
+        "info": _info_dict(info),
+        "state": state,
+        "messages": [m.to_dict() for m in messages],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def _info_dict(info: SessionInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+        "message_count": info.message_count,
+        "title": info.title,
+        "user_id": info.user_id,
+        "status": info.status,
+        "metadata": info.metadata,
+    }
+
+
+def to_markdown(session_id: str, messages: Sequence[ChatMessage], system: str | None) -> str:
+    """A readable transcript: one heading per message, tool calls and results compact."""
+    lines = [f"# {session_id}", ""]
+    lines.append(f"{len(messages)} messages, exported {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    lines.append("")
+    if system:
+        lines += ["**System prompt:**", "", system, ""]
+    for m in messages:
+        when = m.created_at.strftime("%Y-%m-%d %H:%M")
+        if m.role == "tool":
+            name = m.metadata.get("tool") or m.name or "tool"
+            lines += [f"### tool: {name} · {when}", "", "~~~text", m.text, "~~~", ""]
+            continue
+        lines += [f"### {m.role} · {when}", ""]
+        if m.text:
+            lines += [m.text, ""]
+        for call in m.tool_calls:
+            lines += [f"> calls `{call_summary(call.name, call.arguments)}`", ""]
+        if m.metadata.get("interrupted"):
+            lines += ["_(interrupted)_", ""]
+    return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class Imported:
+    """A session read from an export file."""
+
+    session_id: str | None
+    messages: list[ChatMessage]
+    state: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
+
+
+def parse_import(text: str, source: str) -> Imported:
+    """Read any supported export; ValueError says what is wrong and where."""
+    from ..messages import ChatMessage
+
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError:
+        data = _json_lines(text, source)
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        raw, sid = data["messages"], data.get("session_id")
+        state = data.get("state") or {}
+        info = data.get("info") or {}
+        title = info.get("title") if isinstance(info, dict) else None
+    elif isinstance(data, list):
+        raw, sid, state, title = data, None, {}, None
+    else:
+        raise ValueError(f"{source} is neither a conversa JSON export nor a JSON array of messages")
+    messages = []
+    for index, item in enumerate(raw):
+        try:
+            messages.append(ChatMessage.from_dict(item))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{source}: message {index} cannot be read: {exc}") from None
+    return Imported(
+        sid if isinstance(sid, str) else None,
+        messages,
+        dict(state) if isinstance(state, dict) else {},
+        title if isinstance(title, str) else None,
+    )
+
+
+def _json_lines(text: str, source: str) -> list[Any]:
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source} is not JSON (line {number}: {exc.msg})") from None
+    return items

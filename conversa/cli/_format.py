@@ -1,0 +1,128 @@
+"""Plain-text formatting shared by the rich and the plain output: no rich imports here."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..messages import ChatMessage, ToolCall
+
+TOOL_RESULT_CHARS = 120
+ARGUMENT_CHARS = 80
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 message``, ``2 messages``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def call_summary(name: str, arguments: str | dict[str, Any]) -> str:
+    """``name(key=value, ...)`` with long values shortened."""
+    if isinstance(arguments, str):
+        try:
+            parsed: Any = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            return f"{name}({shorten(arguments, ARGUMENT_CHARS)})"
+    else:
+        parsed = arguments
+    if not isinstance(parsed, dict):
+        return f"{name}({shorten(json.dumps(parsed), ARGUMENT_CHARS)})"
+    parts = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in parsed.items()]
+    return f"{name}({shorten(', '.join(parts), ARGUMENT_CHARS)})"
+
+
+def tool_call_line(call: ToolCall) -> str:
+    """How a tool call is shown while it runs."""
+    return call_summary(call.name, call.arguments)
+
+
+def tool_result_line(output: str, ok: bool) -> str:
+    """How a tool's result is shown: shortened, with its length when cut."""
+    short = shorten(output, TOOL_RESULT_CHARS)
+    size = f" ({len(output)} chars)" if len(output) > TOOL_RESULT_CHARS else ""
+    return f"{'' if ok else 'failed: '}{short}{size}"
+
+
+def role_counts(messages: Iterable[ChatMessage]) -> Counter[str]:
+    """How many messages each role has."""
+    return Counter(m.role for m in messages)
+
+
+def tokens_used(messages: Iterable[ChatMessage]) -> tuple[int, int]:
+    """(prompt, completion) tokens summed over the usage of the assistant messages."""
+    prompt = completion = 0
+    for m in messages:
+        usage = m.metadata.get("usage") if m.role == "assistant" else None
+        if isinstance(usage, dict):
+            prompt += int(usage.get("prompt_tokens") or 0)
+            completion += int(usage.get("completion_tokens") or 0)
+    return prompt, completion
+
+
+def ago(when: datetime, now: datetime | None = None) -> str:
+    """A short relative time: "just now", "5m ago", "3h ago", "2d ago", or a date."""
+    seconds = ((now or datetime.now(UTC)) - when).total_seconds()
+    if seconds < 60:
+        return "just now"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            count = int(seconds // size)
+            if unit == "d" and count > 30:
+                return when.astimezone().strftime("%Y-%m-%d")
+            return f"{count}{unit} ago"
+    return "just now"  # pragma: no cover
+
+
+def message_lines(message: ChatMessage) -> tuple[str, str]:
+    """(label, text) for one message of a transcript."""
+    if message.role == "tool":
+        name = message.metadata.get("tool") or message.name or "tool"
+        ok = message.metadata.get("ok", True) is not False
+        return f"tool {name}", tool_result_line(message.text, ok)
+    text = message.text
+    if message.tool_calls:
+        calls = ", ".join(tool_call_line(c) for c in message.tool_calls)
+        text = f"{text}\n→ {calls}" if text else f"→ {calls}"
+    if message.metadata.get("interrupted"):
+        text += " [interrupted]"
+    if message.role == "user" and message.metadata.get("observation"):
+        return "observation", shorten(text, TOOL_RESULT_CHARS)
+    return message.role, text
+
+
+def snippet(text: str, query: str, width: int = 60) -> tuple[str, str, str]:
+    """(before, match, after) around the first case-insensitive match of ``query``."""
+    flat = " ".join(text.split())
+    at = flat.casefold().find(query.casefold().strip())
+    if at < 0:
+        return "", shorten(flat, 2 * width), ""
+    end = at + len(query.strip())
+    before = flat[max(0, at - width) : at]
+    after = flat[end : end + width]
+    return (
+        ("…" if at > width else "") + before,
+        flat[at:end],
+        after + ("…" if end + width < len(flat) else ""),
+    )
+
+
+def table_text(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain aligned table, for output without a terminal."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [list(headers), *rows]
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Reading the user's input: prompt_toolkit in a terminal, plain lines from a pipe."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+
+SESSION_ARGUMENT_COMMANDS = ("/switch", "/fork", "/new")
+"""Commands whose argument is a session id, completed from the storage."""
+
+
+def history_path() -> Path:
+    """Where the input history lives: $CONVERSA_HISTORY, $XDG_STATE_HOME/conversa/history,
+    else ~/.conversa_history."""
+    explicit = os.environ.get("CONVERSA_HISTORY")
+    if explicit:
+        return Path(explicit).expanduser()
+    state_home = os.environ.get("XDG_STATE_HOME")
+    if state_home:
+        return Path(state_home) / "conversa" / "history"
+    return Path.home() / ".conversa_history"
+
+
+class LineReader(Protocol):
+    """Where the REPL gets lines from."""
+
+    async def read(self, prompt: str) -> str:
+        """The next message; KeyboardInterrupt clears the line, EOFError ends the REPL."""
+        ...
+
+    async def ask(self, question: str) -> str:
+        """A one-off answer (tool approval)."""
+        ...
+
+
+class PipeReader:
+    """Lines from a pipe or file: no prompt, no editing; the end of input ends the REPL."""
+
+    async def read(self, prompt: str) -> str:
+        """The next line (without its newline)."""
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    async def ask(self, question: str) -> str:
+        """No one to ask: an empty answer, which denies."""
+        return ""
+
+
+class TerminalReader:
+    """prompt_toolkit input: history file, completion, multi-line editing, $EDITOR."""
+
+    def __init__(self, commands: Iterable[str], session_ids: list[str]) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        path = history_path()
+        history: FileHistory | InMemoryHistory
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(exist_ok=True)
+            history = FileHistory(str(path))
+        except OSError:
+            history = InMemoryHistory()  # a read-only home must not stop the chat
+        self._session: PromptSession[str] = PromptSession(
+            history=history,
+            completer=_completer(sorted(commands), session_ids),
+            complete_while_typing=True,
+            key_bindings=_key_bindings(),
+            enable_open_in_editor=True,
+            prompt_continuation=lambda width, line, wrap: "… ".rjust(width),
+            tempfile_suffix=".md",
+        )
+        self._questions: PromptSession[str] = PromptSession()
+
+    async def read(self, prompt: str) -> str:
+        """The next message; Enter sends, Esc+Enter adds a line, Ctrl-X Ctrl-E edits."""
+        return await self._session.prompt_async([("bold ansigreen", prompt)])
+
+    async def ask(self, question: str) -> str:
+        """A short answer; the caller's SIGINT handler stays in place."""
+        return await self._questions.prompt_async(question, handle_sigint=False)
+
+
+def _key_bindings() -> KeyBindings:
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: KeyPressEvent) -> None:
+        # Enter sends; Esc+Enter (Alt+Enter) continues the message on a new line.
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+def _completer(commands: list[str], session_ids: list[str]) -> Completer:
+    from prompt_toolkit.completion import Completer, Completion
+
+    class SlashCompleter(Completer):
+        """Completes slash commands, and session ids after /switch, /fork and /new."""
+
+        def get_completions(
+            self, document: Document, complete_event: CompleteEvent
+        ) -> Iterator[Completion]:
+            text = document.text_before_cursor
+            if not text.startswith("/") or "\n" in text:
+                return
+            if " " not in text:
+                for name in commands:
+                    if name.startswith(text):
+                        yield Completion(name, start_position=-len(text))
+                return
+            command, _, argument = text.partition(" ")
+            if command in SESSION_ARGUMENT_COMMANDS:
+                for sid in list(session_ids):
+                    if sid.startswith(argument):
+                        yield Completion(sid, start_position=-len(argument))
+
+    return SlashCompleter()

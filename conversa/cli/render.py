@@ -1,0 +1,159 @@
+"""Rich output for a terminal: streamed Markdown, a spinner, compact tool calls, tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.markup import escape
+from rich.pretty import Pretty
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from ..agent import ToolDone, ToolRunning
+from ..model import TextDelta, ToolCallStarted
+from ._format import message_lines, tool_call_line, tool_result_line
+from ._output import Output, TurnView
+
+if TYPE_CHECKING:
+    from ..agent import TurnEvent
+    from ..messages import ChatMessage
+
+ROLE_STYLES = {"user": "bold green", "assistant": "bold blue", "system": "bold magenta"}
+
+
+class RichTurn(TurnView):
+    """A turn in a terminal: a spinner until text arrives, then live Markdown."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.segment = ""
+        self.live: Live | None = None
+        self.label = "thinking…"
+        self.resume()
+
+    def _show(self, renderable: Any) -> None:
+        if self.live is None:
+            # transient: the live area is replaced by the final render, which may be taller
+            self.live = Live(
+                renderable, console=self.console, transient=True, refresh_per_second=10
+            )
+            self.live.start()
+        else:
+            self.live.update(renderable)
+
+    def _settle(self) -> None:
+        """End the live area and print the text streamed so far for good."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        if self.segment.strip():
+            self.console.print(Markdown(self.segment))
+        self.segment = ""
+
+    def event(self, event: TurnEvent) -> None:
+        """Show one event of the turn."""
+        if isinstance(event, TextDelta):
+            self.segment += event.text
+            self._show(Markdown(self.segment))
+        elif isinstance(event, ToolCallStarted) and not self.segment:
+            self.label = f"calling {event.name}…"
+            self._show(Spinner("dots", text=self.label, style="cyan"))
+        elif isinstance(event, ToolRunning):
+            self._settle()
+            line = escape(tool_call_line(event.call))
+            self.console.print(f"[cyan]⚙ {line}[/cyan]")
+            self.label = f"running {event.call.name}…"
+            self.resume()
+        elif isinstance(event, ToolDone):
+            self._settle()
+            style = "dim" if event.ok else "yellow"
+            line = escape(tool_result_line(event.output, event.ok))
+            self.console.print(f"[{style}]  ↳ {line}[/{style}]")
+            self.label = "thinking…"
+            self.resume()
+
+    def pause(self) -> None:
+        """Stop the animation (and keep the text) so that a question can be asked."""
+        self._settle()
+
+    def resume(self) -> None:
+        """Show the spinner."""
+        self._show(Spinner("dots", text=self.label, style="cyan"))
+
+    def close(self, *, interrupted: bool = False) -> None:
+        """Print the final Markdown of the answer."""
+        self._settle()
+        if interrupted:
+            self.console.print("[yellow]⏹ interrupted: the partial answer is kept[/yellow]")
+
+
+class RichOutput(Output):
+    """Output for a terminal."""
+
+    interactive = True
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False)
+
+    def info(self, text: str) -> None:
+        """A result the user asked for."""
+        self.console.print(Text(text))
+
+    def note(self, text: str) -> None:
+        """A status line."""
+        self.console.print(Text(text, style="dim"))
+
+    def warn(self, text: str) -> None:
+        """Something to act on."""
+        self.console.print(Text(text, style="yellow"))
+
+    def error(self, text: str) -> None:
+        """One readable error line."""
+        self.console.print(Text(f"error: {text}", style="bold red"))
+
+    def markdown(self, text: str) -> None:
+        """Text rendered as Markdown."""
+        self.console.print(Markdown(text))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        """A table."""
+        table = Table(*headers, box=None, header_style="bold", pad_edge=False)
+        for row in rows:
+            table.add_row(*(Text(c) for c in row))
+        self.console.print(table)
+
+    def data(self, value: Any) -> None:
+        """Pretty-printed data."""
+        self.console.print(Pretty(value, expand_all=True))
+
+    def transcript(self, messages: Sequence[ChatMessage], start: int = 0) -> None:
+        """Messages, numbered, each under its role."""
+        for number, message in enumerate(messages, start):
+            label, text = message_lines(message)
+            style = ROLE_STYLES.get(message.role, "dim")
+            self.console.print(Text.assemble((f"[{number}] ", "dim"), (label, style)))
+            if message.role == "assistant" and not message.tool_calls:
+                self.console.print(Markdown(text))
+            else:
+                self.console.print(Text(text, style="dim" if message.role == "tool" else ""))
+
+    def matches(self, rows: Sequence[tuple[str, int, str, tuple[str, str, str]]]) -> None:
+        """Search hits with the match highlighted."""
+        for session_id, position, role, (before, match, after) in rows:
+            self.console.print(
+                Text.assemble(
+                    (f"{session_id} #{position} {role}: ", "cyan"),
+                    before,
+                    (match, "bold reverse"),
+                    after,
+                )
+            )
+
+    def turn(self) -> RichTurn:
+        """Start showing a turn."""
+        return RichTurn(self.console)

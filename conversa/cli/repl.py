@@ -1,0 +1,265 @@
+"""The chat REPL: read a line, run a slash command or a turn, show the answer; repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import traceback
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
+
+from ._factory import AgentOptions, model_spec, open_session
+from ._format import call_summary, plural
+from ._runner import describe
+
+if TYPE_CHECKING:
+    from ..agent import AgentResult, TurnEvent
+    from ..model import ChatModel
+    from ..session import Session
+    from ..storage import ConversationStorage
+    from ..tools import Tool
+    from ._input import LineReader
+    from ._output import Output, TurnView
+
+APPROVAL_ANSWERS = {"y": True, "yes": True, "n": False, "no": False, "a": None, "always": None}
+
+
+class Repl:
+    """One chat: the current session, how input is read and output shown, and its commands."""
+
+    session: Session
+
+    def __init__(
+        self,
+        storage: ConversationStorage,
+        options: AgentOptions,
+        tools: list[Tool],
+        out: Output,
+        reader: LineReader,
+        *,
+        session_ids: list[str] | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.storage = storage
+        self.options = options
+        self.tools = tools
+        self.out = out
+        self.reader = reader
+        self.debug = debug
+        self.model_name: str | None = None
+        self.model: ChatModel | None = None
+        """The resolved model; None until a message (or /model) needed it."""
+        self.always_approved: set[str] = set()
+        self.session_ids: list[str] = session_ids if session_ids is not None else []
+        """The ids completion offers; updated in place, the input reader holds the same list."""
+        self._view: TurnView | None = None
+        self._turn_task: asyncio.Task[AgentResult | None] | None = None
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def open(self, session_id: str, *, first: bool = False) -> None:
+        """Make ``session_id`` the current session (creating it) and say what it holds."""
+        session, model = await open_session(
+            session_id,
+            self.storage,
+            self.options,
+            tools=self.tools,
+            approve=self.approve,
+            override=first,
+        )
+        self.session = session
+        self.model_name = model
+        self.model = None
+        count = session.message_count()
+        if count:
+            self.out.note(f"resumed {session_id}: {plural(count, 'message')}")
+        else:
+            self.out.note(f"new session {session_id}")
+        if session.system_prompt:
+            self.out.note(f"system prompt: {session.system_prompt}")
+        await self.refresh_session_ids()
+
+    async def refresh_session_ids(self) -> None:
+        """Re-read the session ids that completion offers."""
+        try:
+            self.session_ids[:] = await self.storage.list_sessions()
+        except Exception:  # completion is a convenience; it must never break the chat
+            self.session_ids.clear()
+
+    # -- the model ------------------------------------------------------------------------
+
+    def ensure_model(self) -> bool:
+        """Resolve the model, or explain how to configure one; True when there is one."""
+        from ..errors import ModelNotConfigured
+
+        if self.model is not None:
+            return True
+        try:
+            self.session.model = model_spec(self.model_name, self.options.base_url)
+            self.model = self.session.model  # resolving is what raises ModelNotConfigured
+        except ModelNotConfigured as exc:
+            self.out.warn(str(exc))
+            self.out.note("until then /help, /history and /sessions still work")
+            return False
+        return True
+
+    def model_label(self) -> str:
+        """The model in use, e.g. "gpt-4o-mini via https://api.openai.com/v1"."""
+        if self.model is None:
+            return self.model_name or "(not configured)"
+        return str(getattr(self.model, "description", None) or self.model.name)
+
+    def set_model(self, name: str) -> None:
+        """Use ``name`` from the next message on."""
+        self.model_name = name
+        self.model = None  # resolved again, with the new name, by ensure_model
+
+    # -- turns ----------------------------------------------------------------------------
+
+    async def send(self, text: str) -> None:
+        """Send one user message and show the answer as it streams."""
+        if self.ensure_model():
+            await self.run_turn(self.session.stream_message(text))
+
+    async def run_turn(self, events: AsyncGenerator[TurnEvent, None]) -> AgentResult | None:
+        """Show a turn's events; Ctrl-C cancels just this turn (the library keeps the partial
+        answer, marked interrupted, and a valid history)."""
+        view = self._view = self.out.turn()
+        task = self._turn_task = asyncio.create_task(self._consume(events, view))
+        restore = self._catch_sigint()
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the REPL itself is being stopped
+            view.close(interrupted=True)
+            return None
+        except Exception as exc:
+            view.close()
+            self.report(exc)
+            return None
+        finally:
+            restore()
+            self._view = self._turn_task = None
+        view.close()
+        if result is not None and not result.success:
+            self._explain_failure(result)
+        return result
+
+    async def _consume(
+        self, events: AsyncGenerator[TurnEvent, None], view: TurnView
+    ) -> AgentResult | None:
+        from contextlib import aclosing
+
+        from ..agent import TurnDone
+
+        async with aclosing(events) as stream:
+            async for event in stream:
+                if isinstance(event, TurnDone):
+                    return event.result
+                view.event(event)
+        return None
+
+    def _explain_failure(self, result: AgentResult) -> None:
+        if result.stop_reason == "max_iterations":
+            self.out.warn(
+                f"stopped after {result.iterations} model calls (the limit); "
+                "send another message to continue or raise --max-iterations"
+            )
+        else:
+            self.out.error(result.error or f"the turn failed ({result.stop_reason})")
+
+    def interrupt(self) -> None:
+        """Cancel the running turn (Ctrl-C)."""
+        if self._turn_task is not None and not self._turn_task.done():
+            self._turn_task.cancel()
+
+    def _catch_sigint(self) -> Any:
+        """While a turn runs, Ctrl-C cancels it instead of ending the program."""
+        if not self.out.interactive:
+            return lambda: None
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return lambda: None
+
+        def restore() -> None:
+            loop.remove_signal_handler(signal.SIGINT)
+            # remove_signal_handler installs Python's default; put back what was there
+            signal.signal(signal.SIGINT, previous)
+
+        return restore
+
+    async def approve(self, name: str, arguments: dict[str, Any]) -> bool:
+        """Ask before a tool that needs approval runs: y, n or always (for this tool)."""
+        if name in self.always_approved:
+            return True
+        if not self.out.interactive:
+            self.out.warn(f"{name} needs approval and there is no terminal to ask; not run")
+            return False
+        view = self._view
+        if view is not None:
+            view.pause()
+        try:
+            while True:
+                answer = await self.reader.ask(
+                    f"run {call_summary(name, arguments)}? [y/n/always] "
+                )
+                choice = APPROVAL_ANSWERS.get(answer.strip().lower(), "ask again")
+                if choice is None:
+                    self.always_approved.add(name)
+                    return True
+                if isinstance(choice, bool):
+                    return choice
+        except (KeyboardInterrupt, EOFError):
+            self.interrupt()  # Ctrl-C at the question cancels the turn, as during a tool
+            return False
+        finally:
+            if view is not None:
+                view.resume()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def report(self, exc: BaseException) -> None:
+        """Show an error in one line (with its traceback under --debug)."""
+        if self.debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        self.out.error(describe(exc))
+
+    async def handle(self, line: str) -> bool:
+        """Act on one input line; False ends the REPL."""
+        from .commands import dispatch
+
+        stripped = line.strip()
+        if not stripped:
+            return True
+        if stripped.startswith("//"):  # an escaped slash: a message that starts with "/"
+            await self.send(stripped[1:])
+            return True
+        if stripped.startswith("/"):
+            try:
+                return await dispatch(self, stripped)
+            except Exception as exc:
+                self.report(exc)
+                return True
+        try:
+            await self.send(line)
+        except Exception as exc:
+            self.report(exc)
+        return True
+
+    async def run(self) -> None:
+        """Read and act until /exit, Ctrl-D or the end of piped input."""
+        while True:
+            try:
+                line = await self.reader.read(f"{self.session.session_id}> ")
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line
+            except EOFError:
+                break
+            if not await self.handle(line):
+                break

@@ -1,0 +1,191 @@
+"""`conversa sessions ...`: list, show, delete, prune and search stored sessions."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import click
+
+from ._manage import output, require, with_storage
+from ._options import common_options
+from ._sessions_io import export_session, import_session, migrate_sessions
+
+if TYPE_CHECKING:
+    from ..storage import ConversationStorage
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` as a timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if not match:
+        raise click.BadParameter(
+            f"{text!r} is not a duration; use a number and a unit: 45s, 90m, 12h, 30d, 2w"
+        )
+    return timedelta(seconds=float(match.group(1)) * DURATION_UNITS[match.group(2)])
+
+
+@click.group()
+def sessions() -> None:
+    """Manage stored sessions: list, show, export, import, delete, prune, search, migrate."""
+
+
+@sessions.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@common_options
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool, storage: str | None, debug: bool) -> None:
+    """List sessions, most recently updated first."""
+    from ._format import ago, shorten
+
+    infos = with_storage(ctx, storage, lambda s: s.find_sessions())
+    if as_json:
+        rows = [
+            {
+                "session_id": i.session_id,
+                "messages": i.message_count,
+                "created_at": i.created_at.isoformat(),
+                "updated_at": i.updated_at.isoformat(),
+                "title": i.title,
+                "user_id": i.user_id,
+                "status": i.status,
+            }
+            for i in infos
+        ]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    out = output()
+    if not infos:
+        out.note("no sessions yet; `conversa chat` starts one")
+        return
+    out.table(
+        ["session", "messages", "updated", "title"],
+        [
+            [i.session_id, str(i.message_count), ago(i.updated_at), shorten(i.title or "", 60)]
+            for i in infos
+        ],
+    )
+
+
+@sessions.command()
+@click.argument("session_id", metavar="ID")
+@click.option("--last", type=click.IntRange(min=1), help="Show only the last N messages.")
+@common_options
+@click.pass_context
+def show(
+    ctx: click.Context, session_id: str, last: int | None, storage: str | None, debug: bool
+) -> None:
+    """Show a session's info and messages."""
+    out = output()
+
+    async def work(store: ConversationStorage) -> None:
+        await require(store, session_id)
+        info = await store.get_info(session_id)
+        history = await store.load(session_id)
+        state = await store.get_state(session_id)
+        if info is not None:
+            out.note(
+                f"{session_id}: {info.message_count} messages, created "
+                f"{info.created_at:%Y-%m-%d %H:%M}, updated {info.updated_at:%Y-%m-%d %H:%M} UTC"
+            )
+        if state:
+            out.note(f"state: {json.dumps(state, ensure_ascii=False)}")
+        start = max(0, len(history) - last) if last else 0
+        out.transcript(history[start:], start)
+
+    with_storage(ctx, storage, work)
+
+
+@sessions.command()
+@click.argument("session_id", metavar="ID")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@common_options
+@click.pass_context
+def delete(
+    ctx: click.Context, session_id: str, yes: bool, storage: str | None, debug: bool
+) -> None:
+    """Delete a session: its messages, state and info."""
+
+    async def work(store: ConversationStorage) -> None:
+        await require(store, session_id)
+        count = await store.count(session_id)
+        if not yes:
+            click.confirm(f"delete session {session_id} ({count} messages)?", abort=True)
+        await store.delete(session_id)
+        click.echo(f"deleted {session_id} ({count} messages)")
+
+    with_storage(ctx, storage, work)
+
+
+@sessions.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="AGE",
+    help="Delete sessions not updated for this long: 45s, 90m, 12h, 30d, 2w.",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@common_options
+@click.pass_context
+def prune(
+    ctx: click.Context,
+    older_than: str,
+    dry_run: bool,
+    yes: bool,
+    storage: str | None,
+    debug: bool,
+) -> None:
+    """Delete the sessions that have not been updated for a while."""
+    age = parse_duration(older_than)
+    cutoff = datetime.now(UTC) - age
+
+    async def work(store: ConversationStorage) -> None:
+        old = await store.find_sessions(updated_before=cutoff)
+        if not old:
+            click.echo(f"no session is older than {older_than}")
+            return
+        for info in old:
+            click.echo(
+                f"{info.session_id}  {info.message_count} messages  "
+                f"updated {info.updated_at:%Y-%m-%d %H:%M}"
+            )
+        if dry_run:
+            click.echo(f"{len(old)} sessions would be deleted")
+            return
+        if not yes:
+            click.confirm(f"delete these {len(old)} sessions?", abort=True)
+        for info in old:
+            await store.delete(info.session_id)
+        click.echo(f"deleted {len(old)} sessions")
+
+    with_storage(ctx, storage, work)
+
+
+@sessions.command()
+@click.argument("text")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@common_options
+@click.pass_context
+def search(ctx: click.Context, text: str, limit: int, storage: str | None, debug: bool) -> None:
+    """Find messages containing TEXT across all sessions."""
+    from ._format import snippet
+
+    hits = with_storage(ctx, storage, lambda s: s.search(text, limit=limit))
+    out = output()
+    if not hits:
+        out.note(f"no message contains {text!r}")
+        return
+    out.matches(
+        [(h.session_id, h.position, h.message.role, snippet(h.message.text, text)) for h in hits]
+    )
+
+
+sessions.add_command(export_session)
+sessions.add_command(import_session)
+sessions.add_command(migrate_sessions)
