@@ -57,7 +57,7 @@ async def test_sigkill_never_loses_an_acknowledged_append(tmp_path: Path, backen
         assert child.stdout is not None
         target = rng.randint(5, 150)
         last = -1
-        # Kill at a random moment after `target` acknowledged appends: mid-write more often than not.
+        # Kill at a random moment after `target` acknowledged appends, often mid-write.
         while last < target:
             line = child.stdout.readline()
             assert line, f"child died early: {child.stderr.read() if child.stderr else ''}"
