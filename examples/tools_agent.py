@@ -48,9 +48,8 @@ async def main() -> None:
     for step in result.steps:
         print(f"tool {step.action}({step.action_input}) -> {step.observation}")
     print(result.result)
-    print(
-        f"success={result.success} iterations={result.iterations} facts={session.state.get('facts')}"
-    )
+    facts = session.state.get("facts")
+    print(f"success={result.success} iterations={result.iterations} facts={facts}")
 
 
 if __name__ == "__main__":
