@@ -79,6 +79,59 @@ def repair(history: Sequence[ChatMessage]) -> Repair:
     return Repair(out + tail, tail)
 
 
+class PromptHistory:
+    """The history in wire form, kept in step with the stored one message by message.
+
+    It also tracks, incrementally, whether the history needs ``repair``: so a turn on a long,
+    healthy history costs the same as on a short one.
+    """
+
+    def __init__(self, messages: Sequence[ChatMessage] = ()) -> None:
+        self.messages: list[ChatMessage] = []
+        self.wire: list[dict[str, Any]] = []
+        self._pending: dict[str, None] = {}  # call ids of the newest assistant still unanswered
+        self._damaged = False  # a gap or an orphan somewhere: only a full repair helps
+        self.extend(messages)
+
+    def extend(
+        self, messages: Sequence[ChatMessage], wire: Sequence[dict[str, Any]] | None = None
+    ) -> None:
+        """Take in messages just appended to storage (with their wire form, if known)."""
+        for i, m in enumerate(messages):
+            self.messages.append(m)
+            self.wire.append(wire[i] if wire is not None else m.to_openai())
+            if m.role == "tool":
+                if m.tool_call_id in self._pending:
+                    del self._pending[m.tool_call_id]
+                else:
+                    self._damaged = True
+                continue
+            if self._pending:
+                self._damaged = True
+            self._pending = {c.id: None for c in m.tool_calls}
+
+    def truncate(self, keep: int) -> None:
+        """Keep the oldest ``keep`` messages."""
+        messages, wire = self.messages[:keep], self.wire[:keep]
+        self.messages, self.wire, self._pending, self._damaged = [], [], {}, False
+        self.extend(messages, wire)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def dangling(self) -> list[ChatMessage]:
+        """Interrupted results for tool calls left unanswered at the very end."""
+        if self._damaged:
+            return repair(self.messages).to_store
+        return [interrupted_result(cid) for cid in self._pending]
+
+    def prompt(self) -> list[dict[str, Any]]:
+        """The wire messages the model may see: repaired if needed, a fresh list either way."""
+        if not self._damaged and not self._pending:
+            return list(self.wire)
+        return [m.to_openai() for m in repair(self.messages).messages]
+
+
 def _units(messages: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
     """Split into [start, end) units that must stay together: a tool call with its results."""
     units: list[tuple[int, int]] = []

@@ -23,7 +23,7 @@ from .agent import (
     run_turn,
     text_protocol_prompt,
 )
-from .context import TokenCounter, estimate_tokens, repair, trim
+from .context import PromptHistory, TokenCounter, estimate_tokens, trim
 from .errors import ConversaError
 from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
@@ -83,7 +83,7 @@ class Session:
         self._model_spec = model
         self._model: ChatModel | None = model if not isinstance(model, (str, type(None))) else None
         self._protocol = "text" if react_mode == "text" else "tools"
-        self._history: list[ChatMessage] = []
+        self._history = PromptHistory()
         self._lock = asyncio.Lock()
 
     # -- model ------------------------------------------------------------------------
@@ -106,7 +106,7 @@ class Session:
     @property
     def history(self) -> list[ChatMessage]:
         """The stored history as of the last sync (a copy)."""
-        return list(self._history)
+        return list(self._history.messages)
 
     def message_count(self) -> int:
         """Every stored message: system, user, assistant and tool."""
@@ -117,9 +117,9 @@ class Session:
         count = await self.storage.count(self.session_id)
         if count == len(self._history):
             newest = await self.storage.tail(self.session_id, 1) if count else []
-            if not newest or newest[0].id == self._history[-1].id:
+            if not newest or newest[0].id == self._history.messages[-1].id:
                 return
-        self._history = await self.storage.load(self.session_id)
+        self._history = PromptHistory(await self.storage.load(self.session_id))
 
     async def _append(self, messages: Sequence[ChatMessage]) -> None:
         await self.storage.append(self.session_id, messages)
@@ -129,11 +129,12 @@ class Session:
         """Delete every message of this session (its state and info stay)."""
         async with self._lock:
             await self.storage.save(self.session_id, [])
-            self._history = []
+            self._history = PromptHistory()
 
     def _last_user_index(self) -> int | None:
-        for i in range(len(self._history) - 1, -1, -1):
-            m = self._history[i]
+        messages = self._history.messages
+        for i in range(len(messages) - 1, -1, -1):
+            m = messages[i]
             if m.role == "user" and not m.metadata.get("observation"):
                 return i
         return None
@@ -146,8 +147,8 @@ class Session:
             if index is None:
                 return []
             await self.storage.truncate(self.session_id, index)
-            removed = self._history[index:]
-            del self._history[index:]
+            removed = self._history.messages[index:]
+            self._history.truncate(index)
             return removed
 
     # -- turns ------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Session:
             await self.state.reload()
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
-            dangling = repair(self._history).to_store
+            dangling = self._history.dangling()
             if dangling:
                 await self._append(dangling)
             if message is None:
@@ -199,7 +200,7 @@ class Session:
                 if index is None:
                     raise ConversaError("there is no user message to retry; send one first")
                 await self.storage.truncate(self.session_id, index + 1)
-                del self._history[index + 1 :]
+                self._history.truncate(index + 1)
             turn = run_turn(
                 self,
                 message,
@@ -213,9 +214,9 @@ class Session:
 
     async def _build_request(self, *, with_tools: bool, limit_note: bool) -> ModelRequest:
         """The prompt for the next model call: repaired, trimmed, intercepted."""
-        fixed = repair(self._history)
-        if fixed.to_store:
-            await self._append(fixed.to_store)
+        dangling = self._history.dangling()
+        if dangling:
+            await self._append(dangling)
         text_mode = self._protocol == "text"
         schemas = self.tools.openai_schemas() if len(self.tools) else []
         system_lines = [self.system_prompt] if self.system_prompt else []
@@ -223,7 +224,10 @@ class Session:
             system_lines.append(text_protocol_prompt(schemas))
         if limit_note:
             system_lines.append(LIMIT_NOTE)
-        wire = [m.to_openai() for m in fixed.messages]
+        wire = self._history.prompt()
+        if self.request_interceptors:
+            # interceptors may edit messages in place; the cached wire forms must not change
+            wire = [dict(m) for m in wire]
         self._attach_user_parts(wire)
         request = ModelRequest(
             messages=wire, tools=schemas if (schemas and with_tools and not text_mode) else None
@@ -243,11 +247,12 @@ class Session:
         parts = [v for k, v in self.state.items() if k.startswith(USER_PART_PREFIX)]
         if not parts:
             return
-        for message in reversed(wire):
-            if message["role"] == "user":
-                content = message["content"]
+        for i in range(len(wire) - 1, -1, -1):
+            if wire[i]["role"] == "user":
+                content = wire[i]["content"]
                 base = [{"type": "text", "text": content}] if isinstance(content, str) else content
-                message["content"] = [*base, *parts]
+                # a new dict: the cached wire form of the stored message must stay as it is
+                wire[i] = {**wire[i], "content": [*base, *parts]}
                 return
 
     async def set_user_part_text(self, name: str, text: str) -> None:

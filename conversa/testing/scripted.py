@@ -12,7 +12,6 @@ Replies use the same vocabulary as FakeOpenAIServer (conversa.testing.replies), 
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -26,7 +25,7 @@ ScriptEntry = ReplyLike | BaseException | type[BaseException]
 
 
 class ScriptedRequest(NamedTuple):
-    """What one model call received: the wire-form messages and tools (copies)."""
+    """What one model call received: the wire-form messages and tools (shallow copies)."""
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
@@ -96,9 +95,9 @@ class ScriptedModel:
     async def _next(
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
     ) -> Reply:
-        request = ScriptedRequest(
-            copy.deepcopy(list(messages)), copy.deepcopy(list(tools)) if tools else None
-        )
+        # Shallow copies: conversa never changes a message dict after sending it, and a deep
+        # copy would make every call cost as much as the whole history.
+        request = ScriptedRequest(list(messages), list(tools) if tools else None)
         self.requests.append(request)
         if self._script:
             entry = self._script.popleft()
@@ -136,7 +135,9 @@ class ScriptedModel:
     ) -> ModelResponse:
         if reply.fault is not None and reply.fault.raw_body is not None:
             raise ModelError(f"{self.name}: the scripted answer is invalid JSON")
-        prompt = sum(len(str(m.get("content") or "").split()) + 1 for m in messages)
+        # A rough count that costs the same for any history length: a fake needs no more.
+        last = str(messages[-1].get("content") or "") if messages else ""
+        prompt = 10 * len(messages) + len(last.split())
         completion = len((reply.text or "").split()) + 3 * len(reply.tool_calls)
         return build_response(
             text=reply.text,
