@@ -1,0 +1,120 @@
+"""`conversa sessions migrate` between files, SQLite, Redis and PostgreSQL (the real servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from _services import service_missing
+from click.testing import CliRunner
+
+from conversa.cli._app import cli
+from conversa.messages import ChatMessage
+from conversa.storage import ConversationStorage, open_storage
+from conversa.storage._urls import redact_url
+
+REDIS = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or default_port), 1).close()
+    except OSError:
+        return False
+    return True
+
+
+if not _reachable(REDIS, 6379):
+    service_missing("Redis", redact_url(REDIS), "CONVERSA_TEST_REDIS_URL")
+if not _reachable(POSTGRES, 5432):
+    service_missing("PostgreSQL", redact_url(POSTGRES), "CONVERSA_TEST_POSTGRES_URL")
+
+
+def _with_query(url: str, **query: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[str, str]]:
+    """A Redis URL and a PostgreSQL URL of this test alone; both are emptied afterwards."""
+    run = uuid.uuid4().hex[:10]
+    prefix, schema = f"conversa-test-migrate-{run}:", f"conversa_test_migrate_{run}"
+    yield _with_query(REDIS, prefix=prefix), _with_query(POSTGRES, schema=schema)
+
+    async def clean() -> None:
+        client = aioredis.from_url(REDIS)
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        assert not [k async for k in client.scan_iter(match=f"{prefix}*")]
+        await client.aclose()
+        con = await asyncpg.connect(POSTGRES)
+        await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await con.close()
+
+    asyncio.run(clean())
+
+
+async def _snapshot(url: str) -> dict[str, Any]:
+    storage = open_storage(url)
+    try:
+        out: dict[str, Any] = {}
+        for sid in await storage.list_sessions():
+            info = await storage.get_info(sid)
+            assert info is not None
+            out[sid] = (
+                [m.to_dict() for m in await storage.load(sid)],
+                await storage.get_state(sid),
+                (info.title, info.user_id, info.status, info.metadata),
+            )
+        out["__order__"] = await storage.list_sessions()
+        return out
+    finally:
+        await storage.close()
+
+
+async def _fill(url: str) -> None:
+    storage: ConversationStorage = open_storage(url)
+    try:
+        for n in range(4):
+            texts = [f"message {n}.{i} ü 雪" for i in range(2 * n + 1)]
+            await storage.save(
+                f"user-{n}",
+                [
+                    ChatMessage(role="user" if i % 2 == 0 else "assistant", content=t)
+                    for i, t in enumerate(texts)
+                ],
+            )
+        await storage.set_state("user-2", {"plan": ["a", "b"]})
+        await storage.update_info(
+            "user-3", title="Named", user_id="u3", status="completed", metadata={"k": 1}
+        )
+    finally:
+        await storage.close()
+
+
+def test_migrate_through_every_backend(tmp_path: Path, servers: tuple[str, str]) -> None:
+    redis_url, pg_url = servers
+    files = str(tmp_path / "files")
+    sqlite_url = f"sqlite:///{tmp_path / 'final.db'}"
+    asyncio.run(_fill(files))
+    expected = asyncio.run(_snapshot(files))
+    runner = CliRunner()
+    for source, target in [(files, redis_url), (redis_url, pg_url), (pg_url, sqlite_url)]:
+        for _ in range(2):  # a second run changes nothing
+            result = runner.invoke(cli, ["sessions", "migrate", "--from", source, "--to", target])
+            assert result.exit_code == 0, result.output
+            assert "migrated 4 sessions (16 messages); verified" in result.output
+        assert asyncio.run(_snapshot(target)) == expected
