@@ -143,6 +143,8 @@ async def test_every_method_validates_the_id(store: FileSystemStorage, bad: str)
         store.exists(bad),
         store.append(bad, [_user("x")]),
         store.count(bad),
+        store.tail(bad),
+        store.tail(bad, 0),
         store.truncate(bad, 0),
         store.pop(bad),
         store.pop(bad, 0),
@@ -381,8 +383,10 @@ async def test_damaged_middle_line_is_reported_and_left_alone(
     store: FileSystemStorage, middle: bytes, why: str
 ) -> None:
     path, data = await _damaged(store, middle)
+    assert [m.text for m in await store.tail("s")] == ["last"]  # the damage is older
     for action in (
         store.load("s"),
+        store.tail("s", 2),
         store.pop("s"),
         store.truncate("s", 1),
     ):
@@ -434,6 +438,10 @@ async def test_torn_last_line_is_ignored_then_cut(
         f.write(tail)
     with pytest.warns(UserWarning, match=rf"{path}.*interrupted"):
         assert await store.load("s") == msgs
+    with pytest.warns(UserWarning, match=rf"{path}.*interrupted"):
+        assert await store.tail("s") == msgs[1:]
+    with pytest.warns(UserWarning, match=rf"{path}.*interrupted"):
+        assert await store.tail("s", 5) == msgs
     assert await store.count("s") == 2
     info = await store.get_info("s")
     assert info is not None and info.message_count == 2
@@ -469,9 +477,11 @@ async def test_unfinished_multi_message_append_is_dropped_whole(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert await store.load("s") == first, cut
+            assert await store.tail("s", 3) == first, cut
         assert await store.count("s") == 1
     path.write_bytes(full)
     assert await store.load("s") == [*first, *batch]
+    assert await store.tail("s", 2) == batch[1:]
     path.write_bytes(good + appended[: appended.index(b"\n") + 1])
     await store.append("s", [_user("c")])
     assert [m.text for m in await store.load("s")] == ["a", "c"]
@@ -507,6 +517,78 @@ async def test_hand_edited_file_without_final_newline_loses_only_that_line(
     again = await store.get_info("s")
     assert again is not None
     assert (again.created_at, again.user_id) == (a.created_at, "u")
+
+
+# -- tail: the newest lines, read from the end ---------------------------------------------
+
+
+async def test_tail_reads_only_the_end(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tail(1) of a 1.5 MB history reads about one block, never the damaged first lines."""
+    msgs = [_user(f"{i}:" + "x" * 1500) for i in range(1000)]
+    for i in range(0, 1000, 100):
+        await store.append("s", msgs[i : i + 100])
+    path = Path(store.directory) / "s.jsonl"
+    data = path.read_bytes()
+    first_nl = data.index(b"\n")
+    second = data[first_nl + 1 : data.index(b"\n", first_nl + 1)]
+    # Damage line 2 in place, keeping the file's size: invalid UTF-8 and invalid JSON.
+    path.write_bytes(data.replace(second, b"\xff" * len(second), 1))
+    with pytest.raises(CorruptSessionError, match="line 2"):
+        await store.load("s")
+    read: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, size: int, offset: int) -> bytes:
+        read.append(size)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    assert await store.tail("s") == msgs[-1:]
+    assert sum(read) <= 70_000 < len(data) // 20
+    read.clear()
+    assert await store.tail("s", 500) == msgs[500:]
+    assert sum(read) < len(data) * 0.6
+    assert await store.tail("s", 998) == msgs[2:]
+    with pytest.raises(CorruptSessionError, match=rf"{path} is damaged at line 2: not valid UTF-8"):
+        await store.tail("s", 999)
+    assert await store.count("s") == 1000
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 64, 1 << 16])
+async def test_tail_across_blocks(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr("conversa.storage.filesystem._TAIL_BLOCK", block)
+    msgs = [_user(t) for t in ["a", "ü" * 40, "line\nbreak", "sep\u2028x", "", "z" * 300]]
+    await store.append("s", msgs[:1])
+    await store.append("s", msgs[1:4])  # lines ending in "} \n" inside one append
+    await store.append("s", msgs[4:])
+    for n in range(len(msgs) + 2):
+        assert await store.tail("s", n) == (msgs[max(0, len(msgs) - n) :] if n else []), n
+    assert await store.tail("unknown", 3) == []
+    with pytest.raises(ValueError):
+        await store.tail("s", -1)
+    # Damage: the line number counts from the start of the file, whatever the block size.
+    path = Path(store.directory) / "s.jsonl"
+    with open(path, "ab") as f:
+        f.write(b"[1]\n")
+    with pytest.raises(CorruptSessionError, match="line 7: not a stored message"):
+        await store.tail("s", 1)
+
+
+async def test_tail_after_save_without_final_newline(store: FileSystemStorage) -> None:
+    await store.save("s", [])
+    assert await store.tail("s") == []
+    path = Path(store.directory) / "s.jsonl"
+    a, b = _user("a"), _user("b")
+    path.write_text(a.to_json() + "\n" + b.to_json())
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert await store.tail("s", 2) == [a]
+    path.write_text(b.to_json())
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert await store.tail("s") == []
 
 
 # -- info and listing ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ from urllib.parse import urlencode, urlsplit
 
 import asyncpg
 import pytest
+from _services import service_missing
 
 from conversa import (
     BackendUnavailable,
@@ -50,10 +51,7 @@ def _reachable() -> bool:
 
 
 if not _reachable():
-    pytest.skip(
-        f"no PostgreSQL at {redact_url(URL)}: start one or set CONVERSA_TEST_POSTGRES_URL",
-        allow_module_level=True,
-    )
+    service_missing("PostgreSQL", redact_url(URL), "CONVERSA_TEST_POSTGRES_URL")
 
 pytestmark = pytest.mark.postgres
 
@@ -206,6 +204,22 @@ async def test_damaged_row_is_reported(store: PostgresStorage, admin: Any, schem
     await admin.execute(f"UPDATE \"{schema}\".conversa_messages SET body = '{{oops'")
     with pytest.raises(CorruptSessionError, match=r"message 0 of session 's'.*damaged"):
         await store.load("s")
+
+
+async def test_tail_reads_only_the_newest(store: PostgresStorage, admin: Any, schema: str) -> None:
+    """With an early row damaged in the server, load fails but tail of the newest works."""
+    msgs = [ChatMessage.user(str(i)) for i in range(6)]
+    await store.append("s", msgs[:1])
+    await store.append("s", msgs[1:])
+    await admin.execute(f"UPDATE \"{schema}\".conversa_messages SET body = '{{oops' WHERE seq = 1")
+    with pytest.raises(CorruptSessionError):
+        await store.load("s")
+    assert await store.tail("s") == msgs[5:]
+    assert await store.tail("s", 4) == msgs[2:]
+    with pytest.raises(CorruptSessionError, match=r"message 1 of session 's'.*damaged"):
+        await store.tail("s", 5)
+    assert await store.tail("unknown", 3) == []
+    assert await store.count("s") == 6
 
 
 # -- many processes -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from _services import service_missing
 
 from conversa import (
     BackendUnavailable,
@@ -48,10 +49,7 @@ def _reachable() -> bool:
 
 
 if not _reachable():
-    pytest.skip(
-        f"no Redis at {redact_url(URL)}: start one or set CONVERSA_TEST_REDIS_URL",
-        allow_module_level=True,
-    )
+    service_missing("Redis", redact_url(URL), "CONVERSA_TEST_REDIS_URL")
 
 pytestmark = pytest.mark.redis
 
@@ -191,6 +189,22 @@ async def test_damaged_message_is_reported(store: RedisStorage, admin: Any, pref
     with pytest.raises(CorruptSessionError, match=r"message 1 of session 's'.*damaged"):
         await store.load("s")
     assert await admin.llen(f"{prefix}m:s") == 2
+
+
+async def test_tail_reads_only_the_newest(store: RedisStorage, admin: Any, prefix: str) -> None:
+    """With an early message damaged in the server, load fails but tail of the newest works."""
+    msgs = [ChatMessage.user(str(i)) for i in range(6)]
+    await store.append("s", msgs[:1])
+    await store.append("s", msgs[1:])
+    await admin.lset(f"{prefix}m:s", 1, "{not json")
+    with pytest.raises(CorruptSessionError):
+        await store.load("s")
+    assert await store.tail("s") == msgs[5:]
+    assert await store.tail("s", 4) == msgs[2:]
+    with pytest.raises(CorruptSessionError, match=r"message 1 of session 's'.*damaged"):
+        await store.tail("s", 5)
+    assert await store.tail("unknown", 3) == []
+    assert await store.count("s") == 6
 
 
 # -- many processes -----------------------------------------------------------------------

@@ -75,6 +75,8 @@ _HASHED_PREFIX_BYTES = 120
 _HASH_MARK = "~"  # never left unencoded, so it marks the hashed form unambiguously
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@+_.-")
 _CHUNK = 1 << 20
+_TAIL_BLOCK = 1 << 16
+"""tail() reads the file backwards in blocks of this many bytes."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 log = logging.getLogger(__name__)
@@ -233,17 +235,54 @@ def _split_lines(data: bytes, path: str) -> tuple[list[str], int]:
     return lines, len(data) - end
 
 
-def _parse_line(line: str | bytes, path: str, line_no: int) -> ChatMessage:
+def _parse_line(line: str | bytes, path: str, line_no: int | Callable[[], int]) -> ChatMessage:
+    """One stored message; ``line_no`` (or a function computing it) names the line if damaged."""
     try:
         return ChatMessage.from_dict(json.loads(line))
     except json.JSONDecodeError as exc:
-        raise _corrupt(path, line_no, f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
+        why = f"invalid JSON ({exc.msg}, column {exc.colno})"
+        raise _corrupt(path, line_no if isinstance(line_no, int) else line_no(), why) from exc
     except (InvalidMessage, TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise _corrupt(path, line_no, f"not a stored message ({exc})") from exc
+        why = f"not a stored message ({exc})"
+        raise _corrupt(path, line_no if isinstance(line_no, int) else line_no(), why) from exc
 
 
 def _parse_lines(lines: Sequence[str], path: str) -> list[ChatMessage]:
     return [_parse_line(line, path, n) for n, line in enumerate(lines, 1)]
+
+
+def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
+    """The last ``n`` lines before ``end`` (which ends a line) with their offsets, read backwards.
+
+    Reads blocks of ``_TAIL_BLOCK`` bytes from ``end`` towards the start of the file, stopping as
+    soon as the newline before the ``n``-th last line is among them.
+    """
+    if n <= 0 or end <= 0:
+        return []
+    blocks: list[bytes] = []
+    start = end
+    newlines = 0
+    # The last byte is the "\n" of the last line; n lines are complete once the newline before
+    # the first of them (the (n + 1)-th newline from the end) has been read, or the file began.
+    while start > 0 and newlines <= n:
+        size = min(_TAIL_BLOCK, start)
+        block = os.pread(fd, size, start - size)
+        if len(block) != size:  # cannot happen under our lock; do not loop forever if it does
+            raise OSError(f"short read at offset {start - size}")
+        blocks.append(block)
+        newlines += block.count(b"\n")
+        start -= size
+    data = b"".join(reversed(blocks))
+    lines = data[:-1].split(b"\n")  # data ends with the last line's "\n"
+    if start > 0 or len(lines) > n:
+        lines = lines[-n:]  # the first one may be cut, or older than wanted
+    out: list[tuple[int, bytes]] = []
+    offset = end
+    for line in reversed(lines):
+        offset -= len(line) + 1
+        out.append((offset, line))
+    out.reverse()
+    return out
 
 
 def _torn_warning(path: str, size: int) -> str:
@@ -531,6 +570,44 @@ class FileSystemStorage(ConversationStorage):
             lines += chunk.count(b"\n")
             offset += len(chunk)
         return lines
+
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages, read backwards from the end of the file.
+
+        Reads only the blocks that hold them; an unfinished last append is ignored with a
+        warning, as load does.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        path, _ = self._paths(session_id)
+        if n == 0:
+            return []
+        messages, torn = await self._run(self._tail_sync, path, n)
+        if torn:
+            warnings.warn(_torn_warning(path, torn), stacklevel=2)
+        return messages
+
+    def _tail_sync(self, path: str, n: int) -> tuple[list[ChatMessage], int]:
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                return [], 0
+            size = os.fstat(fd).st_size
+            end = _complete_end_of_fd(fd, size)
+            messages: list[ChatMessage] = []
+            for offset, raw in _last_lines(fd, end, n):
+                # Line numbers are counted only for a damaged line: it costs a read of the file.
+                line_no = functools.partial(self._line_no, fd, offset)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _corrupt(path, line_no(), "not valid UTF-8") from exc
+                messages.append(_parse_line(text, path, line_no))
+            return messages, size - end
+
+    @classmethod
+    def _line_no(cls, fd: int, offset: int) -> int:
+        """The number (from 1) of the line that starts at ``offset``."""
+        return cls._count_lines(fd, offset) + 1
 
     async def truncate(self, session_id: str, keep: int) -> None:
         """Keep only the oldest ``keep`` messages (an atomic rewrite)."""

@@ -551,6 +551,18 @@ class PostgresStorage(ConversationStorage):
         value = await self._run(lambda con: con.fetchval(sql, session_id), retry=True)
         return int(value or 0)
 
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages: the last ``n`` rows of the primary key index, reversed."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        validate_session_id(session_id)
+        if n == 0:
+            return []
+        sql = f"""SELECT seq, body FROM {self._names.messages} WHERE session_id = $1
+                  ORDER BY seq DESC LIMIT $2"""
+        rows = await self._run(lambda con: con.fetch(sql, session_id, n), retry=True)
+        return self._decode(session_id, reversed(rows))
+
     async def _cut(self, session_id: str, new_count: str, guard: str, arg: int) -> list[Any]:
         """Lock the row, set message_count to ``new_count``, delete (and return) the rest."""
         n = self._names

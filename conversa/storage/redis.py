@@ -463,6 +463,24 @@ class RedisStorage(ConversationStorage):
         key = self._key("m", session_id)
         return int(await self._run(lambda: self._client.llen(key), retry=True))
 
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages: LRANGE -n -1 (with LLEN, for positions), one round trip."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        validate_session_id(session_id)
+        if n == 0:
+            return []
+        key = self._key("m", session_id)
+
+        async def op() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.llen(key)
+                pipe.lrange(key, -n, -1)
+                return list(await pipe.execute())
+
+        length, raw = await self._run(op, retry=True)
+        return self._decode(session_id, raw, int(length) - len(raw))
+
     async def truncate(self, session_id: str, keep: int) -> None:
         """Keep the oldest ``keep`` messages."""
         if keep < 0:
