@@ -1,0 +1,389 @@
+"""SqliteStorage: the conformance suite plus what is SQLite-specific (URLs, schema, errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conversa import ChatMessage, open_storage
+from conversa.errors import CorruptSessionError, StorageError, UnsupportedStorageURL
+from conversa.storage import ConversationStorage
+from conversa.storage._sqlite_migrations import MIGRATIONS, SCHEMA_VERSION, migrate
+from conversa.storage.sqlite import SqliteStorage
+from conversa.testing.conformance import StorageConformance
+
+
+class TestSqliteConformance(StorageConformance):
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[ConversationStorage]:
+        async with SqliteStorage(tmp_path / "sessions.db") as store:
+            yield store
+
+
+def _user(text: str, **meta: Any) -> ChatMessage:
+    return ChatMessage.user(text, metadata=meta)
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection beside the storage's, to inspect or damage the file."""
+    return sqlite3.connect(path, isolation_level=None)
+
+
+async def _on_conn(store: SqliteStorage, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """Run ``fn`` on the storage's own connection (per-connection PRAGMAs live there)."""
+    return await store._run(fn)
+
+
+# -- URLs -------------------------------------------------------------------------------------
+
+
+def test_url_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SqliteStorage.from_url("sqlite:///data/rel.db")
+    assert store.path == tmp_path / "data" / "rel.db"
+    assert store.durability == "crash"
+
+
+def test_url_absolute_path_and_durability(tmp_path: Path) -> None:
+    store = SqliteStorage.from_url(f"sqlite:///{tmp_path}/abs.db?durability=power")
+    assert str(tmp_path).startswith("/")
+    assert store.path == tmp_path / "abs.db"
+    assert store.durability == "power"
+
+
+def test_url_percent_escapes(tmp_path: Path) -> None:
+    store = SqliteStorage.from_url(f"sqlite:///{tmp_path}/with%20space.db")
+    assert store.path == tmp_path / "with space.db"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://relative.db",  # two slashes: the name lands in the host part
+        "sqlite:///",
+        "sqlite://",
+        "sqlite:///x.db?durability=sometimes",
+        "sqlite:///x.db?mode=ro",
+    ],
+)
+def test_bad_urls_say_what_to_write(url: str) -> None:
+    with pytest.raises(UnsupportedStorageURL) as err:
+        SqliteStorage.from_url(url)
+    assert "sqlite:///" in str(err.value) or "durability" in str(err.value)
+
+
+def test_bad_durability_argument() -> None:
+    with pytest.raises(ValueError, match="power"):
+        SqliteStorage("x.db", durability="sometimes")  # type: ignore[arg-type]
+
+
+def test_open_storage_routes_urls_and_db_paths(tmp_path: Path) -> None:
+    by_url = open_storage(f"sqlite:///{tmp_path}/a.db")
+    by_path = open_storage(tmp_path / "b.db")
+    assert isinstance(by_url, SqliteStorage) and by_url.path == tmp_path / "a.db"
+    assert isinstance(by_path, SqliteStorage) and by_path.path == tmp_path / "b.db"
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("crash", 1), ("power", 2)])
+async def test_pragmas(tmp_path: Path, durability: Any, synchronous: int) -> None:
+    async with SqliteStorage(tmp_path / "p.db", durability=durability) as store:
+        assert await store.count("s") == 0
+        pragmas = await _on_conn(
+            store,
+            lambda c: [
+                c.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "busy_timeout")
+            ],
+        )
+    assert pragmas == ["wal", synchronous, 10_000]
+
+
+# -- opening: files, schema, errors -----------------------------------------------------------
+
+
+async def test_file_is_private_and_created_lazily(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "sessions.db"
+    store = SqliteStorage(path)
+    assert not path.exists()  # nothing happens until first use
+    await store.append("s", [_user("secret")])
+    await store.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+
+
+async def test_wal_file_is_private_too(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("secret")])
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists()
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+
+
+async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.count("x")
+    with _raw(path) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        assert version == SCHEMA_VERSION == len(MIGRATIONS)
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"sessions", "messages", "state"} <= names
+    assert {"sessions_updated_at", "sessions_user_updated_at"} <= names
+
+
+async def test_reopening_is_a_noop(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("kept")])
+    with _raw(path) as conn:
+        schema = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+        assert migrate(conn, str(path)) == 0
+    async with SqliteStorage(path) as store:
+        assert [m.text for m in await store.load("s")] == ["kept"]
+    with _raw(path) as conn:
+        again = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert again == schema
+
+
+def test_migrate_applies_every_migration_once(tmp_path: Path) -> None:
+    with _raw(tmp_path / "m.db") as conn:
+        assert migrate(conn, "m.db") == SCHEMA_VERSION
+        assert not conn.in_transaction
+        assert migrate(conn, "m.db") == 0
+
+
+def test_migrate_refuses_foreign_tables(tmp_path: Path) -> None:
+    path = tmp_path / "other-app.db"
+    with _raw(path) as conn:
+        conn.execute("CREATE TABLE sessions (token TEXT)")
+        with pytest.raises(StorageError, match="not a conversa SQLite database") as err:
+            migrate(conn, str(path))
+        assert "sessions" in str(err.value)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+        assert not conn.in_transaction
+
+
+@pytest.mark.parametrize("content", [b"hello, I am a text file\n" * 200, b"short"])
+async def test_not_a_database(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(content)
+    store = SqliteStorage(path)
+    with pytest.raises(StorageError) as err:
+        await store.load("s")
+    message = str(err.value)
+    assert str(path) in message
+    assert "not a conversa SQLite database" in message
+    assert path.read_bytes() == content  # left untouched
+    await store.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("x")])
+    with _raw(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store = SqliteStorage(path)
+    with pytest.raises(StorageError, match="newer conversa") as err:
+        await store.count("s")
+    assert str(path) in str(err.value)
+    assert "upgrade" in str(err.value)
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ['{"role": "user", "content": "trunc', '{"role": "wizard", "content": "x"}', "[1, 2]"],
+)
+async def test_corrupt_row_names_session_and_seq(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "s.db"
+    msgs = [_user(str(i)) for i in range(3)]
+    async with SqliteStorage(path) as store:
+        await store.append("chat-7", msgs)
+        with _raw(path) as conn:
+            conn.execute(
+                "UPDATE messages SET data = ? WHERE session_id = 'chat-7' AND seq = 1", (damage,)
+            )
+        with pytest.raises(CorruptSessionError) as err:
+            await store.load("chat-7")
+        assert "'chat-7'" in str(err.value) and "seq 1" in str(err.value)
+        with pytest.raises(CorruptSessionError):
+            await store.pop("chat-7", 2)
+        # the failed pop rolled back: nothing was removed
+        assert await store.count("chat-7") == 3
+        assert await store.pop("chat-7") == msgs[2:]
+
+
+@pytest.mark.parametrize("metadata", ["{oops", "[1, 2]"])
+async def test_corrupt_metadata_and_state(tmp_path: Path, metadata: str) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.update_info("s", metadata={"a": 1})
+        await store.set_state("s", {"k": 1})
+        with _raw(path) as conn:
+            conn.execute("UPDATE sessions SET metadata = ?", (metadata,))
+            conn.execute("UPDATE state SET value = '[unclosed'")
+        with pytest.raises(CorruptSessionError, match=r"'s'.*metadata"):
+            await store.get_info("s")
+        with pytest.raises(CorruptSessionError, match="'k'"):
+            await store.get_state("s")
+
+
+async def test_sqlite_errors_become_storage_errors_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.set_state("s", {"k": 1})
+        with _raw(path) as conn:
+            conn.execute("DROP TABLE state")
+        with pytest.raises(StorageError, match="no such table") as err:
+            await store.get_state("s")
+        assert not isinstance(err.value, sqlite3.Error)
+        assert str(path) in str(err.value)
+
+
+async def test_unencodable_text_is_refused_cleanly(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("s", [_user("fine")])
+        with pytest.raises(StorageError, match="surrogate"):
+            await store.append("s", [_user("ok"), _user("half a pair \ud800")])
+        assert [m.text for m in await store.load("s")] == ["fine"]
+        await store.set_state("s", {"k": "\ud800"})  # state is stored as ASCII JSON
+        assert await store.get_state("s") == {"k": "\ud800"}
+
+
+async def test_memory_database(tmp_path: Path) -> None:
+    store = SqliteStorage.from_url("sqlite:///:memory:")
+    await store.append("s", [_user("a")])
+    assert [m.text for m in await store.load("s")] == ["a"]
+    await store.close()
+    assert not (tmp_path / ":memory:").exists()
+
+
+async def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
+    store = SqliteStorage(tmp_path / "s.db")
+    await store.append("s", [_user("a")])
+    await store.close()
+    await store.close()
+    with pytest.raises(StorageError, match="is closed"):
+        await store.count("s")
+    never_opened = SqliteStorage(tmp_path / "t.db")
+    await never_opened.close()
+    with pytest.raises(StorageError, match="is closed"):
+        await never_opened.load("s")
+    assert not (tmp_path / "t.db").exists()
+    async with SqliteStorage(tmp_path / "s.db") as again:
+        assert await again.count("s") == 1
+
+
+# -- concurrency and bookkeeping --------------------------------------------------------------
+
+
+async def test_concurrent_appends_from_two_connections(tmp_path: Path) -> None:
+    """Two connections on one file, two writers on each: BEGIN IMMEDIATE keeps appends whole."""
+    path = tmp_path / "shared.db"
+    stores = [SqliteStorage(path), SqliteStorage(path)]
+
+    async def writer(store: SqliteStorage, w: str) -> None:
+        for n in range(50):
+            await store.append("s", [_user(f"{w}{n}-{j}", w=w, n=n, j=j) for j in range(3)])
+
+    await asyncio.gather(*(writer(stores[k % 2], w) for k, w in enumerate("abcd")))
+    history = await stores[1].load("s")
+    assert await stores[0].count("s") == len(history) == 600
+    seen: dict[str, list[int]] = {}
+    for k in range(0, 600, 3):
+        batch = [(m.metadata["w"], m.metadata["n"], m.metadata["j"]) for m in history[k : k + 3]]
+        w, n, _ = batch[0]
+        assert batch == [(w, n, j) for j in range(3)], f"append split at {k}"
+        seen.setdefault(w, []).append(n)
+    assert seen == {w: list(range(50)) for w in "abcd"}
+    with _raw(path) as conn:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM messages ORDER BY seq")]
+    assert seqs == list(range(600))
+    for store in stores:
+        await store.close()
+
+
+async def test_rapid_writes_order_strictly(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        ids = [f"s{i}" for i in range(40)]
+        for sid in ids:
+            await store.append(sid, [_user(sid)])
+        assert await store.list_sessions() == ids[::-1]
+        infos = await store.find_sessions()
+        stamps = [i.updated_at for i in infos]
+        assert stamps == sorted(set(stamps), reverse=True)
+        await store.set_state("s0", {"k": 1})
+        assert (await store.list_sessions())[0] == "s0"
+
+
+async def test_writes_order_even_when_the_clock_goes_back(tmp_path: Path) -> None:
+    """A write after one stamped by a clock ahead of ours (NTP step, other host) sorts first."""
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("ahead", [_user("x")])
+        with _raw(path) as conn:
+            conn.execute("UPDATE sessions SET updated_at = updated_at + 3600000000")
+        await store.append("now", [_user("y")])
+        assert await store.list_sessions() == ["now", "ahead"]
+        now, ahead = await store.find_sessions()
+        assert now.updated_at > ahead.updated_at
+
+
+async def test_default_title_follows_undo(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("s", [ChatMessage.system("sys")])
+        await store.append("s", [ChatMessage.assistant("hi"), _user("first question")])
+        await store.append("s", [_user("second question")])
+        assert (info := await store.get_info("s")) and info.title == "first question"
+        await store.pop("s")
+        assert (info := await store.get_info("s")) and info.title == "first question"
+        await store.truncate("s", 2)
+        assert (info := await store.get_info("s")) and info.title is None
+        await store.append("s", [_user("again")])
+        assert (info := await store.get_info("s")) and info.title == "again"
+        await store.save("s", [ChatMessage.system("x"), _user("saved")])
+        assert (info := await store.get_info("s")) and info.title == "saved"
+
+
+async def test_expired_state_rows_are_dropped_on_the_next_state_write(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.set_state("s", {"gone": 1}, ttl=0.05)
+        await asyncio.sleep(0.1)
+        await store.append("s", [_user("appending does not sweep")])
+        with _raw(path) as conn:
+            assert conn.execute("SELECT count(*) FROM state").fetchone()[0] == 1
+        await store.set_state("s", {"other": 2})
+        with _raw(path) as conn:
+            assert [r[0] for r in conn.execute("SELECT key FROM state")] == ["other"]
+
+
+async def test_append_reads_no_history(tmp_path: Path) -> None:
+    """Every statement an append runs is an index lookup, so its cost does not grow with history."""
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.save("s", [_user(str(i)) for i in range(200)])
+        await store.append("other", [_user("x")])
+        statements: list[str] = []
+        await _on_conn(store, lambda c: c.set_trace_callback(statements.append))
+        await store.append("s", [_user("new"), ChatMessage.assistant("reply")])
+        await _on_conn(store, lambda c: c.set_trace_callback(None))
+        assert any(s.startswith("INSERT INTO messages") for s in statements)
+        # the history is only ever added to, never read or counted
+        assert all(s.startswith("INSERT") for s in statements if "messages" in s), statements
+        with _raw(path) as conn:
+            for sql in statements:
+                if sql.split()[0] in ("BEGIN", "COMMIT"):
+                    continue
+                plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                assert "SCAN" not in plan, f"{sql!r} scans: {plan}"
