@@ -700,3 +700,26 @@ async def test_append_waiting_for_a_save_lands_in_the_new_file(store: FileSystem
 async def test_append_waiting_for_a_delete_starts_a_new_file(store: FileSystemStorage) -> None:
     _, late = await _append_blocked_on_old_file(store, "delete")
     assert await store.load("s") == [late]
+
+
+async def test_count_stays_right_while_other_writers_change_the_file(tmp_path: Path) -> None:
+    """count() resumes from where it last counted; every kind of change must still show."""
+    reader = FileSystemStorage(tmp_path)
+    writer = FileSystemStorage(tmp_path)
+    msgs = [ChatMessage.user(f"m{i}") for i in range(6)]
+    assert await reader.count("s") == 0
+    await writer.append("s", msgs[:3])
+    assert await reader.count("s") == 3
+    await writer.append("s", msgs[3:5])
+    assert await reader.count("s") == 5
+    await writer.save("s", msgs[:2])
+    assert await reader.count("s") == 2
+    await writer.pop("s")
+    assert await reader.count("s") == 1
+    for _ in range(3):  # recreated files may get the old inode back
+        await writer.delete("s")
+        assert await reader.count("s") == 0
+        await writer.append("s", msgs)
+        assert await reader.count("s") == 6
+        info = await reader.get_info("s")
+        assert info is not None and info.message_count == 6

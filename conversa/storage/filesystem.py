@@ -196,6 +196,15 @@ def _complete_end(
     return end
 
 
+_MARK_BYTES = 64
+
+
+def _before(fd: int, offset: int) -> bytes:
+    """Up to _MARK_BYTES bytes that end at ``offset``."""
+    start = max(0, offset - _MARK_BYTES)
+    return os.pread(fd, offset - start, start)
+
+
 def _complete_end_of_bytes(data: bytes) -> int:
     return _complete_end(len(data), data.__getitem__, lambda end: data.rfind(b"\n", 0, end))
 
@@ -317,6 +326,9 @@ class FileSystemStorage(ConversationStorage):
         self._dir = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         self._durability: Durability = "power" if durability == "power" else "crash"
         self._fsync = durability == "power"
+        # path -> ((dev, inode), offset, fingerprint, lines): how many lines precede `offset`,
+        # so count() reads only what was appended since it last looked.
+        self._line_marks: dict[str, tuple[tuple[int, int], int, bytes, int]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> FileSystemStorage:
@@ -555,14 +567,38 @@ class FileSystemStorage(ConversationStorage):
 
     def _count_sync(self, path: str) -> int:
         with self._locked(path, write=False) as fd:
-            return 0 if fd is None else self._count_lines(fd)
+            return 0 if fd is None else self._count_known(path, fd, None)
+
+    def _count_known(self, path: str, fd: int, end: int | None) -> int:
+        """_count_lines, resumed from where this object last counted the same file.
+
+        Files are only appended to or replaced whole. A replaced or recreated file has another
+        inode, or (if the inode is reused) other bytes at its start or before the remembered
+        offset, since every message has a unique id; any mismatch means a full count.
+        """
+        st = os.fstat(fd)
+        if end is None:
+            end = _complete_end_of_fd(fd, st.st_size)
+        start, lines = 0, 0
+        mark = self._line_marks.get(path)
+        if (
+            mark is not None
+            and mark[0] == (st.st_dev, st.st_ino)
+            and mark[1] <= end
+            and os.pread(fd, _MARK_BYTES, 0) + _before(fd, mark[1]) == mark[2]
+        ):
+            start, lines = mark[1], mark[3]
+        lines += self._count_lines(fd, end, start)
+        fingerprint = os.pread(fd, _MARK_BYTES, 0) + _before(fd, end)
+        self._line_marks[path] = ((st.st_dev, st.st_ino), end, fingerprint, lines)
+        return lines
 
     @staticmethod
-    def _count_lines(fd: int, end: int | None = None) -> int:
-        """The number of complete lines before ``end`` (default: the last complete append)."""
+    def _count_lines(fd: int, end: int | None = None, start: int = 0) -> int:
+        """The number of lines between ``start`` and ``end`` (default: the last complete append)."""
         if end is None:
             end = _complete_end_of_fd(fd, os.fstat(fd).st_size)
-        lines = offset = 0
+        lines, offset = 0, start
         while offset < end:
             chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
             if not chunk:
@@ -729,7 +765,7 @@ class FileSystemStorage(ConversationStorage):
                 session_id=session_id,
                 created_at=created,
                 updated_at=max(_from_ns(updated_ns), created),
-                message_count=self._count_lines(fd, end),
+                message_count=self._count_known(path, fd, end),
                 title=title or first_title,
                 user_id=user_id,
                 status=status,
