@@ -233,6 +233,7 @@ def _check_content(role: str, content: object) -> None:
             raise InvalidMessage(f"a {role} message needs content")
         return
     if isinstance(content, str):
+        _check_encodable(content)
         return
     if isinstance(content, list):
         if role == "tool" or role == "system":
@@ -248,10 +249,21 @@ def _check_content(role: str, content: object) -> None:
                     "{'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': {...}}"
                 )
         try:
-            json.dumps(content, allow_nan=False)
+            _check_encodable(json.dumps(content, allow_nan=False, ensure_ascii=False))
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"content parts must be JSON-serialisable: {exc}") from exc
         return
     raise InvalidMessage(
         f"content must be a string, a list of content parts or None, not {type(content).__name__}"
     )
+
+
+def _check_encodable(text: str) -> None:
+    # A lone surrogate cannot be stored as UTF-8 anywhere: refuse it here, not at the append.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessage(
+            f"content holds a lone surrogate {text[exc.start]!r} at {exc.start}, which is not "
+            "valid Unicode text; decode the source with errors='replace'"
+        ) from None

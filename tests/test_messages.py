@@ -30,6 +30,8 @@ def test_storage_form_roundtrips(message: ChatMessage) -> None:
         ({"role": "user", "content": "x", "tool_call_id": "c1"}, "only tool messages"),
         ({"role": "user", "content": "x", "tool_calls": [ToolCall("c", "f")]}, "only assistant"),
         ({"role": "system", "content": [{"type": "image_url", "image_url": {}}]}, "text parts"),
+        ({"role": "user", "content": "bad \ud800 half"}, "lone surrogate"),
+        ({"role": "user", "content": [{"type": "text", "text": "\udfff"}]}, "lone surrogate"),
     ],
 )
 def test_invalid_messages_rejected(kwargs: dict[str, object], fragment: str) -> None:
