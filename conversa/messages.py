@@ -71,18 +71,27 @@ class ChatMessage:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._validate(deep=True)
+
+    def _validate(self, *, deep: bool) -> None:
+        """Check the message rules; ``deep`` also proves the values serialise as JSON/UTF-8.
+
+        Messages read back from storage skip the deep checks: they came from JSON.
+        """
         if self.role not in ROLES:
             raise InvalidMessage(
                 f"unknown role {self.role!r}; use one of: system, user, assistant, tool"
             )
-        _check_content(self.role, self.content)
+        _check_content(self.role, self.content, deep=deep)
         if self.tool_calls:
             if self.role != "assistant":
                 raise InvalidMessage(f"only assistant messages carry tool_calls, not {self.role}")
-            calls = tuple(
-                c if isinstance(c, ToolCall) else ToolCall.from_openai(c) for c in self.tool_calls
-            )
-            object.__setattr__(self, "tool_calls", calls)
+            if not all(isinstance(c, ToolCall) for c in self.tool_calls):
+                calls = tuple(
+                    c if isinstance(c, ToolCall) else ToolCall.from_openai(c)
+                    for c in self.tool_calls
+                )
+                object.__setattr__(self, "tool_calls", calls)
         elif self.role == "assistant" and self.content is None:
             object.__setattr__(self, "content", "")
         if self.role == "tool":
@@ -103,7 +112,7 @@ class ChatMessage:
             object.__setattr__(self, "created_at", self.created_at.astimezone(UTC))
         if not isinstance(self.metadata, dict):
             raise InvalidMessage("metadata must be a dict")
-        if self.metadata:
+        if deep and self.metadata:
             try:
                 json.dumps(self.metadata, allow_nan=False)
             except (TypeError, ValueError) as exc:
@@ -162,25 +171,31 @@ class ChatMessage:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
-        """Rebuild a message from its storage form."""
+        """Rebuild a message from its storage form (the hot path of every load)."""
         if not isinstance(data, Mapping) or "role" not in data:
             raise InvalidMessage(f"not a stored message: {data!r:.200}")
-        kw: dict[str, Any] = {"role": data["role"], "content": data.get("content")}
-        if "id" in data:
-            kw["id"] = data["id"]
-        if "created_at" in data:
-            try:
-                kw["created_at"] = datetime.fromisoformat(data["created_at"])
-            except (TypeError, ValueError) as exc:
-                raise InvalidMessage(f"bad created_at {data['created_at']!r}") from exc
-        for key in ("name", "tool_call_id"):
-            if data.get(key) is not None:
-                kw[key] = data[key]
-        if data.get("tool_calls"):
-            kw["tool_calls"] = tuple(ToolCall.from_openai(c) for c in data["tool_calls"])
-        if data.get("metadata"):
-            kw["metadata"] = dict(data["metadata"])
-        return cls(**kw)
+        # Built without __init__: the default factories and the deep checks are wasted on
+        # data that was validated before it was stored and just came out of JSON.
+        message = object.__new__(cls)
+        put = object.__setattr__
+        put(message, "role", data["role"])
+        put(message, "content", data.get("content"))
+        put(message, "name", data.get("name"))
+        calls = data.get("tool_calls")
+        put(message, "tool_calls", tuple(ToolCall.from_openai(c) for c in calls) if calls else ())
+        put(message, "tool_call_id", data.get("tool_call_id"))
+        put(message, "id", data["id"] if "id" in data else new_message_id())
+        stamp = data.get("created_at")
+        try:
+            put(message, "created_at", datetime.fromisoformat(stamp) if stamp else utcnow())
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"bad created_at {stamp!r}") from exc
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise InvalidMessage("metadata must be a dict")
+        put(message, "metadata", dict(metadata))
+        message._validate(deep=False)
+        return message
 
     def to_json(self) -> str:
         """The storage form as one line of compact JSON."""
@@ -227,13 +242,14 @@ class ChatMessage:
         return ChatMessage(**data)
 
 
-def _check_content(role: str, content: object) -> None:
+def _check_content(role: str, content: object, *, deep: bool = True) -> None:
     if content is None:
         if role in ("user", "system"):
             raise InvalidMessage(f"a {role} message needs content")
         return
     if isinstance(content, str):
-        _check_encodable(content)
+        if deep:
+            _check_encodable(content)
         return
     if isinstance(content, list):
         if role == "tool" or role == "system":
@@ -248,6 +264,8 @@ def _check_content(role: str, content: object) -> None:
                     "content parts must be dicts with a 'type', such as "
                     "{'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': {...}}"
                 )
+        if not deep:
+            return
         try:
             _check_encodable(json.dumps(content, allow_nan=False, ensure_ascii=False))
         except (TypeError, ValueError) as exc:

@@ -72,3 +72,28 @@ def test_ids_unique_and_text_view() -> None:
     assert len({m.id for m in msgs}) == 100
     assert msgs[0].text == "a"
     assert ChatMessage.assistant(tool_calls=[ToolCall("c", "f")]).text == ""
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"content": "no role"},
+        {"role": "robot", "content": "x"},
+        {"role": "tool", "content": "x"},
+        {"role": "user", "content": 5},
+        {"role": "user", "content": "x", "metadata": [1]},
+        {"role": "user", "content": "x", "created_at": "yesterday"},
+        {"role": "assistant", "tool_calls": [{"function": {}}]},
+        ["not", "a", "dict"],
+    ],
+)
+def test_from_dict_rejects_damaged_data(data: object) -> None:
+    with pytest.raises(InvalidMessage):
+        ChatMessage.from_dict(data)  # type: ignore[arg-type]
+
+
+def test_from_dict_copies_what_it_is_given() -> None:
+    data = {"role": "user", "content": "x", "metadata": {"k": 1}}
+    message = ChatMessage.from_dict(data)
+    data["metadata"]["k"] = 2  # type: ignore[index]
+    assert message.metadata == {"k": 1}
