@@ -1,0 +1,142 @@
+"""Overhead of one turn without the model: session.send_message with a ScriptedModel.
+
+    python bench/turn.py [--turns 200] [--profile sqlite:1000]
+
+ScriptedModel answers at once (it echoes the user's text), so what is timed is conversa's own
+work per turn: refresh from storage, append the user message, build and trim the prompt,
+append the reply, return the AgentResult. Median per turn for memory, file and SQLite at 10
+and 1,000 stored messages (the history is stored first with one save()).
+
+Targets: under 2 ms per turn with SQLite; the 1,000-message turn at most 1.3x the 10-message
+turn. --profile BACKEND:SIZE prints a cProfile of the turns of that case (sorted by own time
+and by cumulative time) to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import io
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from storage import make_messages
+
+from conversa import create_session
+from conversa.storage import open_storage
+from conversa.testing.scripted import ScriptedModel
+
+SIZES = (10, 1_000)
+TARGET_MS = 2.0
+RATIO = 1.3
+
+
+def urls(tmp: str) -> dict[str, str]:
+    return {
+        "memory": "memory://",
+        "file": f"file://{tmp}/sessions",
+        "sqlite": f"sqlite:///{tmp}/sessions.db",
+    }
+
+
+async def run_case(
+    url: str, size: int, turns: int, profile: cProfile.Profile | None = None
+) -> list[float]:
+    """Per-turn seconds of ``turns`` turns in a session that starts with ``size`` messages."""
+    storage = open_storage(url)
+    history = make_messages(size, seed=7)  # ends with an assistant message (size is even)
+    await storage.save(f"turn-{size}", history)
+    model = ScriptedModel()
+    session = await create_session(f"turn-{size}", storage, model=model)
+    assert session.message_count() == size
+    texts = [m.text for m in make_messages(2 * (turns + 10), seed=8) if m.role == "user"]
+    for text in texts[:10]:  # warm-up: first model call, first writes, caches
+        await session.send_message(text)
+        model.requests.clear()
+    samples = []
+    gc.collect()
+    for text in texts[10 : 10 + turns]:
+        if profile is not None:
+            profile.enable()
+        started = time.perf_counter()
+        result = await session.send_message(text)
+        elapsed = time.perf_counter() - started
+        if profile is not None:
+            profile.disable()
+        samples.append(elapsed)
+        assert result.success, result
+        model.requests.clear()  # ScriptedModel keeps every request; not conversa's cost
+    assert await storage.count(f"turn-{size}") == size + 2 * (turns + 10)
+    await session.close()
+    await storage.close()
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=200)
+    parser.add_argument("--profile", help="BACKEND:SIZE to profile, e.g. sqlite:1000")
+    args = parser.parse_args()
+    print(
+        f"conversa turn benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  "
+        f"Python {platform.python_version()}  {os.cpu_count()} CPUs  "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    tmp = tempfile.mkdtemp(prefix="conversa-turn-")
+    ok = True
+    try:
+        if args.profile:
+            backend, size = args.profile.split(":")
+            prof = cProfile.Profile()
+            asyncio.run(run_case(urls(tmp)[backend], int(size), args.turns, prof))
+            for key in ("tottime", "cumulative"):
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats(key).print_stats(25)
+                print(out.getvalue())
+            return 0
+        medians: dict[tuple[str, int], float] = {}
+        print(f"\nmedian ms per turn ({args.turns} turns each, after 10 warm-up turns)")
+        print(f"{'backend':<10} " + " ".join(f"{f'@{s}':>10}" for s in SIZES) + f" {'ratio':>8}")
+        for name, url in urls(tmp).items():
+            row = []
+            for size in SIZES:
+                samples = asyncio.run(run_case(url, size, args.turns))
+                medians[name, size] = statistics.median(samples) * 1000
+                row.append(medians[name, size])
+            print(
+                f"{name:<10} " + " ".join(f"{v:10.3f}" for v in row) + f" {row[-1] / row[0]:8.2f}"
+            )
+        print("\ntargets:")
+        for name in ("memory", "file", "sqlite"):
+            small, big = medians[name, SIZES[0]], medians[name, SIZES[-1]]
+            q = big / small
+            met = q <= RATIO
+            ok = ok and met
+            print(
+                f"  [{'met' if met else 'MISSED'}] {name}: turn@1000 / turn@10 <= {RATIO}: "
+                f"{big:.3f} / {small:.3f} ms = {q:.2f}"
+            )
+        worst = max(medians["sqlite", s] for s in SIZES)
+        met = worst < TARGET_MS
+        ok = ok and met
+        print(
+            f"  [{'met' if met else 'MISSED'}] sqlite: turn < {TARGET_MS} ms: worst {worst:.3f} ms"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
