@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,13 +24,28 @@ from .base import (
 )
 
 
+def _copy_json(value: Any) -> Any:
+    """A deep copy of JSON data (dicts, lists, scalars): much cheaper than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
 def _detached(message: ChatMessage) -> ChatMessage:
     """A message that shares no mutable object with ``message``."""
-    if isinstance(message.content, list) or message.metadata:
-        return message.replace(
-            content=copy.deepcopy(message.content), metadata=copy.deepcopy(message.metadata)
-        )
-    return message
+    if not (isinstance(message.content, list) or message.metadata):
+        return message
+    copied = object.__new__(ChatMessage)
+    for name in _FIELDS:
+        object.__setattr__(copied, name, getattr(message, name))
+    object.__setattr__(copied, "content", _copy_json(message.content))
+    object.__setattr__(copied, "metadata", _copy_json(message.metadata))
+    return copied
+
+
+_FIELDS = tuple(ChatMessage.__dataclass_fields__)
 
 
 @dataclass
@@ -146,7 +160,7 @@ class InMemoryStorage(ConversationStorage):
             title=s.info.get("title") or title_from(s.messages),
             user_id=s.info.get("user_id"),
             status=s.info.get("status", "active"),
-            metadata=copy.deepcopy(s.info.get("metadata", {})),
+            metadata=_copy_json(s.info.get("metadata", {})),
         )
 
     async def get_info(self, session_id: str) -> SessionInfo | None:
@@ -167,7 +181,7 @@ class InMemoryStorage(ConversationStorage):
         """Set info fields and return the info."""
         fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
         s = self._touch(session_id)
-        s.info.update(copy.deepcopy(fields))
+        s.info.update(_copy_json(fields))
         return self._info(session_id, s)
 
     async def find_sessions(
@@ -192,13 +206,13 @@ class InMemoryStorage(ConversationStorage):
         """Unexpired state values, as copies."""
         validate_session_id(session_id)
         s = self._sessions.get(session_id)
-        return copy.deepcopy(live_state(s.state)) if s else {}
+        return _copy_json(live_state(s.state)) if s else {}
 
     async def set_state(
         self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
     ) -> None:
         """Set state keys, optionally expiring after ``ttl`` seconds."""
-        entries = copy.deepcopy(state_entries(values, ttl))
+        entries = _copy_json(state_entries(values, ttl))
         self._touch(session_id).state.update(entries)
 
     async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
