@@ -114,7 +114,7 @@ class ChatMessage:
             raise InvalidMessage("metadata must be a dict")
         if deep and self.metadata:
             try:
-                json.dumps(self.metadata, allow_nan=False)
+                _check_encodable(json.dumps(self.metadata, allow_nan=False, ensure_ascii=False))
             except (TypeError, ValueError) as exc:
                 raise InvalidMessage(f"metadata must be JSON-serialisable: {exc}") from exc
 

@@ -32,6 +32,7 @@ def test_storage_form_roundtrips(message: ChatMessage) -> None:
         ({"role": "system", "content": [{"type": "image_url", "image_url": {}}]}, "text parts"),
         ({"role": "user", "content": "bad \ud800 half"}, "lone surrogate"),
         ({"role": "user", "content": [{"type": "text", "text": "\udfff"}]}, "lone surrogate"),
+        ({"role": "user", "content": "x", "metadata": {"k": "\ud800"}}, "lone surrogate"),
     ],
 )
 def test_invalid_messages_rejected(kwargs: dict[str, object], fragment: str) -> None:

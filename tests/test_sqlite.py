@@ -12,9 +12,17 @@ from typing import Any
 import pytest
 
 from conversa import ChatMessage, open_storage
-from conversa.errors import CorruptSessionError, StorageError, UnsupportedStorageURL
+from conversa.errors import (
+    CorruptSessionError,
+    InvalidSessionId,
+    StorageError,
+    UnsupportedStorageURL,
+)
 from conversa.storage import ConversationStorage
+from conversa.storage import _sqlite_migrations as migrations
+from conversa.storage import sqlite as sqlite_module
 from conversa.storage._sqlite_migrations import MIGRATIONS, SCHEMA_VERSION, migrate
+from conversa.storage.base import SearchHit
 from conversa.storage.sqlite import SqliteStorage
 from conversa.testing.conformance import StorageConformance
 
@@ -135,7 +143,7 @@ async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         assert version == SCHEMA_VERSION == len(MIGRATIONS)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"sessions", "messages", "state"} <= names
+    assert {"sessions", "messages", "state", "messages_fts"} <= names
     assert {"sessions_updated_at", "sessions_user_updated_at"} <= names
 
 
@@ -253,8 +261,11 @@ async def test_sqlite_errors_become_storage_errors_naming_the_file(tmp_path: Pat
 async def test_unencodable_text_is_refused_cleanly(tmp_path: Path) -> None:
     async with SqliteStorage(tmp_path / "s.db") as store:
         await store.append("s", [_user("fine")])
+        # ChatMessage refuses lone surrogates; from_dict (the load path) skips that check, so
+        # it is how one can still reach the store, which must refuse it cleanly too.
+        broken = ChatMessage.from_dict({"role": "user", "content": "half \ud800 a pair"})
         with pytest.raises(StorageError, match="surrogate"):
-            await store.append("s", [_user("ok"), _user("half a pair \ud800")])
+            await store.append("s", [_user("ok"), broken])
         assert [m.text for m in await store.load("s")] == ["fine"]
         await store.set_state("s", {"k": "\ud800"})  # state is stored as ASCII JSON
         assert await store.get_state("s") == {"k": "\ud800"}
@@ -387,3 +398,269 @@ async def test_append_reads_no_history(tmp_path: Path) -> None:
                     continue
                 plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
                 assert "SCAN" not in plan, f"{sql!r} scans: {plan}"
+
+
+# -- tail -------------------------------------------------------------------------------------
+
+
+async def test_tail_reads_only_the_newest_rows(tmp_path: Path) -> None:
+    """With an early row damaged, load fails but tail(1) does not: it never reads that row."""
+    path = tmp_path / "s.db"
+    msgs = [_user(f"m{i}") for i in range(6)]
+    async with SqliteStorage(path) as store:
+        await store.append("s", msgs)
+        with _raw(path) as conn:
+            conn.execute("UPDATE messages SET data = '{oops' WHERE session_id = 's' AND seq = 1")
+        with pytest.raises(CorruptSessionError):
+            await store.load("s")
+        assert await store.tail("s") == msgs[5:]
+        assert await store.tail("s", 4) == msgs[2:]
+        with pytest.raises(CorruptSessionError) as err:
+            await store.tail("s", 5)
+        assert "'s'" in str(err.value) and "seq 1" in str(err.value)
+
+
+async def test_tail_validates_like_the_other_methods(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("s", [_user("a"), _user("b")])
+        assert await store.tail("s", 0) == []
+        assert await store.tail("unknown", 3) == []
+        assert [m.text for m in await store.tail("s", 10)] == ["a", "b"]
+        with pytest.raises(ValueError):
+            await store.tail("s", -1)
+        with pytest.raises(InvalidSessionId):
+            await store.tail("", 1)
+
+
+# -- full-text search -------------------------------------------------------------------------
+
+
+def _found(hits: list[SearchHit]) -> list[tuple[str, int, str]]:
+    return [(h.session_id, h.position, h.message.text) for h in hits]
+
+
+def _fts_rows(path: Path) -> int:
+    with _raw(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM messages_fts").fetchone()[0])
+
+
+async def test_search_finds_words_across_sessions(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("older", [_user("The deployment failed"), _user("unrelated")])
+        await store.append(
+            "newer",
+            [ChatMessage.system("be brief"), _user("how do I DEPLOY this?"), _user("Café time")],
+        )
+        hits = await store.search("deploy")
+        assert _found(hits) == [  # newest session first, then by position; prefixes match
+            ("newer", 1, "how do I DEPLOY this?"),
+            ("older", 0, "The deployment failed"),
+        ]
+        # the full message comes back, equal to what was stored
+        assert hits[1].message == (await store.load("older"))[0]
+        assert _found(await store.search("deployment failed")) == [
+            ("older", 0, "The deployment failed")
+        ]
+        assert _found(await store.search("cafe")) == [("newer", 2, "Café time")]
+        assert await store.search("failed how") == []  # every word is required
+        assert await store.search("nowhere") == []
+
+
+async def test_search_limit_and_blank_queries(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("a", [_user(f"needle {i}") for i in range(10)])
+        await store.append("b", [_user("needle b")])
+        hits = await store.search("needle", limit=4)
+        assert _found(hits) == [("b", 0, "needle b")] + [("a", i, f"needle {i}") for i in range(3)]
+        assert len(await store.search("needle")) == 11
+        assert await store.search("needle", limit=0) == []
+        assert await store.search("") == []
+        assert await store.search("  \t\n ") == []
+        with pytest.raises(ValueError):
+            await store.search("needle", limit=-1)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        '"',
+        '"unbalanced',
+        "*",
+        "foo*",
+        "AND",
+        "OR NOT",
+        "a AND",
+        "(",
+        "(a OR b)",
+        ")",
+        "-",
+        "-x",
+        "NEAR(a b)",
+        "col:value",
+        "^start",
+        "{text}: x",
+        "it's",
+        "C++",
+        "50%_off",
+    ],
+)
+async def test_search_treats_fts_syntax_as_text(tmp_path: Path, query: str) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("s", [_user("a and b, not near: x (see foo-bar) it's 50%_off")])
+        hits = await store.search(query)
+        assert all(h.session_id == "s" for h in hits)
+
+
+async def test_search_special_characters_match_the_words(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append(
+            "s",
+            [_user("use foo-bar here"), _user("this AND that"), _user('say "hi" (twice)')],
+        )
+        assert _found(await store.search("foo-bar")) == [("s", 0, "use foo-bar here")]
+        assert _found(await store.search("and")) == [("s", 1, "this AND that")]
+        assert _found(await store.search('"hi"')) == [("s", 2, 'say "hi" (twice)')]
+        assert _found(await store.search("(twice)")) == [("s", 2, 'say "hi" (twice)')]
+        assert await store.search("-") == []  # no word characters: nothing to look for
+        assert _found(await store.search("- this")) == [("s", 1, "this AND that")]
+
+
+async def test_search_content_parts(tmp_path: Path) -> None:
+    parts = [
+        {"type": "text", "text": "look at this chart"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/plot.png"}},
+        {"type": "text", "text": "quarterly revenue"},
+    ]
+    async with SqliteStorage(tmp_path / "s.db") as store:
+        await store.append("s", [_user("plain"), ChatMessage.user(parts)])
+        hits = await store.search("quarterly")
+        assert [(h.position, h.message.content) for h in hits] == [(1, parts)]
+        assert _found(await store.search("chart revenue")) == [
+            ("s", 1, "look at this chart\nquarterly revenue")
+        ]
+        assert await store.search("example") == []  # only text parts are indexed
+
+
+async def test_search_has_no_stale_hits_after_any_write(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("t", [_user("common in t")])
+        await store.append("s", [_user(f"word{i} common") for i in range(6)])
+        assert len(await store.search("common")) == 7  # indexes everything
+
+        assert [m.text for m in await store.pop("s")] == ["word5 common"]
+        assert await store.search("word5") == []
+        # the popped row had the highest id, so SQLite gives it to the next message: that one
+        # must be indexed, and the popped text must not come back attached to it
+        await store.append("s", [_user("replacement common")])
+        with _raw(path) as conn:
+            assert conn.execute("SELECT max(id) FROM messages").fetchone()[0] == 7
+        assert _found(await store.search("replacement")) == [("s", 5, "replacement common")]
+        assert await store.search("word5") == []
+
+        await store.truncate("s", 2)
+        assert [h.position for h in await store.search("common") if h.session_id == "s"] == [0, 1]
+        assert await store.search("word3") == [] and await store.search("replacement") == []
+
+        await store.save("s", [_user("saved anew")])
+        assert await store.search("word0") == []
+        assert _found(await store.search("saved")) == [("s", 0, "saved anew")]
+
+        await store.delete("t")
+        assert await store.search("common") == []
+        assert _found(await store.search("anew")) == [("s", 0, "saved anew")]
+    assert _fts_rows(path) == 1  # nothing left behind for deleted messages
+
+
+async def test_search_indexes_new_messages_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends leave the index alone; a search indexes what is new, and only once."""
+    monkeypatch.setattr(sqlite_module, "INDEX_BATCH", 3)
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user(f"n{i} word") for i in range(10)])
+        assert _fts_rows(path) == 0
+        assert [h.position for h in await store.search("word")] == list(range(10))
+        assert _fts_rows(path) == 10
+        statements: list[str] = []
+        await _on_conn(store, lambda c: c.set_trace_callback(statements.append))
+        assert len(await store.search("word")) == 10
+        await _on_conn(store, lambda c: c.set_trace_callback(None))
+        assert not any(s.startswith("BEGIN") for s in statements), statements
+
+
+async def test_search_sees_messages_appended_by_another_connection(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as one, SqliteStorage(path) as two:
+        await one.append("s", [_user("first apple")])
+        assert len(await two.search("apple")) == 1
+        await two.append("s", [_user("second apple")])
+        await one.append("t", [_user("third apple")])
+        hits = await asyncio.gather(one.search("apple"), two.search("apple"))
+        assert (
+            _found(hits[0])
+            == _found(hits[1])
+            == [
+                ("t", 0, "third apple"),
+                ("s", 0, "first apple"),
+                ("s", 1, "second apple"),
+            ]
+        )
+    assert _fts_rows(path) == 3
+
+
+async def test_row_repaired_by_hand_is_reindexed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("original words")])
+        assert len(await store.search("original")) == 1
+        with _raw(path) as conn:
+            conn.execute("UPDATE messages SET data = '{oops'")
+        assert await store.search("original") == []  # a damaged row indexes as no text
+        with _raw(path) as conn:
+            conn.execute("UPDATE messages SET data = ?", (_user("repaired words").to_json(),))
+        assert _found(await store.search("repaired")) == [("s", 0, "repaired words")]
+        assert await store.search("original") == []
+
+
+async def test_version_1_database_upgrades_and_becomes_searchable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written by the version-1 schema gets the index, filled, when it is opened."""
+    path = tmp_path / "v1.db"
+    parts = [{"type": "text", "text": "old"}, {"type": "text", "text": "multipart kiwi"}]
+    with monkeypatch.context() as m:  # SqliteStorage as it was before m002
+        m.setattr(migrations, "MIGRATIONS", (migrations.m001_initial,))
+        m.setattr(migrations, "SCHEMA_VERSION", 1)
+        async with SqliteStorage(path) as old:
+            await old.append("a", [_user("kiwi one"), _user("banana"), _user("kiwi gone")])
+            await old.pop("a")
+            await old.append("b", [ChatMessage.user(parts), _user("kiwi two")])
+            await old.append("c", [_user("kiwi doomed")])
+            await old.delete("c")
+            # without the index, search is the scanning default (also the no-FTS5 fallback)
+            assert _found(await old.search("KIWI")) == [
+                ("b", 0, "old\nmultipart kiwi"),
+                ("b", 1, "kiwi two"),
+                ("a", 0, "kiwi one"),
+            ]
+        with _raw(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            assert "messages_fts" not in names
+    with _raw(path) as conn:
+        conn.execute("UPDATE messages SET data = '[1, 2]' WHERE session_id = 'a' AND seq = 1")
+    async with SqliteStorage(path) as store:
+        assert await store.count("a") == 2  # opens it: the migration runs
+        assert _fts_rows(path) == 4  # filled by the migration, damaged row included (as "")
+        assert _found(await store.search("kiwi")) == [
+            ("b", 0, "old\nmultipart kiwi"),
+            ("b", 1, "kiwi two"),
+            ("a", 0, "kiwi one"),
+        ]
+        assert await store.search("gone") == [] and await store.search("doomed") == []
+        await store.append("a", [_user("kiwi three")])
+        assert [h.position for h in await store.search("kiwi") if h.session_id == "a"] == [0, 2]
+    with _raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

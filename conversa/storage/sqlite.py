@@ -26,11 +26,12 @@ import aiosqlite
 
 from ..errors import CorruptSessionError, StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
-from ._sqlite_migrations import migrate
+from ._sqlite_migrations import FTS_TABLE, INDEX_AFTER_SQL, INDEXED_UPTO_SQL, migrate
 from ._urls import query_options, redact_url
 from .base import (
     _UNSET,
     ConversationStorage,
+    SearchHit,
     SessionInfo,
     info_fields,
     state_entries,
@@ -42,6 +43,8 @@ Durability = Literal["crash", "power"]
 DURABILITIES: tuple[str, ...] = get_args(Durability)
 BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
+INDEX_BATCH = 2000
+"""Messages a search indexes per write transaction while catching up (see m002)."""
 
 _SYNCHRONOUS = {"crash": "NORMAL", "power": "FULL"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -77,6 +80,7 @@ class SqliteStorage(ConversationStorage):
         self._db: aiosqlite.Connection | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
+        self._fts = False  # set on opening: whether the database has the m002 FTS5 index
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStorage:
@@ -132,7 +136,9 @@ class SqliteStorage(ConversationStorage):
         except sqlite3.Error as exc:
             raise _storage_error(exc, str(self._path)) from exc
         try:
-            await _on_thread(db, _setup, _SYNCHRONOUS[self._durability], str(self._path))
+            self._fts = await _on_thread(
+                db, _setup, _SYNCHRONOUS[self._durability], str(self._path)
+            )
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -204,6 +210,15 @@ class SqliteStorage(ConversationStorage):
         validate_session_id(session_id)
         return await self._run(_count, session_id)
 
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages in order: one indexed read of those rows only."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        validate_session_id(session_id)
+        if n == 0:
+            return []
+        return await self._run(_tail, session_id, n)
+
     async def truncate(self, session_id: str, keep: int) -> None:
         """Keep only the oldest ``keep`` messages."""
         if keep < 0:
@@ -274,6 +289,29 @@ class SqliteStorage(ConversationStorage):
             params.append(limit)
         return await self._run(_find_sessions, sql, params)
 
+    async def search(self, query: str, *, limit: int = 50) -> list[SearchHit]:
+        """Messages containing every word of ``query``, newest session first, then in order.
+
+        Uses the FTS5 index; messages appended since the last search are indexed first, in
+        batches of INDEX_BATCH, each its own short write transaction (see m002 for why).
+        Each whitespace-separated word must occur as a word or the start of one (``deploy``
+        finds "deployment"), ignoring case and accents. The words are quoted, so FTS syntax
+        (``"``, ``*``, ``AND``, ``NEAR``, parentheses, ``-``) is plain text; a word with no
+        letters or digits is ignored (alone, it finds nothing). Hits are ordered like the
+        default search (sessions most recently updated first, then by position), not by bm25,
+        so every backend lists them alike. Without FTS5 in this SQLite, the scanning default
+        search is used.
+        """
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        words = query.split()
+        if not words or limit == 0:
+            return []
+        await self._connection()  # opening tells whether the index exists
+        if not self._fts:
+            return await super().search(query, limit=limit)
+        return await self._run(_search, _fts_query(words), limit)
+
     # -- session state --------------------------------------------------------------------
 
     async def get_state(self, session_id: str) -> dict[str, Any]:
@@ -342,14 +380,19 @@ def _make_private_dirs(directory: Path) -> None:
         d.mkdir(mode=0o700, exist_ok=True)
 
 
-def _setup(conn: sqlite3.Connection, synchronous: str, where: str) -> None:
-    """PRAGMAs, then the schema migrations (runs on the connection's thread)."""
+def _setup(conn: sqlite3.Connection, synchronous: str, where: str) -> bool:
+    """PRAGMAs, then the schema migrations (runs on the connection's thread).
+
+    Returns whether the database has the full-text index (m002 skips it without FTS5).
+    """
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
     _enable_wal(conn)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     if synchronous == "FULL":
         conn.execute("PRAGMA fullfsync = ON")  # macOS: a plain fsync does not reach the disk
     migrate(conn, where)
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (FTS_TABLE,)).fetchone()
+    return found is not None
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -483,6 +526,58 @@ def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str]) -> 
 def _load(conn: sqlite3.Connection, sid: str) -> list[ChatMessage]:
     cur = conn.execute("SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq", (sid,))
     return [_parse(sid, seq, data) for seq, data in cur]
+
+
+def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
+    # newest first through the (session_id, seq) index, stopping after n rows
+    cur = conn.execute(
+        "SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (sid, n)
+    )
+    return [_parse(sid, seq, data) for seq, data in cur][::-1]
+
+
+def _search(conn: sqlite3.Connection, match: str, limit: int) -> list[SearchHit]:
+    _index_new_messages(conn)
+    # FTS_TABLE is our own constant; the user's text only ever reaches SQLite as a parameter
+    cur = conn.execute(
+        f"SELECT m.session_id, m.seq, m.data FROM {FTS_TABLE} AS f "
+        "JOIN messages AS m ON m.id = f.rowid "
+        "JOIN sessions AS s ON s.id = m.session_id "
+        f"WHERE {FTS_TABLE} MATCH ? ORDER BY s.updated_at DESC, m.seq LIMIT ?",
+        (match, limit),
+    )
+    return [SearchHit(sid, seq, _parse(sid, seq, data)) for sid, seq, data in cur]
+
+
+def _index_new_messages(conn: sqlite3.Connection) -> None:
+    """Index the messages above the highest indexed id (see m002), INDEX_BATCH per transaction.
+
+    Reads first, so a search with nothing new to index takes no write lock.
+    """
+    while _unindexed(conn) is not None:
+        with _write(conn):
+            # again under the lock: another connection may have indexed them meanwhile
+            upto = _unindexed(conn)
+            if upto is not None:
+                conn.execute(INDEX_AFTER_SQL, (upto, INDEX_BATCH))
+
+
+def _unindexed(conn: sqlite3.Connection) -> int | None:
+    """The highest indexed message id (0 for none) if some message above it is unindexed."""
+    row = conn.execute(INDEXED_UPTO_SQL).fetchone()
+    upto = int(row[0]) if row else 0
+    pending = conn.execute("SELECT 1 FROM messages WHERE id > ? LIMIT 1", (upto,)).fetchone()
+    return None if pending is None else upto
+
+
+def _fts_query(words: Sequence[str]) -> str:
+    """An FTS5 query requiring every word, each as a quoted phrase matched as a prefix.
+
+    Inside double quotes FTS5 syntax is plain text (a quote is written twice), so no input can
+    raise a syntax error; "foo-bar" becomes the phrase "foo bar", and a word with no token
+    characters (say "-") is an empty phrase, which FTS5 drops.
+    """
+    return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
 
 
 def _parse(sid: str, seq: int, data: Any) -> ChatMessage:
