@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import UnsupportedStorageURL
@@ -32,3 +33,20 @@ def query_options(url: str, allowed: set[str]) -> dict[str, str]:
             f"known options: {known}"
         )
     return options
+
+
+Durability = Literal["crash", "power"]
+"""What an acknowledged write survives: a killed process ("crash") or a power cut ("power")."""
+DURABILITIES: tuple[str, ...] = get_args(Durability)
+
+
+def durability_option(value: object, url: str | None = None) -> Durability:
+    """Check a durability setting (given directly, or as ``?durability=`` of ``url``)."""
+    if value in DURABILITIES:
+        return "power" if value == "power" else "crash"
+    where = f" in {redact_url(url)!r}" if url is not None else ""
+    message = (
+        f"unknown durability {value!r}{where}; use 'crash' (an acknowledged write survives the "
+        "process being killed) or 'power' (it survives a power cut too; slower)"
+    )
+    raise UnsupportedStorageURL(message) if url is not None else ValueError(message)

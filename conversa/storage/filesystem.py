@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import (
@@ -49,7 +49,7 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
-from ._urls import query_options, redact_url
+from ._urls import Durability, durability_option, query_options, redact_url
 from .base import (
     _UNSET,
     ConversationStorage,
@@ -64,8 +64,6 @@ from .base import (
 
 __all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
 
-Durability = Literal["crash", "power"]
-DURABILITIES: tuple[str, ...] = ("crash", "power")
 
 HISTORY_SUFFIX = ".jsonl"
 META_SUFFIX = ".meta.json"
@@ -321,11 +319,9 @@ class FileSystemStorage(ConversationStorage):
     def __init__(
         self, directory: str | os.PathLike[str] = "sessions", *, durability: str = "crash"
     ) -> None:
-        if durability not in DURABILITIES:
-            raise ValueError(f"durability must be 'crash' or 'power', not {durability!r}")
+        self._durability = durability_option(durability)
         self._dir = os.path.abspath(os.path.expanduser(os.fspath(directory)))
-        self._durability: Durability = "power" if durability == "power" else "crash"
-        self._fsync = durability == "power"
+        self._fsync = self._durability == "power"
         # path -> ((dev, inode), offset, fingerprint, lines): how many lines precede `offset`,
         # so count() reads only what was appended since it last looked.
         self._line_marks: dict[str, tuple[tuple[int, int], int, bytes, int]] = {}
@@ -338,12 +334,8 @@ class FileSystemStorage(ConversationStorage):
             raise UnsupportedStorageURL(
                 f"not a file:// URL: {redact_url(url)!r}; use file:///abs/dir or file://rel/dir"
             )
-        durability = query_options(url, {"durability"}).get("durability", "crash")
-        if durability not in DURABILITIES:
-            raise UnsupportedStorageURL(
-                f"durability={durability!r} in {redact_url(url)!r}: use durability=crash "
-                "(survives a killed process) or durability=power (survives a power cut, slower)"
-            )
+        option = query_options(url, {"durability"}).get("durability", "crash")
+        durability = durability_option(option, url)
         directory = unquote(parts.netloc + parts.path) or "sessions"
         return cls(directory, durability=durability)
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from os import PathLike
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast, get_args
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import aiosqlite
@@ -27,7 +27,7 @@ import aiosqlite
 from ..errors import CorruptSessionError, StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
 from ._sqlite_migrations import FTS_TABLE, INDEX_AFTER_SQL, INDEXED_UPTO_SQL, migrate
-from ._urls import query_options, redact_url
+from ._urls import Durability, durability_option, query_options, redact_url
 from .base import (
     _UNSET,
     ConversationStorage,
@@ -39,8 +39,6 @@ from .base import (
     validate_session_id,
 )
 
-Durability = Literal["crash", "power"]
-DURABILITIES: tuple[str, ...] = get_args(Durability)
 BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
 INDEX_BATCH = 2000
@@ -68,15 +66,10 @@ class SqliteStorage(ConversationStorage):
     def __init__(
         self, path: str | PathLike[str] = "sessions.db", *, durability: Durability = "crash"
     ) -> None:
-        if durability not in DURABILITIES:
-            raise ValueError(
-                f"unknown durability {durability!r}; use 'crash' (survives the process being "
-                "killed) or 'power' (also survives power loss, slower)"
-            )
+        self._durability = durability_option(durability)
         text = os.fspath(path)
         self._memory = text == ":memory:"
         self._path = Path(text) if self._memory else Path(text).expanduser().absolute()
-        self._durability: Durability = durability
         self._db: aiosqlite.Connection | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
@@ -91,13 +84,8 @@ class SqliteStorage(ConversationStorage):
                 f"bad SQLite URL {redact_url(url)!r}: use sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (three slashes, then the path)"
             )
-        durability = query_options(url, {"durability"}).get("durability", "crash")
-        if durability not in DURABILITIES:
-            raise UnsupportedStorageURL(
-                f"unknown durability {durability!r} in {redact_url(url)!r}; "
-                "use durability=crash or durability=power"
-            )
-        return cls(unquote(parts.path[1:]), durability=cast(Durability, durability))
+        option = query_options(url, {"durability"}).get("durability", "crash")
+        return cls(unquote(parts.path[1:]), durability=durability_option(option, url))
 
     @property
     def path(self) -> Path:
