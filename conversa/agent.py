@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import re
-import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .context import describe_tools_for_text_protocol, interrupted_result
+from .context import INTERRUPTED_RESULT
 from .errors import ModelError, ToolError, ToolsUnsupported
 from .messages import ChatMessage, ToolCall
 from .model import ModelResponse, TextDelta, ToolCallStarted, Usage
@@ -26,6 +26,8 @@ from .model import ModelResponse, TextDelta, ToolCallStarted, Usage
 if TYPE_CHECKING:
     from .session import Session
     from .tools import Tool
+
+log = logging.getLogger(__name__)
 
 StopReason = Literal["final_answer", "max_iterations", "cancelled", "error"]
 ReactMode = Literal["auto", "tools", "text"]
@@ -204,7 +206,11 @@ async def _approved(session: Session, tool: Tool | None, call: ToolCall) -> bool
         arguments = json.loads(call.arguments or "{}")
     except json.JSONDecodeError:
         arguments = {"_raw": call.arguments}
-    return bool(await _maybe_await(session.approve(call.name, arguments)))
+    try:
+        return bool(await _maybe_await(session.approve(call.name, arguments)))
+    except Exception:
+        log.warning("the approve callback failed for %s; treating it as denied", call.name)
+        return False
 
 
 def _denied(call: ToolCall) -> str:
@@ -304,6 +310,17 @@ async def run_turn(
                 yield event
     except ModelError as exc:
         yield turn.result("", "error", success=False, error=str(exc))
+    except asyncio.CancelledError:
+        if not session._cancel_requested:
+            raise
+        # Session.cancel() asked for this: end the turn with a result instead of an error.
+        session._cancel_requested = False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        last = turn.stored[-1] if turn.stored else None
+        partial = last.text if last is not None and last.role == "assistant" else ""
+        yield turn.result(partial, "cancelled", success=False, error="the turn was cancelled")
 
 
 async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
@@ -313,7 +330,6 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
     request = await session._build_request(with_tools=tools, limit_note=not tools)
     partial: list[str] = []
     model = session.model
-    started = time.perf_counter()
     try:
         if turn.stream:
             response = None
@@ -342,13 +358,9 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
     for interceptor in session.response_interceptors:
         changed = await _maybe_await(interceptor(response, session))
         response = changed if changed is not None else response
-    message = response.message
-    if "latency_ms" not in message.metadata:
-        latency = round((time.perf_counter() - started) * 1000, 1)
-        message = message.replace(metadata={**message.metadata, "latency_ms": latency})
     turn.usage = turn.usage + response.usage
-    await turn.store(message)
-    yield ModelResponse(message=message, usage=response.usage, finish_reason=response.finish_reason)
+    await turn.store(response.message)
+    yield response
 
 
 async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEvent, None]:
@@ -358,7 +370,6 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
     thought = message.text or None
     tools = [session.tools.get(c.name) for c in calls]
     tasks: list[asyncio.Task[tuple[str, bool]] | None] = []
-    recorded = 0
     try:
         # Approvals are asked one at a time, in order, before anything runs.
         approvals = [await _approved(session, t, c) for t, c in zip(tools, calls, strict=True)]
@@ -372,16 +383,15 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
             output, ok = (await task) if task is not None else (_denied(call), False)
             result = ChatMessage.tool(call.id, output, metadata={"tool": call.name, "ok": ok})
             await turn.store(result)
-            recorded += 1
             turn.steps.append(Step(thought, call.name, _arguments(call), output))
             yield ToolDone(call, output, ok)
-    except (asyncio.CancelledError, GeneratorExit):
+    except BaseException:
+        # Cancelled, closed or failed half-way: stop what still runs and answer every call
+        # that has no stored result yet, so the history stays valid model input.
         for task in tasks:
             if task is not None:
                 task.cancel()
-        missing = [interrupted_result(c.id) for c in calls[recorded:]]
-        if missing:
-            await turn.store(*missing)
+        await session._answer_dangling_calls()
         raise
 
 
@@ -404,14 +414,21 @@ async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEv
         yield turn.result(reply.final_answer, "final_answer", success=True)
         return
     if reply.action is not None:
-        call = ToolCall(id=f"text_{turn.iterations}", name=reply.action, arguments="{}")
-        call = ToolCall(call.id, reply.action, json.dumps(reply.action_input or {}))
+        call = ToolCall(f"text_{turn.iterations}", reply.action, json.dumps(reply.action_input))
         tool = session.tools.get(reply.action)
-        if await _approved(session, tool, call):
-            yield ToolRunning(call)
-            output, ok = await _execute(session, tool, call)
-        else:
-            output, ok = _denied(call), False
+        try:
+            if await _approved(session, tool, call):
+                yield ToolRunning(call)
+                output, ok = await _execute(session, tool, call)
+            else:
+                output, ok = _denied(call), False
+        except BaseException:
+            # the action never finished: say so, as the native protocol's repair does
+            meta = {"observation": True, "tool": reply.action, "interrupted": True}
+            await turn.store(
+                ChatMessage.user(OBSERVATION_PREFIX + INTERRUPTED_RESULT, metadata=meta)
+            )
+            raise
         turn.steps.append(Step(reply.thought, reply.action, reply.action_input, output))
         yield ToolDone(call, output, ok)
     else:
@@ -437,8 +454,3 @@ async def _limit_reached(turn: _Turn) -> AsyncGenerator[TurnEvent, None]:
                 elif not text_mode:
                     yield event
     yield turn.result(last, "max_iterations", success=False, error=error)
-
-
-def text_protocol_prompt(schemas: Sequence[dict[str, Any]]) -> str:
-    """The instructions the text protocol adds to the system prompt."""
-    return describe_tools_for_text_protocol(schemas)

@@ -125,11 +125,22 @@ class PromptHistory:
             return repair(self.messages).to_store
         return [interrupted_result(cid) for cid in self._pending]
 
-    def prompt(self) -> list[dict[str, Any]]:
-        """The wire messages the model may see: repaired if needed, a fresh list either way."""
+    def prompt(self) -> tuple[list[dict[str, Any]], int | None]:
+        """The wire messages the model may see (a fresh list, repaired if needed), and the
+        index among them of the user's newest message (observations do not count)."""
         if not self._damaged and not self._pending:
-            return list(self.wire)
-        return [m.to_openai() for m in repair(self.messages).messages]
+            return list(self.wire), newest_user_index(self.messages)
+        fixed = repair(self.messages).messages
+        return [m.to_openai() for m in fixed], newest_user_index(fixed)
+
+
+def newest_user_index(messages: Sequence[ChatMessage]) -> int | None:
+    """The index of the newest message the user wrote (not a text-protocol observation)."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.role == "user" and not m.metadata.get("observation"):
+            return i
+    return None
 
 
 def _units(messages: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -151,36 +162,40 @@ def trim(
     messages: list[dict[str, Any]],
     budget: int | None,
     count: TokenCounter = estimate_tokens,
+    *,
+    keep: int | None = None,
 ) -> list[dict[str, Any]]:
     """The system messages plus the newest messages that fit in ``budget`` tokens.
 
-    Tool calls are never split from their results and the newest user message is always kept,
-    even when it alone exceeds the budget.
+    Tool calls are never split from their results, and the message at index ``keep`` (by
+    default the newest user message) is always kept, even when it alone exceeds the budget.
     """
     if budget is None:
         return system + messages
     left = budget - sum(count(m) for m in system)
     units = _units(messages)
     cost = [sum(count(messages[k]) for k in range(a, b)) for a, b in units]
-    newest_user = max(
-        (u for u, (a, _) in enumerate(units) if messages[a].get("role") == "user"), default=None
-    )
-    keep: set[int] = set()
+    if keep is None:
+        keep = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    newest_user = None  # the unit that holds message `keep`
+    if keep is not None:
+        newest_user = next(u for u, (a, b) in enumerate(units) if a <= keep < b)
+    chosen: set[int] = set()
     u = len(units) - 1
     while u >= 0 and u != newest_user and cost[u] <= left:
-        keep.add(u)
+        chosen.add(u)
         left -= cost[u]
         u -= 1
     if newest_user is not None:
-        keep.add(newest_user)
+        chosen.add(newest_user)
         left -= cost[newest_user]
         if u == newest_user:  # everything newer fitted: go on into older history
             u -= 1
             while u >= 0 and cost[u] <= left:
-                keep.add(u)
+                chosen.add(u)
                 left -= cost[u]
                 u -= 1
-    kept = [messages[k] for u, (a, b) in enumerate(units) if u in keep for k in range(a, b)]
+    kept = [messages[k] for u, (a, b) in enumerate(units) if u in chosen for k in range(a, b)]
     return system + kept
 
 

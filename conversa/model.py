@@ -262,7 +262,9 @@ class OpenAIChatModel:
         choice = choices[0]
         calls = [
             ToolCall(
-                id=c.id or _new_call_id(), name=c.function.name, arguments=c.function.arguments
+                id=c.id or _new_call_id(),
+                name=c.function.name,
+                arguments=c.function.arguments or "{}",
             )
             for c in (choice.message.tool_calls or [])
             if getattr(c, "function", None) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from os import PathLike
@@ -21,9 +22,15 @@ from .agent import (
     TurnDone,
     TurnEvent,
     run_turn,
-    text_protocol_prompt,
 )
-from .context import PromptHistory, TokenCounter, estimate_tokens, trim
+from .context import (
+    PromptHistory,
+    TokenCounter,
+    describe_tools_for_text_protocol,
+    estimate_tokens,
+    newest_user_index,
+    trim,
+)
 from .errors import ConversaError
 from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
@@ -33,7 +40,7 @@ from .storage import ConversationStorage, open_storage, validate_session_id
 if TYPE_CHECKING:
     from .tools import Tool, ToolRegistry
 
-USER_PART_PREFIX = "__user_part_"
+USER_PART_PREFIX = "__user_part_"  # internal state keys start with __
 REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
 
@@ -85,6 +92,9 @@ class Session:
         self._protocol = "text" if react_mode == "text" else "tools"
         self._history = PromptHistory()
         self._lock = asyncio.Lock()
+        self._owns_storage = False
+        self._turn_task: asyncio.Task[Any] | None = None
+        self._cancel_requested = False
 
     # -- model ------------------------------------------------------------------------
 
@@ -114,6 +124,10 @@ class Session:
 
     async def refresh(self) -> None:
         """Catch up with what other processes stored; loads the history only if it changed."""
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         count = await self.storage.count(self.session_id)
         if count == len(self._history):
             newest = await self.storage.tail(self.session_id, 1) if count else []
@@ -122,7 +136,20 @@ class Session:
         self._history = PromptHistory(await self.storage.load(self.session_id))
 
     async def _append(self, messages: Sequence[ChatMessage]) -> None:
-        await self.storage.append(self.session_id, messages)
+        """Store messages and take them into the cached history, even if cancelled meanwhile.
+
+        A storage write that has started may complete after its caller is cancelled (it runs
+        in a thread or on a server): waiting for it keeps the cache equal to what is stored.
+        """
+        write = asyncio.ensure_future(self.storage.append(self.session_id, messages))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await write
+            if write.done() and not write.cancelled() and write.exception() is None:
+                self._history.extend(messages)
+            raise
         self._history.extend(messages)
 
     async def clear_history(self) -> None:
@@ -131,19 +158,11 @@ class Session:
             await self.storage.save(self.session_id, [])
             self._history = PromptHistory()
 
-    def _last_user_index(self) -> int | None:
-        messages = self._history.messages
-        for i in range(len(messages) - 1, -1, -1):
-            m = messages[i]
-            if m.role == "user" and not m.metadata.get("observation"):
-                return i
-        return None
-
     async def undo(self) -> list[ChatMessage]:
         """Remove the last user message and everything after it; returns what was removed."""
         async with self._lock:
-            await self.refresh()
-            index = self._last_user_index()
+            await self._refresh()
+            index = newest_user_index(self._history.messages)
             if index is None:
                 return []
             await self.storage.truncate(self.session_id, index)
@@ -188,47 +207,70 @@ class Session:
             if message.role != "user":
                 raise ValueError(f"send a user message, not a {message.role} message")
         async with self._lock:
-            await self.refresh()
+            await self._refresh()
             await self.state.reload()
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
-            dangling = self._history.dangling()
-            if dangling:
-                await self._append(dangling)
+            await self._answer_dangling_calls()
             if message is None:
-                index = self._last_user_index()
+                index = newest_user_index(self._history.messages)
                 if index is None:
                     raise ConversaError("there is no user message to retry; send one first")
                 await self.storage.truncate(self.session_id, index + 1)
                 self._history.truncate(index + 1)
+            self._turn_task, self._cancel_requested = asyncio.current_task(), False
             turn = run_turn(
                 self,
                 message,
-                max_iterations=max_iterations or self.max_iterations,
+                max_iterations=self.max_iterations if max_iterations is None else max_iterations,
                 stream=stream,
                 on_limit=self.on_limit,
             )
-            async with aclosing(turn) as events:
-                async for event in events:
-                    yield event
+            try:
+                async with aclosing(turn) as events:
+                    async for event in events:
+                        yield event
+            finally:
+                self._turn_task = None
 
-    async def _build_request(self, *, with_tools: bool, limit_note: bool) -> ModelRequest:
-        """The prompt for the next model call: repaired, trimmed, intercepted."""
+    def cancel(self) -> bool:
+        """Stop the turn in progress; it ends with stop_reason "cancelled", its partial answer
+        stored (marked interrupted) and the history valid. False if no turn is running.
+
+        send_message and retry then return that result. A stream ends with it when the cancel
+        reaches the turn itself, or raises CancelledError if the consumer was awaiting
+        something else at that moment.
+        """
+        task = self._turn_task
+        if task is None or task.done():
+            return False
+        self._cancel_requested = True
+        task.cancel()
+        return True
+
+    async def _answer_dangling_calls(self) -> None:
+        """Store interrupted results for tool calls left unanswered at the end of the history."""
         dangling = self._history.dangling()
         if dangling:
             await self._append(dangling)
+
+    async def _build_request(self, *, with_tools: bool, limit_note: bool) -> ModelRequest:
+        """The prompt for the next model call: repaired, trimmed, intercepted."""
         text_mode = self._protocol == "text"
         schemas = self.tools.openai_schemas() if len(self.tools) else []
         system_lines = [self.system_prompt] if self.system_prompt else []
         if text_mode and schemas and with_tools:
-            system_lines.append(text_protocol_prompt(schemas))
+            system_lines.append(describe_tools_for_text_protocol(schemas))
         if limit_note:
             system_lines.append(LIMIT_NOTE)
-        wire = self._history.prompt()
+        wire, user_index = self._history.prompt()
         if self.request_interceptors:
             # interceptors may edit messages in place; the cached wire forms must not change
             wire = [dict(m) for m in wire]
-        self._attach_user_parts(wire)
+        anchor = None  # the user's newest message: it always stays in the prompt
+        if user_index is not None:
+            self._attach_user_parts(wire, user_index)
+            anchor = wire[user_index]
         request = ModelRequest(
             messages=wire, tools=schemas if (schemas and with_tools and not text_mode) else None
         )
@@ -238,22 +280,22 @@ class Session:
             request = changed if isinstance(changed, ModelRequest) else request
         system_lines.extend(request.extra_system)
         system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
-        request.messages = trim(system, request.messages, self.context_window, self.token_counter)
+        keep = next((i for i, m in enumerate(request.messages) if m is anchor), None)
+        request.messages = trim(
+            system, request.messages, self.context_window, self.token_counter, keep=keep
+        )
         return request
 
     # -- user parts: content attached to every user message sent to the model ---------
 
-    def _attach_user_parts(self, wire: list[dict[str, Any]]) -> None:
-        parts = [v for k, v in self.state.items() if k.startswith(USER_PART_PREFIX)]
+    def _attach_user_parts(self, wire: list[dict[str, Any]], index: int) -> None:
+        parts = [v for k, v in self.state.items(internal=True) if k.startswith(USER_PART_PREFIX)]
         if not parts:
             return
-        for i in range(len(wire) - 1, -1, -1):
-            if wire[i]["role"] == "user":
-                content = wire[i]["content"]
-                base = [{"type": "text", "text": content}] if isinstance(content, str) else content
-                # a new dict: the cached wire form of the stored message must stay as it is
-                wire[i] = {**wire[i], "content": [*base, *parts]}
-                return
+        content = wire[index]["content"]
+        base = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        # a new dict: the cached wire form of the stored message must stay as it is
+        wire[index] = {**wire[index], "content": [*base, *parts]}
 
     async def set_user_part_text(self, name: str, text: str) -> None:
         """Attach a text part to the user's messages until it is deleted."""
@@ -275,12 +317,13 @@ class Session:
 
     async def clear_user_parts(self) -> None:
         """Stop attaching any user part."""
-        for key in [k for k in self.state if k.startswith(USER_PART_PREFIX)]:
+        for key in [k for k in self.state.keys(internal=True) if k.startswith(USER_PART_PREFIX)]:
             await self.state.delete(key)
 
     async def close(self) -> None:
-        """Close the storage this session opened."""
-        await self.storage.close()
+        """Close the storage if create_session opened it from a URL or path."""
+        if self._owns_storage:
+            await self.storage.close()
 
     async def __aenter__(self) -> Session:
         return self
@@ -313,8 +356,9 @@ async def create_session(
     """
     store = open_storage(storage)
     session = Session(session_id, store, **options)
+    session._owns_storage = store is not storage
     if not await store.exists(session_id):
-        await store.save(session_id, [])
+        await store.append(session_id, [])  # unlike save, never erases what another wrote
     await session.refresh()
     await session.state.reload()
     if session.user_id is not None:

@@ -20,8 +20,21 @@ def _to_json_value(value: Any) -> Any:
     return value
 
 
+INTERNAL_PREFIX = "__"
+
+
+def is_internal(key: str) -> bool:
+    """Keys starting with "__" belong to conversa and its apps (user parts, CLI settings)."""
+    return key.startswith(INTERNAL_PREFIX)
+
+
 class SessionState:
-    """A session's key-value state: reads come from a cache, writes go straight to storage."""
+    """A session's key-value state: reads come from a cache, writes go straight to storage.
+
+    Keys starting with "__" are internal (user parts, the CLI's settings): get, set, has and
+    delete reach them, but keys, items, to_dict, clear and from_dict leave them out, so a
+    tool that lists or clears the state (such as session_data) cannot see or wipe them.
+    """
 
     def __init__(self, storage: ConversationStorage, session_id: str) -> None:
         self._storage = storage
@@ -83,14 +96,17 @@ class SessionState:
         self._modified = True
 
     async def clear(self) -> None:
-        """Remove every key."""
-        await self._storage.clear_state(self._session_id)
-        self._values.clear()
-        self._expires.clear()
+        """Remove every key that is not internal."""
+        keys = self.keys()
+        if keys:
+            await self._storage.delete_state(self._session_id, keys)
+        for key in keys:
+            self._values.pop(key, None)
+            self._expires.pop(key, None)
         self._modified = True
 
     async def from_dict(self, values: Mapping[str, Any]) -> None:
-        """Replace the whole state with ``values``."""
+        """Replace the state (but its internal keys) with ``values``."""
         await self.clear()
         if values:
             await self.update(values)
@@ -102,13 +118,13 @@ class SessionState:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._live(key)
 
-    def keys(self) -> list[str]:
-        """The live keys."""
-        return [k for k in list(self._values) if self._live(k)]
+    def keys(self, *, internal: bool = False) -> list[str]:
+        """The live keys (with ``internal=True`` also those starting with "__")."""
+        return [k for k in list(self._values) if (internal or not is_internal(k)) and self._live(k)]
 
-    def items(self) -> list[tuple[str, Any]]:
+    def items(self, *, internal: bool = False) -> list[tuple[str, Any]]:
         """The live (key, value) pairs."""
-        return [(k, self._values[k]) for k in self.keys()]
+        return [(k, self._values[k]) for k in self.keys(internal=internal)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -117,7 +133,7 @@ class SessionState:
         return len(self.keys())
 
     def to_dict(self) -> dict[str, Any]:
-        """A copy of the live state."""
+        """A copy of the live state, without internal keys."""
         return dict(self.items())
 
     @property
@@ -127,7 +143,7 @@ class SessionState:
 
     @property
     def is_empty(self) -> bool:
-        """Whether no live key is set."""
+        """Whether no live key (but internal ones) is set."""
         return not self.keys()
 
     def __repr__(self) -> str:

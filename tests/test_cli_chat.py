@@ -345,7 +345,7 @@ def test_commands_completion_paste_and_export(
     say(child, "/model other-model", "model: other-model")
     say(child, "next", "echo: next")
     assert server.requests[-1]["model"] == "other-model"
-    say(child, "/state", "conversa.model", "other-model")
+    say(child, "/state", "the state is empty")  # the CLI's own settings are internal keys
     markdown, data = tmp_path / "chat.md", tmp_path / "chat.json"
     say(child, f"/export {markdown}", f"exported 6 messages to {markdown}")
     say(child, f"/export {data}", f"exported 6 messages to {data}")
@@ -354,7 +354,7 @@ def test_commands_completion_paste_and_export(
     document = json.loads(data.read_text())
     assert document["session_id"] == "alice"
     assert [m["content"] for m in document["messages"]][-1] == "echo: next"
-    assert document["state"]["conversa.model"] == "other-model"
+    assert document["state"]["__conversa.model"] == "other-model"
 
 
 def test_piped_input_is_read_line_by_line(env: dict[str, str], server: FakeOpenAIServer) -> None:

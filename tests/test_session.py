@@ -17,6 +17,7 @@ from conversa import (
     ModelRequest,
     ModelResponse,
     Session,
+    StorageError,
     TextDelta,
     ToolCall,
     ToolDone,
@@ -28,7 +29,7 @@ from conversa import (
     tool,
 )
 from conversa.context import INTERRUPTED_RESULT
-from conversa.testing.replies import text, tool_call, tool_calls
+from conversa.testing.replies import slow, text, tool_call, tool_calls
 from conversa.testing.scripted import ScriptedModel
 
 
@@ -528,9 +529,10 @@ async def test_stream_events_in_order() -> None:
 
 
 async def test_concurrent_turns_on_one_session_are_serialised() -> None:
-    session = await new(
-        ScriptedModel(default_reply=lambda req: text("re: " + req["messages"][-1]["content"]))
-    )
+    def answer(request: dict[str, Any]) -> Any:  # slow, so unserialised turns would interleave
+        return slow(0.05, "re: " + request["messages"][-1]["content"])
+
+    session = await new(ScriptedModel(default_reply=answer))
     await asyncio.gather(session.send_message("one"), session.send_message("two"))
     texts = [m.text for m in session.history]
     assert texts in (["one", "re: one", "two", "re: two"], ["two", "re: two", "one", "re: one"])
@@ -572,3 +574,176 @@ async def test_bad_options_are_rejected() -> None:
     for kw in ({"react_mode": "smart"}, {"max_iterations": 0}, {"on_limit": "explode"}):
         with pytest.raises(ValueError):
             await create_session("x", "memory://", **kw)
+
+
+# -- cancel, failures half-way, and what the model may not touch -------------------------------
+
+
+async def test_cancel_ends_the_turn_with_a_cancelled_result() -> None:
+    started = asyncio.Event()
+
+    @tool
+    async def hang() -> str:
+        """Never returns."""
+        started.set()
+        await asyncio.sleep(3600)
+        return "never"
+
+    model = ScriptedModel([tool_call("hang", {}), "after"])
+    session = await new(model, tools=[hang])
+    assert not session.cancel()  # nothing runs yet
+    turn = asyncio.create_task(session.send_message("go"))
+    await asyncio.wait_for(started.wait(), 5)
+    assert session.cancel()
+    result = await turn
+    assert (result.stop_reason, result.success) == ("cancelled", False)
+    assert [m.role for m in session.history] == ["user", "assistant", "tool"]
+    assert session.history[-1].metadata["interrupted"] is True
+    assert (await session.send_message("again")).result == "after"
+
+
+async def test_cancel_while_streaming_keeps_the_partial_answer() -> None:
+    session = await new(ScriptedModel([slow(0.0, "one two three four five six")]))
+    events: list[Any] = []
+    async for event in session.stream_message("talk"):
+        events.append(event)
+        if isinstance(event, TextDelta) and len(events) == 2:
+            session.cancel()
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.result.stop_reason == "cancelled"
+    stored = session.history[-1]
+    assert stored.role == "assistant" and stored.metadata["interrupted"] is True
+    assert done.result.result == stored.text and stored.text.startswith("one")
+
+
+class SlowAcknowledgement(InMemoryStorage):
+    """Stores at once but answers late, like a server whose reply is still on its way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored = asyncio.Event()
+
+    async def append(self, session_id: str, messages: Any) -> None:
+        await super().append(session_id, messages)
+        if any(m.role == "tool" for m in messages):
+            self.stored.set()
+            await asyncio.sleep(0.2)
+
+
+async def test_a_cancel_during_a_write_never_answers_a_call_twice() -> None:
+    store = SlowAcknowledgement()
+    model = ScriptedModel([tool_call("add", {"a": 1, "b": 2}), "after"])
+    session = await create_session("s", store, model=model, tools=[add])
+    turn = asyncio.create_task(session.send_message("add"))
+    await asyncio.wait_for(store.stored.wait(), 5)
+    turn.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await turn
+    stored = await store.load("s")
+    assert [m.role for m in stored] == ["user", "assistant", "tool"]
+    assert stored[2].content == "3"
+    assert session.history == stored
+    assert (await session.send_message("next")).success
+
+
+async def test_a_failing_approver_counts_as_denied() -> None:
+    def approve(name: str, args: dict[str, Any]) -> bool:
+        raise RuntimeError("approval UI crashed")
+
+    model = ScriptedModel([tool_call("delete_everything", {"path": "/"}), "ok"])
+    session = await new(model, approve=approve)
+    result = await session.send_message("go")
+    assert result.success and "did not approve" in (result.steps[0].observation or "")
+
+
+async def test_a_storage_failure_mid_tools_still_leaves_valid_history() -> None:
+    class FailsOnce(InMemoryStorage):
+        failed = False
+
+        async def append(self, session_id: str, messages: Any) -> None:
+            if not self.failed and any(m.role == "tool" for m in messages):
+                self.failed = True
+                raise OSError("disk full")
+            await super().append(session_id, messages)
+
+    model = ScriptedModel([tool_calls(("add", {"a": 1, "b": 1}), ("add", {"a": 2, "b": 2})), "ok"])
+    session = await create_session("s", FailsOnce(), model=model, tools=[add])
+    with pytest.raises(OSError):
+        await session.send_message("go")
+    stored = await session.storage.load("s")
+    assert [m.role for m in stored] == ["user", "assistant", "tool", "tool"]
+    assert all(m.metadata.get("interrupted") for m in stored[2:])
+
+
+async def test_refresh_waits_for_the_running_turn() -> None:
+    class SlowUserAck(InMemoryStorage):
+        stored = asyncio.Event()
+
+        async def append(self, session_id: str, messages: Any) -> None:
+            await super().append(session_id, messages)
+            if messages and messages[0].role == "user":
+                self.stored.set()
+                await asyncio.sleep(0.1)
+
+    store = SlowUserAck()
+    session = await create_session("s", store, model=ScriptedModel(["answer"]))
+    turn = asyncio.create_task(session.send_message("q"))
+    await asyncio.wait_for(store.stored.wait(), 5)
+    await session.refresh()  # the message is stored but not yet acknowledged to the turn
+    await turn
+    assert [m.text for m in session.history] == ["q", "answer"]
+    assert session.history == await store.load("s")
+
+
+async def test_close_only_closes_a_storage_it_opened(tmp_path: Any) -> None:
+    class Tracking(InMemoryStorage):
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    given = Tracking()
+    await (await create_session("a", given, model=ScriptedModel())).close()
+    assert not given.closed
+    owned = await create_session("b", f"sqlite:///{tmp_path}/s.db", model=ScriptedModel())
+    await owned.close()
+    with pytest.raises(StorageError, match="closed"):
+        await owned.storage.count("b")
+
+
+async def test_max_iterations_zero_is_rejected() -> None:
+    session = await new(ScriptedModel(["x"]))
+    with pytest.raises(ValueError, match="at least 1"):
+        await session.send_message("q", max_iterations=0)
+
+
+async def test_text_mode_keeps_the_users_question_and_parts_on_it() -> None:
+    model = ScriptedModel(
+        ['{"action": "add", "action_input": {"a": 1, "b": 2}}', '{"final_answer": "3"}']
+    )
+    store = InMemoryStorage()
+    await store.save("s", [ChatMessage.user("old " * 400), ChatMessage.assistant("old")])
+    session = await create_session(
+        "s", store, model=model, tools=[add], react_mode="text", context_window=150
+    )
+    await session.set_user_part_text("note", "on mobile")
+    await session.send_message("what is 1+2?")
+    sent = model.requests[1].messages
+    user_parts = [m for m in sent if isinstance(m["content"], list)]
+    assert len(user_parts) == 1
+    assert user_parts[0]["content"][0]["text"] == "what is 1+2?"
+    assert sent[-1]["content"] == "Observation: 3"
+    assert all("old" not in str(m["content"]) for m in sent[1:])
+
+
+async def test_internal_state_keys_are_hidden_from_listing_and_clearing() -> None:
+    session = await new(ScriptedModel())
+    await session.set_user_part_text("note", "kept")
+    await session.state.set("__app.secret", 1)
+    await session.state.set("visible", 2)
+    assert session.state.keys() == ["visible"]
+    assert session.state.to_dict() == {"visible": 2}
+    assert session.state.get("__app.secret") == 1
+    await session.state.clear()
+    assert session.state.is_empty
+    assert set(await session.storage.get_state("s")) == {"__user_part_note", "__app.secret"}

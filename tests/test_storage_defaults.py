@@ -30,6 +30,7 @@ class MinimalStorage(ConversationStorage):
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         self._touch(session_id)
         self.rows[session_id] = [m.to_json() for m in history]
+        await self.touch(session_id)
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         validate_session_id(session_id)

@@ -130,7 +130,8 @@ async def _export(repl: Repl, argument: str) -> None:
     path = Path(argument or f"{session.session_id}.md").expanduser()
     if format_for(str(path)) == "json":
         info = await repl.storage.get_info(session.session_id)
-        text = to_json(session.session_id, session.history, info, session.state.to_dict())
+        state = dict(session.state.items(internal=True))
+        text = to_json(session.session_id, session.history, info, state)
     else:
         text = to_markdown(session.session_id, session.history, session.system_prompt)
     path.write_text(text, encoding="utf-8")

@@ -12,9 +12,9 @@ if TYPE_CHECKING:
     from ..storage import ConversationStorage
     from ..tools import Tool
 
-SYSTEM_KEY = "conversa.system_prompt"
+SYSTEM_KEY = "__conversa.system_prompt"
 """The session-state key that keeps a session's system prompt across restarts."""
-MODEL_KEY = "conversa.model"
+MODEL_KEY = "__conversa.model"
 """The session-state key that keeps the model chosen with /model."""
 
 

@@ -86,16 +86,12 @@ def import_session(
         fail("reading stdin, the session needs an id: add --as ID")
 
     async def work(store: ConversationStorage) -> None:
-        from ..storage.base import title_from
+        from ..storage.transfer import write_session
 
         if await store.exists(session_id) and not replace:
             fail(f"session {session_id!r} exists; import it --as another id, or --replace it")
-        await store.save(session_id, imported.messages)
-        await store.clear_state(session_id)
-        if imported.state:
-            await store.set_state(session_id, imported.state)
-        if imported.title and imported.title != title_from(imported.messages):
-            await store.update_info(session_id, title=imported.title)
+        state = imported.state or {}
+        await write_session(store, session_id, imported.messages, state, title=imported.title)
 
     with_storage(ctx, storage, work)
     click.echo(f"imported {len(imported.messages)} messages into {session_id}")

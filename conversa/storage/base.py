@@ -1,6 +1,6 @@
 """ConversationStorage: the contract every backend obeys, with defaults built on its core.
 
-The contract (conversa.testing.storage_conformance checks all of it):
+The contract (conversa.testing.conformance.StorageConformance checks all of it):
 
 * ``save(sid, history)`` replaces the whole history atomically; ``save(sid, [])`` leaves an
   existing, empty session.
@@ -176,6 +176,21 @@ class ConversationStorage(ABC):
         """Add ``messages`` to the end of the history, in one piece."""
         history = await self.load(session_id)
         await self.save(session_id, [*history, *messages])
+        await self.touch(session_id)
+
+    async def touch(self, session_id: str) -> None:
+        """Record the time of a history write in the meta dict, where there is one.
+
+        The default get_info takes updated_at from it and from the messages' own times, so a
+        core-only backend's save() should call this too.
+        """
+        try:
+            meta = await self.load_meta(session_id) or {}
+        except NotImplementedError:
+            return
+        meta.setdefault("created_at", time.time())
+        meta["updated_at"] = time.time()
+        await self.save_meta(session_id, meta)
 
     async def count(self, session_id: str) -> int:
         """The number of stored messages."""
@@ -195,6 +210,7 @@ class ConversationStorage(ABC):
         history = await self.load(session_id)
         if keep < len(history):
             await self.save(session_id, history[:keep])
+            await self.touch(session_id)
 
     async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
         """Remove and return the newest ``n`` messages (fewer if the history is shorter)."""
@@ -205,6 +221,7 @@ class ConversationStorage(ABC):
             return []
         keep = max(0, len(history) - n)
         await self.save(session_id, history[:keep])
+        await self.touch(session_id)
         return history[keep:]
 
     # -- session info ---------------------------------------------------------------------

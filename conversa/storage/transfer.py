@@ -1,11 +1,13 @@
-"""Copying sessions within or between storages: /fork in the REPL and `sessions migrate`."""
+"""Writing whole sessions: /fork in the REPL, `sessions import` and `sessions migrate`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import StorageError
+from ..messages import ChatMessage
 from .base import ConversationStorage, title_from
 
 
@@ -16,6 +18,33 @@ class Copied:
     session_id: str
     messages: int
     state_keys: int
+
+
+async def write_session(
+    target: ConversationStorage,
+    session_id: str,
+    history: Sequence[ChatMessage],
+    state: Mapping[str, Any],
+    *,
+    title: str | None = None,
+    user_id: str | None = None,
+    status: str = "active",
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Replace a session whole (history, state, info) and return the message count it has now."""
+    await target.save(session_id, history)
+    await target.clear_state(session_id)
+    if state:
+        await target.set_state(session_id, state)
+    # A title equal to the derived default stays derived, so it follows later edits.
+    await target.update_info(
+        session_id,
+        title=None if title == title_from(history) else title,
+        user_id=user_id,
+        status=status,
+        metadata=metadata or {},
+    )
+    return await target.count(session_id)
 
 
 async def copy_session(
@@ -33,21 +62,16 @@ async def copy_session(
     history = await source.load(session_id)
     info = await source.get_info(session_id)
     state = await source.get_state(session_id)
-    await target.save(dest, history)
-    await target.clear_state(dest)
-    if state:
-        await target.set_state(dest, state)
-    if info is not None:
-        # A title equal to the derived default stays derived, so it follows later edits.
-        stored_title = None if info.title == title_from(history) else info.title
-        await target.update_info(
-            dest,
-            title=stored_title,
-            user_id=info.user_id,
-            status=info.status,
-            metadata=info.metadata,
-        )
-    count = await target.count(dest)
+    count = await write_session(
+        target,
+        dest,
+        history,
+        state,
+        title=info.title if info else None,
+        user_id=info.user_id if info else None,
+        status=info.status if info else "active",
+        metadata=info.metadata if info else None,
+    )
     if count != len(history):
         raise StorageError(
             f"copying {session_id!r} wrote {count} messages instead of {len(history)}; "

@@ -4,7 +4,7 @@ Subclass ``StorageConformance`` in a test module and provide a ``storage`` fixtu
 fresh, empty backend::
 
     import pytest_asyncio
-    from conversa.testing import StorageConformance
+    from conversa.testing.conformance import StorageConformance
 
     class TestMyStorage(StorageConformance):
         @pytest_asyncio.fixture
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -214,6 +214,30 @@ class StorageConformance:
         texts = [m.text for m in await storage.load(sid)]
         assert texts == [t for i in range(50) for t in (f"m{i}", f"r{i}")]
 
+    async def test_empty_append_creates_the_session(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [])
+        assert await storage.exists(sid)
+        assert await storage.count(sid) == 0
+        assert sid in await storage.list_sessions()
+
+    async def test_search(self, storage: ConversationStorage) -> None:
+        word = f"w{uuid.uuid4().hex[:10]}"
+        old, new = _sid(), _sid()
+        await storage.append(old, [_user(f"the {word} fox"), ChatMessage.assistant("no match")])
+        await asyncio.sleep(_TICK)
+        parts = [{"type": "text", "text": f"parts with {word} inside"}]
+        await storage.append(new, [_user("nothing"), ChatMessage.assistant(f"a {word} reply")])
+        await storage.append(new, [ChatMessage.user(parts)])
+        hits = await storage.search(word)
+        assert [(h.session_id, h.position) for h in hits] == [(new, 1), (new, 2), (old, 0)]
+        assert hits[0].message.text == f"a {word} reply"
+        assert len(await storage.search(word, limit=2)) == 2
+        await storage.pop(new)
+        await storage.delete(old)
+        assert [(h.session_id, h.position) for h in await storage.search(word)] == [(new, 1)]
+        assert await storage.search("   ") == []
+
     async def test_append_empty_is_harmless(self, storage: ConversationStorage) -> None:
         sid = _sid()
         await storage.append(sid, [_user("a")])
@@ -369,6 +393,25 @@ class StorageConformance:
         assert later.message_count == 3
         assert later.created_at == info.created_at
         assert later.updated_at > info.updated_at
+
+    async def test_every_kind_of_write_moves_updated_at(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user(str(i)) for i in range(4)])
+        writes: list[Callable[[], Awaitable[object]]] = [
+            lambda: storage.pop(sid),
+            lambda: storage.truncate(sid, 1),
+            lambda: storage.save(sid, [_user("x")]),
+            lambda: storage.set_state(sid, {"k": 1}),
+            lambda: storage.update_info(sid, title="t"),
+            lambda: storage.append(sid, [_user("y")]),
+        ]
+        for write in writes:
+            before = await storage.get_info(sid)
+            await asyncio.sleep(_TICK)
+            await write()
+            after = await storage.get_info(sid)
+            assert before is not None and after is not None
+            assert after.updated_at > before.updated_at, write
 
     async def test_default_title_is_shortened(self, storage: ConversationStorage) -> None:
         sid = _sid()
