@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from os import PathLike
 from typing import Any, TypeVar
 
@@ -70,6 +70,24 @@ class SyncSession:
         """Delete every message of this session."""
         self._run(self.session.clear_history())
 
+    def set_user_part_text(self, name: str, text: str) -> None:
+        """Attach a text part to the user's messages until it is deleted."""
+        self._run(self.session.set_user_part_text(name, text))
+
+    def set_user_part_image(
+        self, name: str, image: bytes | str, mime_type: str = "image/png"
+    ) -> None:
+        """Attach an image to the user's messages until it is deleted."""
+        self._run(self.session.set_user_part_image(name, image, mime_type))
+
+    def delete_user_part(self, name: str) -> None:
+        """Stop attaching the part called ``name``."""
+        self._run(self.session.delete_user_part(name))
+
+    def clear_user_parts(self) -> None:
+        """Stop attaching any user part."""
+        self._run(self.session.clear_user_parts())
+
     def close(self) -> None:
         """Close the storage and the event loop."""
         try:
@@ -103,6 +121,18 @@ class SyncState:
         """Remove a key."""
         self._owner._run(self._state.delete(key))
 
+    def update(self, values: Mapping[str, Any], *, ttl: float | None = None) -> None:
+        """Store several keys at once."""
+        self._owner._run(self._state.update(values, ttl=ttl))
+
+    def clear(self) -> None:
+        """Remove every key that is not internal."""
+        self._owner._run(self._state.clear())
+
+    def from_dict(self, values: Mapping[str, Any]) -> None:
+        """Replace the state (but its internal keys) with ``values``."""
+        self._owner._run(self._state.from_dict(values))
+
     def has(self, key: str) -> bool:
         """Whether ``key`` is set."""
         return self._state.has(key)
@@ -111,9 +141,23 @@ class SyncState:
         """The live keys."""
         return self._state.keys()
 
+    def items(self) -> list[tuple[str, Any]]:
+        """The live (key, value) pairs."""
+        return self._state.items()
+
     def to_dict(self) -> dict[str, Any]:
         """A copy of the state."""
         return self._state.to_dict()
+
+    @property
+    def is_modified(self) -> bool:
+        """Whether this session wrote to the state since it was loaded."""
+        return self._state.is_modified
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether no live key is set."""
+        return self._state.is_empty
 
 
 def create_session_sync(

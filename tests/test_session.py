@@ -561,6 +561,13 @@ def test_sync_api() -> None:
         assert result.result == "pong"
         session.state.set("k", "v")
         assert session.state.get("k") == "v"
+        session.state.update({"a": 1, "b": 2})
+        assert dict(session.state.items()) == {"k": "v", "a": 1, "b": 2}
+        session.state.from_dict({"only": True})
+        assert session.state.to_dict() == {"only": True} and session.state.is_modified
+        session.set_user_part_text("hint", "be brief")
+        session.state.clear()
+        assert session.state.is_empty and session.state.keys() == []
         assert session.message_count() == 2
         assert session.undo()[0].text == "ping"
 
