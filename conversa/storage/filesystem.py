@@ -245,7 +245,7 @@ def _split_lines(data: bytes, path: str) -> tuple[list[str], int]:
 def _parse_line(line: str | bytes, path: str, line_no: int | Callable[[], int]) -> ChatMessage:
     """One stored message; ``line_no`` (or a function computing it) names the line if damaged."""
     try:
-        return ChatMessage.from_dict(json.loads(line))
+        return ChatMessage.from_json(line)
     except json.JSONDecodeError as exc:
         why = f"invalid JSON ({exc.msg}, column {exc.colno})"
         raise _corrupt(path, line_no if isinstance(line_no, int) else line_no(), why) from exc
