@@ -27,6 +27,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive datetime is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC) if moment.utcoffset() else moment
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """One function call requested by the assistant; `arguments` is a JSON string."""
@@ -72,52 +79,49 @@ class ChatMessage:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._validate(deep=True)
+        if self.tool_calls and not all(isinstance(c, ToolCall) for c in self.tool_calls):
+            calls = tuple(
+                c if isinstance(c, ToolCall) else ToolCall.from_openai(c) for c in self.tool_calls
+            )
+            object.__setattr__(self, "tool_calls", calls)
+        if not isinstance(self.created_at, datetime):
+            raise InvalidMessage("created_at must be a datetime")
+        object.__setattr__(self, "created_at", _as_utc(self.created_at))
+        if not isinstance(self.metadata, dict):
+            raise InvalidMessage("metadata must be a dict")
+        self._check_rules(deep=True)
+        if self.metadata:
+            try:
+                _check_encodable(json.dumps(self.metadata, allow_nan=False, ensure_ascii=False))
+            except (TypeError, ValueError) as exc:
+                raise InvalidMessage(f"metadata must be JSON-serialisable: {exc}") from exc
 
-    def _validate(self, *, deep: bool) -> None:
-        """Check the message rules; ``deep`` also proves the values serialise as JSON/UTF-8.
+    def _check_rules(self, *, deep: bool) -> None:
+        """The rules every message obeys; ``deep`` also proves its content encodes as UTF-8.
 
         Messages read back from storage skip the deep checks: they came from JSON.
         """
-        if self.role not in ROLES:
+        role = self.role
+        if role not in ROLES:
             raise InvalidMessage(
-                f"unknown role {self.role!r}; use one of: system, user, assistant, tool"
+                f"unknown role {role!r}; use one of: system, user, assistant, tool"
             )
-        _check_content(self.role, self.content, deep=deep)
+        _check_content(role, self.content, deep=deep)
         if self.tool_calls:
-            if self.role != "assistant":
-                raise InvalidMessage(f"only assistant messages carry tool_calls, not {self.role}")
-            if not all(isinstance(c, ToolCall) for c in self.tool_calls):
-                calls = tuple(
-                    c if isinstance(c, ToolCall) else ToolCall.from_openai(c)
-                    for c in self.tool_calls
-                )
-                object.__setattr__(self, "tool_calls", calls)
-        elif self.role == "assistant" and self.content is None:
+            if role != "assistant":
+                raise InvalidMessage(f"only assistant messages carry tool_calls, not {role}")
+        elif role == "assistant" and self.content is None:
             object.__setattr__(self, "content", "")
-        if self.role == "tool":
+        if role == "tool":
             if not self.tool_call_id:
                 raise InvalidMessage(
                     "a tool message needs tool_call_id: the id of the assistant's tool call "
                     "it answers"
                 )
         elif self.tool_call_id is not None:
-            raise InvalidMessage(f"only tool messages carry tool_call_id, not {self.role}")
-        if not isinstance(self.id, str) or not self.id:
+            raise InvalidMessage(f"only tool messages carry tool_call_id, not {role}")
+        if not self.id or not isinstance(self.id, str):
             raise InvalidMessage("a message id must be a non-empty string")
-        if not isinstance(self.created_at, datetime):
-            raise InvalidMessage("created_at must be a datetime")
-        if self.created_at.tzinfo is None:
-            object.__setattr__(self, "created_at", self.created_at.replace(tzinfo=UTC))
-        elif self.created_at.utcoffset():
-            object.__setattr__(self, "created_at", self.created_at.astimezone(UTC))
-        if not isinstance(self.metadata, dict):
-            raise InvalidMessage("metadata must be a dict")
-        if deep and self.metadata:
-            try:
-                _check_encodable(json.dumps(self.metadata, allow_nan=False, ensure_ascii=False))
-            except (TypeError, ValueError) as exc:
-                raise InvalidMessage(f"metadata must be JSON-serialisable: {exc}") from exc
 
     # -- convenience constructors -------------------------------------------------------
 
@@ -190,14 +194,14 @@ class ChatMessage:
         set_id(message, data["id"] if "id" in data else new_message_id())
         stamp = data.get("created_at")
         try:
-            set_at(message, datetime.fromisoformat(stamp) if stamp else utcnow())
+            set_at(message, _as_utc(datetime.fromisoformat(stamp)) if stamp else utcnow())
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"bad created_at {stamp!r}") from exc
         metadata = data.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise InvalidMessage("metadata must be a dict")
         set_meta(message, dict(metadata) if metadata else {})
-        message._validate(deep=False)
+        message._check_rules(deep=False)
         return message
 
     def to_json(self) -> str:
