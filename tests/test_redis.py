@@ -15,13 +15,13 @@ import socket
 import sys
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
 import redis.asyncio as aioredis
-from _services import service_missing
+from _services import CutProxy, blackhole, check_writers, run_writers, service_missing, unused_port
 
 from conversa import (
     BackendUnavailable,
@@ -67,12 +67,6 @@ def with_url(
         path=parts.path if path is None else path,
         query=urlencode(opts),
     ).geturl()
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -209,64 +203,6 @@ async def test_tail_reads_only_the_newest(store: RedisStorage, admin: Any, prefi
 
 # -- many processes -----------------------------------------------------------------------
 
-WORKER = """
-import asyncio, sys
-from conversa import ChatMessage, open_storage
-
-async def main(url, sid, writer, total):
-    store = open_storage(url)
-    print("ready", flush=True)
-    sys.stdin.readline()
-    sent, batch = 0, 0
-    while sent < total:
-        size = min(1 + batch % 3, total - sent)
-        msgs = [
-            ChatMessage.user(f"{writer}-{i}", metadata={"w": writer, "i": i, "b": batch})
-            for i in range(sent, sent + size)
-        ]
-        await store.append(sid, msgs)
-        sent, batch = sent + size, batch + 1
-    await store.close()
-
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
-"""
-
-
-async def run_writers(url: str, sessions: list[str], per_writer: int) -> None:
-    """Start one process per session id, let them append at the same moment, wait for all."""
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            WORKER,
-            url,
-            sid,
-            str(w),
-            str(per_writer),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for w, sid in enumerate(sessions)
-    ]
-    for p in procs:
-        assert p.stdout is not None
-        assert await p.stdout.readline() == b"ready\n"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write(b"go\n")
-        await p.stdin.drain()
-    assert [await p.wait() for p in procs] == [0] * len(procs)
-
-
-def check_writers(loaded: list[ChatMessage], writers: list[int], per_writer: int) -> None:
-    """Nothing lost or duplicated, each writer's order kept, each append contiguous."""
-    assert len(loaded) == len(writers) * per_writer
-    assert len({m.id for m in loaded}) == len(loaded)
-    for w in writers:
-        assert [m.metadata["i"] for m in loaded if m.metadata["w"] == w] == list(range(per_writer))
-    runs = [key for key, _ in itertools.groupby((m.metadata["w"], m.metadata["b"]) for m in loaded)]
-    assert len(runs) == len(set(runs)), "an append was split by another writer's messages"
-
 
 async def test_four_processes_append_to_one_session(store: RedisStorage, prefix: str) -> None:
     await run_writers(with_url(prefix=prefix), ["shared"] * 4, 250)
@@ -283,86 +219,6 @@ async def test_four_processes_append_to_four_sessions(store: RedisStorage, prefi
 
 
 # -- the server goes away -----------------------------------------------------------------
-
-
-class CutProxy:
-    """A TCP proxy on 127.0.0.1 in front of the server, which the test can cut at will.
-
-    Arm it with ``trigger``: the next client chunk containing those bytes is either half
-    forwarded and the link cut ("half": the server sees a broken request), or forwarded whole
-    and the link cut when the server's reply arrives ("after": the server did the work, the
-    client never hears of it).
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self.trigger: bytes | None = None
-        self.mode = "half"
-        self._server: asyncio.Server | None = None
-        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-
-    async def start(self, port: int = 0) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def drop_all(self) -> None:
-        """Close every open connection, as a server restart or CLIENT KILL would."""
-        for link in list(self._links):
-            for writer in link:
-                writer.close()
-            self._links.discard(link)
-
-    async def stop(self) -> None:
-        """Stop listening and cut every connection: the server is gone."""
-        assert self._server is not None
-        self._server.close()
-        self.drop_all()
-        await self._server.wait_closed()
-
-    def _cut(self, link: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
-        for writer in link:
-            writer.transport.abort()
-        self._links.discard(link)
-
-    async def _handle(self, c_read: asyncio.StreamReader, c_write: asyncio.StreamWriter) -> None:
-        try:
-            s_read, s_write = await asyncio.open_connection(*self.target)
-        except OSError:
-            c_write.transport.abort()
-            return
-        link = (c_write, s_write)
-        self._links.add(link)
-        swallow = asyncio.Event()
-
-        async def upstream() -> None:
-            while data := await c_read.read(65536):
-                if self.trigger is not None and self.trigger in data:
-                    self.trigger = None
-                    if self.mode == "half":
-                        s_write.write(data[: len(data) // 2])
-                        await s_write.drain()
-                        return
-                    swallow.set()
-                s_write.write(data)
-                await s_write.drain()
-
-        async def downstream() -> None:
-            while data := await s_read.read(65536):
-                if swallow.is_set():
-                    return
-                c_write.write(data)
-                await c_write.drain()
-
-        async def pump(direction: Callable[[], Any]) -> None:
-            try:
-                await direction()
-            except OSError:
-                pass
-            finally:
-                self._cut(link)
-
-        await asyncio.gather(pump(upstream), pump(downstream))
 
 
 @pytest.fixture
@@ -445,14 +301,6 @@ async def test_server_gone_then_back(proxy: CutProxy, prefix: str) -> None:
 
 
 # -- wrong addresses and credentials ------------------------------------------------------
-
-
-def blackhole() -> socket.socket:
-    """A socket that accepts connections (in its backlog) and never answers."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(8)
-    return s
 
 
 @pytest.mark.parametrize(
