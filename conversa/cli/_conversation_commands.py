@@ -89,7 +89,7 @@ async def _model(repl: Repl, argument: str) -> None:
         repl.ensure_model()
         repl.out.info(f"model: {repl.model_label()}")
         return
-    repl.set_model(argument)
+    await repl.set_model(argument)
     await repl.session.state.set(MODEL_KEY, argument)
     if repl.ensure_model():
         repl.out.note(f"model: {repl.model_label()}")

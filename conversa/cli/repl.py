@@ -68,9 +68,9 @@ class Repl:
             approve=self.approve,
             override=first,
         )
+        await self.close_model()
         self.session = session
         self.model_name = model
-        self.model = None
         count = session.message_count()
         if count:
             self.out.note(f"resumed {session_id}: {plural(count, 'message')}")
@@ -104,16 +104,23 @@ class Repl:
             return False
         return True
 
+    async def close_model(self) -> None:
+        """Release the HTTP connections of the model in use; the next message resolves anew."""
+        model, self.model = self.model, None
+        aclose = getattr(model, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
     def model_label(self) -> str:
         """The model in use, e.g. "gpt-4o-mini via https://api.openai.com/v1"."""
         if self.model is None:
             return self.model_name or "(not configured)"
         return str(getattr(self.model, "description", None) or self.model.name)
 
-    def set_model(self, name: str) -> None:
-        """Use ``name`` from the next message on."""
+    async def set_model(self, name: str) -> None:
+        """Use ``name`` from the next message on (resolved then, by ensure_model)."""
+        await self.close_model()
         self.model_name = name
-        self.model = None  # resolved again, with the new name, by ensure_model
 
     # -- turns ----------------------------------------------------------------------------
 
@@ -263,3 +270,4 @@ class Repl:
                 break
             if not await self.handle(line):
                 break
+        await self.close_model()
