@@ -402,3 +402,20 @@ def test_ask_prints_the_answer_and_fails_clearly(
     assert failed.returncode == 1
     assert failed.stderr.startswith("error: ") and "fake-model" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_ctrl_x_ctrl_e_writes_the_message_in_the_editor(
+    env: dict[str, str], server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nprintf "written in\\nthe editor" > "$1"\n')
+    editor.chmod(0o755)
+    env = {**env, "EDITOR": str(editor), "VISUAL": str(editor)}
+    child = spawn(env)
+    child.expect_exact(PROMPT)
+    child.sendcontrol("x")
+    child.sendcontrol("e")
+    child.expect_exact("echo: written in")  # Markdown joins the two lines of the answer
+    child.expect_exact(PROMPT)
+    assert user_texts(server.requests[-1]) == ["written in\nthe editor"]
+    quit_(child)
