@@ -91,6 +91,9 @@ class PromptHistory:
         self.wire: list[dict[str, Any]] = []
         self._pending: dict[str, None] = {}  # call ids of the newest assistant still unanswered
         self._damaged = False  # a gap or an orphan somewhere: only a full repair helps
+        self._ours: set[int] = set()  # ids of the dicts in self.wire, which never change
+        self._costs: dict[int, int] = {}  # their token counts, by the counter below
+        self._counter: TokenCounter | None = None
         self.extend(messages)
 
     def extend(
@@ -100,6 +103,7 @@ class PromptHistory:
         for i, m in enumerate(messages):
             self.messages.append(m)
             self.wire.append(wire[i] if wire is not None else m.to_openai())
+            self._ours.add(id(self.wire[-1]))
             if m.role == "tool":
                 if m.tool_call_id in self._pending:
                     del self._pending[m.tool_call_id]
@@ -114,7 +118,26 @@ class PromptHistory:
         """Keep the oldest ``keep`` messages."""
         messages, wire = self.messages[:keep], self.wire[:keep]
         self.messages, self.wire, self._pending, self._damaged = [], [], {}, False
+        self._ours = set()
         self.extend(messages, wire)
+        self._costs = {k: v for k, v in self._costs.items() if k in self._ours}
+
+    def cost(self, message: dict[str, Any], counter: TokenCounter) -> int:
+        """``counter(message)``, remembered for this history's own wire messages.
+
+        So a prompt trimmed to a context window counts each stored message once, not on
+        every model call. Other dicts (a system prompt, a copy with user parts) are counted
+        afresh each time.
+        """
+        if counter is not self._counter:
+            self._counter, self._costs = counter, {}
+        key = id(message)
+        known = self._costs.get(key)
+        if known is None:
+            known = counter(message)
+            if key in self._ours:
+                self._costs[key] = known
+        return known
 
     def __len__(self) -> int:
         return len(self.messages)

@@ -281,8 +281,13 @@ class Session:
         system_lines.extend(request.extra_system)
         system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
         keep = next((i for i, m in enumerate(request.messages) if m is anchor), None)
+        count = self.token_counter
         request.messages = trim(
-            system, request.messages, self.context_window, self.token_counter, keep=keep
+            system,
+            request.messages,
+            self.context_window,
+            lambda message: self._history.cost(message, count),
+            keep=keep,
         )
         return request
 

@@ -754,3 +754,24 @@ async def test_internal_state_keys_are_hidden_from_listing_and_clearing() -> Non
     await session.state.clear()
     assert session.state.is_empty
     assert set(await session.storage.get_state("s")) == {"__user_part_note", "__app.secret"}
+
+
+async def test_a_context_window_counts_each_stored_message_once() -> None:
+    counted: list[str] = []
+
+    def counter(message: dict[str, Any]) -> int:
+        counted.append(str(message.get("content")))
+        return 10
+
+    store = InMemoryStorage()
+    await store.save("s", [ChatMessage.user(f"old {i}") for i in range(50)])
+    model = ScriptedModel()
+    session = await create_session(
+        "s", store, model=model, context_window=10_000, token_counter=counter
+    )
+    await session.send_message("first")
+    assert len(model.requests[0].messages) == 51
+    counted.clear()
+    await session.send_message("second")
+    # only what is new since the last call: the answer and the next question
+    assert sorted(counted) == sorted(["echo: first", "second"])
