@@ -234,11 +234,15 @@ class _Turn:
         self.iterations = 0
         self.usage = Usage()
         self.steps: list[Step] = []
-        self.stored: list[ChatMessage] = []
+        self._start = session.message_count()
+
+    @property
+    def stored(self) -> list[ChatMessage]:
+        """The messages stored since the turn began (the session's cache holds them)."""
+        return self.session._history.messages[self._start :]
 
     async def store(self, *messages: ChatMessage) -> None:
         await self.session._append(messages)
-        self.stored.extend(messages)
 
     def result(
         self, text: str, reason: StopReason, *, success: bool, error: str | None = None
