@@ -13,18 +13,34 @@ import socket
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
 from conversa import ChatMessage
+from conversa.storage._urls import redact_url
 
 
-def service_missing(what: str, url: str, env_var: str) -> None:
-    """Skip the calling test module, or fail it when the services are required (as in CI)."""
-    message = f"no {what} at {url}: start one or set {env_var}"
-    if os.environ.get("CONVERSA_TEST_REQUIRE_SERVICES"):
-        pytest.fail(f"{message} (CONVERSA_TEST_REQUIRE_SERVICES is set)", pytrace=False)
-    pytest.skip(message, allow_module_level=True)
+def require_server(what: str, url: str, env_var: str, default_port: int) -> None:
+    """Skip the calling test module when nothing listens at ``url``; fail instead in CI."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or default_port), 1).close()
+    except OSError:
+        message = f"no {what} at {redact_url(url)}: start one or set {env_var}"
+        if os.environ.get("CONVERSA_TEST_REQUIRE_SERVICES"):
+            pytest.fail(f"{message} (CONVERSA_TEST_REQUIRE_SERVICES is set)", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+def with_url(url: str, netloc: str | None = None, path: str | None = None, **opts: Any) -> str:
+    """``url`` with another host part, database or query options."""
+    parts = urlsplit(url)
+    return parts._replace(
+        netloc=parts.netloc if netloc is None else netloc,
+        path=parts.path if path is None else path,
+        query=urlencode(opts),
+    ).geturl()
 
 
 def unused_port() -> int:

@@ -4,41 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from _services import service_missing
+from _services import require_server
 from click.testing import CliRunner
 
 from conversa.cli._app import cli
 from conversa.messages import ChatMessage
 from conversa.storage import ConversationStorage, open_storage
-from conversa.storage._urls import redact_url
 
 REDIS = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _reachable(url: str, default_port: int) -> bool:
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or default_port), 1).close()
-    except OSError:
-        return False
-    return True
-
-
-if not _reachable(REDIS, 6379):
-    service_missing("Redis", redact_url(REDIS), "CONVERSA_TEST_REDIS_URL")
-if not _reachable(POSTGRES, 5432):
-    service_missing("PostgreSQL", redact_url(POSTGRES), "CONVERSA_TEST_POSTGRES_URL")
+require_server("Redis", REDIS, "CONVERSA_TEST_REDIS_URL", 6379)
+require_server("PostgreSQL", POSTGRES, "CONVERSA_TEST_POSTGRES_URL", 5432)
 
 
 def _with_query(url: str, **query: str) -> str:

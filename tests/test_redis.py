@@ -11,17 +11,17 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 import sys
 import traceback
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
-from _services import CutProxy, blackhole, check_writers, run_writers, service_missing, unused_port
+from _services import CutProxy, blackhole, check_writers, require_server, run_writers, unused_port
+from _services import with_url as _with_url
 
 from conversa import (
     BackendUnavailable,
@@ -40,33 +40,19 @@ _PARTS = urlsplit(URL)
 HOST, PORT = _PARTS.hostname or "127.0.0.1", _PARTS.port or 6379
 
 
-def _reachable() -> bool:
-    try:
-        socket.create_connection((HOST, PORT), timeout=1).close()
-    except OSError:
-        return False
-    return True
+def with_url(
+    url: str = URL, netloc: str | None = None, path: str | None = None, **opts: Any
+) -> str:
+    """``url`` (default: this module's server) with another host part, database or options."""
+    return _with_url(url, netloc, path, **opts)
 
 
-if not _reachable():
-    service_missing("Redis", redact_url(URL), "CONVERSA_TEST_REDIS_URL")
+require_server("Redis", URL, "CONVERSA_TEST_REDIS_URL", 6379)
 
 pytestmark = pytest.mark.redis
 
 RUN = uuid.uuid4().hex[:10]
 _counter = itertools.count()
-
-
-def with_url(
-    url: str = URL, netloc: str | None = None, path: str | None = None, **opts: Any
-) -> str:
-    """``url`` with another host part, database or query options."""
-    parts = urlsplit(url)
-    return parts._replace(
-        netloc=parts.netloc if netloc is None else netloc,
-        path=parts.path if path is None else path,
-        query=urlencode(opts),
-    ).geturl()
 
 
 @pytest.fixture
