@@ -110,7 +110,8 @@ ResponseInterceptor = Callable[
 Approver = Callable[[str, dict[str, Any]], bool | Awaitable[bool]]
 
 
-async def _maybe_await(value: Any) -> Any:
+async def maybe_await(value: Any) -> Any:
+    """The value, awaited first if it is awaitable (callbacks may be sync or async)."""
     return await value if inspect.isawaitable(value) else value
 
 
@@ -207,7 +208,7 @@ async def _approved(session: Session, tool: Tool | None, call: ToolCall) -> bool
     except json.JSONDecodeError:
         arguments = {"_raw": call.arguments}
     try:
-        return bool(await _maybe_await(session.approve(call.name, arguments)))
+        return bool(await maybe_await(session.approve(call.name, arguments)))
     except Exception:
         log.warning("the approve callback failed for %s; treating it as denied", call.name)
         return False
@@ -360,7 +361,7 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
             await turn.store(ChatMessage.assistant("".join(partial), metadata=meta))
         raise
     for interceptor in session.response_interceptors:
-        changed = await _maybe_await(interceptor(response, session))
+        changed = await maybe_await(interceptor(response, session))
         response = changed if changed is not None else response
     turn.usage = turn.usage + response.usage
     await turn.store(response.message)

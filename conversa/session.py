@@ -21,6 +21,7 @@ from .agent import (
     ResponseInterceptor,
     TurnDone,
     TurnEvent,
+    maybe_await,
     run_turn,
 )
 from .context import (
@@ -275,8 +276,7 @@ class Session:
             messages=wire, tools=schemas if (schemas and with_tools and not text_mode) else None
         )
         for interceptor in self.request_interceptors:
-            result = interceptor(request, self)
-            changed = await result if asyncio.iscoroutine(result) else result
+            changed = await maybe_await(interceptor(request, self))
             request = changed if isinstance(changed, ModelRequest) else request
         system_lines.extend(request.extra_system)
         system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
