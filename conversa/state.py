@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from typing import Any, TypeVar, overload
 
-from .storage.base import ConversationStorage
+from .storage.base import ConversationStorage, copy_json, expiry_of, from_ts
 
 T = TypeVar("T")
 
 
 def _to_json_value(value: Any) -> Any:
-    """Pydantic models and dataclasses become plain JSON data; everything else passes as is."""
+    """Pydantic models and dataclasses become plain JSON data; everything else is copied."""
     if hasattr(value, "model_dump") or hasattr(value, "__dataclass_fields__"):
         from pydantic import TypeAdapter
 
         return TypeAdapter(type(value)).dump_python(value, mode="json")
-    return value
+    return copy_json(value)
 
 
 INTERNAL_PREFIX = "__"
@@ -34,24 +35,37 @@ class SessionState:
     Keys starting with "__" are internal (user parts, the CLI's settings): get, set, has and
     delete reach them, but keys, items, to_dict, clear and from_dict leave them out, so a
     tool that lists or clears the state (such as session_data) cannot see or wipe them.
+
+    Values are never shared with the caller: set stores a copy, get returns one. A key's
+    expiry is checked on every read against ``clock`` (epoch seconds, default ``time.time``).
     """
 
-    def __init__(self, storage: ConversationStorage, session_id: str) -> None:
+    def __init__(
+        self,
+        storage: ConversationStorage,
+        session_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._storage = storage
         self._session_id = session_id
+        self._clock = clock
         self._values: dict[str, Any] = {}
         self._expires: dict[str, float] = {}
         self._modified = False
 
     async def reload(self) -> None:
         """Read the state from storage again (a turn does this before it starts)."""
-        self._values = await self._storage.get_state(self._session_id)
-        self._expires = {}
+        entries = await self._storage.get_state_entries(self._session_id)
+        self._values = {k: e.value for k, e in entries.items()}
+        self._expires = {
+            k: e.expires_at.timestamp() for k, e in entries.items() if e.expires_at is not None
+        }
         self._modified = False
 
     def _live(self, key: str) -> bool:
         expires = self._expires.get(key)
-        if expires is not None and expires <= time.time():
+        if expires is not None and expires <= self._clock():
             self._values.pop(key, None)
             del self._expires[key]
         return key in self._values
@@ -65,27 +79,45 @@ class SessionState:
         """The value of ``key`` (``default`` if absent), validated into ``as_type`` if given."""
         if not self._live(key):
             return default
-        value = self._values[key]
+        value = copy_json(self._values[key])
         if as_type is None:
             return value
         from pydantic import TypeAdapter
 
         return TypeAdapter(as_type).validate_python(value)
 
-    async def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
-        """Store ``value`` under ``key``; with ``ttl`` seconds it expires after that."""
-        await self.update({key: value}, ttl=ttl)
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Store a copy of ``value`` under ``key``, to expire ``ttl`` seconds from now or at
+        ``expires_at`` (a naive datetime is taken as UTC); by default it never expires.
+        """
+        await self.update({key: value}, ttl=ttl, expires_at=expires_at)
 
-    async def update(self, values: Mapping[str, Any], *, ttl: float | None = None) -> None:
-        """Store several keys at once."""
+    async def update(
+        self,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Store several keys at once, with one expiry (``ttl`` or ``expires_at``) for all."""
+        expires = expiry_of(ttl, expires_at, self._clock())
+        # storage gets the moment, so this cache and every process agree on when it is
+        moment = None if expires is None else from_ts(expires)
         plain = {k: _to_json_value(v) for k, v in values.items()}
-        await self._storage.set_state(self._session_id, plain, ttl=ttl)
+        await self._storage.set_state(self._session_id, plain, expires_at=moment)
         self._values.update(plain)
         for key in plain:
-            if ttl is None:
+            if moment is None:
                 self._expires.pop(key, None)
             else:
-                self._expires[key] = time.time() + ttl
+                self._expires[key] = moment.timestamp()
         self._modified = True
 
     async def delete(self, key: str) -> None:
@@ -123,8 +155,8 @@ class SessionState:
         return [k for k in list(self._values) if (internal or not is_internal(k)) and self._live(k)]
 
     def items(self, *, internal: bool = False) -> list[tuple[str, Any]]:
-        """The live (key, value) pairs."""
-        return [(k, self._values[k]) for k in self.keys(internal=internal)]
+        """The live (key, value) pairs, the values as copies."""
+        return [(k, copy_json(self._values[k])) for k in self.keys(internal=internal)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())

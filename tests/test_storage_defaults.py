@@ -1,4 +1,4 @@
-"""The ABC's defaults: a third-party backend with only the core and the meta pair conforms."""
+"""The ABC's defaults: a third-party backend with only the core (and the meta pair) conforms."""
 
 from __future__ import annotations
 
@@ -10,49 +10,60 @@ from typing import Any
 
 import pytest
 
-from conversa import ChatMessage, UnsupportedStorageURL, open_storage
-from conversa.storage import ConversationStorage, validate_session_id
+from conversa import ChatMessage, InvalidSessionId, UnsupportedStorageURL, open_storage
+from conversa.session import create_session
+from conversa.storage import ConversationStorage
+from conversa.testing import ScriptedModel
 from conversa.testing.conformance import StorageConformance
 
 
-class MinimalStorage(ConversationStorage):
-    """Just the five core methods and load_meta/save_meta, as the docs tell third parties."""
+class CoreOnly(ConversationStorage):
+    """Only the five abstract methods, none of them checking ids: the least the README asks."""
 
     def __init__(self) -> None:
         self.rows: dict[str, list[str]] = {}
-        self.meta: dict[str, str] = {}
         self.order: dict[str, int] = {}
         self.clock = itertools.count()
 
-    def _touch(self, sid: str) -> None:
-        self.order[validate_session_id(sid)] = next(self.clock)
-
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
-        self._touch(session_id)
+        self.order[session_id] = next(self.clock)
         self.rows[session_id] = [m.to_json() for m in history]
-        await self.touch(session_id)
 
     async def load(self, session_id: str) -> list[ChatMessage]:
-        validate_session_id(session_id)
         return [ChatMessage.from_json(r) for r in self.rows.get(session_id, [])]
 
     async def delete(self, session_id: str) -> None:
-        validate_session_id(session_id)
-        for d in (self.rows, self.meta, self.order):
+        for d in (self.rows, self.order):
             d.pop(session_id, None)
 
     async def list_sessions(self) -> list[str]:
         return sorted(self.order, key=self.order.__getitem__, reverse=True)
 
     async def exists(self, session_id: str) -> bool:
-        return validate_session_id(session_id) in self.order
+        return session_id in self.order
+
+
+class MinimalStorage(CoreOnly):
+    """The five core methods plus load_meta/save_meta, which persist info and state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta: dict[str, str] = {}
+
+    async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
+        await super().save(session_id, history)
+        await self.touch(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        await super().delete(session_id)
+        self.meta.pop(session_id, None)
 
     async def load_meta(self, session_id: str) -> dict[str, Any] | None:
         raw = self.meta.get(session_id)
         return json.loads(raw) if raw else None
 
     async def save_meta(self, session_id: str, meta: dict[str, Any]) -> None:
-        self._touch(session_id)
+        self.order[session_id] = next(self.clock)
         self.meta[session_id] = json.dumps(copy.deepcopy(meta))
 
 
@@ -62,17 +73,39 @@ class TestMinimalBackendConformance(StorageConformance):
         yield MinimalStorage()
 
 
-class CoreOnly(MinimalStorage):
-    load_meta = ConversationStorage.load_meta
-    save_meta = ConversationStorage.save_meta
+_IN_MEMORY_WARNING = "ignore:CoreOnly does not implement load_meta:UserWarning"
 
 
-async def test_core_only_backend_says_what_to_implement() -> None:
+@pytest.mark.filterwarnings(_IN_MEMORY_WARNING)
+class TestCoreOnlyBackendConformance(StorageConformance):
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[ConversationStorage]:
+        yield CoreOnly()
+
+
+async def test_core_only_backend_keeps_state_in_memory_and_says_so() -> None:
     store = CoreOnly()
-    await store.append("s", [ChatMessage.user("hi")])
-    assert [m.text for m in await store.load("s")] == ["hi"]
-    with pytest.raises(NotImplementedError, match=r"load_meta\(\) and save_meta\(\)"):
-        await store.set_state("s", {"k": 1})
+    with pytest.warns(UserWarning, match=r"load_meta\(\) and save_meta\(\).*in memory only"):
+        session = await create_session("s", store, model=ScriptedModel(["hello"]))
+        await session.state.set("k", {"v": 1})
+    result = await session.send_message("hi")
+    assert result.success
+    assert [m.text for m in await store.load("s")] == ["hi", "hello"]
+    reopened = await create_session("s", store, model=ScriptedModel())
+    assert reopened.state.get("k") == {"v": 1}
+    info = await store.get_info("s")
+    assert info is not None and info.title == "hi"
+    await store.delete("s")
+    assert await store.get_state("s") == {} and await store.get_info("s") is None
+
+
+async def test_the_abc_validates_ids_for_every_override() -> None:
+    store = CoreOnly()
+    with pytest.raises(InvalidSessionId):
+        await store.save("bad\x00id", [])
+    assert store.rows == {}
+    with pytest.raises(InvalidSessionId):
+        await store.exists(42)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("url", ["", "ftp://x", "mongodb://localhost/db", "nosuch://"])

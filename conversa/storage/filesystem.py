@@ -54,9 +54,11 @@ from .base import (
     _UNSET,
     ConversationStorage,
     SessionInfo,
+    StateEntry,
     info_fields,
     info_matches,
-    live_state,
+    live_entries,
+    live_raw,
     state_entries,
     title_from,
     validate_session_id,
@@ -878,28 +880,27 @@ class FileSystemStorage(ConversationStorage):
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state(self, session_id: str) -> dict[str, Any]:
-        """The unexpired state values from the meta file."""
+    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """The unexpired state entries from the meta file."""
         _, meta_path = self._paths(session_id)
         meta = await self._run(self._read_meta, meta_path) or {}
-        return live_state(meta.get("state") or {})
+        return live_entries(meta.get("state") or {})
 
     async def set_state(
-        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+        self,
+        session_id: str,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
     ) -> None:
-        """Set state keys (optionally expiring after ``ttl`` seconds); prunes expired keys."""
+        """Set state keys (to expire after ``ttl`` seconds or at ``expires_at``); prunes
+        expired keys."""
         path, meta_path = self._paths(session_id)
-        entries = state_entries(values, ttl)
+        entries = state_entries(values, ttl, expires_at)
 
         def change(meta: dict[str, Any]) -> bool:
-            now = time.time()
-            state = {
-                k: e
-                for k, e in (meta.get("state") or {}).items()
-                if e.get("expires_at") is None or e["expires_at"] > now
-            }
-            state.update(entries)
-            meta["state"] = state
+            meta["state"] = {**live_raw(meta.get("state") or {}), **entries}
             return True
 
         await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
@@ -929,3 +930,24 @@ class FileSystemStorage(ConversationStorage):
             return True
 
         await self._run(self._change_meta_sync, session_id, path, meta_path, change, False)
+
+    async def set_times(
+        self, session_id: str, *, created_at: datetime, updated_at: datetime
+    ) -> None:
+        """Set created_at in the meta file and updated_at as the mtime of both files."""
+        path, meta_path = self._paths(session_id)
+        created = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
+        updated = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=UTC)
+        stamp = (updated - _EPOCH) // timedelta(microseconds=1) * 1000
+        await self._run(self._set_times_sync, session_id, path, meta_path, created, stamp)
+
+    def _set_times_sync(
+        self, session_id: str, path: str, meta_path: str, created: datetime, stamp: int
+    ) -> None:
+        with self._locked(path, write=True) as fd:
+            if fd is None:
+                return
+            meta = self._read_meta(meta_path) or self._new_meta(session_id, stamp)
+            meta["created_at"] = created.astimezone(UTC).isoformat()
+            self._write_meta(meta_path, meta, stamp)
+            os.utime(fd, ns=(stamp, stamp))

@@ -14,23 +14,17 @@ from .base import (
     _UNSET,
     ConversationStorage,
     SessionInfo,
+    StateEntry,
+    copy_json,
     from_ts,
     info_fields,
     info_matches,
-    live_state,
+    live_entries,
+    live_raw,
     state_entries,
     title_from,
-    validate_session_id,
+    ts,
 )
-
-
-def _copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts, lists, scalars): much cheaper than copy.deepcopy."""
-    if isinstance(value, dict):
-        return {k: _copy_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_json(v) for v in value]
-    return value
 
 
 def _detached(message: ChatMessage) -> ChatMessage:
@@ -40,8 +34,8 @@ def _detached(message: ChatMessage) -> ChatMessage:
     copied = object.__new__(ChatMessage)
     for name in _FIELDS:
         object.__setattr__(copied, name, getattr(message, name))
-    object.__setattr__(copied, "content", _copy_json(message.content))
-    object.__setattr__(copied, "metadata", _copy_json(message.metadata))
+    object.__setattr__(copied, "content", copy_json(message.content))
+    object.__setattr__(copied, "metadata", copy_json(message.metadata))
     return copied
 
 
@@ -73,7 +67,6 @@ class InMemoryStorage(ConversationStorage):
     # Every method runs without awaiting, so each is atomic under asyncio.
 
     def _touch(self, session_id: str) -> _Session:
-        validate_session_id(session_id)
         now = time.time()
         s = self._sessions.get(session_id)
         if s is None:
@@ -89,13 +82,11 @@ class InMemoryStorage(ConversationStorage):
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, as copies."""
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         return [_detached(m) for m in s.messages] if s else []
 
     async def delete(self, session_id: str) -> None:
         """Remove everything of the session."""
-        validate_session_id(session_id)
         self._sessions.pop(session_id, None)
 
     async def list_sessions(self) -> list[str]:
@@ -107,7 +98,6 @@ class InMemoryStorage(ConversationStorage):
 
     async def exists(self, session_id: str) -> bool:
         """Whether the session exists."""
-        validate_session_id(session_id)
         return session_id in self._sessions
 
     async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
@@ -117,7 +107,6 @@ class InMemoryStorage(ConversationStorage):
 
     async def count(self, session_id: str) -> int:
         """The number of stored messages."""
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         return len(s.messages) if s else 0
 
@@ -125,7 +114,6 @@ class InMemoryStorage(ConversationStorage):
         """The newest ``n`` messages, as copies."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         return [_detached(m) for m in s.messages[max(0, len(s.messages) - n) :]] if s and n else []
 
@@ -133,7 +121,6 @@ class InMemoryStorage(ConversationStorage):
         """Keep the oldest ``keep`` messages."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         if s and keep < len(s.messages):
             del self._touch(session_id).messages[keep:]
@@ -142,7 +129,6 @@ class InMemoryStorage(ConversationStorage):
         """Remove and return the newest ``n`` messages."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         if not s or n == 0 or not s.messages:
             return []
@@ -160,12 +146,11 @@ class InMemoryStorage(ConversationStorage):
             title=s.info.get("title") or title_from(s.messages),
             user_id=s.info.get("user_id"),
             status=s.info.get("status", "active"),
-            metadata=_copy_json(s.info.get("metadata", {})),
+            metadata=copy_json(s.info.get("metadata", {})),
         )
 
     async def get_info(self, session_id: str) -> SessionInfo | None:
         """The session's info, or None."""
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         return self._info(session_id, s) if s else None
 
@@ -181,7 +166,7 @@ class InMemoryStorage(ConversationStorage):
         """Set info fields and return the info."""
         fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
         s = self._touch(session_id)
-        s.info.update(_copy_json(fields))
+        s.info.update(copy_json(fields))
         return self._info(session_id, s)
 
     async def find_sessions(
@@ -202,22 +187,33 @@ class InMemoryStorage(ConversationStorage):
                     break
         return found
 
-    async def get_state(self, session_id: str) -> dict[str, Any]:
-        """Unexpired state values, as copies."""
-        validate_session_id(session_id)
+    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """Unexpired state entries, their values as copies."""
         s = self._sessions.get(session_id)
-        return _copy_json(live_state(s.state)) if s else {}
+        return live_entries(copy_json(s.state)) if s else {}
 
     async def set_state(
-        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+        self,
+        session_id: str,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
     ) -> None:
-        """Set state keys, optionally expiring after ``ttl`` seconds."""
-        entries = _copy_json(state_entries(values, ttl))
-        self._touch(session_id).state.update(entries)
+        """Set state keys, to expire after ``ttl`` seconds or at ``expires_at``."""
+        entries = copy_json(state_entries(values, ttl, expires_at))
+        s = self._touch(session_id)
+        s.state = {**live_raw(s.state), **entries}
+
+    async def set_times(
+        self, session_id: str, *, created_at: datetime, updated_at: datetime
+    ) -> None:
+        """Set the creation and last-update times."""
+        s = self._touch(session_id)
+        s.created_at, s.updated_at = ts(created_at), ts(updated_at)
 
     async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove state keys."""
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         keys = [k for k in keys if s and k in s.state]
         if s and keys:
@@ -227,7 +223,6 @@ class InMemoryStorage(ConversationStorage):
 
     async def clear_state(self, session_id: str) -> None:
         """Remove all state keys."""
-        validate_session_id(session_id)
         s = self._sessions.get(session_id)
         if s and s.state:
             s.state.clear()

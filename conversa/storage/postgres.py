@@ -61,10 +61,12 @@ from .base import (
     _UNSET,
     ConversationStorage,
     SessionInfo,
+    StateEntry,
+    as_utc,
     info_fields,
     state_entries,
+    state_entry,
     title_from,
-    validate_session_id,
 )
 
 T = TypeVar("T")
@@ -455,7 +457,6 @@ class PostgresStorage(ConversationStorage):
 
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Lock the session row, replace every message, in one transaction."""
-        validate_session_id(session_id)
         n = self._names
         pos, title = _first_user(history)
         roles = [m.role for m in history]
@@ -486,14 +487,12 @@ class PostgresStorage(ConversationStorage):
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, in order."""
-        validate_session_id(session_id)
         sql = f"SELECT seq, body FROM {self._names.messages} WHERE session_id = $1 ORDER BY seq"
         rows = await self._run(lambda con: con.fetch(sql, session_id), retry=True)
         return self._decode(session_id, rows)
 
     async def delete(self, session_id: str) -> None:
         """Remove messages, state and the session row, in one statement."""
-        validate_session_id(session_id)
         n = self._names
         sql = f"""WITH m AS (DELETE FROM {n.messages} WHERE session_id = $1),
                        s AS (DELETE FROM {n.state} WHERE session_id = $1)
@@ -508,7 +507,6 @@ class PostgresStorage(ConversationStorage):
 
     async def exists(self, session_id: str) -> bool:
         """Whether the session row exists."""
-        validate_session_id(session_id)
         sql = f"SELECT 1 FROM {self._names.sessions} WHERE session_id = $1"
         return bool(await self._run(lambda con: con.fetchval(sql, session_id), retry=True))
 
@@ -516,7 +514,6 @@ class PostgresStorage(ConversationStorage):
 
     async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
         """Add messages to the end: one statement, one round trip."""
-        validate_session_id(session_id)
         n = self._names
         pos, title = _first_user(messages)
         roles = [m.role for m in messages]
@@ -546,7 +543,6 @@ class PostgresStorage(ConversationStorage):
 
     async def count(self, session_id: str) -> int:
         """The message count kept in the session row."""
-        validate_session_id(session_id)
         sql = f"SELECT message_count FROM {self._names.sessions} WHERE session_id = $1"
         value = await self._run(lambda con: con.fetchval(sql, session_id), retry=True)
         return int(value or 0)
@@ -555,7 +551,6 @@ class PostgresStorage(ConversationStorage):
         """The newest ``n`` messages: the last ``n`` rows of the primary key index, reversed."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
         if n == 0:
             return []
         sql = f"""SELECT seq, body FROM {self._names.messages} WHERE session_id = $1
@@ -591,14 +586,12 @@ class PostgresStorage(ConversationStorage):
         """Keep the oldest ``keep`` messages."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
-        validate_session_id(session_id)
         await self._cut(session_id, "$2", "message_count > $2", keep)
 
     async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
         """Remove and return the newest ``n`` messages."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
         if n == 0:
             return []
         rows = await self._cut(
@@ -610,7 +603,6 @@ class PostgresStorage(ConversationStorage):
 
     async def get_info(self, session_id: str) -> SessionInfo | None:
         """The session's row as a SessionInfo."""
-        validate_session_id(session_id)
         sql = f"SELECT * FROM {self._names.sessions} WHERE session_id = $1"
         row = await self._run(lambda con: con.fetchrow(sql, session_id), retry=True)
         return None if row is None else self._info(row)
@@ -625,7 +617,6 @@ class PostgresStorage(ConversationStorage):
         metadata: Mapping[str, Any] = _UNSET,
     ) -> SessionInfo:
         """Set info fields in one UPSERT and return the info."""
-        validate_session_id(session_id)
         fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
         values: list[Any] = [session_id]
         for name, value in fields.items():
@@ -666,17 +657,16 @@ class PostgresStorage(ConversationStorage):
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state(self, session_id: str) -> dict[str, Any]:
-        """Unexpired state values."""
-        validate_session_id(session_id)
-        sql = f"""SELECT key, value FROM {self._names.state} WHERE session_id = $1
+    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """Unexpired state entries."""
+        sql = f"""SELECT key, value, expires_at FROM {self._names.state} WHERE session_id = $1
                   AND (expires_at IS NULL OR expires_at > $2)"""
         rows = await self._run(lambda con: con.fetch(sql, session_id, time.time()), retry=True)
-        state: dict[str, Any] = {}
+        state: dict[str, StateEntry] = {}
         for row in rows:
             key = _unesc(row["key"])
             try:
-                state[key] = json.loads(row["value"])
+                state[key] = state_entry(json.loads(row["value"]), row["expires_at"])
             except ValueError as exc:
                 raise CorruptSessionError(
                     f"state key {key!r} of session {session_id!r} in table "
@@ -685,11 +675,15 @@ class PostgresStorage(ConversationStorage):
         return state
 
     async def set_state(
-        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+        self,
+        session_id: str,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
     ) -> None:
         """Set state keys (dropping the session's expired ones) in one statement."""
-        validate_session_id(session_id)
-        entries = state_entries(values, ttl)
+        entries = state_entries(values, ttl, expires_at)
         keys = [_esc(k) for k in entries]
         texts = [json.dumps(e["value"]) for e in entries.values()]
         expiry = [e["expires_at"] for e in entries.values()]
@@ -721,15 +715,22 @@ class PostgresStorage(ConversationStorage):
 
     async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove state keys; absent keys are ignored."""
-        validate_session_id(session_id)
         names = [_esc(k) for k in keys]
         if names:
             await self._drop_state(session_id, names)
 
     async def clear_state(self, session_id: str) -> None:
         """Remove every state key."""
-        validate_session_id(session_id)
         await self._drop_state(session_id, None)
+
+    async def set_times(
+        self, session_id: str, *, created_at: datetime, updated_at: datetime
+    ) -> None:
+        """Set the session row's created_at and updated_at."""
+        sql = f"""UPDATE {self._names.sessions} SET created_at = $2, updated_at = $3
+                  WHERE session_id = $1"""
+        created, updated = as_utc(created_at), as_utc(updated_at)
+        await self._run(lambda con: con.execute(sql, session_id, created, updated))
 
     # -- lifecycle ------------------------------------------------------------------------
 

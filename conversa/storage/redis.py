@@ -53,11 +53,13 @@ from .base import (
     _UNSET,
     ConversationStorage,
     SessionInfo,
+    StateEntry,
+    as_utc,
     info_fields,
     info_matches,
     state_entries,
+    state_entry,
     title_from,
-    validate_session_id,
 )
 
 T = TypeVar("T")
@@ -202,7 +204,14 @@ for i = 1, #exp, 2 do
     redis.call('HDEL', KEYS[2], exp[i])
   end
 end
-return redis.call('HGETALL', KEYS[1])
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
+# ARGV 3: created, 4: updated (microseconds since the epoch). No touch(): it would move updated.
+_SET_TIMES = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'created', ARGV[3], 'updated', ARGV[4])
+return 1
 """
 
 # KEYS: 1 index, 2 info. ARGV 1: session id. Drops the entry of a session that expired.
@@ -220,6 +229,7 @@ _WRITE_SCRIPTS = {
     "set_state": _SET_STATE,
     "delete_state": _DELETE_STATE,
     "clear_state": _CLEAR_STATE,
+    "set_times": _SET_TIMES,
 }
 
 
@@ -244,6 +254,16 @@ def _title_args(messages: Sequence[ChatMessage]) -> list[str]:
 
 def _from_us(value: str) -> datetime:
     return _EPOCH + timedelta(microseconds=int(value))
+
+
+def _micros(dt: datetime) -> int:
+    """A datetime as integer microseconds since the epoch (naive means UTC)."""
+    return (as_utc(dt) - _EPOCH) // timedelta(microseconds=1)
+
+
+def _expiry(text: str | None) -> float | None:
+    """A stored expiry (epoch seconds as text) as a float; ValueError if damaged."""
+    return None if text is None else float(text)
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
@@ -401,20 +421,17 @@ class RedisStorage(ConversationStorage):
 
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history in one script."""
-        validate_session_id(session_id)
         lines = [m.to_json() for m in history]
         await self._write("save", session_id, [*_title_args(history), *lines])
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, in order."""
-        validate_session_id(session_id)
         key = self._key("m", session_id)
         raw: list[str] = await self._run(lambda: self._client.lrange(key, 0, -1), retry=True)
         return self._decode(session_id, raw)
 
     async def delete(self, session_id: str) -> None:
         """Remove every key of the session and its index entry, in one transaction."""
-        validate_session_id(session_id)
         keys = [self._key(kind, session_id) for kind in ("m", "i", "s", "x")]
 
         async def op() -> None:
@@ -445,7 +462,6 @@ class RedisStorage(ConversationStorage):
 
     async def exists(self, session_id: str) -> bool:
         """Whether the session's info hash exists (every write creates it)."""
-        validate_session_id(session_id)
         key = self._key("i", session_id)
         return bool(await self._run(lambda: self._client.exists(key), retry=True))
 
@@ -453,13 +469,11 @@ class RedisStorage(ConversationStorage):
 
     async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
         """Add messages to the end: one script, one round trip."""
-        validate_session_id(session_id)
         lines = [m.to_json() for m in messages]
         await self._write("append", session_id, [*_title_args(messages), *lines])
 
     async def count(self, session_id: str) -> int:
         """LLEN of the message list."""
-        validate_session_id(session_id)
         key = self._key("m", session_id)
         return int(await self._run(lambda: self._client.llen(key), retry=True))
 
@@ -467,7 +481,6 @@ class RedisStorage(ConversationStorage):
         """The newest ``n`` messages: LRANGE -n -1 (with LLEN, for positions), one round trip."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
         if n == 0:
             return []
         key = self._key("m", session_id)
@@ -485,14 +498,12 @@ class RedisStorage(ConversationStorage):
         """Keep the oldest ``keep`` messages."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
-        validate_session_id(session_id)
         await self._write("truncate", session_id, [keep])
 
     async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
         """Remove and return the newest ``n`` messages."""
         if n < 0:
             raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
         if n == 0:
             return []
         raw = await self._write("pop", session_id, [n])
@@ -516,7 +527,6 @@ class RedisStorage(ConversationStorage):
 
     async def get_info(self, session_id: str) -> SessionInfo | None:
         """The session's info from its info hash, without reading the history."""
-        validate_session_id(session_id)
         return (await self._infos([session_id]))[0]
 
     async def update_info(
@@ -529,7 +539,6 @@ class RedisStorage(ConversationStorage):
         metadata: Mapping[str, Any] = _UNSET,
     ) -> SessionInfo:
         """Set info fields and return the info."""
-        validate_session_id(session_id)
         fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
         args: list[str] = []
         for name, value in fields.items():
@@ -562,45 +571,54 @@ class RedisStorage(ConversationStorage):
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state(self, session_id: str) -> dict[str, Any]:
-        """Unexpired state values; expired keys are removed on the way."""
-        validate_session_id(session_id)
+    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """Unexpired state entries; expired keys are removed on the way."""
         keys = [self._key("s", session_id), self._key("x", session_id)]
         args = [repr(time.time())]
-        flat = await self._run(lambda: self._get_state(keys=keys, args=args), retry=True)
+        values, expiry = await self._run(lambda: self._get_state(keys=keys, args=args), retry=True)
+        expires = _pairs(expiry)
         state = {}
-        for key, text in _pairs(flat).items():
+        for key, text in _pairs(values).items():
             try:
-                state[key] = json.loads(text)
+                state[key] = state_entry(json.loads(text), _expiry(expires.get(key)))
             except ValueError as exc:
                 raise CorruptSessionError(
-                    f"state key {key!r} of session {session_id!r} in Redis key {keys[0]!r} "
+                    f"state key {key!r} of session {session_id!r} in Redis keys {keys!r} "
                     f"at {self._shown} is damaged ({exc}); fix or delete it"
                 ) from None
         return state
 
     async def set_state(
-        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+        self,
+        session_id: str,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
     ) -> None:
-        """Set state keys, optionally expiring after ``ttl`` seconds."""
-        validate_session_id(session_id)
+        """Set state keys, to expire after ``ttl`` seconds or at ``expires_at``."""
         args: list[str] = []
-        for key, entry in state_entries(values, ttl).items():
+        for key, entry in state_entries(values, ttl, expires_at).items():
             expires = entry["expires_at"]
             args += [key, json.dumps(entry["value"]), "" if expires is None else repr(expires)]
         await self._write("set_state", session_id, args)
 
     async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove state keys; absent keys are ignored."""
-        validate_session_id(session_id)
         names = list(keys)
         if names:
             await self._write("delete_state", session_id, names)
 
     async def clear_state(self, session_id: str) -> None:
         """Remove every state key."""
-        validate_session_id(session_id)
         await self._write("clear_state", session_id, [])
+
+    async def set_times(
+        self, session_id: str, *, created_at: datetime, updated_at: datetime
+    ) -> None:
+        """Set the created and updated times in the session's info hash."""
+        times = [_micros(created_at), _micros(updated_at)]
+        await self._write("set_times", session_id, times)
 
     # -- lifecycle ------------------------------------------------------------------------
 

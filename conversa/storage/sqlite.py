@@ -33,8 +33,10 @@ from .base import (
     ConversationStorage,
     SearchHit,
     SessionInfo,
+    StateEntry,
     info_fields,
     state_entries,
+    state_entry,
     title_from,
     validate_session_id,
 )
@@ -302,29 +304,36 @@ class SqliteStorage(ConversationStorage):
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state(self, session_id: str) -> dict[str, Any]:
-        """The session's state: every key that has not expired."""
-        validate_session_id(session_id)
+    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """The session's state: every key that has not expired, with its expiry."""
         return await self._run(_get_state, session_id)
 
     async def set_state(
-        self, session_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+        self,
+        session_id: str,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
     ) -> None:
-        """Set state keys; with ``ttl`` (seconds) they expire after that."""
-        validate_session_id(session_id)
-        entries = state_entries(values, ttl)
+        """Set state keys, to expire after ``ttl`` seconds or at ``expires_at``."""
+        entries = state_entries(values, ttl, expires_at)
         rows = [(k, _dumps(e["value"]), e["expires_at"]) for k, e in entries.items()]
         await self._run(_set_state, session_id, rows)
 
     async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove state keys; absent keys are ignored."""
-        validate_session_id(session_id)
         await self._run(_delete_state, session_id, list(keys))
 
     async def clear_state(self, session_id: str) -> None:
         """Remove every state key of the session."""
-        validate_session_id(session_id)
         await self._run(_clear_state, session_id)
+
+    async def set_times(
+        self, session_id: str, *, created_at: datetime, updated_at: datetime
+    ) -> None:
+        """Set the session row's created_at and updated_at."""
+        await self._run(_set_times, session_id, _micros(created_at), _micros(updated_at))
 
 
 async def _on_thread(
@@ -678,17 +687,17 @@ def _info(sid: str, row: Sequence[Any]) -> SessionInfo:
     )
 
 
-def _get_state(conn: sqlite3.Connection, sid: str) -> dict[str, Any]:
+def _get_state(conn: sqlite3.Connection, sid: str) -> dict[str, StateEntry]:
     now = time.time()
     cur = conn.execute(
-        "SELECT key, value FROM state WHERE session_id = ? "
+        "SELECT key, value, expires_at FROM state WHERE session_id = ? "
         "AND (expires_at IS NULL OR expires_at > ?)",
         (sid, now),
     )
-    state: dict[str, Any] = {}
-    for key, value in cur:
+    state: dict[str, StateEntry] = {}
+    for key, value, expires_at in cur:
         try:
-            state[key] = json.loads(value)
+            state[key] = state_entry(json.loads(value), expires_at)
         except ValueError as exc:
             raise CorruptSessionError(
                 f"session {sid!r}: the stored value of state key {key!r} is damaged ({exc}); "
@@ -720,6 +729,14 @@ def _delete_state(conn: sqlite3.Connection, sid: str, keys: list[str]) -> None:
         )
         if cur.rowcount > 0:
             _touch(conn, sid)
+
+
+def _set_times(conn: sqlite3.Connection, sid: str, created: int, updated: int) -> None:
+    with _write(conn):
+        conn.execute(
+            "UPDATE sessions SET created_at = ?, updated_at = ? WHERE id = ?",
+            (created, updated, sid),
+        )
 
 
 def _clear_state(conn: sqlite3.Connection, sid: str) -> None:

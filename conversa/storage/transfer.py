@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..errors import StorageError
 from ..messages import ChatMessage
-from .base import ConversationStorage, title_from
+from .base import ConversationStorage, StateEntry, title_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,18 +25,24 @@ async def write_session(
     target: ConversationStorage,
     session_id: str,
     history: Sequence[ChatMessage],
-    state: Mapping[str, Any],
+    state: Mapping[str, StateEntry],
     *,
     title: str | None = None,
     user_id: str | None = None,
     status: str = "active",
     metadata: Mapping[str, Any] | None = None,
+    created_at: datetime | None = None,
+    updated_at: datetime | None = None,
 ) -> int:
-    """Replace a session whole (history, state, info) and return the message count it has now."""
+    """Replace a session whole (history, state with expiry, info, and both times if given);
+    return the message count it has now."""
     await target.save(session_id, history)
     await target.clear_state(session_id)
-    if state:
-        await target.set_state(session_id, state)
+    by_expiry: dict[datetime | None, dict[str, Any]] = {}
+    for key, entry in state.items():
+        by_expiry.setdefault(entry.expires_at, {})[key] = entry.value
+    for expires_at, values in by_expiry.items():
+        await target.set_state(session_id, values, expires_at=expires_at)
     # A title equal to the derived default stays derived, so it follows later edits.
     await target.update_info(
         session_id,
@@ -44,6 +51,8 @@ async def write_session(
         status=status,
         metadata=metadata or {},
     )
+    if created_at is not None and updated_at is not None:
+        await target.set_times(session_id, created_at=created_at, updated_at=updated_at)
     return await target.count(session_id)
 
 
@@ -53,15 +62,15 @@ async def copy_session(
     session_id: str,
     new_id: str | None = None,
 ) -> Copied:
-    """Copy one session's history, info and state; the target's copy is replaced whole.
+    """Copy one session's history, info, times and state; the target's copy is replaced whole.
 
+    Every state key keeps its expiry, so it lives on in the copy for the rest of its time.
     Re-running it gives the same result, so an interrupted migration can simply be repeated.
-    Keys with a time to live are copied without it.
     """
     dest = new_id or session_id
     history = await source.load(session_id)
     info = await source.get_info(session_id)
-    state = await source.get_state(session_id)
+    state = await source.get_state_entries(session_id)
     count = await write_session(
         target,
         dest,
@@ -71,6 +80,8 @@ async def copy_session(
         user_id=info.user_id if info else None,
         status=info.status if info else "active",
         metadata=info.metadata if info else None,
+        created_at=info.created_at if info else None,
+        updated_at=info.updated_at if info else None,
     )
     if count != len(history):
         raise StorageError(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -348,6 +348,23 @@ class StorageConformance:
             await storage.save(bad, [])
         with pytest.raises(InvalidSessionId):
             await storage.set_state(bad, {"k": 1})
+        reads: list[Callable[[], Awaitable[object]]] = [
+            lambda: storage.exists(bad),
+            lambda: storage.delete(bad),
+            lambda: storage.count(bad),
+            lambda: storage.tail(bad),
+            lambda: storage.pop(bad),
+            lambda: storage.truncate(bad, 0),
+            lambda: storage.get_info(bad),
+            lambda: storage.update_info(bad, title="t"),
+            lambda: storage.get_state(bad),
+            lambda: storage.get_state_entries(bad),
+            lambda: storage.delete_state(bad, ["k"]),
+            lambda: storage.clear_state(bad),
+        ]
+        for call in reads:
+            with pytest.raises(InvalidSessionId):
+                await call()
 
     @pytest.mark.parametrize(
         "odd",
@@ -499,14 +516,71 @@ class StorageConformance:
 
     async def test_state_expiry(self, storage: ConversationStorage) -> None:
         sid = _sid()
-        await storage.set_state(sid, {"short": 1}, ttl=0.3)
+        now = datetime.now(UTC)
+        await storage.set_state(sid, {"gone": 1}, expires_at=now - timedelta(seconds=1))
         await storage.set_state(sid, {"long": 2}, ttl=60)
         await storage.set_state(sid, {"forever": 3})
-        assert await storage.get_state(sid) == {"short": 1, "long": 2, "forever": 3}
-        await asyncio.sleep(0.5)
         assert await storage.get_state(sid) == {"long": 2, "forever": 3}
-        await storage.set_state(sid, {"short": "back"})
-        assert (await storage.get_state(sid))["short"] == "back"
+        await storage.set_state(sid, {"gone": "back"})
+        assert (await storage.get_state(sid))["gone"] == "back"
+        # a moment in the past replaces a live key and reads as absent at once
+        await storage.set_state(sid, {"forever": 0}, expires_at=now - timedelta(seconds=1))
+        assert await storage.get_state(sid) == {"long": 2, "gone": "back"}
+
+    async def test_state_entries_carry_the_expiry(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        moment = datetime(2999, 5, 17, 10, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+        before = datetime.now(UTC)
+        await storage.set_state(sid, {"ttl": 1}, ttl=600)
+        after = datetime.now(UTC)
+        await storage.set_state(sid, {"at": [2]}, expires_at=moment)
+        await storage.set_state(sid, {"naive": 3}, expires_at=moment.replace(tzinfo=None))
+        await storage.set_state(sid, {"plain": 4})
+        entries = await storage.get_state_entries(sid)
+        assert {k: e.value for k, e in entries.items()} == {
+            "ttl": 1,
+            "at": [2],
+            "naive": 3,
+            "plain": 4,
+        }
+        by_ttl = entries["ttl"].expires_at
+        assert by_ttl is not None
+        slack = timedelta(milliseconds=1)
+        assert before + timedelta(seconds=600) - slack <= by_ttl <= after + timedelta(seconds=600)
+        at, naive = entries["at"].expires_at, entries["naive"].expires_at
+        assert at is not None and abs(at - moment) < slack
+        # a naive datetime is taken as UTC, as ChatMessage.created_at is
+        assert naive is not None and abs(naive - moment.replace(tzinfo=UTC)) < slack
+        assert entries["plain"].expires_at is None
+        assert await storage.get_state(sid) == {k: e.value for k, e in entries.items()}
+
+    async def test_state_ttl_and_expires_at_exclude_each_other(
+        self, storage: ConversationStorage
+    ) -> None:
+        sid = _sid()
+        moment = datetime.now(UTC) + timedelta(hours=1)
+        with pytest.raises(ValueError, match="ttl or expires_at"):
+            await storage.set_state(sid, {"k": 1}, ttl=60, expires_at=moment)
+        with pytest.raises(ValueError, match="expires_at must be a datetime"):
+            await storage.set_state(sid, {"k": 1}, expires_at="tomorrow")  # type: ignore[arg-type]
+        assert await storage.get_state(sid) == {}
+
+    async def test_set_times(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        created = datetime(2020, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        updated = datetime(2021, 6, 7, 8, 9, 10, 111213, tzinfo=UTC)
+        # as in a copy: the messages are older than the session's last update
+        await storage.append(sid, [ChatMessage(role="user", content="old", created_at=created)])
+        await storage.set_times(sid, created_at=created, updated_at=updated)
+        info = await storage.get_info(sid)
+        assert info is not None
+        assert (info.created_at, info.updated_at) == (created, updated)
+        cutoff = datetime(2022, 1, 1, tzinfo=UTC)
+        assert [i.session_id for i in await storage.find_sessions(updated_before=cutoff)] == [sid]
+        await storage.append(sid, [_user("new")])
+        later = await storage.get_info(sid)
+        assert later is not None
+        assert later.created_at == created and later.updated_at > cutoff
 
     async def test_state_rejects_bad_values(self, storage: ConversationStorage) -> None:
         sid = _sid()
