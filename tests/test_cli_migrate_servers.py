@@ -62,8 +62,12 @@ async def _snapshot(url: str) -> dict[str, Any]:
             assert info is not None
             out[sid] = (
                 [m.to_dict() for m in await storage.load(sid)],
-                await storage.get_state(sid),
+                {
+                    k: (e.value, e.expires_at)
+                    for k, e in (await storage.get_state_entries(sid)).items()
+                },
                 (info.title, info.user_id, info.status, info.metadata),
+                (info.created_at, info.updated_at),
             )
         out["__order__"] = await storage.list_sessions()
         return out
@@ -84,6 +88,7 @@ async def _fill(url: str) -> None:
                 ],
             )
         await storage.set_state("user-2", {"plan": ["a", "b"]})
+        await storage.set_state("user-2", {"token": "t"}, ttl=600)
         await storage.update_info(
             "user-3", title="Named", user_id="u3", status="completed", metadata={"k": 1}
         )

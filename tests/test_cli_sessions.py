@@ -282,6 +282,75 @@ def test_migrate_file_to_sqlite_and_back(runner: CliRunner, tmp_path: Path) -> N
     assert same.exit_code == 1 and "same storage" in same.output
 
 
+def fidelity(url: str, session_id: str) -> tuple[Any, ...]:
+    """What a copy must keep: history, info with its times, state with each key's expiry."""
+
+    async def read(storage: ConversationStorage) -> tuple[Any, ...]:
+        info = await storage.get_info(session_id)
+        assert info is not None
+        entries = await storage.get_state_entries(session_id)
+        return (
+            [m.to_dict() for m in await storage.load(session_id)],
+            (info.title, info.user_id, info.status, info.metadata),
+            (info.created_at, info.updated_at),
+            {k: (e.value, e.expires_at) for k, e in entries.items()},
+        )
+
+    return run_storage(url, read)
+
+
+@pytest.fixture
+def aged(tmp_path: Path) -> str:
+    """A file storage with one session last written 40 days ago, with expiring state keys."""
+    files = str(tmp_path / "files")
+
+    async def fill(storage: ConversationStorage) -> None:
+        await storage.save("old", conversation("ancient", "history", when=OLD))
+        await storage.set_state("old", {"token": "t"}, ttl=6)
+        await storage.set_state("old", {"until": 1}, expires_at=datetime(2999, 1, 1, tzinfo=UTC))
+        await storage.set_state("old", {"kept": [1]})
+        await storage.update_info("old", user_id="u", status="completed", metadata={"k": 1})
+
+    run_storage(files, fill)
+    age(files, "old")
+    return files
+
+
+def test_migrate_keeps_times_and_the_expiry_of_state_keys(
+    runner: CliRunner, aged: str, tmp_path: Path
+) -> None:
+    before = fidelity(aged, "old")
+    assert before[2][1] < datetime.now(UTC) - timedelta(days=39)
+    token = before[3]["token"][1]
+    assert token is not None and token < datetime.now(UTC) + timedelta(seconds=7)
+    db = f"sqlite:///{tmp_path / 'migrated.db'}"
+    back = str(tmp_path / "back")
+    assert invoke(runner, aged, "sessions", "migrate", "--to", db).exit_code == 0
+    assert invoke(runner, aged, "sessions", "migrate", "--from", db, "--to", back).exit_code == 0
+    assert fidelity(db, "old") == before
+    assert fidelity(back, "old") == before
+    pruned = invoke(runner, db, "sessions", "prune", "--older-than", "30d", "--dry-run")
+    assert pruned.exit_code == 0 and "1 sessions would be deleted" in pruned.output
+
+
+def test_export_and_import_keep_times_info_and_expiry(
+    runner: CliRunner, aged: str, url: str, tmp_path: Path
+) -> None:
+    exported = tmp_path / "old.json"
+    assert invoke(runner, aged, "sessions", "export", "old", "-o", str(exported)).exit_code == 0
+    result = invoke(runner, url, "sessions", "import", str(exported))
+    assert result.exit_code == 0, result.output
+    assert fidelity(url, "old") == fidelity(aged, "old")
+    document = json.loads(exported.read_text())
+    document["state_expires_at"]["kept"] = "next tuesday"
+    document["state"]["kept"] = 2
+    exported.write_text(json.dumps(document))
+    bad = invoke(runner, url, "sessions", "import", str(exported), "--replace")
+    assert bad.exit_code == 1
+    assert "state_expires_at['kept'] is not an ISO 8601 time" in bad.output
+    assert "Traceback" not in bad.output
+
+
 def test_version_and_help_import_nothing_heavy(runner: CliRunner) -> None:
     from conversa import __version__
 

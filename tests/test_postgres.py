@@ -16,6 +16,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -172,8 +173,7 @@ async def test_nul_and_exact_numbers_roundtrip(
 async def test_expired_state_rows_are_removed(
     store: PostgresStorage, admin: Any, schema: str
 ) -> None:
-    await store.set_state("s", {"short": 1}, ttl=0.05)
-    await asyncio.sleep(0.1)
+    await store.set_state("s", {"short": 1}, expires_at=datetime.now(UTC) - timedelta(seconds=1))
     await store.set_state("s", {"kept": 2})
     rows = await admin.fetch(f'SELECT key FROM "{schema}".conversa_state')
     assert [r["key"] for r in rows] == ["kept"]

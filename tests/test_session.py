@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from conversa import (
     ModelRequest,
     ModelResponse,
     Session,
+    SessionState,
     StorageError,
     TextDelta,
     ToolCall,
@@ -440,15 +443,14 @@ async def test_state_api_and_persistence() -> None:
     await state.set("prefs", Prefs(theme="dark"))
     await state.set("point", Point(1, 2))
     await state.update({"a": 1, "b": [1, 2]})
-    await state.set("temp", "soon gone", ttl=0.2)
+    await state.set("temp", "soon gone", expires_at=datetime.now(UTC) + timedelta(seconds=60))
     assert state.get("prefs", as_type=Prefs) == Prefs(theme="dark")
     assert state.get("point", as_type=Point) == Point(1, 2)
     assert state.get("missing", "default") == "default"
     assert state.has("a") and "b" in state and not state.has("zzz")
     assert sorted(state.keys()) == ["a", "b", "point", "prefs", "temp"]
     assert state.is_modified and not state.is_empty
-    await asyncio.sleep(0.3)
-    assert not state.has("temp")
+    await state.delete("temp")
     await state.delete("a")
     reopened = await create_session("s", store, model=ScriptedModel())
     assert reopened.state.to_dict() == {
@@ -461,6 +463,73 @@ async def test_state_api_and_persistence() -> None:
     assert (await store.get_state("s")) == {"only": True}
     await reopened.state.clear()
     assert reopened.state.is_empty
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_expiry_holds_in_a_state_loaded_before_the_key_expired() -> None:
+    store = InMemoryStorage()
+    clock = FakeClock()
+    writer = SessionState(store, "s", clock=clock)
+    await writer.set("token", "abc", ttl=60)
+    await writer.update({"a": 1, "b": 2}, expires_at=datetime.now(UTC) + timedelta(seconds=30))
+    await writer.set("kept", True)
+    # another process loads the state while every key is live
+    reader = SessionState(store, "s", clock=clock)
+    await reader.reload()
+    assert reader.to_dict() == {"token": "abc", "a": 1, "b": 2, "kept": True}
+    clock.now += 31
+    assert reader.get("a") is None and "b" not in reader
+    assert reader.get("token") == "abc"
+    clock.now += 30
+    for state in (reader, writer):
+        assert not state.has("token") and state.get("token", "gone") == "gone"
+        assert state.to_dict() == {"kept": True}
+        assert state.keys() == ["kept"] and len(state) == 1
+
+
+async def test_state_expires_at_and_ttl() -> None:
+    store = InMemoryStorage()
+    state = SessionState(store, "s")
+    moment = datetime(2999, 1, 1, 12, tzinfo=UTC)
+    await state.set("naive", 1, expires_at=moment.replace(tzinfo=None))
+    await state.set("past", 2, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    entries = await store.get_state_entries("s")
+    assert entries["naive"].expires_at == moment
+    assert "past" not in entries and not state.has("past")
+    with pytest.raises(ValueError, match="ttl or expires_at"):
+        await state.set("both", 3, ttl=5, expires_at=moment)
+    with pytest.raises(ValueError, match="ttl must be a positive"):
+        await state.update({"x": 1}, ttl=0)
+    assert await store.get_state("s") == {"naive": 1}
+
+
+async def test_state_values_are_never_shared_with_the_caller() -> None:
+    store = InMemoryStorage()
+    state = SessionState(store, "s")
+    mine = {"items": [1, 2], "nested": {"k": "v"}}
+    await state.set("cart", mine)
+    mine["items"].append(3)
+    mine["nested"]["k"] = "changed"
+    got = state.get("cart")
+    assert got == {"items": [1, 2], "nested": {"k": "v"}}
+    got["items"].append(99)
+    state.to_dict()["cart"]["items"].append(98)
+    dict(state.items())["cart"]["nested"]["k"] = "x"
+    assert state.get("cart", as_type=dict) == {"items": [1, 2], "nested": {"k": "v"}}
+    await state.update({"pair": (1, [2])})
+    assert state.get("pair") == [1, [2]]
+    reloaded = SessionState(store, "s")
+    await reloaded.reload()
+    assert reloaded.to_dict() == state.to_dict()
 
 
 async def test_user_parts_are_attached_to_the_newest_user_message_only_in_the_prompt() -> None:

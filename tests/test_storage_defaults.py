@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -147,17 +148,27 @@ async def test_copy_session_between_backends_is_repeatable() -> None:
     await source.append("a", [ChatMessage.user("hello"), ChatMessage.assistant("hi")])
     await source.update_info("a", user_id="alice", status="completed", metadata={"x": 1})
     await source.set_state("a", {"k": [1, 2]})
+    await source.set_state("a", {"soon": 1}, ttl=6)
     await source.append("b", [ChatMessage.user("second")])
     await source.update_info("b", title="Named")
     for _ in range(2):
         copied = [c async for c in migrate(source, target)]
         assert [(c.session_id, c.messages, c.state_keys) for c in copied] == [
-            ("a", 2, 1),
+            ("a", 2, 2),
             ("b", 1, 0),
         ]
     assert await target.list_sessions() == ["b", "a"]
     assert await target.load("a") == await source.load("a")
-    assert await target.get_state("a") == {"k": [1, 2]}
+    assert await target.get_state_entries("a") == await source.get_state_entries("a")
+    soon = (await target.get_state_entries("a"))["soon"].expires_at
+    assert soon is not None and soon <= datetime.now(UTC) + timedelta(seconds=6)
+    for sid in ("a", "b"):
+        copied_info, source_info = await target.get_info(sid), await source.get_info(sid)
+        assert copied_info is not None and source_info is not None
+        assert (copied_info.created_at, copied_info.updated_at) == (
+            source_info.created_at,
+            source_info.updated_at,
+        )
     info = await target.get_info("a")
     assert info is not None
     assert (info.user_id, info.status, info.metadata, info.title) == (

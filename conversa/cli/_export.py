@@ -8,7 +8,7 @@ original design) and JSON Lines (one message per line, as the file backend store
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +37,10 @@ def to_json(
     messages: Sequence[ChatMessage],
     info: SessionInfo | None,
     state: dict[str, Any],
+    expires: Mapping[str, datetime] | None = None,
 ) -> str:
-    """conversa's JSON export: the messages with ids, times and metadata, the info and state."""
+    """conversa's JSON export: the messages with ids, times and metadata, the info and state,
+    and when state keys expire (``state_expires_at``: key -> ISO time, for those that do)."""
     document: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -46,6 +48,7 @@ def to_json(
         "exported_at": datetime.now(UTC).isoformat(),
         "info": _info_dict(info),
         "state": state,
+        "state_expires_at": {k: t.isoformat() for k, t in (expires or {}).items()},
         "messages": [m.to_dict() for m in messages],
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
@@ -96,6 +99,10 @@ class Imported:
     messages: list[ChatMessage]
     state: dict[str, Any] = field(default_factory=dict)
     title: str | None = None
+    expires: dict[str, datetime] = field(default_factory=dict)
+    """When state keys expire; keys not in it never do."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Those of user_id, status, metadata, created_at and updated_at the export holds."""
 
 
 def parse_import(text: str, source: str) -> Imported:
@@ -110,9 +117,12 @@ def parse_import(text: str, source: str) -> Imported:
         raw, sid = data["messages"], data.get("session_id")
         state = data.get("state") or {}
         info = data.get("info") or {}
-        title = info.get("title") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            info = {}
+        title = info.get("title")
+        expiry = data.get("state_expires_at") or {}
     elif isinstance(data, list):
-        raw, sid, state, title = data, None, {}, None
+        raw, sid, state, title, info, expiry = data, None, {}, None, {}, {}
     else:
         raise ValueError(f"{source} is neither a conversa JSON export nor a JSON array of messages")
     messages = []
@@ -121,12 +131,42 @@ def parse_import(text: str, source: str) -> Imported:
             messages.append(ChatMessage.from_dict(item))
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{source}: message {index} cannot be read: {exc}") from None
+    state = dict(state) if isinstance(state, dict) else {}
+    expires = {
+        k: _moment(v, f"state_expires_at[{k!r}]", source)
+        for k, v in (expiry.items() if isinstance(expiry, dict) else ())
+        if k in state
+    }
     return Imported(
         sid if isinstance(sid, str) else None,
         messages,
-        dict(state) if isinstance(state, dict) else {},
+        state,
         title if isinstance(title, str) else None,
+        expires,
+        _info_fields(info, source),
     )
+
+
+def _info_fields(info: dict[str, Any], source: str) -> dict[str, Any]:
+    """The info fields of an export that write_session takes, checked."""
+    fields: dict[str, Any] = {
+        k: info[k] for k in ("user_id", "status") if isinstance(info.get(k), str)
+    }
+    if isinstance(info.get("metadata"), dict):
+        fields["metadata"] = info["metadata"]
+    if info.get("created_at") is not None and info.get("updated_at") is not None:
+        for k in ("created_at", "updated_at"):
+            fields[k] = _moment(info[k], f"info.{k}", source)
+    return fields
+
+
+def _moment(value: Any, what: str, source: str) -> datetime:
+    """An ISO 8601 time from an export (naive means UTC); ValueError names the field."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {what} is not an ISO 8601 time: {value!r:.60}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _json_lines(text: str, source: str) -> list[Any]:

@@ -41,9 +41,11 @@ def export_session(
     async def work(store: ConversationStorage) -> str:
         await require(store, session_id)
         history = await store.load(session_id)
-        state = await store.get_state(session_id)
+        entries = await store.get_state_entries(session_id)
+        state = {k: e.value for k, e in entries.items()}
         if format_for(path, fmt) == "json":
-            return to_json(session_id, history, await store.get_info(session_id), state)
+            expires = {k: e.expires_at for k, e in entries.items() if e.expires_at is not None}
+            return to_json(session_id, history, await store.get_info(session_id), state, expires)
         system = state.get(SYSTEM_KEY)
         return to_markdown(session_id, history, system if isinstance(system, str) else None)
 
@@ -86,12 +88,15 @@ def import_session(
         fail("reading stdin, the session needs an id: add --as ID")
 
     async def work(store: ConversationStorage) -> None:
+        from ..storage.base import StateEntry
         from ..storage.transfer import write_session
 
         if await store.exists(session_id) and not replace:
             fail(f"session {session_id!r} exists; import it --as another id, or --replace it")
-        state = imported.state or {}
-        await write_session(store, session_id, imported.messages, state, title=imported.title)
+        state = {k: StateEntry(v, imported.expires.get(k)) for k, v in imported.state.items()}
+        await write_session(
+            store, session_id, imported.messages, state, title=imported.title, **imported.info
+        )
 
     with_storage(ctx, storage, work)
     click.echo(f"imported {len(imported.messages)} messages into {session_id}")
