@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Mapping
+from datetime import datetime
 from os import PathLike
 from typing import Any, TypeVar
 
@@ -113,17 +114,30 @@ class SyncState:
         """The value of ``key`` or ``default``."""
         return self._state.get(key, default, as_type=as_type)
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
-        """Store a value, optionally expiring after ``ttl`` seconds."""
-        self._owner._run(self._state.set(key, value, ttl=ttl))
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Store a value, optionally expiring after ``ttl`` seconds or at ``expires_at``."""
+        self._owner._run(self._state.set(key, value, ttl=ttl, expires_at=expires_at))
 
     def delete(self, key: str) -> None:
         """Remove a key."""
         self._owner._run(self._state.delete(key))
 
-    def update(self, values: Mapping[str, Any], *, ttl: float | None = None) -> None:
+    def update(
+        self,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
         """Store several keys at once."""
-        self._owner._run(self._state.update(values, ttl=ttl))
+        self._owner._run(self._state.update(values, ttl=ttl, expires_at=expires_at))
 
     def clear(self) -> None:
         """Remove every key that is not internal."""

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from ..errors import UnsupportedStorageURL
 from ._urls import redact_url
-from .base import ConversationStorage, SessionInfo, validate_session_id
+from .base import ConversationStorage, SessionInfo, StateEntry, validate_session_id
 from .memory import InMemoryStorage
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __all__ = [
     "RedisStorage",
     "SessionInfo",
     "SqliteStorage",
+    "StateEntry",
     "open_storage",
     "validate_session_id",
 ]

@@ -12,7 +12,7 @@ Keys, with ``P`` the prefix (default ``conversa:``) and ``ID`` the session id, v
   (``atitle``) with the index of the first user message (``aidx``), kept up to date by every
   write so get_info never reads the history. It exists for every existing session.
 * ``P s:ID`` (hash): session state, key -> JSON value.
-* ``P x:ID`` (hash): state expiry, key -> epoch seconds, for keys set with a ttl. Redis 7.0 has
+* ``P x:ID`` (hash): state expiry, key -> epoch seconds, for keys set to expire. Redis 7.0 has
   no per-field expiry, so expired keys read as absent and the next get_state removes them.
 
 The kind of a key comes before the id, so no id can name another session's key, and nothing
