@@ -18,7 +18,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_TIMEOUT = 60.0
+"""Seconds to wait for an answer (and for each piece of a stream); CONVERSA_TIMEOUT changes it."""
 # Local servers ignore the key, but the SDK insists on having one.
 PLACEHOLDER_API_KEY = "no-key-needed"
 PROBE_TIMEOUT = 0.5
@@ -127,6 +129,16 @@ class ToolCallStarted:
 StreamEvent = TextDelta | ToolCallStarted | ModelResponse
 
 
+@dataclass(frozen=True, slots=True)
+class RetryNotice:
+    """A model call is about to be retried: why, after how long, and which retry it is."""
+
+    reason: str
+    delay: float
+    attempt: int
+    retries: int
+
+
 @runtime_checkable
 class ChatModel(Protocol):
     """Anything that answers chat messages in the OpenAI wire form."""
@@ -191,7 +203,9 @@ class OpenAIChatModel:
     max_retries is the number of retries after the first attempt, so one call makes at most
     max_retries + 1 requests, whatever failed (429, 5xx, timeouts, a dropped stream).
     retry_backoff is the first retry's delay in seconds when the server sends no Retry-After;
-    it doubles on each further retry.
+    it doubles on each further retry. on_retry, when set, is told of each retry before its
+    wait (so that a user is not left wondering). timeout defaults to $CONVERSA_TIMEOUT, else
+    60 s; it also bounds a stream's silence between two pieces.
     """
 
     def __init__(
@@ -200,10 +214,11 @@ class OpenAIChatModel:
         *,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         max_retries: int = 3,
         retry_backoff: float = 0.5,
         client: openai.AsyncOpenAI | None = None,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be 0 or more")
@@ -222,9 +237,10 @@ class OpenAIChatModel:
             model = _first_model(base_url)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.name: str = model or DEFAULT_MODEL
-        self.timeout = timeout
+        self.timeout = timeout if timeout is not None else _timeout_from_env()
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self.on_retry = on_retry
         self._api_key = (client.api_key if client is not None else api_key) or PLACEHOLDER_API_KEY
         self._client = client
         self._owns_client = client is None
@@ -320,10 +336,13 @@ class OpenAIChatModel:
                     # the SDK has already retried failures to connect
                     raise self._translate(exc, tools) from exc
                 if state.yielded or attempts_left <= 0:
-                    raise self._dropped(state.yielded) from exc
+                    stalled = isinstance(exc, openai.APITimeoutError)
+                    raise self._dropped(state.yielded, stalled=stalled) from exc
                 drops += 1
                 delay = self.retry_backoff * 2 ** (drops - 1)
                 log.info("stream from %s dropped; retrying in %.3gs", self.base_url, delay)
+                notice = RetryNotice("the answer stream broke", delay, drops, self.max_retries)
+                self._notify_retry(notice)
                 await asyncio.sleep(delay)
                 continue
             except (openai.OpenAIError, json.JSONDecodeError) as exc:
@@ -386,12 +405,18 @@ class OpenAIChatModel:
                 http_client=openai.DefaultAsyncHttpxClient(),
             )
             self._client.retry_backoff = self.retry_backoff  # type: ignore[attr-defined]
+            self._client.notify_retry = self._notify_retry  # type: ignore[attr-defined]
             self._client_loop = loop
         if max_retries is None or max_retries == self._client.max_retries:
             return self._client
         copy = self._client.with_options(max_retries=max_retries)
         copy.retry_backoff = self.retry_backoff  # type: ignore[attr-defined]
+        copy.notify_retry = self._notify_retry  # type: ignore[attr-defined]
         return copy
+
+    def _notify_retry(self, notice: RetryNotice) -> None:
+        if self.on_retry is not None:
+            self.on_retry(notice)
 
     def _scrub(self, text: str) -> str:
         if self._api_key and self._api_key != PLACEHOLDER_API_KEY:
@@ -405,7 +430,13 @@ class OpenAIChatModel:
             "in /v1)"
         )
 
-    def _dropped(self, yielded: bool) -> ModelError:
+    def _dropped(self, yielded: bool, *, stalled: bool = False) -> ModelError:
+        if yielded and stalled:
+            return ModelError(
+                f"timed out: the answer from {self.base_url} stalled (nothing for "
+                f"{self.timeout:g}s); the text received so far is kept. Send the message again "
+                "to retry, or raise the timeout (CONVERSA_TIMEOUT, in seconds)."
+            )
         if yielded:
             return ModelError(
                 f"the connection to {self.base_url} broke in the middle of the answer; "
@@ -556,7 +587,14 @@ def _client_class() -> type[openai.AsyncOpenAI]:
 
     class _RetryingClient(openai.AsyncOpenAI):
         retry_backoff: float = 0.5
+        notify_retry: Callable[[RetryNotice], None] | None = None
+        _retry_status: int | None = None
         _SDK_INITIAL_DELAY = 0.5
+
+        async def _sleep_for_retry(self, *, response: Any, **kwargs: Any) -> None:
+            # the status that caused the retry, for the notice _calculate_retry_timeout sends
+            self._retry_status = getattr(response, "status_code", None)
+            await super()._sleep_for_retry(response=response, **kwargs)
 
         def _calculate_retry_timeout(
             self, remaining_retries: int, options: Any, response_headers: Any = None
@@ -567,6 +605,9 @@ def _client_class() -> type[openai.AsyncOpenAI]:
                 delay *= self.retry_backoff / self._SDK_INITIAL_DELAY
             attempt = self.max_retries - remaining_retries + 1
             log.info("retrying in %.3gs (retry %d of %d)", delay, attempt, self.max_retries)
+            if self.notify_retry is not None:
+                reason = _retry_reason(self._retry_status)
+                self.notify_retry(RetryNotice(reason, delay, attempt, self.max_retries))
             return delay
 
         def _has_retry_after(self, headers: Any) -> bool:
@@ -651,6 +692,29 @@ def _first_model(base_url: str) -> str:
 
 def _env(name: str) -> str | None:
     return os.environ.get(name) or None
+
+
+def _timeout_from_env() -> float:
+    value = _env("CONVERSA_TIMEOUT")
+    if value is None:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ModelNotConfigured(
+            f"CONVERSA_TIMEOUT must be a number of seconds above 0, not {value!r}"
+        )
+    return seconds
+
+
+def _retry_reason(status: int | None) -> str:
+    if status == 429:
+        return "rate limited"
+    if status is None:
+        return "no answer"
+    return f"the server answered HTTP {status}"
 
 
 def _new_call_id() -> str:

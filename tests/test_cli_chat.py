@@ -43,6 +43,11 @@ def server() -> Iterator[FakeOpenAIServer]:
 @pytest.fixture
 def env(tmp_path: Path, server: FakeOpenAIServer) -> dict[str, str]:
     """The child's environment: only 127.0.0.1, everything else in tmp_path."""
+    return child_env(tmp_path, server)
+
+
+def child_env(tmp_path: Path, server: FakeOpenAIServer) -> dict[str, str]:
+    """The environment of a `conversa` child talking to ``server``, storing in tmp_path."""
     home = tmp_path / "home"
     home.mkdir()
     base = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
@@ -163,7 +168,8 @@ def test_count_and_clear(env: dict[str, str], server: FakeOpenAIServer) -> None:
         "4 messages (assistant 2, user 2)",
         "tokens used: 30 (prompt 20, completion 10)",
     )
-    say(child, "/clear", "cleared 4 messages from alice")
+    say(child, "/clear", "delete all 4 messages of alice?", prompt="[y/n]")
+    say(child, "y", "cleared 4 messages from alice")
     say(child, "/count", "0 messages", "tokens used: 0")
     say(child, "three", "echo: three")
     quit_(child)

@@ -7,50 +7,87 @@ from typing import TYPE_CHECKING
 
 from ._factory import MODEL_KEY, SYSTEM_KEY
 from ._format import plural, role_counts, tokens_used
-from .commands import command
+from .commands import Argument, command
 
 if TYPE_CHECKING:
+    from ..messages import ChatMessage
     from .repl import Repl
 
 DEFAULT_HISTORY = 10
+EXPORT_FORMATS = {".md": "md", ".markdown": "md", ".json": "json"}
+"""The formats /export writes, by the file's extension."""
 
 
-@command("/clear", "delete every message of this session (its state stays)")
-async def _clear(repl: Repl, argument: str) -> None:
-    count = repl.session.message_count()
-    await repl.session.clear_history()
-    repl.out.note(f"cleared {plural(count, 'message')} from {repl.session.session_id}")
+@command(
+    "/clear [--yes]",
+    "delete every message of this session, after asking (/undo brings them back)",
+    flags=("--yes",),
+)
+async def _clear(repl: Repl, argument: Argument) -> None:
+    session = repl.session
+    await session.refresh()
+    messages = session.history
+    if not messages:
+        repl.out.note("no messages to clear")
+        return
+    question = f"delete all {plural(len(messages), 'message')} of {session.session_id}?"
+    if not await repl.confirm(question, forced="--yes" in argument.flags, force="--yes"):
+        repl.out.note("nothing deleted")
+        return
+    await session.clear_history()
+    repl.cleared = messages
+    repl.out.note(
+        f"cleared {plural(len(messages), 'message')} from {session.session_id}; "
+        "/undo brings them back (until you send a message or leave this session)"
+    )
 
 
 @command("/count", "messages by role, and the tokens used in this session")
-async def _count(repl: Repl, argument: str) -> None:
+async def _count(repl: Repl, argument: Argument) -> None:
     await repl.session.refresh()
     history = repl.session.history
     counts = role_counts(history)
     roles = ", ".join(f"{role} {n}" for role, n in sorted(counts.items()))
-    prompt, completion = tokens_used(history)
     repl.out.info(plural(len(history), "message") + (f" ({roles})" if roles else ""))
-    repl.out.info(f"tokens used: {prompt + completion} (prompt {prompt}, completion {completion})")
+    repl.out.info(f"tokens used: {_tokens_text(history)}")
 
 
-@command("/history", "show the last N messages (default 10)")
-async def _history(repl: Repl, argument: str) -> None:
-    try:
-        n = int(argument) if argument else DEFAULT_HISTORY
-    except ValueError:
-        repl.out.error(f"/history takes a number of messages, not {argument!r}")
-        return
+def _tokens_text(history: list[ChatMessage]) -> str:
+    """The tokens used, saying "unknown" for answers whose server reported no usage."""
+    answers = [m for m in history if m.role == "assistant"]
+    unknown = sum(1 for m in answers if tokens_used([m]) == (0, 0))
+    if answers and unknown == len(answers):
+        return "unknown (the server reported no usage)"
+    prompt, completion = tokens_used(answers)
+    counted = f"prompt {prompt}, completion {completion}"
+    if unknown:
+        counted += f"; not counted: {plural(unknown, 'answer')} without reported usage"
+    return f"{prompt + completion} ({counted})"
+
+
+@command("/history [N]", "show the last N messages (default 10)", takes="count")
+async def _history(repl: Repl, argument: Argument) -> None:
+    n = int(argument) if argument else DEFAULT_HISTORY
     await repl.session.refresh()
     history = repl.session.history
-    start = max(0, len(history) - max(n, 0))
+    start = max(0, len(history) - n)
     if not history:
         repl.out.note("no messages yet")
     repl.out.transcript(history[start:], start)
 
 
-@command("/undo", "remove your last message and the answer to it")
-async def _undo(repl: Repl, argument: str) -> None:
-    removed = await repl.session.undo()
+@command("/undo", "remove your last message and the answer to it (or undo /clear)")
+async def _undo(repl: Repl, argument: Argument) -> None:
+    session = repl.session
+    cleared, repl.cleared = repl.cleared, None
+    if cleared:
+        await session.refresh()
+        if not session.message_count():
+            await repl.storage.save(session.session_id, cleared)
+            await session.refresh()
+            repl.out.note(f"brought back the {plural(len(cleared), 'message')} /clear deleted")
+            return
+    removed = await session.undo()
     if not removed:
         repl.out.note("nothing to undo")
         return
@@ -60,13 +97,14 @@ async def _undo(repl: Repl, argument: str) -> None:
 
 
 @command("/retry", "answer your last message again")
-async def _retry(repl: Repl, argument: str) -> None:
+async def _retry(repl: Repl, argument: Argument) -> None:
+    repl.cleared = None
     if repl.ensure_model():
         await repl.run_turn(repl.session.stream_retry())
 
 
 @command("/tools", "the tools the model may call")
-async def _tools(repl: Repl, argument: str) -> None:
+async def _tools(repl: Repl, argument: Argument) -> None:
     from ..tools import builtin_tools
 
     tools = list(repl.session.tools)
@@ -83,8 +121,8 @@ async def _tools(repl: Repl, argument: str) -> None:
     )
 
 
-@command("/model", "show the model, or switch to model NAME")
-async def _model(repl: Repl, argument: str) -> None:
+@command("/model [NAME]", "show the model, or switch to model NAME", takes="word")
+async def _model(repl: Repl, argument: Argument) -> None:
     if not argument:
         repl.ensure_model()
         repl.out.info(f"model: {repl.model_label()}")
@@ -95,16 +133,21 @@ async def _model(repl: Repl, argument: str) -> None:
         repl.out.note(f"model: {repl.model_label()}")
 
 
-@command("/system", "show the system prompt, set it to TEXT, or /system --clear")
-async def _system(repl: Repl, argument: str) -> None:
+@command(
+    "/system [TEXT]",
+    "show the system prompt, set it to TEXT, or /system --clear",
+    takes="text",
+    flags=("--clear",),
+)
+async def _system(repl: Repl, argument: Argument) -> None:
     session = repl.session
-    if not argument:
-        repl.out.info(session.system_prompt or "(no system prompt)")
-        return
-    if argument == "--clear":
+    if "--clear" in argument.flags:
         session.system_prompt = None
         await session.state.delete(SYSTEM_KEY)
         repl.out.note("system prompt cleared")
+        return
+    if not argument:
+        repl.out.info(session.system_prompt or "(no system prompt)")
         return
     session.system_prompt = argument
     await session.state.set(SYSTEM_KEY, argument)  # kept with the session for next time
@@ -112,7 +155,7 @@ async def _system(repl: Repl, argument: str) -> None:
 
 
 @command("/state", "show the session's key-value state")
-async def _state(repl: Repl, argument: str) -> None:
+async def _state(repl: Repl, argument: Argument) -> None:
     await repl.session.state.reload()
     values = repl.session.state.to_dict()
     if values:
@@ -121,14 +164,28 @@ async def _state(repl: Repl, argument: str) -> None:
         repl.out.note("the state is empty")
 
 
-@command("/export", "write this session to FILE (.md or .json; default ID.md)")
-async def _export(repl: Repl, argument: str) -> None:
-    from ._export import format_for, to_json, to_markdown
+@command(
+    "/export [FILE] [--force]",
+    "write this session to FILE (.md or .json; default ID.md), --force to overwrite",
+    takes="word",
+    flags=("--force",),
+)
+async def _export(repl: Repl, argument: Argument) -> None:
+    from ._export import to_json, to_markdown
 
     session = repl.session
-    await session.refresh()
     path = Path(argument or f"{session.session_id}.md").expanduser()
-    if format_for(str(path)) == "json":
+    kind = EXPORT_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        repl.out.error(f"/export writes .md (Markdown) or .json files, not {path.name!r}")
+        return
+    if path.exists() and not await repl.confirm(
+        f"{path} exists; overwrite it?", forced="--force" in argument.flags, force="--force"
+    ):
+        repl.out.note("not exported")
+        return
+    await session.refresh()
+    if kind == "json":
         info = await repl.storage.get_info(session.session_id)
         state = dict(session.state.items(internal=True))
         text = to_json(session.session_id, session.history, info, state)

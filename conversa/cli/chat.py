@@ -34,7 +34,8 @@ def chat(
     """Chat in SESSION (default: your login name), continuing where it left off.
 
     Type /help inside for the commands. Without a terminal (piped input) every line is one
-    message and answers are printed as plain text.
+    message and answers are printed as plain text; the exit status is then 1 when a message
+    got no answer (the server failed, no model is configured), like `conversa ask`.
     """
     from ._factory import AgentOptions
     from ._runner import run
@@ -49,10 +50,13 @@ def chat(
     )
     url = storage_url(ctx, storage)
     sid = session_id or default_session_id()
-    run(ctx, lambda: _chat(url, sid, options, debug=is_debug(ctx)))
+    answered = run(ctx, lambda: _chat(url, sid, options, debug=is_debug(ctx)))
+    if not answered:
+        sys.exit(1)
 
 
-async def _chat(url: str, session_id: str, options: AgentOptions, *, debug: bool) -> None:
+async def _chat(url: str, session_id: str, options: AgentOptions, *, debug: bool) -> bool:
+    """Run the chat; False when piped messages got no answer."""
     from ..storage import open_storage
     from ._factory import load_tools
     from ._input import LineReader, PipeReader
@@ -80,5 +84,6 @@ async def _chat(url: str, session_id: str, options: AgentOptions, *, debug: bool
         if interactive:
             out.note("/help for commands · Ctrl-D to leave")
         await repl.run()
+        return interactive or not repl.failed_turns
     finally:
         await storage.close()

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .repl import Repl
 
-Handler = Callable[["Repl", str], Awaitable[bool | None]]
-"""Runs a command with its argument text; returning False ends the REPL."""
+Handler = Callable[["Repl", "Argument"], Awaitable[bool | None]]
+"""Runs a command with its checked argument; returning False ends the REPL."""
+Takes = Literal["nothing", "word", "text", "count"]
+"""What a command takes after its name: nothing, one word (quotes group words), free text,
+or an optional positive whole number."""
 
 _COMMAND_MODULES = (".commands", "._conversation_commands", "._session_commands")
 
@@ -29,17 +33,60 @@ class Command:
     usage: str
     help: str
     handler: Handler
+    takes: Takes = "nothing"
+    flags: tuple[str, ...] = ()
+
+    def parse(self, text: str) -> Argument:
+        """The argument in ``text``, checked against what the command takes."""
+        if self.takes == "text":
+            if text in self.flags:
+                return Argument("", frozenset({text}))
+            return Argument(text)
+        try:
+            words = shlex.split(text)
+        except ValueError as exc:  # an unclosed quote
+            raise UsageError(f"{self.name}: {exc}") from exc
+        flags = {w for w in words if w.startswith("--")}
+        unknown = sorted(flags.difference(self.flags))
+        if unknown:
+            raise UsageError(f"{self.name} has no option {unknown[0]}")
+        rest = [w for w in words if w not in flags]
+        if rest and self.takes == "nothing":
+            raise UsageError(f"{self.name} takes no argument, not {' '.join(rest)!r}")
+        if len(rest) > 1:
+            raise UsageError(f"{self.name} takes one argument, not {' '.join(rest)!r}")
+        value = rest[0] if rest else ""
+        if value and self.takes == "count" and not (value.isdigit() and int(value) > 0):
+            raise UsageError(f"{self.name} takes a whole number from 1 up, not {value!r}")
+        return Argument(value, frozenset(flags))
+
+
+class Argument(str):
+    """A command's argument text, without its options; ``flags`` holds the options given."""
+
+    flags: frozenset[str]
+
+    def __new__(cls, text: str, flags: frozenset[str] = frozenset()) -> Argument:
+        self = super().__new__(cls, text)
+        self.flags = flags
+        return self
+
+
+class UsageError(ValueError):
+    """A command was given an argument it does not take."""
 
 
 _REGISTRY: dict[str, Command] = {}
 
 
-def command(usage: str, help: str) -> Callable[[Handler], Handler]:
+def command(
+    usage: str, help: str, *, takes: Takes = "nothing", flags: tuple[str, ...] = ()
+) -> Callable[[Handler], Handler]:
     """Register a handler for the command that ``usage`` starts with, e.g. "/history [N]"."""
 
     def register(handler: Handler) -> Handler:
         name = usage.split()[0]
-        _REGISTRY[name] = Command(name, usage, help, handler)
+        _REGISTRY[name] = Command(name, usage, help, handler, takes, flags)
         return handler
 
     return register
@@ -70,11 +117,16 @@ async def dispatch(repl: Repl, line: str) -> bool:
             "send a line that begins with /)"
         )
         return True
-    return await found.handler(repl, argument.strip()) is not False
+    try:
+        parsed = found.parse(argument.strip())
+    except UsageError as exc:
+        repl.out.error(f"{exc} (usage: {found.usage})")
+        return True
+    return await found.handler(repl, parsed) is not False
 
 
 @command("/help", "show the commands and the keys")
-async def _help(repl: Repl, argument: str) -> None:
+async def _help(repl: Repl, argument: Argument) -> None:
     rows = [[c.usage, c.help] for c in registry().values()]
     repl.out.table(["command", "what it does"], rows)
     if repl.out.interactive:
@@ -85,10 +137,10 @@ async def _help(repl: Repl, argument: str) -> None:
 
 
 @command("/exit", "leave (Ctrl-D does too)")
-async def _exit(repl: Repl, argument: str) -> bool:
+async def _exit(repl: Repl, argument: Argument) -> bool:
     return False
 
 
 @command("/quit", "leave")
-async def _quit(repl: Repl, argument: str) -> bool:
+async def _quit(repl: Repl, argument: Argument) -> bool:
     return False

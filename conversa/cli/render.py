@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.markup import escape
 from rich.pretty import Pretty
+from rich.segment import Segment
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
@@ -24,6 +26,70 @@ if TYPE_CHECKING:
     from ..messages import ChatMessage
 
 ROLE_STYLES = {"user": "bold green", "assistant": "bold blue", "system": "bold magenta"}
+FENCES = ("```", "~~~")
+
+
+def markdown(text: str) -> Markdown:
+    """``text`` as Markdown, its line breaks kept as written (poems, addresses, logs).
+
+    Markdown joins a paragraph's lines into one; a line that ends in two spaces is a hard
+    break, so every line that another line follows gets them, outside fenced code.
+    """
+    lines = text.split("\n")
+    fence: str | None = None
+    for number, line in enumerate(lines[:-1]):
+        marker = line.lstrip()[:3]
+        if fence is None and marker in FENCES:
+            fence = marker
+        elif fence is not None:
+            if marker == fence:
+                fence = None
+        elif line.strip() and lines[number + 1].strip():
+            lines[number] = line + "  "
+    return Markdown("\n".join(lines))
+
+
+class _Tail:
+    """The last lines of a renderable that fit on the screen with a line to spare.
+
+    A live area must never be as tall as the screen: what scrolls off the top cannot be
+    erased, so it would stay in the scrollback and be printed a second time when the answer
+    settles.
+    """
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options, pad=False)
+        room = max(1, options.size.height - 1)
+        new_line = Segment.line()
+        for number, line in enumerate(lines[-room:]):
+            if number:
+                yield new_line
+            yield from line
+
+
+def _stop_echo() -> Callable[[], None]:
+    """Stop the terminal echoing keys while a turn is shown; returns what restores it.
+
+    An echoed key (or the "^C" of Ctrl-C) moves the cursor under the live area, which then
+    erases the wrong lines and leaves a copy of the answer's first lines behind. Keys typed
+    meanwhile are still read: they appear at the next prompt.
+    """
+    try:
+        import termios
+    except ImportError:  # not a POSIX terminal
+        return lambda: None
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        quiet = list(saved)
+        quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except (OSError, ValueError, termios.error):  # stdin is no terminal
+        return lambda: None
+    return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class RichTurn(TurnView):
@@ -31,7 +97,10 @@ class RichTurn(TurnView):
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self._restore_echo = _stop_echo() if console.is_terminal else lambda: None
         self.segment = ""
+        self.answered = False
+        """Text of the current model call arrived (an interrupted turn keeps it)."""
         self.live: Live | None = None
         self.label = "thinking…"
         self.resume()
@@ -52,19 +121,21 @@ class RichTurn(TurnView):
             self.live.stop()
             self.live = None
         if self.segment.strip():
-            self.console.print(Markdown(self.segment))
+            self.console.print(markdown(self.segment))
         self.segment = ""
 
     def event(self, event: TurnEvent) -> None:
         """Show one event of the turn."""
         if isinstance(event, TextDelta):
             self.segment += event.text
-            self._show(Markdown(self.segment))
+            self.answered = self.answered or bool(event.text.strip())
+            self._show(_Tail(markdown(self.segment)))
         elif isinstance(event, ToolCallStarted) and not self.segment:
             self.label = f"calling {event.name}…"
             self._show(Spinner("dots", text=self.label, style="cyan"))
         elif isinstance(event, ToolRunning):
             self._settle()
+            self.answered = False  # that model call's message is stored whole
             line = escape(tool_call_line(event.call))
             self.console.print(f"[cyan]⚙ {line}[/cyan]")
             self.label = f"running {event.call.name}…"
@@ -88,8 +159,11 @@ class RichTurn(TurnView):
     def close(self, *, interrupted: bool = False) -> None:
         """Print the final Markdown of the answer."""
         self._settle()
-        if interrupted:
+        self._restore_echo()
+        if interrupted and self.answered:
             self.console.print("[yellow]⏹ interrupted: the partial answer is kept[/yellow]")
+        elif interrupted:
+            self.console.print("[yellow]⏹ interrupted[/yellow]")
 
 
 class RichOutput(Output):
@@ -118,7 +192,7 @@ class RichOutput(Output):
 
     def markdown(self, text: str) -> None:
         """Text rendered as Markdown."""
-        self.console.print(Markdown(text))
+        self.console.print(markdown(text))
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table."""
@@ -138,7 +212,7 @@ class RichOutput(Output):
             style = ROLE_STYLES.get(message.role, "dim")
             self.console.print(Text.assemble((f"[{number}] ", "dim"), (label, style)))
             if message.role == "assistant" and not message.tool_calls:
-                self.console.print(Markdown(text))
+                self.console.print(markdown(text))
             else:
                 self.console.print(Text(text, style="dim" if message.role == "tool" else ""))
 

@@ -15,7 +15,8 @@ from ._runner import describe
 
 if TYPE_CHECKING:
     from ..agent import AgentResult, TurnEvent
-    from ..model import ChatModel
+    from ..messages import ChatMessage
+    from ..model import ChatModel, RetryNotice
     from ..session import Session
     from ..storage import ConversationStorage
     from ..tools import Tool
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ._output import Output, TurnView
 
 APPROVAL_ANSWERS = {"y": True, "yes": True, "n": False, "no": False, "a": None, "always": None}
+YES_NO = {"y": True, "yes": True, "n": False, "no": False}
 
 
 class Repl:
@@ -53,6 +55,10 @@ class Repl:
         self.always_approved: set[str] = set()
         self.session_ids: list[str] = session_ids if session_ids is not None else []
         """The ids completion offers; updated in place, the input reader holds the same list."""
+        self.cleared: list[ChatMessage] | None = None
+        """What /clear deleted, until a message is sent or the session left (/undo restores)."""
+        self.failed_turns = 0
+        """Turns that ended in an error; piped chat exits non-zero when there were any."""
         self._view: TurnView | None = None
         self._turn_task: asyncio.Task[AgentResult | None] | None = None
 
@@ -71,6 +77,7 @@ class Repl:
         await self.close_model()
         self.session = session
         self.model_name = model
+        self.cleared = None
         count = session.message_count()
         if count:
             self.out.note(f"resumed {session_id}: {plural(count, 'message')}")
@@ -95,6 +102,8 @@ class Repl:
 
         if self.model is not None:
             return True
+        from ..model import OpenAIChatModel
+
         try:
             self.session.model = model_spec(self.model_name, self.options.base_url)
             self.model = self.session.model  # resolving is what raises ModelNotConfigured
@@ -102,7 +111,21 @@ class Repl:
             self.out.warn(str(exc))
             self.out.note("until then /help, /history and /sessions still work")
             return False
+        if isinstance(self.model, OpenAIChatModel):
+            self.model.on_retry = self._retrying
         return True
+
+    def _retrying(self, notice: RetryNotice) -> None:
+        """Say why the answer is late instead of retrying silently behind the spinner."""
+        view = self._view
+        if view is not None:
+            view.pause()
+        self.out.warn(
+            f"{notice.reason}, retrying in {notice.delay:.2g} s "
+            f"(retry {notice.attempt} of {notice.retries})"
+        )
+        if view is not None:
+            view.resume()
 
     async def close_model(self) -> None:
         """Release the HTTP connections of the model in use; the next message resolves anew."""
@@ -126,8 +149,11 @@ class Repl:
 
     async def send(self, text: str) -> None:
         """Send one user message and show the answer as it streams."""
+        self.cleared = None  # /undo now means this message
         if self.ensure_model():
             await self.run_turn(self.session.stream_message(text))
+        else:
+            self.failed_turns += 1
 
     async def run_turn(self, events: AsyncGenerator[TurnEvent, None]) -> AgentResult | None:
         """Show a turn's events; Ctrl-C cancels just this turn (the library keeps the partial
@@ -138,13 +164,14 @@ class Repl:
         try:
             result = await task
         except asyncio.CancelledError:
+            view.close(interrupted=True)
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # the REPL itself is being stopped
-            view.close(interrupted=True)
             return None
         except Exception as exc:
             view.close()
+            self.failed_turns += 1
             self.report(exc)
             return None
         finally:
@@ -152,6 +179,7 @@ class Repl:
             self._view = self._turn_task = None
         view.close()
         if result is not None and not result.success:
+            self.failed_turns += 1
             self._explain_failure(result)
         return result
 
@@ -229,6 +257,26 @@ class Repl:
             if view is not None:
                 view.resume()
 
+    async def confirm(self, question: str, *, forced: bool, force: str) -> bool:
+        """Ask ``question`` (y/n) before something that deletes or overwrites.
+
+        ``forced`` (the command's ``force`` option was given) answers yes. Without a
+        terminal no one can answer, so it is refused with a word on how to force it.
+        """
+        if forced:
+            return True
+        if not self.out.interactive:
+            self.out.error(f"{question} there is no terminal to answer; add {force} to go ahead")
+            return False
+        try:
+            while True:
+                answer = await self.reader.ask(f"{question} [y/n] ")
+                choice = YES_NO.get(answer.strip().lower())
+                if choice is not None:
+                    return choice
+        except (KeyboardInterrupt, EOFError):
+            return False
+
     # -- the loop -------------------------------------------------------------------------
 
     def report(self, exc: BaseException) -> None:
@@ -261,6 +309,8 @@ class Repl:
 
     async def run(self) -> None:
         """Read and act until /exit, Ctrl-D or the end of piped input."""
+        if self.model is not None:
+            _import_in_background("openai")  # the first answer need not wait for the SDK
         while True:
             try:
                 line = await self.reader.read(f"{self.session.session_id}> ")
@@ -271,3 +321,13 @@ class Repl:
             if not await self.handle(line):
                 break
         await self.close_model()
+
+
+def _import_in_background(module: str) -> None:
+    """Start importing ``module`` in a thread, while the user types the first message."""
+    import importlib
+    import threading
+
+    if module not in sys.modules:
+        # daemon: an import still running must not keep the process alive at exit
+        threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
