@@ -444,7 +444,9 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
     calls = message.tool_calls
     thought = message.text or None
     # calls the model got wrong (no name, ...) run nothing and are answered with the problem
-    invalid: dict[str, str] = message.metadata.get(INVALID_CALLS_KEY) or {}
+    invalid = message.metadata.get(INVALID_CALLS_KEY)
+    if not isinstance(invalid, dict):
+        invalid = {}
     tools = [None if c.id in invalid else session.tools.get(c.name) for c in calls]
     tasks: list[asyncio.Task[tuple[str, bool]] | None] = []
     try:

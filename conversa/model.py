@@ -552,8 +552,10 @@ class _StreamState:
             part["arguments"].append(arguments)
         elif arguments is not None:
             part["arguments"].append(_json_text(arguments))
+        if part["announced"] or part["bad_name"] is not None:
+            return None
         full_name = _clean("".join(part["name"]))
-        if part["announced"] or not full_name.strip() or part["bad_name"] is not None:
+        if not full_name.strip():
             return None
         part["announced"] = True
         part["id"] = part["id"] or _new_call_id()
