@@ -12,16 +12,15 @@ import asyncio
 import inspect
 import json
 import logging
-import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .context import INTERRUPTED_RESULT
-from .errors import ModelError, ToolError, ToolsUnsupported
+from .errors import InvalidMessage, ModelError, ToolError, ToolsUnsupported
 from .messages import ChatMessage, ToolCall
-from .model import ModelResponse, TextDelta, ToolCallStarted, Usage
+from .model import INVALID_CALLS_KEY, ModelResponse, TextDelta, ToolCallStarted, Usage
 
 if TYPE_CHECKING:
     from .session import Session
@@ -117,8 +116,6 @@ async def maybe_await(value: Any) -> Any:
 
 # -- the text protocol ---------------------------------------------------------------------
 
-_FENCE = re.compile(r"```(?:json)?\s*(\{.*\})\s*```", re.DOTALL)
-
 
 @dataclass(frozen=True, slots=True)
 class TextReply:
@@ -132,9 +129,12 @@ class TextReply:
 
 
 def parse_text_reply(text: str) -> TextReply:
-    """Read a reply of the JSON text protocol; prose that is not JSON counts as an answer."""
-    fenced = _FENCE.search(text)
-    candidate = fenced.group(1) if fenced else text.strip()
+    """Read a reply of the JSON text protocol; prose that is not JSON counts as an answer.
+
+    Linear in the reply's length: a model's output is untrusted, and the turn runs on the loop.
+    """
+    fenced = _fenced_object(text)
+    candidate = fenced if fenced is not None else text.strip()
     if not candidate.startswith("{"):
         # Models often wrap the JSON in a sentence: use an embedded object if there is one.
         start, end = candidate.find("{"), candidate.rfind("}")
@@ -143,8 +143,8 @@ def parse_text_reply(text: str) -> TextReply:
             return TextReply(final_answer=text.strip())
         candidate = candidate[start : end + 1]
     try:
-        data = json.loads(candidate)
-    except json.JSONDecodeError as exc:
+        data = _json_value(candidate)
+    except ValueError as exc:
         return TextReply(problem=f"your reply was not valid JSON ({exc})")
     if not isinstance(data, dict):
         return TextReply(problem="your reply must be one JSON object")
@@ -156,22 +156,86 @@ def parse_text_reply(text: str) -> TextReply:
             thought, final_answer=answer if isinstance(answer, str) else json.dumps(answer)
         )
     if "action" in data:
+        action = data["action"]
+        if not isinstance(action, str) or not action.strip():
+            return TextReply(thought, problem='"action" must be the name of a tool')
         raw = data.get("action_input", {})
         if isinstance(raw, str):
             try:
-                raw = json.loads(raw) if raw.strip() else {}
-            except json.JSONDecodeError:
+                raw = _json_value(raw) if raw.strip() else {}
+            except ValueError:
                 return TextReply(thought, problem="action_input must be a JSON object")
         if not isinstance(raw, dict):
             return TextReply(thought, problem="action_input must be a JSON object")
-        return TextReply(thought, action=str(data["action"]), action_input=raw)
+        return TextReply(thought, action=action, action_input=raw)
     return TextReply(thought, problem='the JSON needs either "action" or "final_answer"')
+
+
+_FENCE = "```"
+
+
+def _fenced_object(text: str) -> str | None:
+    r"""The object in the reply's first ``` (or ```json) fence that a later fence closes.
+
+    What the regex ```(?:json)?\s*(\{.*\})\s*``` (DOTALL) finds: from the "{" of the first
+    opening fence to the last "}" before a closing fence. That regex backtracks quadratically on
+    replies full of fences; these scans move one way each, so every character is looked at a
+    bounded number of times.
+    """
+    close = _last_closing_brace(text)
+    if close < 0:
+        return None
+    start = 0
+    while (fence := text.find(_FENCE, start, close)) >= 0:
+        # only the first "{" after a fence can open it (or one of the fences in between)
+        brace = text.find("{", fence + len(_FENCE), close)
+        if brace < 0:
+            return None
+        if _opens_fence(text, brace):
+            return text[brace : close + 1]
+        start = brace + 1
+    return None
+
+
+def _last_closing_brace(text: str) -> int:
+    """The index of the last "}" followed by only whitespace and a ``` fence, else -1."""
+    end = len(text)
+    while (fence := text.rfind(_FENCE, 0, end)) >= 0:
+        # only the last "}" before a fence can close it (or one of the fences in between)
+        brace = text.rfind("}", 0, fence)
+        if brace < 0:
+            return -1
+        after = brace + 1
+        while after < fence and text[after].isspace():
+            after += 1
+        if text.startswith(_FENCE, after):
+            return brace
+        end = brace
+    return -1
+
+
+def _opens_fence(text: str, brace: int) -> bool:
+    """Whether only whitespace and an optional "json" lie between a ``` fence and this "{"."""
+    before = brace
+    while before > 0 and text[before - 1].isspace():
+        before -= 1
+    if text.endswith(_FENCE, 0, before):
+        return True
+    return text.endswith("json", 0, before) and text.endswith(_FENCE, 0, before - 4)
+
+
+def _json_value(text: str) -> Any:
+    """json.loads; ValueError for nesting too deep to decode as well as for invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ValueError("it is nested too deeply") from exc
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = _json_value(text)
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None
 
@@ -179,14 +243,17 @@ def _json_object(text: str) -> dict[str, Any] | None:
 # -- running tools -------------------------------------------------------------------------
 
 
-async def _execute(session: Session, tool: Tool | None, call: ToolCall) -> tuple[str, bool]:
-    """Run one approved call; every failure becomes an observation for the model."""
+async def _execute(
+    session: Session, tool: Tool | None, call: ToolCall, problem: str | None = None
+) -> tuple[str, bool]:
+    """Run one approved call; every failure (or the call's own ``problem``) is an observation."""
     if tool is None:
         names = ", ".join(session.tools.names()) or "none"
-        return f"Error: there is no tool named {call.name!r}. Available tools: {names}.", False
+        problem = problem or f"there is no tool named {call.name!r}"
+        return f"Error: {problem}. Available tools: {names}.", False
     try:
-        arguments = json.loads(call.arguments or "{}")
-    except json.JSONDecodeError as exc:
+        arguments = _json_value(call.arguments or "{}")
+    except ValueError as exc:
         return f"Error: the arguments for {call.name} are not valid JSON ({exc}).", False
     if not isinstance(arguments, dict):
         return f"Error: the arguments for {call.name} must be a JSON object.", False
@@ -204,8 +271,8 @@ async def _approved(session: Session, tool: Tool | None, call: ToolCall) -> bool
     if session.approve is None:
         return False
     try:
-        arguments = json.loads(call.arguments or "{}")
-    except json.JSONDecodeError:
+        arguments = _json_value(call.arguments or "{}")
+    except ValueError:
         arguments = {"_raw": call.arguments}
     try:
         return bool(await maybe_await(session.approve(call.name, arguments)))
@@ -349,6 +416,9 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
                 raise ModelError("the model's stream ended without a final response")
         else:
             response = await model.complete(request.messages, tools=request.tools)
+    except InvalidMessage as exc:
+        # a ChatModel built an assistant message that cannot be stored: its answer is unusable
+        raise ModelError(f"the model's answer is not a valid message: {exc}") from exc
     except (asyncio.CancelledError, GeneratorExit):
         if partial:
             await turn.store(
@@ -373,7 +443,11 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
     session = turn.session
     calls = message.tool_calls
     thought = message.text or None
-    tools = [session.tools.get(c.name) for c in calls]
+    # calls the model got wrong (no name, ...) run nothing and are answered with the problem
+    invalid = message.metadata.get(INVALID_CALLS_KEY)
+    if not isinstance(invalid, dict):
+        invalid = {}
+    tools = [None if c.id in invalid else session.tools.get(c.name) for c in calls]
     tasks: list[asyncio.Task[tuple[str, bool]] | None] = []
     try:
         # Approvals are asked one at a time, in order, before anything runs.
@@ -381,7 +455,8 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
         for tool, call, ok in zip(tools, calls, approvals, strict=True):
             if ok:
                 yield ToolRunning(call)
-                tasks.append(asyncio.create_task(_execute(session, tool, call)))
+                problem = invalid.get(call.id)
+                tasks.append(asyncio.create_task(_execute(session, tool, call, problem)))
             else:
                 tasks.append(None)
         for call, task in zip(calls, tasks, strict=True):
@@ -402,8 +477,8 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
 
 def _arguments(call: ToolCall) -> dict[str, Any] | str:
     try:
-        value = json.loads(call.arguments or "{}")
-    except json.JSONDecodeError:
+        value = _json_value(call.arguments or "{}")
+    except ValueError:
         return call.arguments
     return value if isinstance(value, dict) else call.arguments
 

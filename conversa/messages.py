@@ -110,6 +110,9 @@ class ChatMessage:
         if self.tool_calls:
             if role != "assistant":
                 raise InvalidMessage(f"only assistant messages carry tool_calls, not {role}")
+            if deep:
+                for call in self.tool_calls:
+                    _check_tool_call(call)
         elif role == "assistant" and self.content is None:
             object.__setattr__(self, "content", "")
         if role == "tool":
@@ -293,6 +296,18 @@ def _check_content(role: str, content: object, *, deep: bool = True) -> None:
     raise InvalidMessage(
         f"content must be a string, a list of content parts or None, not {type(content).__name__}"
     )
+
+
+def _check_tool_call(call: ToolCall) -> None:
+    # The API refuses the whole history if one call lacks these, so refuse the call here.
+    fields = (call.id, call.name, call.arguments)
+    if not all(isinstance(f, str) for f in fields) or not call.id or not call.name.strip():
+        raise InvalidMessage(
+            "a tool call needs a non-empty string id and name and its arguments as a JSON "
+            f"string, got {call!r:.200}"
+        )
+    for text in fields:
+        _check_encodable(text)
 
 
 def _check_encodable(text: str) -> None:

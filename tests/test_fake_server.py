@@ -20,6 +20,8 @@ from conversa.testing.replies import (
     error,
     invalid_json,
     rate_limited,
+    raw_completion,
+    raw_stream,
     text,
     tool_call,
     tool_calls,
@@ -65,6 +67,11 @@ CALL: dict[str, Any] = {
 
 def result(call_id: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call_id, "content": "ok"}
+
+
+def named_call(name: Any) -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": "{}"}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
 
 
 # -- serving ---------------------------------------------------------------------------
@@ -218,6 +225,18 @@ def test_invalid_json_reply(server: FakeOpenAIServer) -> None:
         json.loads(response.text)
 
 
+def test_raw_completion_sends_exactly_its_body(server: FakeOpenAIServer) -> None:
+    server.add_reply(raw_completion(b'{"choices": "caf\xe9"}'), raw_completion({"choices": []}))
+    assert post(server, chat(USER)).content == b'{"choices": "caf\xe9"}'
+    assert post(server, chat(USER)).json() == {"choices": []}
+
+
+def test_raw_stream_sends_exactly_its_events(server: FakeOpenAIServer) -> None:
+    server.add_reply(raw_stream({"choices": "nope"}, b"\xff"))
+    response = post(server, chat(USER, stream=True))
+    assert response.content == b'data: {"choices": "nope"}\n\ndata: \xff\n\ndata: [DONE]\n\n'
+
+
 def test_drop_stream_cuts_the_connection_after_n_chunks(server: FakeOpenAIServer) -> None:
     server.add_reply(drop_stream(after_chunks=2, text="a b c d"))
     received: list[str] = []
@@ -281,6 +300,14 @@ INVALID_HISTORIES: dict[str, tuple[list[dict[str, Any]], str]] = {
     "late result after the next turn": (
         [USER, CALL, result("call_1"), result("call_2"), USER, result("call_1")],
         "messages.[5].role",
+    ),
+    "call with a null name": (
+        [USER, named_call(None), result("call_1")],
+        "messages.[1].tool_calls[0]",
+    ),
+    "call with an empty name": (
+        [USER, named_call(""), result("call_1")],
+        "messages.[1].tool_calls[0]",
     ),
     "assistant with neither content nor calls": (
         [USER, {"role": "assistant", "content": None}],

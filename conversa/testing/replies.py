@@ -14,6 +14,8 @@ A script is a list of replies, one per model call, built with these factories:
     slow(seconds, then=text("late"))              answer only after a delay (client timeouts)
     drop_stream(after_chunks=2, text="...")       cut the connection mid-answer
     invalid_json()                                a 200 whose body is not JSON
+    raw_completion(body)                          a 200 whose body is exactly `body` (malformed?)
+    raw_stream(*events)                           a stream of exactly these SSE data events
 
 Text-protocol (JSON ReAct) replies are plain text: text('{"final_answer": "4"}').
 A script may also hold plain strings, assistant ChatMessages and lists of ToolCall (see
@@ -45,6 +47,10 @@ class Fault:
     headers: Mapping[str, str] = field(default_factory=dict)
     raw_body: str | None = None
     drop_after_chunks: int | None = None
+    raw_bytes: bytes | None = None
+    """A non-streaming answer's body, sent verbatim (it need not be UTF-8)."""
+    raw_events: tuple[bytes, ...] | None = None
+    """A streaming answer's SSE data events, sent verbatim."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +204,29 @@ def drop_stream(after_chunks: int = 1, text: str = "partial answer that never en
 def invalid_json(body: str = "this is not JSON {") -> Reply:
     """A 200 answer whose body (or streamed data line) is not valid JSON."""
     return Reply(fault=Fault(status=200, raw_body=body))
+
+
+def raw_completion(body: str | bytes | Mapping[str, Any]) -> Reply:
+    """A 200 non-streaming answer whose body is exactly `body` (a mapping is sent as JSON)."""
+    return Reply(fault=Fault(status=200, raw_bytes=_raw(body)))
+
+
+def raw_stream(*events: str | bytes | Mapping[str, Any], done: bool = True) -> Reply:
+    """A 200 stream of exactly these SSE data events (mappings as JSON), then [DONE] if `done`.
+
+    Nothing else is sent: no role chunk, no finish chunk unless one of the events is one.
+    """
+    data = tuple(_raw(e) for e in events) + ((b"[DONE]",) if done else ())
+    return Reply(fault=Fault(status=200, raw_events=data))
+
+
+def _raw(value: str | bytes | Mapping[str, Any]) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        # surrogatepass: a test may send text that is not valid Unicode on purpose
+        return value.encode("utf-8", "surrogatepass")
+    return json.dumps(value).encode()
 
 
 ReplyLike = Reply | str | ChatMessage | ToolCall | list[ToolCall] | tuple[ToolCall, ...]

@@ -11,9 +11,10 @@ text>"). Requests are validated like the real API (strict=True) and recorded in 
 
 Streams (SSE, "stream": true) send the text word by word, then tool calls with their
 arguments in fragments, the finish chunk, a usage chunk when stream_options.include_usage
-is set, and [DONE]. Pacing for tests: `chunk_delay` (seconds before each chunk) and `gate`
-(a threading.Event: the last text chunk waits until it is set, to prove that deltas arrive
-incrementally). `usage=(prompt, completion)` fixes the reported token counts.
+is set, and [DONE]. A reply may instead carry a body or stream events to send verbatim, malformed
+on purpose (see raw_completion and raw_stream). Pacing for tests: `chunk_delay` (seconds before
+each chunk) and `gate` (a threading.Event: the last text chunk waits until it is set, to prove
+that deltas arrive incrementally). `usage=(prompt, completion)` fixes the reported token counts.
 """
 
 from __future__ import annotations
@@ -243,9 +244,14 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             return
         if request.get("stream"):
-            self._stream(request, model, reply)
+            if fault is not None and fault.raw_events is not None:
+                self._stream_raw(fault.raw_events)
+            else:
+                self._stream(request, model, reply)
         elif fault is not None and fault.drop_after_chunks is not None:
             self._drop()
+        elif fault is not None and fault.raw_bytes is not None:
+            self._send_raw(200, fault.raw_bytes, "application/json", {})
         elif fault is not None and fault.raw_body is not None:
             self._send_raw(200, fault.raw_body, "application/json", {})
         else:
@@ -299,11 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self._start_stream()
         self._write_event(chunk({"role": "assistant", "content": ""}))
         if fault is not None and fault.raw_body is not None:
             self._write_chunk(f"data: {fault.raw_body}\n\n".encode())
@@ -354,6 +356,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"data: [DONE]\n\n")
         self._end_chunks()
 
+    def _stream_raw(self, events: tuple[bytes, ...]) -> None:
+        self._start_stream()
+        for event in events:
+            self._write_chunk(b"data: " + event + b"\n\n")
+        self._end_chunks()
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
     def _wait_for_gate(self) -> bool:
         gate = self.fake.gate
         return gate is None or gate.wait(self.fake.gate_timeout)
@@ -378,9 +393,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.shutdown(2)
 
     def _send_raw(
-        self, status: int, body: str, content_type: str, headers: Mapping[str, str]
+        self, status: int, body: str | bytes, content_type: str, headers: Mapping[str, str]
     ) -> None:
-        data = body.encode()
+        data = body if isinstance(body, bytes) else body.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))

@@ -110,11 +110,12 @@ def _call_ids(calls: object, where: str) -> tuple[list[str], Problem | None]:
             or not isinstance(call.get("id"), str)
             or not isinstance(fn, dict)
             or not isinstance(fn.get("name"), str)
+            or not fn["name"]
             or not isinstance(fn.get("arguments"), str)
         ):
             return ids, (
                 f"Invalid value for '{where}.tool_calls[{j}]': expected id, type 'function' "
-                "and function.name and function.arguments (a JSON string).",
+                "and function.name (a non-empty string) and function.arguments (a JSON string).",
                 f"{where}.tool_calls[{j}]",
             )
         ids.append(call["id"])
