@@ -6,6 +6,8 @@ import asyncio
 import functools
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -292,6 +294,43 @@ async def test_sync_tool_timeout() -> None:
             await block.run({})
     finally:
         release.set()
+
+
+_SLEEPY_TURN = """
+import asyncio, sys, threading
+from conversa import OpenAIChatModel, create_session, tool
+
+@tool(timeout=0.1)
+def sleepy() -> str:
+    threading.Event().wait(600)  # far longer than the test waits for this process to end
+    return "late"
+
+async def main() -> None:
+    model = OpenAIChatModel("fake-model", base_url=sys.argv[1], api_key="t", max_retries=0)
+    session = await create_session("s", "memory://", model=model, tools=[sleepy])
+    result = await session.send_message("go")
+    print(result.steps[0].observation, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_timed_out_sync_tool_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    script = tmp_path / "turn.py"
+    script.write_text(_SLEEPY_TURN)
+    with FakeOpenAIServer() as server:
+        server.add_reply(tool_call_reply("sleepy", {}), text_reply("gave up"))
+        child = subprocess.Popen(
+            [sys.executable, str(script), server.base_url], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            out, _ = child.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            pytest.fail("the process did not exit: the timed-out tool's thread kept it alive")
+    assert child.returncode == 0
+    assert "timed out after 0.1s" in out
 
 
 async def test_timeout_error_raised_by_the_tool_itself_is_not_a_tool_timeout() -> None:
