@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -665,15 +666,24 @@ async def test_list_files(sandbox: Path) -> None:
     assert listing.splitlines()[0] == ".: 5 entries"
     assert "sub/" in listing
     assert "hello.txt  (12 bytes)" in listing
-    assert "escape.txt  (link to outside the accessible directory)" in listing
+    assert "escape.txt  (symbolic link; not followed)" in listing
+    assert "escape_dir  (symbolic link; not followed)" in listing
     assert "inner.txt" in await list_files.run({"path": "sub"})
     assert "inner.txt" in await list_files.run({"path": str(sandbox / "sub")})
 
 
-@pytest.mark.parametrize("path", ["..", "../outside", "sub/../..", "escape_dir", "/", "/etc"])
+@pytest.mark.parametrize("path", ["..", "../outside", "sub/../..", "/", "/etc"])
 async def test_list_files_refuses_paths_outside_the_root(sandbox: Path, path: str) -> None:
     with pytest.raises(ToolError, match="outside the directory"):
         await list_files_tool(sandbox).run({"path": path})
+
+
+@pytest.mark.parametrize("path", ["escape_dir", "escape_dir/", "./escape_dir", "linked/sub"])
+async def test_list_files_does_not_follow_links(sandbox: Path, path: str) -> None:
+    (sandbox / "linked").symlink_to(sandbox)  # even a link that stays inside the root
+    with pytest.raises(ToolError, match="goes through a symbolic link") as info:
+        await list_files_tool(sandbox).run({"path": path})
+    assert "secret" not in str(info.value)
 
 
 async def test_list_files_errors(sandbox: Path) -> None:
@@ -688,17 +698,81 @@ async def test_read_file(sandbox: Path) -> None:
     read_file = read_file_tool(sandbox)
     assert await read_file.run({"path": "hello.txt"}) == "hello world\n"
     assert await read_file.run({"path": "sub/inner.txt"}) == "inner"
-    assert await read_file.run({"path": "./sub/../alias.txt"}) == "hello world\n"
+    assert await read_file.run({"path": "./sub/../hello.txt"}) == "hello world\n"
     assert await read_file.run({"path": str(sandbox / "hello.txt")}) == "hello world\n"
 
 
-@pytest.mark.parametrize(
-    "path", ["../outside/secret.txt", "escape.txt", "escape_dir/secret.txt", "/etc/passwd"]
-)
+@pytest.mark.parametrize("path", ["../outside/secret.txt", "sub/../../outside", "/etc/passwd"])
 async def test_read_file_refuses_paths_outside_the_root(sandbox: Path, path: str) -> None:
     with pytest.raises(ToolError, match="outside the directory") as info:
         await read_file_tool(sandbox).run({"path": path})
     assert "top secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "path", ["escape.txt", "alias.txt", "escape_dir/secret.txt", "sub/../escape_dir/secret.txt"]
+)
+async def test_read_file_does_not_follow_links(sandbox: Path, path: str) -> None:
+    """A link at the leaf or in a middle component is refused, wherever it points."""
+    with pytest.raises(ToolError, match="goes through a symbolic link") as info:
+        await read_file_tool(sandbox).run({"path": path})
+    assert "top secret" not in str(info.value)
+
+
+async def test_file_tools_refuse_a_fifo_without_blocking(sandbox: Path) -> None:
+    os.mkfifo(sandbox / "pipe")
+    # No writer ever opens the FIFO: a blocking open would hang until the tool's timeout.
+    with pytest.raises(ToolError, match="not a regular file"):
+        await asyncio.wait_for(read_file_tool(sandbox).run({"path": "pipe"}), 30)
+    with pytest.raises(ToolError, match="not a directory"):
+        await asyncio.wait_for(list_files_tool(sandbox).run({"path": "pipe"}), 30)
+    assert "pipe  (not a regular file)" in await list_files_tool(sandbox).run({})
+
+
+def test_read_file_races_with_swaps_leak_nothing_and_never_hang(sandbox: Path) -> None:
+    """A file swapped for a link or a FIFO between check and open neither leaks nor blocks."""
+    read_file = read_file_tool(sandbox).fn
+    target, spare = sandbox / "swapped", sandbox / "spare"
+    target.write_text("harmless")
+    stop = threading.Event()
+
+    def swap() -> None:
+        for turn in range(200_000):  # bounded; stopped as soon as the reads are done
+            if stop.is_set():
+                return
+            spare.unlink(missing_ok=True)
+            kind = turn % 3
+            if kind == 0:
+                spare.write_text("harmless")
+            elif kind == 1:
+                spare.symlink_to(sandbox.parent / "outside" / "secret.txt")
+            else:
+                os.mkfifo(spare)
+            os.replace(spare, target)
+
+    outputs: list[str] = []
+
+    def read() -> None:
+        for _ in range(3_000):
+            try:
+                outputs.append(read_file(path="swapped"))
+            except ToolError as exc:
+                outputs.append(str(exc))
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    reader = threading.Thread(target=read, daemon=True)
+    swapper.start()
+    reader.start()
+    reader.join(timeout=120)
+    hung = reader.is_alive()
+    stop.set()
+    swapper.join(timeout=30)
+    if hung:  # release a reader stuck opening the FIFO, so the test process can end
+        with contextlib.suppress(OSError):
+            os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+    assert not hung, "read_file blocked on a FIFO swapped in after the check"
+    assert not [o for o in outputs if "top secret" in o]
+    assert len(outputs) == 3_000 and "harmless" in outputs
 
 
 async def test_read_file_refuses_binary_and_non_utf8(sandbox: Path) -> None:
