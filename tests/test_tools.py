@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import os
 import subprocess
 import sys
 import threading
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import pytest
 from pydantic import BaseModel, Field
 
+from conversa import create_session
 from conversa.cli._factory import SYSTEM_KEY, AgentOptions, open_session
 from conversa.errors import ToolError
 from conversa.model import OpenAIChatModel
@@ -33,6 +37,7 @@ from conversa.tools import (
     ToolArgumentsError,
     ToolRegistry,
     ToolTimeout,
+    _web,
     builtin_tools,
     get_builtin,
     tool,
@@ -810,6 +815,19 @@ def test_file_tools_need_a_directory(tmp_path: Path) -> None:
 # --- fetch_url ---------------------------------------------------------------------------
 
 BIG_BODY = b"a" * 50_000
+BOMB_BYTES = 64 * 1024 * 1024  # what the bomb decodes to: far beyond any cap
+
+
+def _gzip(chunks: Iterator[bytes]) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    return b"".join([*(packer.compress(chunk) for chunk in chunks), packer.flush()])
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """`BOMB_BYTES` of 'a', gzipped twice: a few kilobytes on the wire."""
+    inner = _gzip(b"a" * (1024 * 1024) for _ in range(BOMB_BYTES // (1024 * 1024)))
+    return _gzip(iter([inner]))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -819,18 +837,33 @@ class _Handler(BaseHTTPRequestHandler):
         "/missing": (404, "text/html", b"<h1>not here</h1>"),
         "/image": (200, "image/png", b"\x89PNG\r\n\x1a\n\x00\x00"),
     }
+    redirects: ClassVar[dict[str, str]] = {
+        "/redirect": "/hello",
+        "/away": "http://localhost:{port}/hello",
+        "/to-other-address": "http://127.0.0.2:{port}/hello",
+        "/loop": "/loop",
+    }
+    seen: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
-        if self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "/hello")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        status, content_type, body = self.routes.get(self.path, (404, "text/plain", b"?"))
+        self.seen.append(self.path)
+        port = self.server.server_address[1]
+        if self.path in self.redirects:
+            self._send(302, "text/plain", b"", Location=self.redirects[self.path].format(port=port))
+        elif self.path == "/host":
+            self._send(200, "text/plain", self.headers["Host"].encode())
+        elif self.path.startswith("/bomb"):
+            layers = self.path.count("gzip")
+            self._send(200, "text/plain", _gzip_bomb(), **{"Content-Encoding": "gzip, " * layers})
+        else:
+            self._send(*self.routes.get(self.path, (404, "text/plain", b"?")))
+
+    def _send(self, status: int, content_type: str, body: bytes, **headers: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value.rstrip(", "))
         self.end_headers()
         self.wfile.write(body)
 
@@ -860,10 +893,27 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+local_fetch_url = functools.partial(fetch_url_tool, allow_private=True)
+
+
+class Approver:
+    """A session's approve callback that records what it was asked."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.asked: list[dict[str, Any]] = []
+
+    def approve(self, name: str, arguments: dict[str, Any]) -> bool:
+        assert name == "fetch_url"
+        self.asked.append(arguments)
+        return self.answer
+
+
 async def test_fetch_url_returns_status_type_and_text(server: str) -> None:
-    fetch_url = fetch_url_tool()
+    fetch_url = local_fetch_url()
     assert fetch_url.requires_approval
     assert fetch_url.name == "fetch_url"
+    assert "session" not in fetch_url.parameters["properties"]
     text = await fetch_url.run({"url": f"{server}/hello"})
     assert text == "status: 200 OK\ncontent-type: text/plain; charset=utf-8\n\nhéllo from loopback"
     missing = await fetch_url.run({"url": f"{server}/missing"})
@@ -871,22 +921,163 @@ async def test_fetch_url_returns_status_type_and_text(server: str) -> None:
     assert "<h1>not here</h1>" in missing
 
 
-async def test_fetch_url_follows_redirects(server: str) -> None:
-    text = await fetch_url_tool().run({"url": f"{server}/redirect"})
+async def test_fetch_url_connects_to_the_checked_address_and_keeps_the_host_name(
+    server: str,
+) -> None:
+    port = server.rsplit(":", 1)[1]
+    text = await local_fetch_url().run({"url": f"http://localhost:{port}/host"})
+    assert text.endswith(f"\n\nlocalhost:{port}")
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1", "127.0.0.1 is a loopback address"),
+        ("0x7f000001", "0x7f000001 is 127.0.0.1, a loopback address"),
+        ("2130706433", "2130706433 is 127.0.0.1, a loopback address"),
+        ("127.1", "127.1 is 127.0.0.1, a loopback address"),
+        ("0", "0 is 0.0.0.0, an unspecified address"),
+        ("[::1]", "::1 is a loopback address"),
+        ("[::ffff:127.0.0.1]", "::ffff:127.0.0.1 is a loopback address"),
+        ("localhost", "localhost is"),
+        ("169.254.169.254", "169.254.169.254 is a link-local address"),
+        ("10.1.2.3", "10.1.2.3 is a private address"),
+        ("224.0.0.1", "224.0.0.1 is a multicast address"),
+    ],
+)
+async def test_fetch_url_refuses_private_addresses_by_default(
+    server: str, host: str, kind: str
+) -> None:
+    port = server.rsplit(":", 1)[1]
+    _Handler.seen.clear()
+    with pytest.raises(ToolError, match="refused to fetch") as info:
+        await fetch_url_tool().run({"url": f"http://{host}:{port}/hello"})
+    assert kind in str(info.value) and "--allow-private-fetch" in str(info.value)
+    assert _Handler.seen == []  # refused before connecting
+
+
+async def test_a_refused_fetch_is_an_observation_of_the_turn(server: str) -> None:
+    with FakeOpenAIServer() as fake:
+        model = OpenAIChatModel("fake-model", base_url=fake.base_url, api_key="t", max_retries=0)
+        session = await create_session(
+            "s", "memory://", model=model, tools=[fetch_url_tool()], approve=lambda *_: True
+        )
+        fake.add_reply(tool_call_reply("fetch_url", {"url": f"{server}/hello"}), text_reply("ok"))
+        result = await session.send_message("read the local page")
+    assert result.success and result.result == "ok"
+    observation = result.steps[0].observation or ""
+    assert observation.startswith("Error: refused to fetch") and "loopback" in observation
+
+
+async def test_fetch_url_follows_redirects_on_the_same_host_without_asking(server: str) -> None:
+    asker = Approver(False)
+    text = await local_fetch_url().run({"url": f"{server}/redirect"}, session=asker)
     assert f"final url: {server}/hello" in text
     assert text.endswith("héllo from loopback")
+    assert asker.asked == []
+
+
+async def test_a_redirect_to_another_host_is_approved_again(server: str) -> None:
+    port = server.rsplit(":", 1)[1]
+    asker = Approver(True)
+    text = await local_fetch_url().run({"url": f"{server}/away"}, session=asker)
+    assert text.endswith("héllo from loopback")
+    assert asker.asked == [
+        {"url": f"http://localhost:{port}/hello", "redirected_from": f"{server}/away"}
+    ]
+    _Handler.seen.clear()
+    with pytest.raises(ToolError, match="the user did not approve"):
+        await local_fetch_url().run({"url": f"{server}/away"}, session=Approver(False))
+    with pytest.raises(ToolError, match="nobody to ask"):
+        await local_fetch_url().run({"url": f"{server}/away"})
+    assert _Handler.seen == ["/away", "/away"]  # the other host was never contacted
+
+
+async def test_every_redirect_hop_is_checked_like_the_first(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only 127.0.0.1 counts as public here, so the first hop passes and the next must not.
+    first = ipaddress.ip_address("127.0.0.1")
+    monkeypatch.setattr(_web, "_non_public_kind", lambda a: None if a == first else "loopback")
+    port = server.rsplit(":", 1)[1]
+    with pytest.raises(ToolError, match=f"refused to fetch http://127.0.0.2:{port}/hello"):
+        await fetch_url_tool().run({"url": f"{server}/to-other-address"}, session=Approver(True))
+
+
+async def test_fetch_url_bounds_the_number_of_redirects(server: str) -> None:
+    _Handler.seen.clear()
+    with pytest.raises(ToolError, match="redirected more than 5 times"):
+        await local_fetch_url().run({"url": f"{server}/loop"})
+    assert len(_Handler.seen) == 6
 
 
 async def test_fetch_url_stops_at_the_size_limit(server: str) -> None:
-    text = await fetch_url_tool(max_bytes=1_000).run({"url": f"{server}/big"})
+    text = await local_fetch_url(max_bytes=1_000).run({"url": f"{server}/big"})
     body = text.split("\n\n", 1)[1]
-    assert body == "a" * 1_000 + "\n[... response cut at 1000 bytes; the rest was not downloaded]"
-    full = await fetch_url_tool(max_bytes=len(BIG_BODY)).run({"url": f"{server}/big"})
+    assert (
+        body == "a" * 1_000 + "\n[... response too large: cut at 1000 bytes; the rest was not read]"
+    )
+    full = await local_fetch_url(max_bytes=len(BIG_BODY)).run({"url": f"{server}/big"})
     assert "cut" not in full and full.endswith("a" * 100)
 
 
+class _Watched:
+    """A zlib decompressor that records the thread each decoding step runs in."""
+
+    threads: ClassVar[set[int]] = set()
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        self.threads.add(threading.get_ident())
+        result: bytes = self._inner.decompress(data, max_length)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_a_stacked_gzip_bomb_is_cut_off_the_event_loop(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = zlib.decompressobj
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a, **k: _Watched(original(*a, **k)))
+    _Watched.threads.clear()
+    assert len(_gzip_bomb()) < 20_000
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(ticker())
+    tracemalloc.start()
+    try:
+        text = await local_fetch_url(max_bytes=5_000).run({"url": f"{server}/bomb-gzip-gzip"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        done.set()
+        await ticking
+    assert peak < BOMB_BYTES // 16  # the decoded bytes stayed near the cap, not the bomb's size
+    assert _Watched.threads and threading.get_ident() not in _Watched.threads
+    assert text.endswith(
+        "a" * 5_000 + "\n[... response too large: cut at 5000 bytes; the rest was not read]"
+    )
+    assert ticks > 0
+
+
+async def test_fetch_url_refuses_too_many_encodings(server: str) -> None:
+    with pytest.raises(ToolError, match="encoded 4 times over"):
+        await local_fetch_url().run({"url": f"{server}/bomb-gzip-gzip-gzip-gzip"})
+
+
 async def test_fetch_url_does_not_show_binary_content(server: str) -> None:
-    text = await fetch_url_tool().run({"url": f"{server}/image"})
+    text = await local_fetch_url().run({"url": f"{server}/image"})
     assert "content-type: image/png" in text
     assert "[binary content, 10 bytes read; not shown]" in text
     assert "PNG" not in text
@@ -907,7 +1098,7 @@ async def test_fetch_url_connection_errors_are_tool_errors() -> None:
     port = probe.server_address[1]
     probe.server_close()
     with pytest.raises(ToolError, match="could not fetch"):
-        await fetch_url_tool().run({"url": f"http://127.0.0.1:{port}/"})
+        await local_fetch_url().run({"url": f"http://127.0.0.1:{port}/"})
     with pytest.raises(ToolError, match="without a scheme"):
         await fetch_url_tool().run({"url": "example.com/page"})
 
