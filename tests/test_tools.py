@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import pytest
+from click.testing import CliRunner
 from pydantic import BaseModel, Field
 
 from conversa import create_session
-from conversa.cli._factory import SYSTEM_KEY, AgentOptions, open_session
+from conversa.cli import _factory
+from conversa.cli._factory import SYSTEM_KEY, AgentOptions, load_tools, open_session
+from conversa.cli.ask import ask
 from conversa.errors import ToolError
 from conversa.model import OpenAIChatModel
 from conversa.state import SessionState
@@ -1101,6 +1104,33 @@ async def test_fetch_url_connection_errors_are_tool_errors() -> None:
         await local_fetch_url().run({"url": f"http://127.0.0.1:{port}/"})
     with pytest.raises(ToolError, match="without a scheme"):
         await fetch_url_tool().run({"url": "example.com/page"})
+
+
+async def test_the_private_fetch_opt_in_of_the_built_ins(server: str) -> None:
+    (default,) = load_tools("fetch_url")
+    with pytest.raises(ToolError, match="refused to fetch"):
+        await default.run({"url": f"{server}/hello"})
+    (allowed,) = load_tools("fetch_url", allow_private_fetch=True)
+    assert (await allowed.run({"url": f"{server}/hello"})).endswith("héllo from loopback")
+
+
+@pytest.mark.parametrize(("flags", "allowed"), [([], False), (["--allow-private-fetch"], True)])
+def test_the_allow_private_fetch_flag(
+    monkeypatch: pytest.MonkeyPatch, flags: list[str], allowed: bool
+) -> None:
+    seen: list[bool] = []
+
+    def recording(names: str | None, *, allow_private_fetch: bool = False) -> list[Tool]:
+        seen.append(allow_private_fetch)
+        return load_tools(names, allow_private_fetch=allow_private_fetch)
+
+    monkeypatch.setattr(_factory, "load_tools", recording)
+    with FakeOpenAIServer() as fake:
+        fake.add_reply(text_reply("hi"))
+        arguments = ["--base-url", fake.base_url, "--model", "fake-model", "--tools", "fetch_url"]
+        result = CliRunner().invoke(ask, [*arguments, *flags, "q"], env={"OPENAI_API_KEY": "t"})
+    assert result.exit_code == 0, result.output
+    assert seen == [allowed]
 
 
 # --- the built-in set --------------------------------------------------------------------
