@@ -257,7 +257,7 @@ def test_tool_call_asks_for_approval(env: dict[str, str], server: FakeOpenAIServ
         tool_call("fetch_url", {"url": page}),
         text("Again without asking."),
     )
-    child = spawn(env, "--tools", "fetch_url")
+    child = spawn(env, "--tools", "fetch_url", "--allow-private-fetch")  # the page is local
     child.expect_exact(PROMPT)
     child.sendline("what models are there?")
     child.expect_exact("[y/n/always]")

@@ -28,20 +28,21 @@ class AgentOptions:
     tool_names: str | None = None
     max_iterations: int = 10
     react_mode: ReactMode = "auto"
+    allow_private_fetch: bool = False
 
     def with_model(self, name: str | None) -> AgentOptions:
         """The same options with another model name."""
         return replace(self, model=name)
 
 
-def load_tools(names: str | None) -> list[Tool]:
+def load_tools(names: str | None, *, allow_private_fetch: bool = False) -> list[Tool]:
     """The built-in tools named in a comma-separated list ('all' for every one)."""
     from ..tools import builtin_tools, get_builtin
 
     wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
     if wanted == ["all"]:
-        return list(builtin_tools().values())
-    return [get_builtin(name) for name in wanted]
+        return list(builtin_tools(allow_private_fetch=allow_private_fetch).values())
+    return [get_builtin(name, allow_private_fetch=allow_private_fetch) for name in wanted]
 
 
 def model_spec(name: str | None, base_url: str | None) -> str | ChatModel | None:

@@ -86,6 +86,11 @@ def model_options(fn: F) -> F:
             help="Comma-separated built-in tools to enable (or 'all'): calculator, "
             "current_time, session_data, list_files, read_file, fetch_url.",
         ),
+        click.option(
+            "--allow-private-fetch",
+            is_flag=True,
+            help="Let fetch_url reach loopback, private and link-local addresses.",
+        ),
         click.option("--system", metavar="TEXT", help="The system prompt (kept with the session)."),
         click.option(
             "--base-url", metavar="URL", help="An OpenAI-compatible endpoint [$OPENAI_BASE_URL]."

@@ -33,6 +33,7 @@ def ask(
     base_url: str | None,
     system: str | None,
     tool_names: str | None,
+    allow_private_fetch: bool,
     max_iterations: int,
     react_mode: str,
     storage: str | None,
@@ -54,6 +55,7 @@ def ask(
         base_url=base_url,
         system=system,
         tool_names=tool_names,
+        allow_private_fetch=allow_private_fetch,
         max_iterations=max_iterations,
         react_mode=cast("ReactMode", react_mode),  # click.Choice checked it
     )
@@ -77,7 +79,7 @@ async def _ask(url: str, session_id: str, question: str, options: AgentOptions) 
             session_id,
             storage,
             options,
-            tools=load_tools(options.tool_names),
+            tools=load_tools(options.tool_names, allow_private_fetch=options.allow_private_fetch),
             approve=_approve_on_terminal,
             override=True,
         )

@@ -26,6 +26,7 @@ def chat(
     base_url: str | None,
     system: str | None,
     tool_names: str | None,
+    allow_private_fetch: bool,
     max_iterations: int,
     react_mode: str,
     storage: str | None,
@@ -45,6 +46,7 @@ def chat(
         base_url=base_url,
         system=system,
         tool_names=tool_names,
+        allow_private_fetch=allow_private_fetch,
         max_iterations=max_iterations,
         react_mode=cast("ReactMode", react_mode),  # click.Choice checked it
     )
@@ -65,7 +67,7 @@ async def _chat(url: str, session_id: str, options: AgentOptions, *, debug: bool
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     out = make_output(interactive)
-    tools = load_tools(options.tool_names)
+    tools = load_tools(options.tool_names, allow_private_fetch=options.allow_private_fetch)
     storage = open_storage(url)
     session_ids: list[str] = []  # kept current by the REPL, offered by completion
     reader: LineReader

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Protocol
 
 from pydantic import Field
 
+from ..state import is_internal
+
 ACTIONS = ("set", "get", "delete", "list", "clear")
 
 
@@ -19,7 +21,8 @@ class StateLike(Protocol):
     async def delete(self, key: str) -> Any: ...
     def has(self, key: str) -> bool: ...
     def keys(self) -> Iterable[str]: ...
-    async def clear(self) -> Any: ...
+    async def clear(self) -> Any:
+        """Remove every key but the internal ones."""
 
 
 async def session_data(
@@ -33,6 +36,7 @@ async def session_data(
     """Store and recall data that persists across this conversation's turns.
     Use it to remember facts, preferences or intermediate results under a key: set stores a
     value, get reads it back, delete removes it, list shows the keys, clear removes everything.
+    Keys starting with "__" are reserved and cannot be used.
     """
     state: StateLike | None = getattr(session, "state", None)
     if state is None:
@@ -41,11 +45,15 @@ async def session_data(
         return _error(f"missing 'action'; use one of: {', '.join(ACTIONS)}")
     if action not in ACTIONS:
         return _error(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")
+    if key and is_internal(key):
+        # Internal keys hold conversa's own settings (the system prompt, user parts): a model
+        # writing them would rewrite its own instructions for every later turn.
+        return _error(f"key {key!r} is reserved: keys starting with '__' cannot be used")
     if action == "list":
-        return _success(action, keys=list(state.keys()))
+        return _success(action, keys=_own_keys(state))
     if action == "clear":
-        count = len(list(state.keys()))
-        await state.clear()
+        count = len(_own_keys(state))
+        await state.clear()  # SessionState.clear leaves the internal keys alone
         return _success(action, cleared=count)
     if not key:
         return _error(f"action {action!r} needs a 'key'")
@@ -60,6 +68,10 @@ async def session_data(
     if found:
         await state.delete(key)
     return _success(action, key=key, deleted=found)
+
+
+def _own_keys(state: StateLike) -> list[str]:
+    return [k for k in state.keys() if not is_internal(k)]  # noqa: SIM118 (a protocol, not a dict)
 
 
 def _success(action: str, **fields: Any) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import json
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, overload
 
@@ -114,9 +117,7 @@ class Tool:
                 if self._is_async:
                     result = await self.fn(**kwargs)
                 else:
-                    # A sync tool runs in a worker thread so it cannot block the event loop;
-                    # on timeout the thread is abandoned (threads cannot be killed).
-                    result = await asyncio.to_thread(self.fn, **kwargs)
+                    result = await _in_daemon_thread(self.name, self.fn, kwargs)
                     if inspect.isawaitable(result):
                         result = await result
         except TimeoutError:
@@ -205,6 +206,40 @@ def truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}\n[... output truncated: {len(text) - limit} more characters]"
+
+
+async def _in_daemon_thread(name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Run a sync tool in a thread of its own, so it cannot block the event loop.
+
+    Threads cannot be killed: one that outlives its timeout is abandoned. A daemon thread (not
+    the default executor's, which asyncio.run and interpreter exit wait for) lets the process
+    end anyway.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the tool timed out
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def work() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = context.run(fn, **kwargs)
+        except BaseException as exc:  # handed to the awaiting task, as asyncio.to_thread does
+            error = exc
+        # A closed loop (RuntimeError) means nobody waits for this abandoned call any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"tool {name}", daemon=True).start()
+    return await future
 
 
 def _check_name(name: str, fn: Callable[..., Any]) -> str:

@@ -44,8 +44,11 @@ current_time = Tool(_current_time)
 session_data = Tool(_session_data)
 
 
-def builtin_tools() -> dict[str, Tool]:
-    """Every built-in tool by name; the file tools are confined to the current directory."""
+def builtin_tools(*, allow_private_fetch: bool = False) -> dict[str, Tool]:
+    """Every built-in tool by name; the file tools are confined to the current directory.
+
+    fetch_url reaches private and loopback addresses only with ``allow_private_fetch``.
+    """
     cwd = Path.cwd()
     tools = [
         calculator,
@@ -53,14 +56,14 @@ def builtin_tools() -> dict[str, Tool]:
         session_data,
         list_files_tool(cwd),
         read_file_tool(cwd),
-        fetch_url_tool(),
+        fetch_url_tool(allow_private=allow_private_fetch),
     ]
     return {t.name: t for t in tools}
 
 
-def get_builtin(name: str) -> Tool:
+def get_builtin(name: str, *, allow_private_fetch: bool = False) -> Tool:
     """The built-in tool of that name; a ToolError lists the names there are."""
-    tools = builtin_tools()
+    tools = builtin_tools(allow_private_fetch=allow_private_fetch)
     try:
         return tools[name.strip()]
     except KeyError:
