@@ -721,6 +721,51 @@ async def test_list_and_info_follow_file_mtimes(store: FileSystemStorage) -> Non
     assert int(info.updated_at.timestamp()) == same // 10**9
 
 
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("s.meta.json", b"{broken"),
+        ("s.meta.json", b"[]"),
+        ("s.meta.json", b'{"created_at": "yesterday"}'),
+        ("s.jsonl", b"not json\n"),  # the first line, read for the title
+        ("s.jsonl", b'{"role": "user", "content": "x"}\n[1]\n'),  # a later one
+    ],
+)
+async def test_listings_leave_out_a_damaged_session_with_a_warning(
+    store: FileSystemStorage, name: str, damage: bytes
+) -> None:
+    """One damaged session must not hide the others: it is left out, and named."""
+    for sid in ("a", "s", "z"):
+        await store.append(sid, [_user(sid)])
+    path = Path(store.directory) / name
+    path.write_bytes(damage if name.endswith(".meta.json") else damage + path.read_bytes())
+    with pytest.warns(UserWarning, match=rf"left out a damaged session: .*{path}") as caught:
+        found = await store.find_sessions()
+    assert len(caught) == 1
+    assert [i.session_id for i in found] == ["z", "a"]
+    with pytest.warns(UserWarning, match=str(path)):  # the others fill the limit
+        assert [i.session_id for i in await store.find_sessions(limit=2)] == ["z", "a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await store.list_sessions() == ["s", "z", "a"]  # its id is in its name
+    with pytest.raises(CorruptSessionError, match=str(path)):
+        await store.get_info("s")
+
+
+async def test_list_sessions_leaves_out_a_hashed_name_with_a_damaged_meta_file(
+    store: FileSystemStorage,
+) -> None:
+    long_id = "conversation/" + "é" * 200
+    await store.append(long_id, [_user("x")])
+    await store.append("short", [_user("y")])
+    meta = next(p for p in Path(store.directory).glob("*~*.meta.json"))
+    meta.write_text("{broken")
+    for listing in (store.list_sessions(), store.find_sessions()):
+        with pytest.warns(UserWarning, match=rf"left out a damaged session: .*{meta}"):
+            result = await listing
+        assert [getattr(r, "session_id", r) for r in result] == ["short"]
+
+
 async def test_many_sessions_find_sessions(store: FileSystemStorage) -> None:
     for i in range(30):
         await store.append(f"s{i}", [_user(f"q{i}")])

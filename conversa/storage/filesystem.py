@@ -394,6 +394,11 @@ def _torn_warning(path: str, size: int) -> str:
     )
 
 
+def _warn_skipped(damaged: Iterable[str]) -> None:
+    for error in damaged:
+        warnings.warn(f"left out a damaged session: {error}", stacklevel=3)
+
+
 @dataclass(frozen=True, slots=True)
 class _Filters:
     user_id: str | None
@@ -888,8 +893,11 @@ class FileSystemStorage(ConversationStorage):
 
     # -- listing --------------------------------------------------------------------------
 
-    def _scan(self) -> list[tuple[int, str, str]]:
-        """(updated ns, session id, stem) of every session, newest first."""
+    def _scan(self, damaged: list[str]) -> list[tuple[int, str, str]]:
+        """(updated ns, session id, stem) of every session, newest first.
+
+        A session whose id cannot be read is left out and its error added to ``damaged``.
+        """
         try:
             with os.scandir(self._dir) as it:
                 entries = list(it)
@@ -910,6 +918,9 @@ class FileSystemStorage(ConversationStorage):
                     updated = max(updated, os.stat(meta_path).st_mtime_ns)
                 session_id = self._id_of(stem, entry.path)
             except FileNotFoundError:  # deleted while we looked
+                continue
+            except CorruptSessionError as exc:
+                damaged.append(str(exc))
                 continue
             if session_id is not None:
                 rows.append((updated, session_id, stem))
@@ -935,8 +946,15 @@ class FileSystemStorage(ConversationStorage):
         return None
 
     async def list_sessions(self) -> list[str]:
-        """Session ids, most recently updated first (ties by file name)."""
-        return [sid for _, sid, _ in await self._run(self._scan)]
+        """Session ids, most recently updated first (ties by file name).
+
+        A session whose id is unreadable (a damaged meta file of a shortened name) is left
+        out with a warning naming the file.
+        """
+        damaged: list[str] = []
+        rows = await self._run(self._scan, damaged)
+        _warn_skipped(damaged)
+        return [sid for _, sid, _ in rows]
 
     # -- session info ---------------------------------------------------------------------
 
@@ -1077,18 +1095,31 @@ class FileSystemStorage(ConversationStorage):
         updated_before: datetime | None = None,
         limit: int | None = None,
     ) -> list[SessionInfo]:
-        """Infos of the sessions matching every filter, newest first."""
-        filters = _Filters(user_id, status, updated_before)
-        return await self._run(self._find_sync, filters, limit)
+        """Infos of the sessions matching every filter, newest first.
 
-    def _find_sync(self, filters: _Filters, limit: int | None) -> list[SessionInfo]:
+        A damaged session (its meta file or a history line) is left out with a warning
+        naming the file, so one cannot hide the others; get_info and load raise for it.
+        """
+        filters = _Filters(user_id, status, updated_before)
+        damaged: list[str] = []
+        found = await self._run(self._find_sync, filters, limit, damaged)
+        _warn_skipped(damaged)
+        return found
+
+    def _find_sync(
+        self, filters: _Filters, limit: int | None, damaged: list[str]
+    ) -> list[SessionInfo]:
         found: list[SessionInfo] = []
-        for _, session_id, stem in self._scan():
+        for _, session_id, stem in self._scan(damaged):
             if limit is not None and len(found) >= limit:
                 break
             path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
             meta_path = os.path.join(self._dir, stem + META_SUFFIX)
-            info = self._info_sync(session_id, path, meta_path, filters)
+            try:
+                info = self._info_sync(session_id, path, meta_path, filters)
+            except CorruptSessionError as exc:
+                damaged.append(str(exc))
+                continue
             if info is not None:
                 found.append(info)
         return found
