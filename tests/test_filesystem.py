@@ -216,6 +216,42 @@ async def test_listing_ignores_foreign_and_temp_files(store: FileSystemStorage) 
     assert await store.list_sessions() == ["real"]
 
 
+async def test_first_write_removes_only_stale_temp_files(tmp_path: Path) -> None:
+    """Temp files as killed rewrites leave them: removed unless their session is locked."""
+    d = tmp_path / "sessions"
+    writer = FileSystemStorage(d)
+    for sid in ("a", "a.jsonl", "busy"):
+        await writer.append(sid, [_user(sid)])
+    stale = [".a.jsonl.k1l2m3n4.tmp", ".a.meta.json.x_9y8z7w.tmp", ".gone.jsonl.abcdefgh.tmp"]
+    kept = [
+        ".a.jsonl.jsonl.q1w2e3r4.tmp",  # session "a.jsonl", whose lock is held below
+        ".busy.meta.json.zzzzzzzz.tmp",
+        ".notes.txt.abcdefgh.tmp",  # not a session file's
+        "a.jsonl.abcdefgh.tmp",
+    ]
+    for name in stale + kept:
+        (d / name).write_bytes(b"x" * 1000)
+    held = []
+    for sid in ("a.jsonl", "busy"):  # a live writer in another process holds these locks
+        fd = os.open(d / f"{sid}.jsonl", os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append(fd)
+    try:
+        store = FileSystemStorage(d)
+        assert [m.text for m in await store.load("a")] == ["a"]  # reads do not sweep
+        assert await store.count("a") == 1
+        assert all((d / n).exists() for n in stale)
+        await store.update_info("a", title="t")
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert sorted(n for n in os.listdir(d) if n.endswith(".tmp")) == sorted(kept)
+    await store.append("busy", [_user("more")])  # no second sweep within one object
+    assert (d / ".busy.meta.json.zzzzzzzz.tmp").exists()
+    await FileSystemStorage(d).append("busy", [_user("more")])
+    assert sorted(n for n in os.listdir(d) if n.endswith(".tmp")) == sorted(kept[2:])
+
+
 async def test_hashed_id_listed_from_meta(store: FileSystemStorage) -> None:
     long_id = "conversation/" + "é" * 200
     await store.append(long_id, [_user("x")])
