@@ -336,6 +336,8 @@ def _check_lines(fd: int, path: str, start: int, end: int, before: int) -> tuple
     last one ends, or where it starts if it lacks its "\\n" (it may still grow).
     """
     lines, offset, resume = 0, start, start
+    if start >= end:  # nothing new: the usual case of an append
+        return lines, resume
     with open(fd, "rb", closefd=False) as f:
         f.seek(start)
         while offset < end:
