@@ -219,6 +219,65 @@ def test_prune_older_than(runner: CliRunner, url: str) -> None:
     assert bad.exit_code == 2 and "45s, 90m, 12h, 30d, 2w" in bad.output
 
 
+DAMAGE = {
+    "meta": ("broken.meta.json", b'{"created_at": '),
+    "first line": ("broken.jsonl", b"not json\n"),
+}
+
+
+def damage(directory: str, how: str) -> Path:
+    """Break the file session 'broken' as a bad disk or hand edit would; the broken file."""
+    name, data = DAMAGE[how]
+    path = Path(directory) / name
+    if how == "first line":
+        data += path.read_bytes()
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("url", ["file"], indirect=True)
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_list_reports_a_damaged_session_and_shows_the_rest(
+    runner: CliRunner, filled: str, how: str
+) -> None:
+    run_storage(filled, lambda s: s.save("broken", conversation("hi")))
+    broken = damage(filled, how)
+    for args in (["sessions", "list"], ["sessions", "list", "--json"]):
+        result = invoke(runner, filled, *args)
+        assert result.exit_code == 0, result.output
+        warning = result.stderr.splitlines()
+        assert len(warning) == 1 and warning[0].startswith("warning: left out a damaged session")
+        assert str(broken) in warning[0]
+        assert "alice" in result.stdout and "bob" in result.stdout
+        assert "broken" not in result.stdout
+    rows = json.loads(result.stdout)
+    assert [r["session_id"] for r in rows] == ["alice", "bob"]
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_prune_deletes_the_old_sessions_but_a_damaged_one(
+    runner: CliRunner, tmp_path: Path, how: str
+) -> None:
+    url = str(tmp_path / "sessions")
+    for sid in ("old", "broken"):
+        run_storage(url, lambda s, sid=sid: s.save(sid, conversation("ancient", when=OLD)))
+        age(url, sid)
+    run_storage(url, lambda s: s.save("new", conversation("fresh")))
+    broken = damage(url, how)
+    done = invoke(runner, url, "sessions", "prune", "--older-than", "30d", "--yes")
+    assert done.exit_code == 0, done.output
+    assert "deleted 1 sessions" in done.stdout
+    assert done.stderr.startswith("warning: left out a damaged session") and str(broken) in (
+        done.stderr
+    )
+    assert sorted(p.name for p in Path(url).iterdir()) == [  # the damaged one: never unseen
+        "broken.jsonl",
+        "broken.meta.json",
+        "new.jsonl",
+        "new.meta.json",
+    ]
+
+
 def test_search_across_sessions(runner: CliRunner, filled: str) -> None:
     result = invoke(runner, filled, "sessions", "search", "otters")
     assert result.exit_code == 0

@@ -216,6 +216,42 @@ async def test_listing_ignores_foreign_and_temp_files(store: FileSystemStorage) 
     assert await store.list_sessions() == ["real"]
 
 
+async def test_first_write_removes_only_stale_temp_files(tmp_path: Path) -> None:
+    """Temp files as killed rewrites leave them: removed unless their session is locked."""
+    d = tmp_path / "sessions"
+    writer = FileSystemStorage(d)
+    for sid in ("a", "a.jsonl", "busy"):
+        await writer.append(sid, [_user(sid)])
+    stale = [".a.jsonl.k1l2m3n4.tmp", ".a.meta.json.x_9y8z7w.tmp", ".gone.jsonl.abcdefgh.tmp"]
+    kept = [
+        ".a.jsonl.jsonl.q1w2e3r4.tmp",  # session "a.jsonl", whose lock is held below
+        ".busy.meta.json.zzzzzzzz.tmp",
+        ".notes.txt.abcdefgh.tmp",  # not a session file's
+        "a.jsonl.abcdefgh.tmp",
+    ]
+    for name in stale + kept:
+        (d / name).write_bytes(b"x" * 1000)
+    held = []
+    for sid in ("a.jsonl", "busy"):  # a live writer in another process holds these locks
+        fd = os.open(d / f"{sid}.jsonl", os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append(fd)
+    try:
+        store = FileSystemStorage(d)
+        assert [m.text for m in await store.load("a")] == ["a"]  # reads do not sweep
+        assert await store.count("a") == 1
+        assert all((d / n).exists() for n in stale)
+        await store.update_info("a", title="t")
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert sorted(n for n in os.listdir(d) if n.endswith(".tmp")) == sorted(kept)
+    await store.append("busy", [_user("more")])  # no second sweep within one object
+    assert (d / ".busy.meta.json.zzzzzzzz.tmp").exists()
+    await FileSystemStorage(d).append("busy", [_user("more")])
+    assert sorted(n for n in os.listdir(d) if n.endswith(".tmp")) == sorted(kept[2:])
+
+
 async def test_hashed_id_listed_from_meta(store: FileSystemStorage) -> None:
     long_id = "conversation/" + "é" * 200
     await store.append(long_id, [_user("x")])
@@ -360,8 +396,7 @@ async def _damaged(store: FileSystemStorage, middle: bytes) -> tuple[Path, bytes
     await store.append("s", [_user("first")])
     path = Path(store.directory) / "s.jsonl"
     with open(path, "ab") as f:
-        f.write(middle)
-    await store.append("s", [_user("last")])
+        f.write(middle + _user("last").to_json().encode() + b"\n")
     return path, path.read_bytes()
 
 
@@ -383,22 +418,70 @@ async def test_damaged_middle_line_is_reported_and_left_alone(
     store: FileSystemStorage, middle: bytes, why: str
 ) -> None:
     path, data = await _damaged(store, middle)
-    assert [m.text for m in await store.tail("s")] == ["last"]  # the damage is older
-    for action in (
-        store.load("s"),
-        store.tail("s", 2),
-        store.pop("s"),
-        store.truncate("s", 1),
-    ):
-        with pytest.raises(CorruptSessionError) as err:
+    # Every read and write but a whole save says so, even those that need only newer lines;
+    # a fresh object (another process) too.
+    for target in (store, FileSystemStorage(store.directory), FileSystemStorage(store.directory)):
+        for action in (
+            target.tail("s"),  # the damage is older than the last line
+            target.count("s"),
+            target.append("s", [_user("after")]),
+            target.load("s"),
+            target.tail("s", 2),
+            target.get_info("s"),
+            target.pop("s"),
+            target.truncate("s", 1),
+            target.append("s", []),
+        ):
+            with pytest.raises(CorruptSessionError) as err:
+                await action
+            assert str(path) in str(err.value)
+            assert "line 2" in str(err.value)
+            assert why in str(err.value)
+            assert path.read_bytes() == data
+
+
+async def test_damage_appended_after_a_check_is_found_by_the_next_call(
+    store: FileSystemStorage,
+) -> None:
+    """What one object checked is not read again, but what was added since is."""
+    await store.append("s", [_user("a")])
+    assert await store.count("s") == 1
+    path = Path(store.directory) / "s.jsonl"
+    with open(path, "ab") as f:  # a bad line from another writer (or a hand edit)
+        f.write(b'{"role": "user"}\n')
+    for action in (store.count("s"), store.tail("s"), store.append("s", [_user("b")])):
+        with pytest.raises(CorruptSessionError, match=r"s\.jsonl is damaged at line 2"):
             await action
-        assert str(path) in str(err.value)
-        assert "line 2" in str(err.value)
-        assert why in str(err.value)
-        assert path.read_bytes() == data
-    # Appends still work and never touch the damaged line.
-    await store.append("s", [_user("after")])
-    assert path.read_bytes().startswith(data)
+    assert path.read_bytes().endswith(b'{"role": "user"}\n')
+    # Fixed by hand: the session works again.
+    path.write_bytes(path.read_bytes().replace(b'{"role": "user"}\n', b""))
+    await store.append("s", [_user("b")])
+    assert [m.text for m in await store.load("s")] == ["a", "b"]
+
+
+async def test_damage_in_place_found_by_load_stops_every_other_call(
+    store: FileSystemStorage,
+) -> None:
+    """An edit that keeps the file's size and ends escapes the resumed check until a load."""
+    await store.append("s", [_user(f"m{i}" + "x" * 100) for i in range(5)])
+    assert await store.count("s") == 5
+    path = Path(store.directory) / "s.jsonl"
+    data = path.read_bytes()
+    second = data.split(b"\n")[1]
+    path.write_bytes(data.replace(second, b"\xff" * len(second)))
+    with pytest.raises(CorruptSessionError, match="line 2: not valid UTF-8"):
+        await store.load("s")
+    for action in (store.count("s"), store.tail("s"), store.append("s", [_user("b")])):
+        with pytest.raises(CorruptSessionError, match="line 2: not valid UTF-8"):
+            await action
+
+
+async def test_save_replaces_a_damaged_history(store: FileSystemStorage) -> None:
+    """The way out short of an editor: a save (clear_history) writes a whole new history."""
+    await _damaged(store, b"garbage\n")
+    await store.save("s", [_user("new")])
+    await store.append("s", [_user("more")])
+    assert [m.text for m in await store.load("s")] == ["new", "more"]
 
 
 async def test_damaged_line_before_first_user_message_fails_get_info(
@@ -425,7 +508,14 @@ async def test_damaged_meta_file_is_reported(store: FileSystemStorage) -> None:
 
 @pytest.mark.parametrize(
     "tail",
-    [b'{"id":"x","role":"us', b"{", b'{"role":"user","content":"complete but no newline"}'],
+    [
+        b'{"id":"x","role":"us',
+        b"{",
+        b'{"id":"x","content":"a}',  # cut after a "}" inside a string
+        b"\xe2\x82",  # half a UTF-8 character
+        b'{"role":"user","content":"the first of one append"} ',
+        b'{"role":"user","content":"the first of one append" }',
+    ],
 )
 async def test_torn_last_line_is_ignored_then_cut(
     store: FileSystemStorage, tail: bytes, caplog: pytest.LogCaptureFixture
@@ -469,8 +559,13 @@ async def test_unfinished_multi_message_append_is_dropped_whole(
     full = path.read_bytes()
     # Every prefix of the batch's bytes (as a killed write() could leave) reads as no batch.
     appended = full[len(good) :]
+    # Also every cut just before a line's " " or "\\n", where its JSON is already complete.
     cuts = sorted(
-        {*range(0, len(appended), 37), *(i + 1 for i, b in enumerate(appended) if b == 10)}
+        {
+            *range(0, len(appended), 37),
+            *(i + 1 for i, b in enumerate(appended) if b == 10),
+            *(i for i, b in enumerate(appended) if b in b" \n"),
+        }
     )
     for cut in cuts[:-1]:
         path.write_bytes(good + appended[:cut])
@@ -500,19 +595,32 @@ async def test_pop_after_multi_message_append_leaves_a_clean_end(
     assert await store.load("s") == batch[:1]
 
 
-async def test_hand_edited_file_without_final_newline_loses_only_that_line(
-    store: FileSystemStorage,
+async def test_hand_edited_file_without_final_newline_keeps_that_line(
+    store: FileSystemStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A complete last line without its "\\n" is no torn write: it is a message, kept."""
     path = Path(store.directory)
     path.mkdir()
-    a, b = _user("a"), _user("b")
+    a, b, c = _user("a"), _user("b"), _user("c")
     (path / "s.jsonl").write_text(a.to_json() + "\n" + b.to_json())
-    with pytest.warns(UserWarning):
-        assert await store.load("s") == [a]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await store.load("s") == [a, b]
+        assert await store.tail("s") == [b]
+        assert await store.tail("s", 5) == [a, b]
+        assert await store.count("s") == 2
+        assert await FileSystemStorage(store.directory).count("s") == 2
     info = await store.get_info("s")
     assert info is not None
     assert info.created_at == a.created_at  # no meta file: the first message's time
-    assert info.title == "a"
+    assert (info.title, info.message_count) == ("a", 2)
+    with caplog.at_level(logging.WARNING, logger="conversa.storage.filesystem"):
+        await store.append("s", [c])
+    assert "cut off" not in caplog.text
+    assert (path / "s.jsonl").read_text() == "".join(m.to_json() + "\n" for m in (a, b, c))
+    assert await store.load("s") == [a, b, c]
+    assert await store.count("s") == 3
+    assert await store.tail("s", 2) == [b, c]
     await store.update_info("s", user_id="u")  # creates the meta file
     again = await store.get_info("s")
     assert again is not None
@@ -525,7 +633,7 @@ async def test_hand_edited_file_without_final_newline_loses_only_that_line(
 async def test_tail_reads_only_the_end(
     store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """tail(1) of a 1.5 MB history reads about one block, never the damaged first lines."""
+    """tail(1) of a checked 1.5 MB history reads about one block, never the first lines."""
     msgs = [_user(f"{i}:" + "x" * 1500) for i in range(1000)]
     for i in range(0, 1000, 100):
         await store.append("s", msgs[i : i + 100])
@@ -533,10 +641,8 @@ async def test_tail_reads_only_the_end(
     data = path.read_bytes()
     first_nl = data.index(b"\n")
     second = data[first_nl + 1 : data.index(b"\n", first_nl + 1)]
-    # Damage line 2 in place, keeping the file's size: invalid UTF-8 and invalid JSON.
+    # Damage line 2 in place, keeping the file's size: the already checked part is not read.
     path.write_bytes(data.replace(second, b"\xff" * len(second), 1))
-    with pytest.raises(CorruptSessionError, match="line 2"):
-        await store.load("s")
     read: list[int] = []
     real_pread = os.pread
 
@@ -554,6 +660,10 @@ async def test_tail_reads_only_the_end(
     with pytest.raises(CorruptSessionError, match=rf"{path} is damaged at line 2: not valid UTF-8"):
         await store.tail("s", 999)
     assert await store.count("s") == 1000
+    with pytest.raises(CorruptSessionError, match="line 2"):
+        await store.load("s")
+    with pytest.raises(CorruptSessionError, match="line 2"):  # found: now reported every time
+        await store.tail("s")
 
 
 @pytest.mark.parametrize("block", [1, 2, 5, 64, 1 << 16])
@@ -583,12 +693,14 @@ async def test_tail_after_save_without_final_newline(store: FileSystemStorage) -
     assert await store.tail("s") == []
     path = Path(store.directory) / "s.jsonl"
     a, b = _user("a"), _user("b")
-    path.write_text(a.to_json() + "\n" + b.to_json())
+    path.write_text(a.to_json() + "\n" + b.to_json()[:-1])
     with pytest.warns(UserWarning, match="interrupted"):
         assert await store.tail("s", 2) == [a]
-    path.write_text(b.to_json())
+    path.write_text(b.to_json()[:-1])
     with pytest.warns(UserWarning, match="interrupted"):
         assert await store.tail("s") == []
+    path.write_text(b.to_json())
+    assert await store.tail("s") == [b]
 
 
 # -- info and listing ---------------------------------------------------------------------
@@ -643,6 +755,51 @@ async def test_list_and_info_follow_file_mtimes(store: FileSystemStorage) -> Non
     info = await store.get_info("b")
     assert info is not None
     assert int(info.updated_at.timestamp()) == same // 10**9
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("s.meta.json", b"{broken"),
+        ("s.meta.json", b"[]"),
+        ("s.meta.json", b'{"created_at": "yesterday"}'),
+        ("s.jsonl", b"not json\n"),  # the first line, read for the title
+        ("s.jsonl", b'{"role": "user", "content": "x"}\n[1]\n'),  # a later one
+    ],
+)
+async def test_listings_leave_out_a_damaged_session_with_a_warning(
+    store: FileSystemStorage, name: str, damage: bytes
+) -> None:
+    """One damaged session must not hide the others: it is left out, and named."""
+    for sid in ("a", "s", "z"):
+        await store.append(sid, [_user(sid)])
+    path = Path(store.directory) / name
+    path.write_bytes(damage if name.endswith(".meta.json") else damage + path.read_bytes())
+    with pytest.warns(UserWarning, match=rf"left out a damaged session: .*{path}") as caught:
+        found = await store.find_sessions()
+    assert len(caught) == 1
+    assert [i.session_id for i in found] == ["z", "a"]
+    with pytest.warns(UserWarning, match=str(path)):  # the others fill the limit
+        assert [i.session_id for i in await store.find_sessions(limit=2)] == ["z", "a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await store.list_sessions() == ["s", "z", "a"]  # its id is in its name
+    with pytest.raises(CorruptSessionError, match=str(path)):
+        await store.get_info("s")
+
+
+async def test_list_sessions_leaves_out_a_hashed_name_with_a_damaged_meta_file(
+    store: FileSystemStorage,
+) -> None:
+    long_id = "conversation/" + "é" * 200
+    await store.append(long_id, [_user("x")])
+    await store.append("short", [_user("y")])
+    meta = next(p for p in Path(store.directory).glob("*~*.meta.json"))
+    meta.write_text("{broken")
+    for listing in (store.list_sessions(), store.find_sessions()):
+        with pytest.warns(UserWarning, match=rf"left out a damaged session: .*{meta}"):
+            result = await listing
+        assert [getattr(r, "session_id", r) for r in result] == ["short"]
 
 
 async def test_many_sessions_find_sessions(store: FileSystemStorage) -> None:

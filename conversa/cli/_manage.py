@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import click
 
@@ -20,7 +21,7 @@ T = TypeVar("T")
 def with_storage(
     ctx: click.Context, storage: str | None, work: Callable[[ConversationStorage], Awaitable[T]]
 ) -> T:
-    """Open the storage, run ``work`` on it, close it; errors become one line."""
+    """Open the storage, run ``work`` on it, close it; errors and warnings become one line."""
     from ._runner import run
 
     url = storage_url(ctx, storage)
@@ -34,7 +35,22 @@ def with_storage(
         finally:
             await store.close()
 
-    return run(ctx, main)
+    with warnings.catch_warnings():
+        # The storage's warnings (a damaged session left out of a listing, a torn last line)
+        # are for the user: one line each on stderr, not Python's file:line form.
+        warnings.showwarning = _warning_line
+        return run(ctx, main)
+
+
+def _warning_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def output() -> Output:

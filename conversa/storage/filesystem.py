@@ -12,10 +12,22 @@ while they read the bytes. Rewrites replace the file with ``os.replace``, so a w
 for the lock re-checks that its descriptor still is the file at the path.
 
 One append is one ``write()``. When it holds several messages, every line but the last ends with
-``"} \\n"`` (JSON allows the trailing space): a crash in the middle of a multi-line write leaves
-either a line without ``"\\n"`` or a last line that ends with ``"} \\n"``. Both mark an append
-that never returned; it is ignored on load (with a warning) and cut off by the next write, so
-an append is all or nothing.
+``" } \\n"`` (JSON allows the spaces): a crash in the middle of a multi-line write leaves either
+a last line that is not whole JSON, or one that ends with ``" }"``, ``"} "`` or ``"} \\n"``. Each
+marks an append that never returned; it is ignored on load (with a warning) and cut off by the
+next write, so an append is all or nothing. A last line that is whole JSON without those marks
+but lacks its ``"\\n"`` (a hand edit) is a message like any other; the next append ends it.
+
+Damage (a line that is not a stored message) is reported with CorruptSessionError naming the
+file and line by every read (load, tail, count, get_info) and write (append, pop, truncate) of
+the session; save (which replaces the whole history), delete and info/state writes go ahead.
+Each storage object checks every line once and later only what was appended since (so an
+append stays O(1)); a file edited in place since, keeping its size and ends, is caught by the
+next load.
+Listings (list_sessions, find_sessions) leave a damaged session out with a warning.
+
+A rewrite killed mid-way leaves its temp file behind; the first write of each storage object
+removes those of every session whose lock no writer holds.
 
 ``updated_at`` is the newest mtime of the two files. Each write sets the mtime itself from the
 nanosecond clock, because the kernel's file clock is too coarse to order quick writes.
@@ -69,6 +81,7 @@ __all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
 
 HISTORY_SUFFIX = ".jsonl"
 META_SUFFIX = ".meta.json"
+TEMP_SUFFIX = ".tmp"
 MAX_STEM_BYTES = 200
 """Longer encoded ids get a shortened, hashed file name (file names stop at 255 bytes)."""
 _HASHED_PREFIX_BYTES = 120
@@ -125,6 +138,17 @@ def session_id_from_stem(stem: str) -> str | None:
     return session_id if session_file_stem(session_id) == stem else None
 
 
+def _temp_file_stem(name: str) -> str | None:
+    """The session file stem of a rewrite's temp file ``.STEM.jsonl.XXXX.tmp`` (or of its meta)."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    target, dot, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")  # the random part has no "."
+    for suffix in (HISTORY_SUFFIX, META_SUFFIX):
+        if dot and target.endswith(suffix) and len(target) > len(suffix):
+            return target[: -len(suffix)]
+    return None
+
+
 # -- the clock ----------------------------------------------------------------------------
 
 _clock_lock = threading.Lock()
@@ -147,8 +171,10 @@ def _from_ns(ns: int) -> datetime:
 
 
 def _serialize(messages: Sequence[ChatMessage], *, one_append: bool) -> bytes:
-    """The lines of ``messages``; for one append, every line but the last ends with " \\n"."""
+    """The lines of ``messages``; for one append, every line but the last ends " } \\n"."""
     lines = [m.to_json() for m in messages]
+    if one_append and len(lines) > 1:
+        lines[:-1] = [line[:-1] + " }" for line in lines[:-1]]
     sep = " \n" if one_append else "\n"
     text = sep.join(lines) + "\n" if lines else ""
     try:
@@ -179,19 +205,45 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _in_one_append(end: int, byte_at: Callable[[int], int]) -> bool:
+    """Whether the line ending at ``end`` ends with "} \\n": a line of an unfinished append."""
+    return end >= 3 and byte_at(end - 2) == ord(" ") and byte_at(end - 3) == ord("}")
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _complete_end(
-    size: int, byte_at: Callable[[int], int], newline_before: Callable[[int], int]
+    size: int,
+    byte_at: Callable[[int], int],
+    newline_before: Callable[[int], int],
+    read: Callable[[int, int], bytes],
 ) -> int:
     """The offset just past the last append that was written completely.
 
-    Drops a last line without "\\n" and the lines of an unfinished multi-line append before it.
-    ``newline_before(end)`` is the offset of the last "\\n" before ``end``, or -1.
+    Drops a torn last line and the lines of an unfinished multi-line append before it (see
+    the module's docstring). A last line that is whole JSON but lacks its "\\n" (a hand
+    edit) is kept: a killed single-message append leaves that only with every byte but the
+    "\\n" written, as no proper prefix of a JSON object is whole JSON.
+    ``newline_before(end)`` is the offset of the last "\\n" before ``end``, or -1;
+    ``read(start, end)`` returns those bytes.
     """
     end = size
     if end and byte_at(end - 1) != ord("\n"):
-        end = newline_before(end) + 1
+        start = newline_before(end) + 1
+        raw = read(start, end)
+        # " }" or "} " without "\\n" is a line inside one append, cut before the rest of it.
+        inside = _in_one_append(start, byte_at) or raw.endswith((b" ", b" }"))
+        if not inside and _is_json(raw):
+            return end
+        end = start
     # A line of a multi-line append ends with "} \n"; one like it last means the rest is missing.
-    while end >= 3 and byte_at(end - 2) == ord(" ") and byte_at(end - 3) == ord("}"):
+    while _in_one_append(end, byte_at):
         end = newline_before(end - 1) + 1
     return end
 
@@ -206,7 +258,12 @@ def _before(fd: int, offset: int) -> bytes:
 
 
 def _complete_end_of_bytes(data: bytes) -> int:
-    return _complete_end(len(data), data.__getitem__, lambda end: data.rfind(b"\n", 0, end))
+    return _complete_end(
+        len(data),
+        data.__getitem__,
+        lambda end: data.rfind(b"\n", 0, end),
+        lambda start, end: data[start:end],
+    )
 
 
 def _complete_end_of_fd(fd: int, size: int) -> int:
@@ -222,7 +279,10 @@ def _complete_end_of_fd(fd: int, size: int) -> int:
             end = start
         return -1
 
-    return _complete_end(size, byte_at, newline_before)
+    def read(start: int, end: int) -> bytes:
+        return os.pread(fd, end - start, start)
+
+    return _complete_end(size, byte_at, newline_before, read)
 
 
 def _corrupt(path: str, line: int, why: str) -> CorruptSessionError:
@@ -240,7 +300,8 @@ def _split_lines(data: bytes, path: str) -> tuple[list[str], int]:
     except UnicodeDecodeError as exc:
         raise _corrupt(path, data.count(b"\n", 0, exc.start) + 1, "not valid UTF-8") from exc
     lines = text.split("\n")  # not splitlines(): U+2028 and friends may sit inside the JSON
-    lines.pop()  # the empty string after the final "\n"
+    if lines[-1] == "":  # after the final "\n"; not there if a hand edit left that out
+        lines.pop()
     return lines, len(data) - end
 
 
@@ -256,8 +317,42 @@ def _parse_line(line: str | bytes, path: str, line_no: int | Callable[[], int]) 
         raise _corrupt(path, line_no if isinstance(line_no, int) else line_no(), why) from exc
 
 
+def _parse_raw(raw: bytes, path: str, line_no: int | Callable[[], int]) -> ChatMessage:
+    """One stored message from the bytes of its line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        no = line_no if isinstance(line_no, int) else line_no()
+        raise _corrupt(path, no, "not valid UTF-8") from exc
+    return _parse_line(text, path, line_no)
+
+
 def _parse_lines(lines: Sequence[str], path: str) -> list[ChatMessage]:
     return [_parse_line(line, path, n) for n, line in enumerate(lines, 1)]
+
+
+def _check_lines(fd: int, path: str, start: int, end: int, before: int) -> tuple[int, int]:
+    """Parse each line from ``start`` (a line's start) to ``end``; raise for a damaged one.
+
+    ``before`` lines precede ``start``. Returns the number of lines and the offset where the
+    last one ends, or where it starts if it lacks its "\\n" (it may still grow).
+    """
+    lines, offset, resume = 0, start, start
+    if start >= end:  # nothing new: the usual case of an append
+        return lines, resume
+    with open(fd, "rb", closefd=False) as f:
+        f.seek(start)
+        while offset < end:
+            raw = f.readline(end - offset)
+            if not raw:  # cannot happen under our lock; do not loop forever if it does
+                raise OSError(f"short read at offset {offset}")
+            lines += 1
+            offset += len(raw)
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]  # so a JSON error's column is on this line
+                resume = offset
+            _parse_raw(raw, path, before + lines)
+    return lines, resume
 
 
 def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
@@ -270,7 +365,9 @@ def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
         return []
     blocks: list[bytes] = []
     start = end
-    newlines = 0
+    # A last line without its "\n" (a hand edit) counts as if it had one.
+    unended = int(os.pread(fd, 1, end - 1) != b"\n")
+    newlines = unended
     # The last byte is the "\n" of the last line; n lines are complete once the newline before
     # the first of them (the (n + 1)-th newline from the end) has been read, or the file began.
     while start > 0 and newlines <= n:
@@ -282,11 +379,11 @@ def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
         newlines += block.count(b"\n")
         start -= size
     data = b"".join(reversed(blocks))
-    lines = data[:-1].split(b"\n")  # data ends with the last line's "\n"
+    lines = data[: len(data) - 1 + unended].split(b"\n")
     if start > 0 or len(lines) > n:
         lines = lines[-n:]  # the first one may be cut, or older than wanted
     out: list[tuple[int, bytes]] = []
-    offset = end
+    offset = end + unended
     for line in reversed(lines):
         offset -= len(line) + 1
         out.append((offset, line))
@@ -299,6 +396,11 @@ def _torn_warning(path: str, size: int) -> str:
         f"{path}: ignoring the last {size} bytes, an append that was interrupted before it "
         "finished (it never returned); the next write to this session cuts them off"
     )
+
+
+def _warn_skipped(damaged: Iterable[str]) -> None:
+    for error in damaged:
+        warnings.warn(f"left out a damaged session: {error}", stacklevel=3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,9 +426,10 @@ class FileSystemStorage(ConversationStorage):
         self._durability = durability_option(durability)
         self._dir = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         self._fsync = self._durability == "power"
-        # path -> ((dev, inode), offset, fingerprint, lines): how many lines precede `offset`,
-        # so count() reads only what was appended since it last looked.
-        self._line_marks: dict[str, tuple[tuple[int, int], int, bytes, int]] = {}
+        # path -> ((dev, inode), offset, fingerprint, lines): the lines before `offset`, each
+        # checked to be a stored message, so a read or append checks only what is newer.
+        self._checked: dict[str, tuple[tuple[int, int], int, bytes, int]] = {}
+        self._swept = False
 
     @classmethod
     def from_url(cls, url: str) -> FileSystemStorage:
@@ -384,6 +487,9 @@ class FileSystemStorage(ConversationStorage):
     @contextlib.contextmanager
     def _locked(self, path: str, *, write: bool, create: bool = False) -> Iterator[int | None]:
         """Hold the session's lock; yields the open file, or None if it does not exist."""
+        if write and not self._swept:
+            self._swept = True
+            self._sweep_temp_files()
         flags = (os.O_RDWR | os.O_APPEND if write else os.O_RDONLY) | os.O_CLOEXEC
         if create:
             flags |= os.O_CREAT
@@ -413,10 +519,13 @@ class FileSystemStorage(ConversationStorage):
             finally:
                 os.close(fd)
 
-    def _replace(self, path: str, data: bytes, stamp: int) -> None:
-        """Write ``data`` to a temp file beside ``path`` and move it over ``path``."""
+    def _replace(self, path: str, data: bytes, stamp: int) -> os.stat_result:
+        """Write ``data`` to a temp file beside ``path``, move it over ``path``; its stat.
+
+        Only a holder of the session's lock makes temp files (see _sweep_temp_files).
+        """
         fd, tmp = tempfile.mkstemp(
-            dir=self._dir, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+            dir=self._dir, prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX
         )
         try:
             try:
@@ -424,6 +533,7 @@ class FileSystemStorage(ConversationStorage):
                 os.utime(fd, ns=(stamp, stamp))
                 if self._fsync:
                     os.fsync(fd)
+                st = os.fstat(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -433,6 +543,59 @@ class FileSystemStorage(ConversationStorage):
             raise
         if self._fsync:
             _fsync_dir(self._dir)
+        return st
+
+    def _sweep_temp_files(self) -> None:
+        """Remove the temp files of rewrites that were killed before they finished.
+
+        A rewrite makes its temp file only while it holds the session's lock, and renames or
+        removes it before letting go. So the temp files of a session whose lock is free (or
+        whose history file is gone) belong to no live writer; a busy session is left alone.
+        """
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:
+            return
+        stale: dict[str, list[str]] = {}
+        for name in names:
+            stem = _temp_file_stem(name)
+            if stem is not None:
+                stale.setdefault(stem + HISTORY_SUFFIX, []).append(name)
+        removed = 0
+        for history, temps in stale.items():
+            with self._if_unlocked(os.path.join(self._dir, history)) as free:
+                if free:
+                    for name in temps:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self._dir, name))
+                            removed += 1
+        if removed:
+            log.info("%s: removed %d temp files of interrupted rewrites", self._dir, removed)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _if_unlocked(path: str) -> Iterator[bool]:
+        """Hold this history file's lock if no one does; yields whether no writer can be busy."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield True  # no history file: no lock to hold, so no writer
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = held
+            # Replaced meanwhile: the new file's lock is the one that counts; look next time.
+            yield (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev)
+        finally:
+            os.close(fd)
 
     def _read_meta(self, meta_path: str) -> dict[str, Any] | None:
         try:
@@ -470,7 +633,10 @@ class FileSystemStorage(ConversationStorage):
     # -- history --------------------------------------------------------------------------
 
     async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add ``messages`` to the end in one write; the file is never rewritten."""
+        """Add ``messages`` to the end in one write; the file is never rewritten.
+
+        A damaged history is refused (CorruptSessionError), like every read but save's.
+        """
         path, meta_path = self._paths(session_id)
         data = _serialize(messages, one_append=True)
         cut = await self._run(self._append_sync, session_id, path, meta_path, data)
@@ -485,14 +651,21 @@ class FileSystemStorage(ConversationStorage):
     def _append_sync(self, session_id: str, path: str, meta_path: str, data: bytes) -> int:
         with self._locked(path, write=True, create=True) as fd:
             assert fd is not None
-            size = os.fstat(fd).st_size
-            cut = 0
-            if size:
-                # Reads only the last byte or two, unless an unfinished append must be cut off.
-                end = _complete_end_of_fd(fd, size)
-                if end < size:
-                    os.ftruncate(fd, end)
-                    cut = size - end
+            st = os.fstat(fd)
+            size = st.st_size
+            # One read of the last bytes tells whether the file ends cleanly, as it usually does.
+            last = _before(fd, size)
+            clean = last.endswith(b"\n") and not last.endswith(b"} \n")
+            end = size if clean or not size else _complete_end_of_fd(fd, size)
+            head = os.pread(fd, _MARK_BYTES, 0)
+            lines = self._check(path, fd, st, end, head, last if end == size else None)
+            cut = size - end
+            if cut:
+                os.ftruncate(fd, end)
+                last = _before(fd, end)
+            # A hand-written last line may lack its "\n": end it first.
+            ending = b"\n" if end and not last.endswith(b"\n") else b""
+            data = ending + data
             stamp = _stamp()
             if size == 0:
                 self._ensure_meta(session_id, meta_path, stamp)
@@ -503,20 +676,81 @@ class FileSystemStorage(ConversationStorage):
                 os.fsync(fd)
                 if size == 0:
                     _fsync_dir(self._dir)
+            new_end = end + len(data)
+            if not head or len(head) < _MARK_BYTES:
+                head = os.pread(fd, _MARK_BYTES, 0)
+            self._checked[path] = (
+                (st.st_dev, st.st_ino),
+                new_end,
+                head + (last + data)[-_MARK_BYTES:],
+                lines + data.count(b"\n") - len(ending),
+            )
             return cut
 
+    def _check(
+        self,
+        path: str,
+        fd: int,
+        st: os.stat_result,
+        end: int,
+        head: bytes | None = None,
+        last: bytes | None = None,
+    ) -> int:
+        """The number of messages before ``end``, each line checked once by this object.
+
+        Raises CorruptSessionError for a damaged line (as load does), so a damaged session
+        answers no read and takes no append. Files are only appended to or replaced whole,
+        so the check resumes where this object last checked the same file: a replaced or
+        recreated file has another inode, or (if the inode is reused) other bytes at its
+        start or before the remembered offset, since every message has a unique id; any
+        mismatch means a check from the start. ``head`` and ``last`` are the first bytes and
+        the bytes before ``end`` when the caller has read them already.
+        """
+        if head is None:
+            head = os.pread(fd, _MARK_BYTES, 0)
+        start, before = 0, 0
+        mark = self._checked.get(path)
+        if mark is not None and mark[0] == (st.st_dev, st.st_ino) and mark[1] <= end:
+            known = last if mark[1] == end and last is not None else _before(fd, mark[1])
+            if head + known[-_MARK_BYTES:] == mark[2]:
+                start, before = mark[1], mark[3]
+        lines, resume = _check_lines(fd, path, start, end, before)
+        if resume != start:
+            known = last if resume == end and last is not None else _before(fd, resume)
+            # A last line without its "\\n" is checked again next time: it may still grow.
+            ended = before + lines - (resume < end)
+            self._remember(path, st, resume, head + known[-_MARK_BYTES:], ended)
+        return before + lines
+
+    def _remember(
+        self, path: str, st: os.stat_result, offset: int, fingerprint: bytes, lines: int
+    ) -> None:
+        self._checked[path] = ((st.st_dev, st.st_ino), offset, fingerprint, lines)
+
+    def _remember_bytes(self, path: str, st: os.stat_result, data: bytes, lines: int) -> None:
+        """Remember ``data`` (the whole file, ``lines`` checked messages, no torn end)."""
+        offset = len(data)
+        if data and not data.endswith(b"\n"):  # resume at the start of an unended last line
+            offset = data.rfind(b"\n") + 1
+            lines -= 1
+        fingerprint = data[:_MARK_BYTES] + data[max(0, offset - _MARK_BYTES) : offset]
+        self._remember(path, st, offset, fingerprint, lines)
+
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
-        """Replace the whole history atomically (temp file + rename)."""
+        """Replace the whole history atomically (temp file + rename), damaged or not."""
         path, meta_path = self._paths(session_id)
         data = _serialize(history, one_append=False)
-        await self._run(self._save_sync, session_id, path, meta_path, data)
+        await self._run(self._save_sync, session_id, path, meta_path, data, len(history))
 
-    def _save_sync(self, session_id: str, path: str, meta_path: str, data: bytes) -> None:
+    def _save_sync(
+        self, session_id: str, path: str, meta_path: str, data: bytes, lines: int
+    ) -> None:
         with self._locked(path, write=True, create=True):
             stamp = _stamp()
             self._ensure_meta(session_id, meta_path, stamp)
             # Last: once replaced, other writers lock the new file, not the one we hold.
-            self._replace(path, data, stamp)
+            st = self._replace(path, data, stamp)
+            self._remember_bytes(path, st, data, lines)
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history; an unfinished last append is ignored with a warning."""
@@ -530,9 +764,21 @@ class FileSystemStorage(ConversationStorage):
         with self._locked(path, write=False) as fd:
             if fd is None:
                 return [], 0
+            st = os.fstat(fd)
             data = _read_all(fd)
-        lines, torn = _split_lines(data, path)
-        return _parse_lines(lines, path), torn
+        messages, _, torn = self._parse_all(data, path)
+        self._remember_bytes(path, st, data[: len(data) - torn], len(messages))
+        return messages, torn
+
+    def _parse_all(self, data: bytes, path: str) -> tuple[list[ChatMessage], list[str], int]:
+        """The messages and lines of a whole history file, and the bytes of a torn end."""
+        try:
+            lines, torn = _split_lines(data, path)
+            return _parse_lines(lines, path), lines, torn
+        except CorruptSessionError:
+            # Damaged in place after this object checked it: every read must find it again.
+            self._checked.pop(path, None)
+            raise
 
     async def delete(self, session_id: str) -> None:
         """Remove the history and meta files; a no-op for an unknown session."""
@@ -555,44 +801,24 @@ class FileSystemStorage(ConversationStorage):
         return await self._run(os.path.exists, path)
 
     async def count(self, session_id: str) -> int:
-        """The number of stored messages, counted as complete lines without parsing JSON."""
+        """The number of stored messages; a damaged history raises, as load does.
+
+        Each line is parsed once by this object; later counts read only what was appended.
+        """
         path, _ = self._paths(session_id)
         return await self._run(self._count_sync, path)
 
     def _count_sync(self, path: str) -> int:
         with self._locked(path, write=False) as fd:
-            return 0 if fd is None else self._count_known(path, fd, None)
-
-    def _count_known(self, path: str, fd: int, end: int | None) -> int:
-        """_count_lines, resumed from where this object last counted the same file.
-
-        Files are only appended to or replaced whole. A replaced or recreated file has another
-        inode, or (if the inode is reused) other bytes at its start or before the remembered
-        offset, since every message has a unique id; any mismatch means a full count.
-        """
-        st = os.fstat(fd)
-        if end is None:
-            end = _complete_end_of_fd(fd, st.st_size)
-        start, lines = 0, 0
-        mark = self._line_marks.get(path)
-        if (
-            mark is not None
-            and mark[0] == (st.st_dev, st.st_ino)
-            and mark[1] <= end
-            and os.pread(fd, _MARK_BYTES, 0) + _before(fd, mark[1]) == mark[2]
-        ):
-            start, lines = mark[1], mark[3]
-        lines += self._count_lines(fd, end, start)
-        fingerprint = os.pread(fd, _MARK_BYTES, 0) + _before(fd, end)
-        self._line_marks[path] = ((st.st_dev, st.st_ino), end, fingerprint, lines)
-        return lines
+            if fd is None:
+                return 0
+            st = os.fstat(fd)
+            return self._check(path, fd, st, _complete_end_of_fd(fd, st.st_size))
 
     @staticmethod
-    def _count_lines(fd: int, end: int | None = None, start: int = 0) -> int:
-        """The number of lines between ``start`` and ``end`` (default: the last complete append)."""
-        if end is None:
-            end = _complete_end_of_fd(fd, os.fstat(fd).st_size)
-        lines, offset = 0, start
+    def _count_lines(fd: int, end: int) -> int:
+        """The number of lines before ``end``."""
+        lines, offset = 0, 0
         while offset < end:
             chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
             if not chunk:
@@ -604,8 +830,9 @@ class FileSystemStorage(ConversationStorage):
     async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
         """The newest ``n`` messages, read backwards from the end of the file.
 
-        Reads only the blocks that hold them; an unfinished last append is ignored with a
-        warning, as load does.
+        Reads only the blocks that hold them once the file has been checked (see count); a
+        damaged history raises and an unfinished last append is ignored with a warning, as
+        load does.
         """
         if n < 0:
             raise ValueError("n must be >= 0")
@@ -621,18 +848,15 @@ class FileSystemStorage(ConversationStorage):
         with self._locked(path, write=False) as fd:
             if fd is None:
                 return [], 0
-            size = os.fstat(fd).st_size
-            end = _complete_end_of_fd(fd, size)
+            st = os.fstat(fd)
+            end = _complete_end_of_fd(fd, st.st_size)
+            self._check(path, fd, st, end)
             messages: list[ChatMessage] = []
             for offset, raw in _last_lines(fd, end, n):
                 # Line numbers are counted only for a damaged line: it costs a read of the file.
                 line_no = functools.partial(self._line_no, fd, offset)
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise _corrupt(path, line_no(), "not valid UTF-8") from exc
-                messages.append(_parse_line(text, path, line_no))
-            return messages, size - end
+                messages.append(_parse_raw(raw, path, line_no))
+            return messages, st.st_size - end
 
     @classmethod
     def _line_no(cls, fd: int, offset: int) -> int:
@@ -661,20 +885,23 @@ class FileSystemStorage(ConversationStorage):
             if fd is None:
                 return []
             data = _read_all(fd)
-            lines, _ = _split_lines(data, path)
-            messages = _parse_lines(lines, path)  # a damaged file is never rewritten
+            messages, lines, _ = self._parse_all(data, path)  # a damaged file is never rewritten
             keep = keep_of(len(lines))
             if keep >= len(lines):
                 return []
             # Trailing spaces mark lines inside one append; a kept last line must not have one.
-            kept = "".join(line.rstrip(" ") + "\n" for line in lines[:keep])
-            self._replace(path, kept.encode("utf-8"), _stamp())
+            kept = "".join(line.rstrip(" ") + "\n" for line in lines[:keep]).encode("utf-8")
+            st = self._replace(path, kept, _stamp())
+            self._remember_bytes(path, st, kept, keep)
             return messages[keep:]
 
     # -- listing --------------------------------------------------------------------------
 
-    def _scan(self) -> list[tuple[int, str, str]]:
-        """(updated ns, session id, stem) of every session, newest first."""
+    def _scan(self, damaged: list[str]) -> list[tuple[int, str, str]]:
+        """(updated ns, session id, stem) of every session, newest first.
+
+        A session whose id cannot be read is left out and its error added to ``damaged``.
+        """
         try:
             with os.scandir(self._dir) as it:
                 entries = list(it)
@@ -695,6 +922,9 @@ class FileSystemStorage(ConversationStorage):
                     updated = max(updated, os.stat(meta_path).st_mtime_ns)
                 session_id = self._id_of(stem, entry.path)
             except FileNotFoundError:  # deleted while we looked
+                continue
+            except CorruptSessionError as exc:
+                damaged.append(str(exc))
                 continue
             if session_id is not None:
                 rows.append((updated, session_id, stem))
@@ -720,8 +950,15 @@ class FileSystemStorage(ConversationStorage):
         return None
 
     async def list_sessions(self) -> list[str]:
-        """Session ids, most recently updated first (ties by file name)."""
-        return [sid for _, sid, _ in await self._run(self._scan)]
+        """Session ids, most recently updated first (ties by file name).
+
+        A session whose id is unreadable (a damaged meta file of a shortened name) is left
+        out with a warning naming the file.
+        """
+        damaged: list[str] = []
+        rows = await self._run(self._scan, damaged)
+        _warn_skipped(damaged)
+        return [sid for _, sid, _ in rows]
 
     # -- session info ---------------------------------------------------------------------
 
@@ -759,7 +996,7 @@ class FileSystemStorage(ConversationStorage):
                 session_id=session_id,
                 created_at=created,
                 updated_at=max(_from_ns(updated_ns), created),
-                message_count=self._count_known(path, fd, end),
+                message_count=self._check(path, fd, st, end),
                 title=title or first_title,
                 user_id=user_id,
                 status=status,
@@ -862,18 +1099,31 @@ class FileSystemStorage(ConversationStorage):
         updated_before: datetime | None = None,
         limit: int | None = None,
     ) -> list[SessionInfo]:
-        """Infos of the sessions matching every filter, newest first."""
-        filters = _Filters(user_id, status, updated_before)
-        return await self._run(self._find_sync, filters, limit)
+        """Infos of the sessions matching every filter, newest first.
 
-    def _find_sync(self, filters: _Filters, limit: int | None) -> list[SessionInfo]:
+        A damaged session (its meta file or a history line) is left out with a warning
+        naming the file, so one cannot hide the others; get_info and load raise for it.
+        """
+        filters = _Filters(user_id, status, updated_before)
+        damaged: list[str] = []
+        found = await self._run(self._find_sync, filters, limit, damaged)
+        _warn_skipped(damaged)
+        return found
+
+    def _find_sync(
+        self, filters: _Filters, limit: int | None, damaged: list[str]
+    ) -> list[SessionInfo]:
         found: list[SessionInfo] = []
-        for _, session_id, stem in self._scan():
+        for _, session_id, stem in self._scan(damaged):
             if limit is not None and len(found) >= limit:
                 break
             path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
             meta_path = os.path.join(self._dir, stem + META_SUFFIX)
-            info = self._info_sync(session_id, path, meta_path, filters)
+            try:
+                info = self._info_sync(session_id, path, meta_path, filters)
+            except CorruptSessionError as exc:
+                damaged.append(str(exc))
+                continue
             if info is not None:
                 found.append(info)
         return found
