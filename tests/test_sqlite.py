@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -293,6 +296,109 @@ async def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
     assert not (tmp_path / "t.db").exists()
     async with SqliteStorage(tmp_path / "s.db") as again:
         assert await again.count("s") == 1
+
+
+# -- a program ends, closed or not -----------------------------------------------------------
+
+# Each script leaves its storage open when its main code ends. Before, aiosqlite's non-daemon
+# thread kept the process alive forever (in threading._shutdown), or printed "Event loop is
+# closed" from that thread. EXIT_WAIT bounds the wait for the process to end.
+EXIT_WAIT = 60
+
+SYNC_SCRIPT = """
+from conversa import create_session_sync
+from conversa.testing import ScriptedModel
+
+s = create_session_sync("s", "sqlite:///x.db", model=ScriptedModel())
+print(s.send_message("hi").result)
+"""
+
+ASYNC_SCRIPT = """
+import asyncio, sys
+from conversa import create_session
+from conversa.testing import ScriptedModel
+
+async def main():
+    session = await create_session("s", "sqlite:///x.db", model=ScriptedModel())
+    print((await session.send_message("hi")).result)
+    {ending}
+
+asyncio.run(main())
+"""
+
+STORAGE_SCRIPT = """
+import asyncio
+from conversa import ChatMessage
+from conversa.storage.sqlite import SqliteStorage
+
+store = SqliteStorage("x.db")
+
+async def main():
+    for n in range(20):
+        await store.append("s", [ChatMessage.user(f"m{n}")])
+
+asyncio.run(main())
+"""
+
+
+def _run_script(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_WAIT,
+        check=False,
+    )
+
+
+def _stored(path: Path) -> list[str]:
+    with _raw(path) as conn:
+        rows = conn.execute("SELECT data FROM messages WHERE session_id = 's' ORDER BY seq")
+        return [ChatMessage.from_json(data).text for (data,) in rows]
+
+
+def test_a_script_with_an_open_sync_session_exits(tmp_path: Path) -> None:
+    out = _run_script(tmp_path, SYNC_SCRIPT)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "echo: hi\n", "")
+    # the connection was closed at exit: the WAL was checkpointed into the database
+    assert not (tmp_path / "x.db-wal").exists()
+    assert _stored(tmp_path / "x.db") == ["hi", "echo: hi"]
+
+
+@pytest.mark.parametrize(
+    ("ending", "code", "error"),
+    [
+        ("pass", 0, ""),
+        ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+        ("sys.exit(3)", 3, ""),
+    ],
+)
+def test_an_async_program_exits_however_its_coroutine_ends(
+    tmp_path: Path, ending: str, code: int, error: str
+) -> None:
+    out = _run_script(tmp_path, ASYNC_SCRIPT.format(ending=ending))
+    assert (out.returncode, out.stdout) == (code, "echo: hi\n")
+    # the program's own traceback, if any, and nothing from the storage's thread
+    assert out.stderr.strip().rpartition("\n")[2] == error, out.stderr
+    assert "Event loop is closed" not in out.stderr and "Thread" not in out.stderr
+    assert _stored(tmp_path / "x.db") == ["hi", "echo: hi"]
+
+
+def test_a_storage_never_closed_keeps_every_append(tmp_path: Path) -> None:
+    out = _run_script(tmp_path, STORAGE_SCRIPT)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert _stored(tmp_path / "x.db") == [f"m{n}" for n in range(20)]
+
+
+async def test_a_dropped_storage_closes_its_connection(tmp_path: Path) -> None:
+    store = SqliteStorage(tmp_path / "s.db")
+    await store.append("s", [_user("a")])
+    worker = store._worker
+    assert worker is not None and worker in sqlite_module._WORKERS
+    del store
+    worker.join(EXIT_WAIT)
+    assert worker not in sqlite_module._WORKERS and worker.conn is None
 
 
 # -- concurrency and bookkeeping --------------------------------------------------------------
