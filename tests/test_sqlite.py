@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
 import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +401,74 @@ async def test_a_dropped_storage_closes_its_connection(tmp_path: Path) -> None:
     del store
     worker.join(EXIT_WAIT)
     assert worker not in sqlite_module._WORKERS and worker.conn is None
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system of its own (a tmpfs mounted for this test only)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small file system")
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], timeout=30, check=False)
+
+
+def _fill(directory: Path) -> None:
+    """Write a file until the file system has no room left (bounded: it is 1 MiB)."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(10_000):
+            os.write(fd, b"x" * 4096)
+        raise AssertionError(f"{directory} never filled up")
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+async def test_a_full_disk_is_named_with_its_path(small_disk: Path) -> None:
+    path = small_disk / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("kept")])
+    _fill(small_disk)
+    # reopening, even to read: SQLite says only "disk I/O error" (it cannot size the -shm file)
+    for read in (lambda s: s.load("s"), lambda s: s.count("s")):
+        with pytest.raises(StorageError) as err:
+            async with SqliteStorage(path) as reader:
+                await read(reader)
+        message = str(err.value)
+        assert f"the disk holding {small_disk} is full" in message, message
+        assert str(path) in message and "free some space" in message
+        assert not isinstance(err.value, sqlite3.Error)
+    (small_disk / "filler").unlink()
+    async with SqliteStorage(path) as writer:
+        assert await writer.count("s") == 1  # opened while there is room
+        _fill(small_disk)
+        # a write on the open connection: SQLite's own "database or disk is full"
+        with pytest.raises(StorageError) as err:
+            await writer.append("s", [_user("x" * 200_000)])
+        assert f"the disk holding {small_disk} is full" in str(err.value), str(err.value)
+    (small_disk / "filler").unlink()
+    async with SqliteStorage(path) as store:
+        assert [m.text for m in await store.load("s")] == ["kept"]
 
 
 # -- concurrency and bookkeeping --------------------------------------------------------------

@@ -45,6 +45,8 @@ from .base import (
 
 BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
+LOW_SPACE = 1 << 20
+"""Free bytes below which a SQLite I/O error is reported as a full disk (see _full_disk)."""
 INDEX_BATCH = 2000
 """Messages a search indexes per write transaction while catching up (see m002)."""
 
@@ -159,7 +161,10 @@ class SqliteStorage(ConversationStorage):
             self._closed = True
             worker, self._worker = self._worker, None
         if worker is not None:
-            await worker.stop()
+            try:
+                await worker.stop()
+            except sqlite3.Error as exc:
+                raise _storage_error(exc, str(self._path)) from exc
 
     # -- history --------------------------------------------------------------------------
 
@@ -517,6 +522,12 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
 def _storage_error(exc: sqlite3.Error, where: str) -> StorageError:
     """A StorageError for a sqlite3 error, saying which file and what to do."""
     text = str(exc)
+    full = _full_disk(exc, where)
+    if full:
+        return StorageError(
+            f"cannot use the SQLite database {where}: {full} (SQLite says: {text}); "
+            "free some space there and retry"
+        )
     if "not a database" in text or "encrypted" in text:
         return StorageError(
             f"{where} is not a conversa SQLite database (SQLite says: {text}); "
@@ -533,6 +544,27 @@ def _storage_error(exc: sqlite3.Error, where: str) -> StorageError:
             "or recover it with `sqlite3 FILE .recover`"
         )
     return StorageError(f"SQLite error on {where}: {text}")
+
+
+def _full_disk(exc: sqlite3.Error, where: str) -> str | None:
+    """Say that the disk holding ``where`` is full if that is what ``exc`` comes from.
+
+    SQLite reports a full disk as SQLITE_FULL during a write, but as a bare "disk I/O error"
+    when it cannot size the WAL's shared-memory file on opening (even to read): so an I/O error
+    counts as one when the file system has less than LOW_SPACE left.
+    """
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+    if code not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) or where == ":memory:":
+        return None
+    directory = Path(where).parent
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return None
+    free = fs.f_bavail * fs.f_frsize
+    if code == sqlite3.SQLITE_IOERR and free >= LOW_SPACE:
+        return None
+    return f"the disk holding {directory} is full ({free} bytes free)"
 
 
 # -- transactions (each runs on the connection's thread) -------------------------------------
