@@ -351,16 +351,47 @@ async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:
 async def create_session(
     session_id: str,
     storage: str | PathLike[str] | ConversationStorage = "sessions",
-    **options: Any,
+    *,
+    model: str | ChatModel | None = None,
+    tools: Iterable[Tool | Callable[..., Any]] = (),
+    system_prompt: str | None = None,
+    max_iterations: int = 10,
+    react_mode: ReactMode = "auto",
+    context_window: int | None = None,
+    approve: Approver | None = None,
+    user_id: str | None = None,
+    on_limit: OnLimit = "stop",
+    token_counter: TokenCounter = estimate_tokens,
+    request_interceptors: Sequence[RequestInterceptor] = (),
+    response_interceptors: Sequence[ResponseInterceptor] = (),
 ) -> Session:
     """Open the session ``session_id`` in ``storage`` (a URL, a path or a storage object).
 
-    It is created if it does not exist, else its history and state are loaded. Options are
-    Session's keyword arguments: model, tools, system_prompt, max_iterations, react_mode,
-    context_window, approve, user_id, on_limit, token_counter and the interceptors.
+    It is created if it does not exist, else its history and state are loaded. The keyword
+    arguments are Session's: ``model`` a name or a ChatModel (None: from the environment),
+    ``tools`` the callable tools, ``system_prompt``, ``max_iterations`` per turn,
+    ``react_mode`` ("auto", "tools" or "text"), ``context_window`` (tokens; None: no trimming),
+    ``approve(name, arguments)`` for tools that need approval, ``user_id`` recorded in the
+    session's info, ``on_limit`` ("stop" or "generate"), ``token_counter`` and the request and
+    response interceptors.
     """
     store = open_storage(storage)
-    session = Session(session_id, store, **options)
+    session = Session(
+        session_id,
+        store,
+        model=model,
+        tools=tools,
+        system_prompt=system_prompt,
+        max_iterations=max_iterations,
+        react_mode=react_mode,
+        context_window=context_window,
+        approve=approve,
+        user_id=user_id,
+        on_limit=on_limit,
+        token_counter=token_counter,
+        request_interceptors=request_interceptors,
+        response_interceptors=response_interceptors,
+    )
     session._owns_storage = store is not storage
     if not await store.exists(session_id):
         await store.append(session_id, [])  # unlike save, never erases what another wrote

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from os import PathLike
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .agent import AgentResult
+from .agent import (
+    AgentResult,
+    Approver,
+    OnLimit,
+    ReactMode,
+    RequestInterceptor,
+    ResponseInterceptor,
+)
+from .context import TokenCounter, estimate_tokens
 from .errors import ConversaError
 from .messages import ChatMessage, Content
+from .model import ChatModel
 from .session import Session, create_session
 from .storage import ConversationStorage
+
+if TYPE_CHECKING:
+    from .tools import Tool
 
 T = TypeVar("T")
 
@@ -177,9 +189,21 @@ class SyncState:
 def create_session_sync(
     session_id: str,
     storage: str | PathLike[str] | ConversationStorage = "sessions",
-    **options: Any,
+    *,
+    model: str | ChatModel | None = None,
+    tools: Iterable[Tool | Callable[..., Any]] = (),
+    system_prompt: str | None = None,
+    max_iterations: int = 10,
+    react_mode: ReactMode = "auto",
+    context_window: int | None = None,
+    approve: Approver | None = None,
+    user_id: str | None = None,
+    on_limit: OnLimit = "stop",
+    token_counter: TokenCounter = estimate_tokens,
+    request_interceptors: Sequence[RequestInterceptor] = (),
+    response_interceptors: Sequence[ResponseInterceptor] = (),
 ) -> SyncSession:
-    """create_session for code without an event loop; close() the result when done."""
+    """create_session for code without an event loop (same arguments); close() it when done."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -190,7 +214,24 @@ def create_session_sync(
         )
     runner = asyncio.Runner()
     try:
-        session = runner.run(create_session(session_id, storage, **options))
+        session = runner.run(
+            create_session(
+                session_id,
+                storage,
+                model=model,
+                tools=tools,
+                system_prompt=system_prompt,
+                max_iterations=max_iterations,
+                react_mode=react_mode,
+                context_window=context_window,
+                approve=approve,
+                user_id=user_id,
+                on_limit=on_limit,
+                token_counter=token_counter,
+                request_interceptors=request_interceptors,
+                response_interceptors=response_interceptors,
+            )
+        )
     except BaseException:
         runner.close()
         raise

@@ -1,18 +1,28 @@
-"""The examples run against the fake OpenAI server, so they cannot rot."""
+"""The examples, and the README's code, run against the fake OpenAI server, so they cannot rot."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import os
+import re
 import subprocess
 import sys
+import textwrap
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import conversa
+from conversa import Session, create_session, create_session_sync
 from conversa.testing import FakeOpenAIServer, text, tool_call
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+README = ROOT / "README.md"
+DISTRIBUTION = "conversa-ai"
 
 
 @pytest.fixture
@@ -22,24 +32,32 @@ def server() -> Iterator[FakeOpenAIServer]:
 
 
 def run(server: FakeOpenAIServer, cwd: Path, *args: str, stdin: str = "") -> str:
+    out = run_python(server, cwd, *args, stdin=stdin)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def run_python(
+    server: FakeOpenAIServer, cwd: Path, *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in ``cwd`` with the model settings pointing at the fake server."""
     env = {
         **os.environ,
         "OPENAI_BASE_URL": server.base_url,
         "OPENAI_API_KEY": "test",
         "CONVERSA_MODEL": "fake-model",
     }
-    out = subprocess.run(
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run(
         [sys.executable, *args],
         cwd=cwd,
         env=env,
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def test_session_usage_patterns(server: FakeOpenAIServer, tmp_path: Path) -> None:
@@ -76,3 +94,114 @@ def test_tools_agent(server: FakeOpenAIServer, tmp_path: Path) -> None:
     assert "-> 391" in out
     assert "facts=['likes foxes']" in out
     assert "success=True iterations=4" in out
+
+
+# -- the README's Python code blocks ------------------------------------------------------------
+#
+# Every ```python block of README.md runs as it is, pasted into a fresh temporary directory,
+# with OPENAI_BASE_URL / OPENAI_API_KEY / CONVERSA_MODEL pointing at the fake server:
+#   * a block whose first line is a comment naming a test module (`# test_NAME.py`) is saved
+#     under that name and run with pytest as in a fresh project: beside it only the README's
+#     ```ini block as pytest.ini, never this project's configuration (asyncio_mode = "auto");
+#   * a block whose first line is `# fragment` is not run (it is part of a larger program; say
+#     so to the reader, too);
+#   * every other block is a script, run with python.
+# Each must exit 0 without anything on stderr (no traceback, no warning).
+# READER_MODULES are the reader's own modules that the examples import.
+
+READER_MODULES = {
+    "my_storage.py": textwrap.dedent(
+        """
+        from conversa.storage import InMemoryStorage
+
+
+        class MyStorage(InMemoryStorage):
+            \"\"\"Stands in for the reader's backend.\"\"\"
+
+            def __init__(self, path):
+                super().__init__()
+        """
+    ),
+}
+_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+_INI = re.compile(r"^```ini\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+_TEST_MODULE = re.compile(r"# (test_\w+\.py)\n")
+
+
+def readme_blocks() -> list[pytest.param]:
+    text = README.read_text(encoding="utf-8")
+    blocks = []
+    for match in _BLOCK.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        code = match.group(1)
+        skip = pytest.mark.skip(reason="marked `# fragment`")
+        marks = [skip] if code.startswith("# fragment") else []
+        blocks.append(pytest.param(code, id=f"README.md:{line}", marks=marks))
+    return blocks
+
+
+def readme_pytest_ini() -> str:
+    """The pytest configuration the README tells a new project to use."""
+    (ini,) = _INI.findall(README.read_text(encoding="utf-8"))
+    assert ini.startswith("[pytest]\n") and "asyncio_mode" not in ini
+    return str(ini)
+
+
+def test_the_readme_has_its_examples() -> None:
+    assert len(readme_blocks()) >= 3
+
+
+@pytest.mark.parametrize("code", readme_blocks())
+def test_readme_python_block_runs_cleanly(
+    server: FakeOpenAIServer, tmp_path: Path, code: str
+) -> None:
+    for name, source in READER_MODULES.items():
+        (tmp_path / name).write_text(source)
+    test_module = _TEST_MODULE.match(code)
+    if test_module:
+        (tmp_path / "pytest.ini").write_text(readme_pytest_ini())
+        (tmp_path / test_module[1]).write_text(code)
+        args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", test_module[1]]
+    else:
+        args = ["-c", code]
+    out = run_python(server, tmp_path, *args)
+    assert (out.returncode, out.stderr) == (0, ""), out.stdout + out.stderr
+    if test_module:
+        assert re.search(r"\b\d+ passed\b", out.stdout), out.stdout
+        assert not re.search(r"\b(failed|error|skipped)\b", out.stdout), out.stdout
+    else:
+        assert "Traceback" not in out.stdout
+    assert server.requests or test_module, "the script never called the model"
+
+
+# -- what a new user meets first --------------------------------------------------------------
+
+
+def test_the_distribution_is_conversa_ai_everywhere() -> None:
+    """`conversa` on PyPI is someone else's package: every install hint names ours."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION
+    assert f"{DISTRIBUTION}[redis,postgres]" in project["optional-dependencies"]["dev"]
+    assert project["scripts"] == {"conversa": "conversa.cli:main"}
+    assert importlib.metadata.version(DISTRIBUTION) == conversa.__version__
+    sources = [README, *sorted((ROOT / "conversa").rglob("*.py"))]
+    named = {
+        (path.name, name)
+        for path in sources
+        for name in re.findall(r"pip install '?(conversa[\w.-]*)", path.read_text())
+    }
+    assert named and {name for _, name in named} == {DISTRIBUTION}, named
+    assert f"pip install {DISTRIBUTION}`" in README.read_text()
+
+
+@pytest.mark.parametrize("factory", [create_session, create_session_sync])
+def test_create_session_spells_out_every_option(factory: object) -> None:
+    """help() and IDEs show the options: exactly Session's, with the same defaults."""
+    params = inspect.signature(factory).parameters  # type: ignore[arg-type]
+    assert list(params)[:2] == ["session_id", "storage"]
+    assert all(p.kind is not p.VAR_KEYWORD for p in params.values())
+    options = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    session = inspect.signature(Session).parameters
+    expected = {n: p.default for n, p in session.items() if p.kind is p.KEYWORD_ONLY}
+    assert options == expected
+    assert {"model", "tools", "system_prompt", "max_iterations", "user_id"} <= set(options)

@@ -474,4 +474,4 @@ async def test_missing_dependency_message() -> None:
         sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await proc.communicate()
-    assert "pip install 'conversa[postgres]'" in out.decode()
+    assert "pip install 'conversa-ai[postgres]'" in out.decode()

@@ -370,4 +370,4 @@ async def test_missing_dependency_message() -> None:
         sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await proc.communicate()
-    assert "pip install 'conversa[redis]'" in out.decode()
+    assert "pip install 'conversa-ai[redis]'" in out.decode()

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +298,177 @@ async def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
     assert not (tmp_path / "t.db").exists()
     async with SqliteStorage(tmp_path / "s.db") as again:
         assert await again.count("s") == 1
+
+
+# -- a program ends, closed or not -----------------------------------------------------------
+
+# Each script leaves its storage open when its main code ends. Before, aiosqlite's non-daemon
+# thread kept the process alive forever (in threading._shutdown), or printed "Event loop is
+# closed" from that thread. EXIT_WAIT bounds the wait for the process to end.
+EXIT_WAIT = 60
+
+SYNC_SCRIPT = """
+from conversa import create_session_sync
+from conversa.testing import ScriptedModel
+
+s = create_session_sync("s", "sqlite:///x.db", model=ScriptedModel())
+print(s.send_message("hi").result)
+"""
+
+ASYNC_SCRIPT = """
+import asyncio, sys
+from conversa import create_session
+from conversa.testing import ScriptedModel
+
+async def main():
+    session = await create_session("s", "sqlite:///x.db", model=ScriptedModel())
+    print((await session.send_message("hi")).result)
+    {ending}
+
+asyncio.run(main())
+"""
+
+STORAGE_SCRIPT = """
+import asyncio
+from conversa import ChatMessage
+from conversa.storage.sqlite import SqliteStorage
+
+store = SqliteStorage("x.db")
+
+async def main():
+    for n in range(20):
+        await store.append("s", [ChatMessage.user(f"m{n}")])
+
+asyncio.run(main())
+"""
+
+
+def _run_script(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_WAIT,
+        check=False,
+    )
+
+
+def _stored(path: Path) -> list[str]:
+    with _raw(path) as conn:
+        rows = conn.execute("SELECT data FROM messages WHERE session_id = 's' ORDER BY seq")
+        return [ChatMessage.from_json(data).text for (data,) in rows]
+
+
+def test_a_script_with_an_open_sync_session_exits(tmp_path: Path) -> None:
+    out = _run_script(tmp_path, SYNC_SCRIPT)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "echo: hi\n", "")
+    # the connection was closed at exit: the WAL was checkpointed into the database
+    assert not (tmp_path / "x.db-wal").exists()
+    assert _stored(tmp_path / "x.db") == ["hi", "echo: hi"]
+
+
+@pytest.mark.parametrize(
+    ("ending", "code", "error"),
+    [
+        ("pass", 0, ""),
+        ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+        ("sys.exit(3)", 3, ""),
+    ],
+)
+def test_an_async_program_exits_however_its_coroutine_ends(
+    tmp_path: Path, ending: str, code: int, error: str
+) -> None:
+    out = _run_script(tmp_path, ASYNC_SCRIPT.format(ending=ending))
+    assert (out.returncode, out.stdout) == (code, "echo: hi\n")
+    # the program's own traceback, if any, and nothing from the storage's thread
+    assert out.stderr.strip().rpartition("\n")[2] == error, out.stderr
+    assert "Event loop is closed" not in out.stderr and "Thread" not in out.stderr
+    assert _stored(tmp_path / "x.db") == ["hi", "echo: hi"]
+
+
+def test_a_storage_never_closed_keeps_every_append(tmp_path: Path) -> None:
+    out = _run_script(tmp_path, STORAGE_SCRIPT)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert _stored(tmp_path / "x.db") == [f"m{n}" for n in range(20)]
+
+
+async def test_a_dropped_storage_closes_its_connection(tmp_path: Path) -> None:
+    store = SqliteStorage(tmp_path / "s.db")
+    await store.append("s", [_user("a")])
+    worker = store._worker
+    assert worker is not None and worker in sqlite_module._WORKERS
+    del store
+    worker.join(EXIT_WAIT)
+    assert worker not in sqlite_module._WORKERS and worker.conn is None
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system of its own (a tmpfs mounted for this test only)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small file system")
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], timeout=30, check=False)
+
+
+def _fill(directory: Path) -> None:
+    """Write a file until the file system has no room left (bounded: it is 1 MiB)."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(10_000):
+            os.write(fd, b"x" * 4096)
+        raise AssertionError(f"{directory} never filled up")
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+async def test_a_full_disk_is_named_with_its_path(small_disk: Path) -> None:
+    path = small_disk / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("kept")])
+    _fill(small_disk)
+    # reopening, even to read: SQLite says only "disk I/O error" (it cannot size the -shm file)
+    for read in (lambda s: s.load("s"), lambda s: s.count("s")):
+        with pytest.raises(StorageError) as err:
+            async with SqliteStorage(path) as reader:
+                await read(reader)
+        message = str(err.value)
+        assert f"the disk holding {small_disk} is full" in message, message
+        assert str(path) in message and "free some space" in message
+        assert not isinstance(err.value, sqlite3.Error)
+    (small_disk / "filler").unlink()
+    async with SqliteStorage(path) as writer:
+        assert await writer.count("s") == 1  # opened while there is room
+        _fill(small_disk)
+        # a write on the open connection: SQLite's own "database or disk is full"
+        with pytest.raises(StorageError) as err:
+            await writer.append("s", [_user("x" * 200_000)])
+        assert f"the disk holding {small_disk} is full" in str(err.value), str(err.value)
+    (small_disk / "filler").unlink()
+    async with SqliteStorage(path) as store:
+        assert [m.text for m in await store.load("s")] == ["kept"]
 
 
 # -- concurrency and bookkeeping --------------------------------------------------------------

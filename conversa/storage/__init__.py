@@ -46,8 +46,8 @@ SUPPORTED_FORMS = """\
   memory://                              in this process only
   file://DIR  or a directory path        one JSON Lines file per session (default ./sessions)
   sqlite:///PATH  or a path ending .db   one SQLite database (sqlite:////abs/path.db)
-  redis://[:password@]host:port/db       Redis (pip install 'conversa[redis]')
-  postgresql://user@host:port/db         PostgreSQL (pip install 'conversa[postgres]')"""
+  redis://[:password@]host:port/db       Redis (pip install 'conversa-ai[redis]')
+  postgresql://user@host:port/db         PostgreSQL (pip install 'conversa-ai[postgres]')"""
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 

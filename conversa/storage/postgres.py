@@ -83,7 +83,7 @@ def _import_asyncpg() -> Any:
     except ImportError as exc:
         raise BackendUnavailable(
             f"PostgresStorage needs the asyncpg package ({exc}); install it with: "
-            "pip install 'conversa[postgres]'"
+            "pip install 'conversa-ai[postgres]'"
         ) from None
 
 

@@ -239,7 +239,7 @@ def _import_redis() -> Any:
     except ImportError as exc:
         raise BackendUnavailable(
             f"RedisStorage needs the redis package ({exc}); install it with: "
-            "pip install 'conversa[redis]'"
+            "pip install 'conversa-ai[redis]'"
         ) from None
 
 

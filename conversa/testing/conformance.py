@@ -13,7 +13,7 @@ fresh, empty backend::
             yield store
             await store.close()
 
-The suite needs pytest, pytest-asyncio and hypothesis (``pip install 'conversa[dev]'``).
+The suite needs pytest, pytest-asyncio and hypothesis (``pip install 'conversa-ai[dev]'``).
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ _TICK = 0.02
 
 class StorageConformance:
     """The contract of ConversationStorage as tests; subclass it and define ``storage``."""
+
+    # marked, so the suite runs in pytest-asyncio's default strict mode, not only in auto mode
+    pytestmark = pytest.mark.asyncio
 
     @pytest.fixture
     async def storage(self) -> AsyncIterator[ConversationStorage]:
