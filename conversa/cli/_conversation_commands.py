@@ -123,7 +123,7 @@ async def _state(repl: Repl, argument: str) -> None:
 
 @command("/export", "write this session to FILE (.md or .json; default ID.md)")
 async def _export(repl: Repl, argument: str) -> None:
-    from ._export import format_for, to_json, to_markdown
+    from ._export import format_for, to_json, to_markdown, write_private
 
     session = repl.session
     await session.refresh()
@@ -134,5 +134,5 @@ async def _export(repl: Repl, argument: str) -> None:
         text = to_json(session.session_id, session.history, info, state)
     else:
         text = to_markdown(session.session_id, session.history, session.system_prompt)
-    path.write_text(text, encoding="utf-8")
+    write_private(path, text)
     repl.out.note(f"exported {plural(session.message_count(), 'message')} to {path}")

@@ -8,6 +8,7 @@ original design) and JSON Lines (one message per line, as the file backend store
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,6 +87,14 @@ def to_markdown(session_id: str, messages: Sequence[ChatMessage], system: str | 
         if m.metadata.get("interrupted"):
             lines += ["_(interrupted)_", ""]
     return "\n".join(lines)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write an export that only the user can read (0600 when created), like the session files:
+    it holds the whole conversation."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 @dataclass(slots=True)
