@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._format import call_summary
+from ._format import call_summary, terminal_text
 
 if TYPE_CHECKING:
     from ..messages import ChatMessage
@@ -67,7 +67,11 @@ def _info_dict(info: SessionInfo | None) -> dict[str, Any] | None:
 
 
 def to_markdown(session_id: str, messages: Sequence[ChatMessage], system: str | None) -> str:
-    """A readable transcript: one heading per message, tool calls and results compact."""
+    """A readable transcript: one heading per message, tool calls and results compact.
+
+    Control characters are escaped: the file is for reading, also with `cat` in a terminal
+    (the JSON export keeps the text exactly).
+    """
     lines = [f"# {session_id}", ""]
     lines.append(f"{len(messages)} messages, exported {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     lines.append("")
@@ -86,7 +90,7 @@ def to_markdown(session_id: str, messages: Sequence[ChatMessage], system: str | 
             lines += [f"> calls `{call_summary(call.name, call.arguments)}`", ""]
         if m.metadata.get("interrupted"):
             lines += ["_(interrupted)_", ""]
-    return "\n".join(lines)
+    return terminal_text("\n".join(lines))
 
 
 def write_private(path: Path, text: str) -> None:

@@ -50,7 +50,8 @@ def export_session(
 
     text = with_storage(ctx, storage, work)
     if path is None:
-        click.echo(terminal_text(text) if sys.stdout.isatty() else text, nl=False)
+        # click.echo would strip some escape sequences from a pipe: write the text exactly
+        sys.stdout.write(terminal_text(text) if sys.stdout.isatty() else text)
     else:
         write_private(Path(path), text)
         click.echo(f"exported {session_id} to {path}", err=True)
