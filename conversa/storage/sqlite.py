@@ -1,32 +1,28 @@
-"""SqliteStorage: every session in one SQLite database (WAL, one row per message).
+"""SqliteStorage: every session in one SQLite database (aiosqlite, WAL, one row per message).
 
-Each operation is one transaction run as one plain function on the connection's own thread
-(``_Worker``). That keeps an append to a single thread hop (as cheap as a bare INSERT + commit)
-and means a cancelled caller can never leave a transaction half done: the function always
-commits or rolls back. Writes start with ``BEGIN IMMEDIATE`` so writers in other processes wait
-their turn (up to the busy timeout) instead of failing or interleaving.
+Each operation is one transaction run as one plain function on aiosqlite's worker thread. That
+keeps an append to a single thread hop (as cheap as a bare INSERT + commit) and means a
+cancelled caller can never leave a transaction half done: the function always commits or rolls
+back. Writes start with ``BEGIN IMMEDIATE`` so writers in other processes wait their turn
+(up to the busy timeout) instead of failing or interleaving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import json
 import os
 import sqlite3
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from os import PathLike
 from pathlib import Path
-from queue import SimpleQueue
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import unquote, urlsplit
+
+import aiosqlite
 
 from ..errors import CorruptSessionError, StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
@@ -74,7 +70,7 @@ class SqliteStorage(ConversationStorage):
         text = os.fspath(path)
         self._memory = text == ":memory:"
         self._path = Path(text) if self._memory else Path(text).expanduser().absolute()
-        self._worker: _Worker | None = None
+        self._db: aiosqlite.Connection | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
         self._fts = False  # set on opening: whether the database has the m002 FTS5 index
@@ -106,34 +102,37 @@ class SqliteStorage(ConversationStorage):
 
     # -- connection -----------------------------------------------------------------------
 
-    async def _connection(self) -> _Worker:
-        worker = self._worker
-        if worker is not None:
-            return worker
+    async def _connection(self) -> aiosqlite.Connection:
+        db = self._db
+        if db is not None:
+            return db
         async with self._open_lock:
             if self._closed:
-                # reopening would leave a connection (and its thread) nobody closes
+                # reopening would leave a connection (and its non-daemon thread) nobody closes
                 raise StorageError(f"{self!r} is closed; create a new storage to use it again")
-            if self._worker is None:
-                self._worker = await self._open()
-            return self._worker
+            if self._db is None:
+                self._db = await self._open()
+            return self._db
 
-    async def _open(self) -> _Worker:
+    async def _open(self) -> aiosqlite.Connection:
         if not self._memory:
             _create_private_file(self._path)
-        worker = _Worker(f"{self!r} is closed; create a new storage to use it again")
         try:
-            self._fts = await worker.call(
-                partial(_connect, worker, str(self._path), _SYNCHRONOUS[self._durability])
+            db = await aiosqlite.connect(
+                str(self._path), isolation_level=None, timeout=BUSY_TIMEOUT
+            )
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, str(self._path)) from exc
+        try:
+            self._fts = await _on_thread(
+                db, _setup, _SYNCHRONOUS[self._durability], str(self._path)
             )
         except BaseException as exc:
-            worker.stop_soon()
+            await db.close()
             if isinstance(exc, sqlite3.Error):
                 raise _storage_error(exc, str(self._path)) from exc
             raise
-        # a storage dropped without close() still closes its connection and ends its thread
-        weakref.finalize(self, worker.stop_soon).atexit = False
-        return worker
+        return db
 
     async def _run(
         self,
@@ -142,9 +141,9 @@ class SqliteStorage(ConversationStorage):
         **kwargs: P.kwargs,
     ) -> T:
         """Run ``fn(conn, ...)`` on the connection's thread; sqlite3 errors become StorageError."""
-        worker = await self._connection()
+        db = await self._connection()
         try:
-            return await worker.run(fn, *args, **kwargs)
+            return await _on_thread(db, fn, *args, **kwargs)
         except sqlite3.Error as exc:
             raise _storage_error(exc, str(self._path)) from exc
         except UnicodeEncodeError as exc:
@@ -157,9 +156,9 @@ class SqliteStorage(ConversationStorage):
         """Close the database connection (after the operations already under way)."""
         async with self._open_lock:
             self._closed = True
-            worker, self._worker = self._worker, None
-        if worker is not None:
-            await worker.stop()
+            db, self._db = self._db, None
+        if db is not None:
+            await db.close()
 
     # -- history --------------------------------------------------------------------------
 
@@ -328,128 +327,19 @@ class SqliteStorage(ConversationStorage):
         await self._run(_clear_state, session_id)
 
 
-# -- the connection's thread -----------------------------------------------------------------
+async def _on_thread(
+    db: aiosqlite.Connection,
+    fn: Callable[Concatenate[sqlite3.Connection, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Run ``fn(conn, ...)`` as one item of aiosqlite's queue, on its connection's thread.
 
-# (loop to answer on, future to settle, the job); no loop and no future for a job nobody awaits
-_Job = tuple[asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None", Callable[[], Any]]
-_WORKERS: set[_Worker] = set()
-"""The workers whose thread is running, closed at exit by _close_at_exit."""
-
-
-class _Worker:
-    """The thread that owns one sqlite3 connection and runs its jobs one after another.
-
-    conversa runs its own thread rather than aiosqlite's, whose thread is not a daemon (a program
-    that never closed its storage could not exit) and dies with "Event loop is closed" when a
-    result comes back after its event loop closed. This one is a daemon, drops a result nobody
-    can receive any more, and at exit finishes the jobs already queued and closes the connection
-    (``_close_at_exit``), so every committed write is kept and the WAL is checkpointed.
+    aiosqlite has no public way to run a whole transaction in one hop; its ``_execute`` and
+    ``_conn`` have been stable since its first releases and the tests cover every use.
     """
-
-    def __init__(self, closed_message: str) -> None:
-        self.conn: sqlite3.Connection | None = None  # touched on the worker thread only
-        self._closed_message = closed_message
-        self._jobs: SimpleQueue[_Job] = SimpleQueue()
-        self._lock = threading.Lock()  # orders the last job (the close) after every other one
-        self._stopping = False
-        self._thread = threading.Thread(target=self._serve, name="conversa-sqlite", daemon=True)
-        _WORKERS.add(self)
-        self._thread.start()
-
-    async def run(
-        self,
-        fn: Callable[Concatenate[sqlite3.Connection, P], T],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        """Run ``fn(conn, ...)`` on the thread, after every job queued before it."""
-        return await self.call(partial(self._with_conn, fn, args, kwargs))
-
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on the thread, after every job queued before it."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        with self._lock:
-            if self._stopping:
-                raise StorageError(self._closed_message)
-            self._jobs.put((loop, future, fn))
-        return await future
-
-    async def stop(self) -> None:
-        """Close the connection once the jobs already queued are done; the thread then ends."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        if self._queue_close((loop, future, self._close)):
-            await future
-
-    def stop_soon(self) -> None:
-        """stop() without waiting for it; from any thread (a finalizer, the exit)."""
-        self._queue_close((None, None, self._close))
-
-    def join(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the thread to end."""
-        self._thread.join(timeout)
-
-    def _queue_close(self, job: _Job) -> bool:
-        with self._lock:
-            if self._stopping:
-                return False
-            self._stopping = True
-            self._jobs.put(job)
-            return True
-
-    def _with_conn(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-        if self.conn is None:
-            raise StorageError(self._closed_message)
-        return fn(self.conn, *args, **kwargs)
-
-    def _close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
-
-    def _serve(self) -> None:
-        try:
-            while True:
-                loop, future, fn = self._jobs.get()
-                error: BaseException | None = None
-                result: Any = None
-                try:
-                    result = fn()
-                except BaseException as exc:
-                    error = exc
-                if loop is not None:
-                    # a closed loop has nobody left to take the result (its caller is gone)
-                    with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(_settle, future, result, error)
-                if fn == self._close:
-                    return
-        finally:
-            _WORKERS.discard(self)
-
-
-def _settle(future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
-    if future is None or future.done():  # done: its caller was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """Let every open connection finish its queued jobs and close, waiting BUSY_TIMEOUT at most.
-
-    Runs after the main code ended (the worker threads are daemons, so nothing waited for them
-    before); a job still waiting for another process's lock after that is given up.
-    """
-    workers = list(_WORKERS)
-    for worker in workers:
-        worker.stop_soon()
-    deadline = time.monotonic() + BUSY_TIMEOUT
-    for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
+    result = await db._execute(fn, db._conn, *args, **kwargs)  # type: ignore[no-untyped-call]
+    return cast(T, result)
 
 
 # -- opening --------------------------------------------------------------------------------
@@ -476,12 +366,6 @@ def _make_private_dirs(directory: Path) -> None:
     for d in reversed(missing):
         # mkdir(parents=True) would give the parents the default mode, not 0700
         d.mkdir(mode=0o700, exist_ok=True)
-
-
-def _connect(worker: _Worker, path: str, synchronous: str) -> bool:
-    """Open the worker's connection (on its thread) and set it up; see _setup."""
-    worker.conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
-    return _setup(worker.conn, synchronous, path)
 
 
 def _setup(conn: sqlite3.Connection, synchronous: str, where: str) -> bool:
