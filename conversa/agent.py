@@ -62,6 +62,8 @@ class AgentResult:
     error: str | None = None
     messages: list[ChatMessage] = field(default_factory=list)
     """The messages this turn stored, in order."""
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+    """The ModelError that ended the turn, for a traceback (``error`` is its message)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +315,13 @@ class _Turn:
         await self.session._append(messages)
 
     def result(
-        self, text: str, reason: StopReason, *, success: bool, error: str | None = None
+        self,
+        text: str,
+        reason: StopReason,
+        *,
+        success: bool,
+        error: str | None = None,
+        exception: BaseException | None = None,
     ) -> TurnDone:
         return TurnDone(
             AgentResult(
@@ -325,6 +333,7 @@ class _Turn:
                 stop_reason=reason,
                 error=error,
                 messages=self.stored,
+                exception=exception,
             )
         )
 
@@ -381,7 +390,7 @@ async def run_turn(
             async for event in ends:
                 yield event
     except ModelError as exc:
-        yield turn.result("", "error", success=False, error=str(exc))
+        yield turn.result("", "error", success=False, error=str(exc), exception=exc)
     except asyncio.CancelledError:
         if not session._cancel_requested:
             raise

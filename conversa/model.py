@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ._redact import redact_text, redact_url
 from .errors import ModelError, ModelNotConfigured, ToolsUnsupported
 from .messages import ChatMessage, ToolCall
 
@@ -258,14 +259,15 @@ class OpenAIChatModel:
         self._client = client
         self._owns_client = client is None
         self._client_loop: asyncio.AbstractEventLoop | None = None
-        where = f"{found_locally} at {self.base_url}" if found_locally else self.base_url
+        self._shown_url = redact_url(self.base_url)  # what messages show: no password
+        where = f"{found_locally} at {self._shown_url}" if found_locally else self._shown_url
         self.description = f"{self.name} via {where}"
         if found_locally:
             self.description += " (found running locally)"
             log.info("using %s", self.description)
 
     def __repr__(self) -> str:
-        return f"OpenAIChatModel({self.name!r}, base_url={self.base_url!r})"
+        return f"OpenAIChatModel({self.name!r}, base_url={self._shown_url!r})"
 
     # -- calls ------------------------------------------------------------------------
 
@@ -336,7 +338,7 @@ class OpenAIChatModel:
                     raise self._dropped(state.yielded, stalled=stalled) from exc
                 drops += 1
                 delay = self.retry_backoff * 2 ** (drops - 1)
-                log.info("stream from %s dropped; retrying in %.3gs", self.base_url, delay)
+                log.info("stream from %s dropped; retrying in %.3gs", self._shown_url, delay)
                 notice = RetryNotice("the answer stream broke", delay, drops, self.max_retries)
                 self._notify_retry(notice)
                 await asyncio.sleep(delay)
@@ -419,13 +421,11 @@ class OpenAIChatModel:
             self.on_retry(notice)
 
     def _scrub(self, text: str) -> str:
-        if self._api_key and self._api_key != PLACEHOLDER_API_KEY:
-            text = text.replace(self._api_key, "***")
-        return text
+        return redact_text(text, [self._api_key])
 
     def _invalid_answer(self, detail: str) -> str:
         return self._scrub(
-            f"the server at {self.base_url} did not answer with a chat completion ({detail}); "
+            f"the server at {self._shown_url} did not answer with a chat completion ({detail}); "
             "check that OPENAI_BASE_URL points to an OpenAI-compatible API (it usually ends "
             "in /v1)"
         )
@@ -433,17 +433,17 @@ class OpenAIChatModel:
     def _dropped(self, yielded: bool, *, stalled: bool = False) -> ModelError:
         if yielded and stalled:
             return ModelError(
-                f"timed out: the answer from {self.base_url} stalled (nothing for "
+                f"timed out: the answer from {self._shown_url} stalled (nothing for "
                 f"{self.timeout:g}s); the text received so far is kept. Send the message again "
                 "to retry, or raise the timeout (CONVERSA_TIMEOUT, in seconds)."
             )
         if yielded:
             return ModelError(
-                f"the connection to {self.base_url} broke in the middle of the answer; "
+                f"the connection to {self._shown_url} broke in the middle of the answer; "
                 "the text received so far is kept. Send the message again to retry."
             )
         return ModelError(
-            f"the answer stream from {self.base_url} broke before any text arrived and the "
+            f"the answer stream from {self._shown_url} broke before any text arrived and the "
             f"retries (max_retries={self.max_retries}) are used up; check the server's logs, "
             "then try again"
         )
@@ -452,7 +452,7 @@ class OpenAIChatModel:
         """The ModelError telling the user what failed and what to check."""
         import openai
 
-        url = self.base_url
+        url = self._shown_url
         if isinstance(exc, json.JSONDecodeError | openai.APIResponseValidationError):
             return ModelError(self._invalid_answer(f"invalid JSON: {exc}"))
         if isinstance(exc, UnicodeDecodeError):
@@ -469,7 +469,7 @@ class OpenAIChatModel:
                     f"no server answers at {url}; is it running? (check OPENAI_BASE_URL)"
                 )
             return ModelError(
-                f"could not talk to {url}: {_root_cause(exc)}; check the network and "
+                f"could not talk to {url}: {self._scrub(_root_cause(exc))}; check the network and "
                 "OPENAI_BASE_URL, then try again"
             )
         if isinstance(exc, openai.APIStatusError):
@@ -479,7 +479,7 @@ class OpenAIChatModel:
     def _translate_status(
         self, exc: openai.APIStatusError, tools: Sequence[dict[str, Any]] | None
     ) -> ModelError:
-        url, status = self.base_url, exc.status_code
+        url, status = self._shown_url, exc.status_code
         said = self._scrub(_server_message(exc))
         if status == 401:
             return ModelError(
@@ -848,7 +848,7 @@ def list_models(base_url: str, timeout: float = PROBE_TIMEOUT) -> list[str]:
         payload = json.loads(response.read())
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
-        raise ValueError(f"{base_url}/models did not answer with a model list")
+        raise ValueError(f"{redact_url(base_url)}/models did not answer with a model list")
     return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
 
 
@@ -857,12 +857,13 @@ def _first_model(base_url: str) -> str:
         models = list_models(base_url, timeout=2.0)
     except (OSError, ValueError) as exc:
         raise ModelNotConfigured(
-            f"no model name is set and {base_url}/models could not be read ({exc}); "
+            f"no model name is set and {redact_url(base_url)}/models could not be read "
+            f"({redact_text(str(exc))}); "
             "set CONVERSA_MODEL (or pass model=...) to the model to use"
         ) from exc
     if not models:
         raise ModelNotConfigured(
-            f"the server at {base_url} lists no models; load or pull one "
+            f"the server at {redact_url(base_url)} lists no models; load or pull one "
             "(e.g. `ollama pull llama3.2`) or set CONVERSA_MODEL"
         )
     return models[0]

@@ -171,7 +171,7 @@ async def _state(repl: Repl, argument: Argument) -> None:
     flags=("--force",),
 )
 async def _export(repl: Repl, argument: Argument) -> None:
-    from ._export import to_json, to_markdown
+    from ._export import to_json, to_markdown, write_private
 
     session = repl.session
     path = Path(argument or f"{session.session_id}.md").expanduser()
@@ -191,5 +191,5 @@ async def _export(repl: Repl, argument: Argument) -> None:
         text = to_json(session.session_id, session.history, info, state)
     else:
         text = to_markdown(session.session_id, session.history, session.system_prompt)
-    path.write_text(text, encoding="utf-8")
+    write_private(path, text)
     repl.out.note(f"exported {plural(session.message_count(), 'message')} to {path}")

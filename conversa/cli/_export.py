@@ -8,13 +8,14 @@ original design) and JSON Lines (one message per line, as the file backend store
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._format import call_summary
+from ._format import call_summary, terminal_text
 
 if TYPE_CHECKING:
     from ..messages import ChatMessage
@@ -69,7 +70,11 @@ def _info_dict(info: SessionInfo | None) -> dict[str, Any] | None:
 
 
 def to_markdown(session_id: str, messages: Sequence[ChatMessage], system: str | None) -> str:
-    """A readable transcript: one heading per message, tool calls and results compact."""
+    """A readable transcript: one heading per message, tool calls and results compact.
+
+    Control characters are escaped: the file is for reading, also with `cat` in a terminal
+    (the JSON export keeps the text exactly).
+    """
     lines = [f"# {session_id}", ""]
     lines.append(f"{len(messages)} messages, exported {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     lines.append("")
@@ -88,7 +93,15 @@ def to_markdown(session_id: str, messages: Sequence[ChatMessage], system: str | 
             lines += [f"> calls `{call_summary(call.name, call.arguments)}`", ""]
         if m.metadata.get("interrupted"):
             lines += ["_(interrupted)_", ""]
-    return "\n".join(lines)
+    return terminal_text("\n".join(lines))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write an export that only the user can read (0600 when created), like the session files:
+    it holds the whole conversation."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,17 @@ if TYPE_CHECKING:
 
 TOOL_RESULT_CHARS = 120
 ARGUMENT_CHARS = 80
+APPROVAL_CHARS = 300
+"""How much of a call's arguments an approval question shows (cut in the middle, not the end)."""
+
+# Every C0 and C1 control but tab and newline is shown as an escape, so that text from a model,
+# a tool or the storage cannot drive the terminal (OSC 52 writes the clipboard, OSC 0 the title,
+# CSI clears the screen); a carriage return is dropped, it could only overwrite the line.
+_CONTROLS: dict[int, str | None] = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)
+}
+_CONTROLS[0x0D] = None
+_TERMINAL_SAFE = str.maketrans(_CONTROLS)
 
 
 def plural(count: int, noun: str) -> str:
@@ -20,10 +31,55 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def terminal_text(text: str) -> str:
+    """``text`` safe to write to a terminal: control characters shown as escapes, not obeyed."""
+    return text.translate(_TERMINAL_SAFE)
+
+
 def shorten(text: str, limit: int) -> str:
     """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
-    flat = " ".join(text.split())
+    flat = " ".join(terminal_text(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def shorten_middle(text: str, limit: int) -> str:
+    """``text`` on one line; when longer than ``limit``, its middle replaced by an ellipsis."""
+    flat = " ".join(terminal_text(text).split())
+    if len(flat) <= limit:
+        return flat
+    head = (limit - 1) // 2
+    return flat[:head] + "…" + flat[len(flat) - (limit - 1 - head) :]
+
+
+def approval_question(name: str, arguments: dict[str, Any]) -> str:
+    """``run name(...)?`` with long arguments cut in the middle, then, never cut, where each
+    URL among them really leads."""
+    parts = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items()]
+    lines = [f"run {shorten_middle(f'{name}(' + ', '.join(parts) + ')', APPROVAL_CHARS)}?"]
+    lines += [url_target(v) for v in arguments.values() if isinstance(v, str) and "://" in v]
+    return "\n".join(lines)
+
+
+def url_target(text: str) -> str:
+    """What fetching ``text`` would contact, as httpx (which fetch_url uses) parses it: scheme,
+    host and port, and a warning when a user name or password comes before the host."""
+    import httpx
+
+    try:
+        url = httpx.URL(text.strip())
+    except httpx.InvalidURL as exc:
+        return f"  → not a valid URL: {terminal_text(str(exc))}"
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme) or "?"
+    # the ASCII form is the name that is resolved; a look-alike Unicode name shows as xn--...
+    host = url.raw_host.decode("ascii", "backslashreplace")
+    line = f"  → contacts host {host}, port {port} ({url.scheme or 'no scheme'})"
+    if url.userinfo:
+        userinfo = url.userinfo.decode("ascii", "backslashreplace")
+        line += (
+            f"; ⚠ {shorten_middle(userinfo, 60)!r} before the '@' is a user name and password, "
+            "not the host"
+        )
+    return terminal_text(line)
 
 
 def call_summary(name: str, arguments: str | dict[str, Any]) -> str:
@@ -84,12 +140,12 @@ def ago(when: datetime, now: datetime | None = None) -> str:
 
 
 def message_lines(message: ChatMessage) -> tuple[str, str]:
-    """(label, text) for one message of a transcript."""
+    """(label, text) for one message of a transcript, safe for a terminal."""
     if message.role == "tool":
         name = message.metadata.get("tool") or message.name or "tool"
         ok = message.metadata.get("ok", True) is not False
-        return f"tool {name}", tool_result_line(message.text, ok)
-    text = message.text
+        return terminal_text(f"tool {name}"), tool_result_line(message.text, ok)
+    text = terminal_text(message.text)
     if message.tool_calls:
         calls = ", ".join(tool_call_line(c) for c in message.tool_calls)
         text = f"{text}\n→ {calls}" if text else f"→ {calls}"
@@ -102,7 +158,7 @@ def message_lines(message: ChatMessage) -> tuple[str, str]:
 
 def snippet(text: str, query: str, width: int = 60) -> tuple[str, str, str]:
     """(before, match, after) around the first case-insensitive match of ``query``."""
-    flat = " ".join(text.split())
+    flat = " ".join(terminal_text(text).split())
     at = flat.casefold().find(query.casefold().strip())
     if at < 0:
         return "", shorten(flat, 2 * width), ""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +29,17 @@ def history_path() -> Path:
     if state_home:
         return Path(state_home) / "conversa" / "history"
     return Path.home() / ".conversa_history"
+
+
+def private_history(path: Path) -> None:
+    """Create the history file readable by the user alone (0600, like the session files), and
+    tighten one that others can read: it holds every line the user typed."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode) and mode & 0o077:  # not /dev/null, say
+        with contextlib.suppress(OSError):  # someone else's file: use it as it is
+            path.chmod(0o600)
 
 
 class LineReader(Protocol):
@@ -66,8 +79,7 @@ class TerminalReader:
         path = history_path()
         history: FileHistory | InMemoryHistory
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch(exist_ok=True)
+            private_history(path)
             history = FileHistory(str(path))
         except OSError:
             history = InMemoryHistory()  # a read-only home must not stop the chat

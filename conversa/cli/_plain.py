@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ..agent import ToolDone, ToolRunning
 from ..model import TextDelta
-from ._format import message_lines, table_text, tool_call_line, tool_result_line
+from ._format import message_lines, table_text, terminal_text, tool_call_line, tool_result_line
 from ._output import Output, TurnView
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class PlainTurn(TurnView):
     def event(self, event: TurnEvent) -> None:
         """Write text deltas through; note tool calls on stderr."""
         if isinstance(event, TextDelta) and event.text:
-            self.out.write(event.text)
+            self.out.write(terminal_text(event.text))
             self.out.flush()
             self.at_line_start = event.text.endswith("\n")
         elif isinstance(event, ToolRunning):
@@ -68,7 +68,7 @@ class PlainOutput(Output):
         self.err = err or sys.stderr
 
     def _print(self, text: str, stream: TextIO) -> None:
-        print(text, file=stream, flush=True)
+        print(terminal_text(text), file=stream, flush=True)
 
     def info(self, text: str) -> None:
         """A result: stdout."""

@@ -35,8 +35,9 @@ def export_session(
     debug: bool,
 ) -> None:
     """Export a session as Markdown or JSON."""
-    from ._export import format_for, to_json, to_markdown
+    from ._export import format_for, to_json, to_markdown, write_private
     from ._factory import SYSTEM_KEY
+    from ._format import terminal_text
 
     async def work(store: ConversationStorage) -> str:
         await require(store, session_id)
@@ -51,9 +52,10 @@ def export_session(
 
     text = with_storage(ctx, storage, work)
     if path is None:
-        click.echo(text, nl=False)
+        # click.echo would strip some escape sequences from a pipe: write the text exactly
+        sys.stdout.write(terminal_text(text) if sys.stdout.isatty() else text)
     else:
-        Path(path).write_text(text, encoding="utf-8")
+        write_private(Path(path), text)
         click.echo(f"exported {session_id} to {path}", err=True)
 
 

@@ -44,6 +44,7 @@ def ask(
     The exit status is 0 when the model answered, 1 with a message on stderr otherwise.
     """
     from ._factory import AgentOptions
+    from ._options import is_debug
     from ._runner import fail, run
 
     if question is None or question == "-":
@@ -60,12 +61,14 @@ def ask(
         react_mode=cast("ReactMode", react_mode),  # click.Choice checked it
     )
     url = storage_url(ctx, storage) if session_id else "memory://"
-    ok = run(ctx, lambda: _ask(url, session_id or "ask", question, options))
+    ok = run(ctx, lambda: _ask(url, session_id or "ask", question, options, is_debug(ctx)))
     if not ok:
         sys.exit(1)
 
 
-async def _ask(url: str, session_id: str, question: str, options: AgentOptions) -> bool:
+async def _ask(
+    url: str, session_id: str, question: str, options: AgentOptions, debug: bool
+) -> bool:
     from ..storage import open_storage
     from ._factory import load_tools, model_spec, open_session
     from ._input import PipeReader
@@ -84,7 +87,7 @@ async def _ask(url: str, session_id: str, question: str, options: AgentOptions) 
             override=True,
         )
         session.model = model_spec(name, options.base_url)
-        repl = Repl(storage, options, [], out, PipeReader())
+        repl = Repl(storage, options, [], out, PipeReader(), debug=debug)
         repl.session, repl.model_name = session, name
         result = await repl.run_turn(session.stream_message(question))
         return result is not None and result.success
@@ -97,4 +100,6 @@ def _approve_on_terminal(name: str, arguments: dict[str, Any]) -> bool:
     if not sys.stdin.isatty():
         click.echo(f"{name} needs approval and there is no terminal to ask; not run", err=True)
         return False
-    return click.confirm(f"run {name} with {arguments}?", default=False, err=True)
+    from ._format import approval_question
+
+    return click.confirm(approval_question(name, arguments), default=False, err=True)

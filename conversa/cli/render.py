@@ -18,7 +18,7 @@ from rich.text import Text
 
 from ..agent import ToolDone, ToolRunning
 from ..model import TextDelta, ToolCallStarted
-from ._format import message_lines, tool_call_line, tool_result_line
+from ._format import message_lines, terminal_text, tool_call_line, tool_result_line
 from ._output import Output, TurnView
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class RichTurn(TurnView):
     def event(self, event: TurnEvent) -> None:
         """Show one event of the turn."""
         if isinstance(event, TextDelta):
-            self.segment += event.text
+            self.segment += terminal_text(event.text)
             self.answered = self.answered or bool(event.text.strip())
             self._show(_Tail(markdown(self.segment)))
         elif isinstance(event, ToolCallStarted) and not self.segment:
@@ -176,29 +176,29 @@ class RichOutput(Output):
 
     def info(self, text: str) -> None:
         """A result the user asked for."""
-        self.console.print(Text(text))
+        self.console.print(Text(terminal_text(text)))
 
     def note(self, text: str) -> None:
         """A status line."""
-        self.console.print(Text(text, style="dim"))
+        self.console.print(Text(terminal_text(text), style="dim"))
 
     def warn(self, text: str) -> None:
         """Something to act on."""
-        self.console.print(Text(text, style="yellow"))
+        self.console.print(Text(terminal_text(text), style="yellow"))
 
     def error(self, text: str) -> None:
         """One readable error line."""
-        self.console.print(Text(f"error: {text}", style="bold red"))
+        self.console.print(Text(f"error: {terminal_text(text)}", style="bold red"))
 
     def markdown(self, text: str) -> None:
         """Text rendered as Markdown."""
-        self.console.print(markdown(text))
+        self.console.print(markdown(terminal_text(text)))
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table."""
         table = Table(*headers, box=None, header_style="bold", pad_edge=False)
         for row in rows:
-            table.add_row(*(Text(c) for c in row))
+            table.add_row(*(Text(terminal_text(c)) for c in row))
         self.console.print(table)
 
     def data(self, value: Any) -> None:

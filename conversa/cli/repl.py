@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import traceback
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from ._factory import AgentOptions, model_spec, open_session
-from ._format import call_summary, plural
-from ._runner import describe
+from ._format import approval_question, plural
+from ._runner import describe, print_traceback
 
 if TYPE_CHECKING:
     from ..agent import AgentResult, TurnEvent
@@ -204,6 +203,8 @@ class Repl:
                 "send another message to continue or raise --max-iterations"
             )
         else:
+            if self.debug and result.exception is not None:
+                print_traceback(result.exception)
             self.out.error(result.error or f"the turn failed ({result.stop_reason})")
 
     def interrupt(self) -> None:
@@ -241,9 +242,8 @@ class Repl:
             view.pause()
         try:
             while True:
-                answer = await self.reader.ask(
-                    f"run {call_summary(name, arguments)}? [y/n/always] "
-                )
+                question = approval_question(name, arguments)
+                answer = await self.reader.ask(f"{question} [y/n/always] ")
                 choice = APPROVAL_ANSWERS.get(answer.strip().lower(), "ask again")
                 if choice is None:
                     self.always_approved.add(name)
@@ -282,7 +282,7 @@ class Repl:
     def report(self, exc: BaseException) -> None:
         """Show an error in one line (with its traceback under --debug)."""
         if self.debug:
-            traceback.print_exception(exc, file=sys.stderr)
+            print_traceback(exc)
         self.out.error(describe(exc))
 
     async def handle(self, line: str) -> bool:

@@ -1,25 +1,14 @@
-"""Small helpers for storage URLs: redacting secrets and reading query options."""
+"""Small helpers for storage URLs: reading query options (redact_url hides their secrets)."""
 
 from __future__ import annotations
 
 from typing import Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
+from .._redact import redact_url
 from ..errors import UnsupportedStorageURL
 
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparseable URL>"
-    if password is None:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+__all__ = ["DURABILITIES", "Durability", "durability_option", "query_options", "redact_url"]
 
 
 def query_options(url: str, allowed: set[str]) -> dict[str, str]:
