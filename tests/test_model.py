@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from conversa import model as model_module
 from conversa.errors import ModelError, ModelNotConfigured, ToolsUnsupported
 from conversa.model import (
     ChatModel,
@@ -24,6 +23,7 @@ from conversa.model import (
     TextDelta,
     ToolCallStarted,
     Usage,
+    _discovery,
     resolve_model,
 )
 from conversa.testing.replies import (
@@ -362,7 +362,7 @@ async def test_other_bad_requests_are_not_mistaken_for_unsupported_tools(
 
 def test_nothing_configured_explains_how(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setattr(
-        model_module, "LOCAL_SERVERS", (("Ollama", f"http://127.0.0.1:{closed_port()}/v1"),)
+        _discovery, "LOCAL_SERVERS", (("Ollama", f"http://127.0.0.1:{closed_port()}/v1"),)
     )
     with pytest.raises(ModelNotConfigured) as info:
         resolve_model(None)
@@ -378,7 +378,7 @@ async def test_discovers_a_local_server(
     dead = f"http://127.0.0.1:{closed_port()}/v1"
     with FakeOpenAIServer(models=["llama3.2", "qwen"]) as server:
         clean_env.setattr(
-            model_module, "LOCAL_SERVERS", (("Nothing", dead), ("Ollama", server.base_url))
+            _discovery, "LOCAL_SERVERS", (("Nothing", dead), ("Ollama", server.base_url))
         )
         with caplog.at_level(logging.INFO, logger="conversa.model"):
             model = track(resolve_model(None))
