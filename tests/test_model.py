@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from conversa.cli._runner import print_traceback
 from conversa.errors import ModelError, ModelNotConfigured, ToolsUnsupported
 from conversa.model import (
     ChatModel,
@@ -32,6 +33,8 @@ from conversa.testing.replies import (
     invalid_json,
     model_not_found,
     rate_limited,
+    raw_completion,
+    raw_stream,
     server_error,
     slow,
     tool_call,
@@ -357,6 +360,40 @@ async def test_other_bad_requests_are_not_mistaken_for_unsupported_tools(
     assert "tool_call_id" in str(info.value)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("failure", ["not found", "invalid JSON", "not a completion"])
+async def test_model_errors_chain_their_cause(
+    server: FakeOpenAIServer, streaming: bool, failure: str
+) -> None:
+    malformed = raw_stream({"choices": 5}) if streaming else raw_completion({"choices": 5})
+    replies = {"not found": model_not_found(), "invalid JSON": invalid_json()}
+    server.add_reply(replies.get(failure, malformed))
+    model = make_model(server)
+    with pytest.raises(ModelError) as info:
+        if streaming:
+            await collect(model.stream(USER))
+        else:
+            await model.complete(USER)
+    assert info.value.__cause__ is not None  # raise ... from exc, for --debug to show
+
+
+async def test_debug_traceback_hides_the_credentials_of_a_chained_cause(
+    server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    secret_url = f"http://bob:hunter2@127.0.0.1:{server.port}/v1"
+    server.add_reply(error(404, f"no route to {secret_url} for api_key={KEY} token=t0k3n"))
+    model = track(OpenAIChatModel("m", api_key=KEY, base_url=secret_url, max_retries=0))
+    with pytest.raises(ModelError) as info:
+        await model.complete(USER)
+    assert "hunter2" in str(info.value.__cause__)  # the cause's own text carries it
+    print_traceback(info.value)
+    shown = capsys.readouterr().err
+    assert "openai.NotFoundError" in shown and "conversa.errors.ModelError" in shown
+    assert "bob:***@127.0.0.1" in shown
+    assert "hunter2" not in shown and KEY not in shown and "t0k3n" not in shown
+
+
 # -- configuration ---------------------------------------------------------------------
 
 
@@ -434,3 +471,16 @@ def test_importing_the_module_does_not_import_openai() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_building_a_model_imports_neither_openai_nor_httpx() -> None:
+    code = (
+        "import sys, conversa\n"
+        "from conversa.model import OpenAIChatModel\n"
+        "OpenAIChatModel('m', api_key='k', base_url='http://127.0.0.1:9/v1')\n"
+        "print(sorted({'openai', 'httpx'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"
