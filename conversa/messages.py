@@ -318,4 +318,4 @@ def _check_encodable(text: str) -> None:
         raise InvalidMessage(
             f"content holds a lone surrogate {text[exc.start]!r} at {exc.start}, which is not "
             "valid Unicode text; decode the source with errors='replace'"
-        ) from None
+        ) from exc

@@ -62,21 +62,21 @@ def calculate(expression: str) -> Number:
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as exc:
-        raise ToolError(f"{_shown(expression)!r} is not a valid expression: {exc.msg}") from None
-    except (RecursionError, MemoryError):
-        raise ToolError("the expression is nested too deeply; simplify it") from None
+        raise ToolError(f"{_shown(expression)!r} is not a valid expression: {exc.msg}") from exc
+    except (RecursionError, MemoryError) as exc:
+        raise ToolError("the expression is nested too deeply; simplify it") from exc
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
         raise ToolError(
             f"the expression has more than {MAX_NODES} parts; split it into smaller steps"
         )
     try:
         return _evaluate(tree.body)
-    except ZeroDivisionError:
-        raise ToolError("division by zero") from None
-    except OverflowError:
-        raise ToolError("the result is too large to represent") from None
+    except ZeroDivisionError as exc:
+        raise ToolError("division by zero") from exc
+    except OverflowError as exc:
+        raise ToolError("the result is too large to represent") from exc
     except (ValueError, TypeError) as exc:
-        raise ToolError(f"cannot calculate {_shown(expression)!r}: {exc}") from None
+        raise ToolError(f"cannot calculate {_shown(expression)!r}: {exc}") from exc
 
 
 def _shown(expression: str) -> str:

@@ -19,9 +19,9 @@ def current_time(
     """The current date and time (ISO 8601) in the given time zone."""
     try:
         zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ToolError(
             f"unknown time zone {timezone!r}; use an IANA name such as 'UTC', "
             "'Europe/Berlin' or 'America/New_York'"
-        ) from None
+        ) from exc
     return datetime.now(zone).isoformat(timespec="seconds")

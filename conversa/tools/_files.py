@@ -63,7 +63,7 @@ class Root:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise ToolError(f"cannot open the file tools' root {self.path}: {exc}") from None
+            raise ToolError(f"cannot open the file tools' root {self.path}: {exc}") from exc
         try:
             for index, part in enumerate(parts):
                 wants_directory = directory or index < len(parts) - 1
@@ -71,7 +71,7 @@ class Root:
                 try:
                     child = os.open(part, flags, dir_fd=fd)
                 except OSError as exc:
-                    raise _refusal(path, parts[: index + 1], fd, exc, directory) from None
+                    raise _refusal(path, parts[: index + 1], fd, exc, directory) from exc
                 os.close(fd)
                 fd = child
             yield fd, parts
@@ -142,7 +142,7 @@ def list_files_tool(root: str | os.PathLike[str]) -> Tool:
                     entries = sorted(listing, key=lambda entry: entry.name)
                     lines = [_describe(entry, fd) for entry in entries[:MAX_LISTED_ENTRIES]]
             except OSError as exc:
-                raise ToolError(f"cannot list {path!r}: {exc.strerror or exc}") from None
+                raise ToolError(f"cannot list {path!r}: {exc.strerror or exc}") from exc
         if len(entries) > MAX_LISTED_ENTRIES:
             lines.append(f"[... {len(entries) - MAX_LISTED_ENTRIES} more entries not shown]")
         header = f"{'/'.join(parts) or '.'}: {len(entries)} entries"
@@ -170,7 +170,7 @@ def read_file_tool(root: str | os.PathLike[str]) -> Tool:
             try:
                 data = _read(fd, max_bytes)
             except OSError as exc:
-                raise ToolError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+                raise ToolError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
         size = info.st_size
         cut = size > len(data)
         text = _decode(data, final=not cut, path=path)
@@ -200,5 +200,5 @@ def _decode(data: bytes, *, final: bool, path: str) -> str:
     try:
         # Incremental decoding: a cut in the middle of a multi-byte character is not an error.
         return codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
-    except UnicodeDecodeError:
-        raise binary from None
+    except UnicodeDecodeError as exc:
+        raise binary from exc

@@ -101,7 +101,7 @@ class Tool:
         try:
             parsed = self._model.model_validate(arguments)
         except ValidationError as exc:
-            raise ToolArgumentsError(self._describe(exc)) from None
+            raise ToolArgumentsError(self._describe(exc)) from exc
         return {
             parameter: getattr(parsed, field)
             for field, parameter in self._field_to_parameter.items()
@@ -120,13 +120,13 @@ class Tool:
                     result = await _in_daemon_thread(self.name, self.fn, kwargs)
                     if inspect.isawaitable(result):
                         result = await result
-        except TimeoutError:
+        except TimeoutError as exc:
             if not scope.expired():
                 raise  # the function itself raised TimeoutError
             raise ToolTimeout(
                 f"tool {self.name!r} timed out after {self.timeout:g}s; "
                 "try a smaller request, or raise the tool's timeout"
-            ) from None
+            ) from exc
         return truncate(to_text(result), self.max_output_chars)
 
     def _describe(self, exc: ValidationError) -> str:

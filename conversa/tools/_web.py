@@ -62,12 +62,12 @@ def fetch_url_tool(
                         await _approve_redirect(session, scope, target, following)
                         approved_hosts.add(following.host)
                     target, redirected = following, True
-        except TimeoutError:
+        except TimeoutError as exc:
             if not scope.expired():
                 raise
-            raise ToolError(f"fetching {url} timed out after {timeout:g}s") from None
+            raise ToolError(f"fetching {url} timed out after {timeout:g}s") from exc
         except httpx.HTTPError as exc:
-            raise ToolError(f"could not fetch {url}: {exc or type(exc).__name__}") from None
+            raise ToolError(f"could not fetch {url}: {exc or type(exc).__name__}") from exc
         raise ToolError(f"{url} redirected more than {MAX_REDIRECTS} times; not followed further")
 
     # The URL comes from the model, and a fetched page may steer it: the addresses it may reach
@@ -81,7 +81,7 @@ def _check_url(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url.strip())
     except httpx.InvalidURL as exc:
-        raise ToolError(f"{url!r} is not a valid URL: {exc}") from None
+        raise ToolError(f"{url!r} is not a valid URL: {exc}") from exc
     if parsed.scheme not in ("http", "https"):
         shown = f"'{parsed.scheme}:' URLs" if parsed.scheme else "URLs without a scheme"
         raise ToolError(f"{shown} cannot be fetched; use a full http:// or https:// URL")
@@ -154,7 +154,7 @@ async def _address(target: httpx.URL, allow_private: bool) -> IPAddress:
         # getaddrinfo also reads the odd spellings of an address: 2130706433, 0x7f000001, 127.1.
         found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise ToolError(f"could not fetch {target}: cannot resolve {host!r} ({exc})") from None
+        raise ToolError(f"could not fetch {target}: cannot resolve {host!r} ({exc})") from exc
     addresses = [ipaddress.ip_address(info[4][0]) for info in found]
     if not addresses:
         raise ToolError(f"could not fetch {target}: {host!r} has no address")
@@ -254,7 +254,7 @@ class _Decoder:
                 piece = layer.decompress(data, _PIECE)
             except zlib.error as exc:
                 name = self._names[level]
-                raise ToolError(f"the response's {name} encoding is corrupt: {exc}") from None
+                raise ToolError(f"the response's {name} encoding is corrupt: {exc}") from exc
             data = layer.unconsumed_tail
             self._push(level + 1, piece)
 

@@ -66,7 +66,7 @@ def get_builtin(name: str, *, allow_private_fetch: bool = False) -> Tool:
     tools = builtin_tools(allow_private_fetch=allow_private_fetch)
     try:
         return tools[name.strip()]
-    except KeyError:
+    except KeyError as exc:
         raise ToolError(
             f"there is no built-in tool named {name!r}; available: {', '.join(tools)}"
-        ) from None
+        ) from exc
