@@ -10,38 +10,77 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .agent import AgentResult, ModelRequest, Step, ToolDone, ToolRunning, TurnDone, TurnEvent
-    from .errors import (
-        BackendUnavailable,
-        ConversaError,
-        CorruptSessionError,
-        InvalidMessage,
-        InvalidSessionId,
-        ModelError,
-        ModelNotConfigured,
-        StorageError,
-        ToolError,
-        ToolsUnsupported,
-        UnsupportedStorageURL,
-    )
-    from .messages import ChatMessage, ToolCall
-    from .model import ChatModel, ModelResponse, OpenAIChatModel, TextDelta, ToolCallStarted, Usage
-    from .session import Session, create_session
-    from .state import SessionState
-    from .storage import ConversationStorage, InMemoryStorage, SessionInfo, open_storage
-    from .sync import SyncSession, create_session_sync
-    from .tools import Tool, ToolRegistry, tool
+if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_public_api.py
+    # checks that these imports, _EXPORTS and __all__ name the same things
+    from .agent import AgentResult as AgentResult
+    from .agent import Approver as Approver
+    from .agent import ModelRequest as ModelRequest
+    from .agent import OnLimit as OnLimit
+    from .agent import ReactMode as ReactMode
+    from .agent import RequestInterceptor as RequestInterceptor
+    from .agent import ResponseInterceptor as ResponseInterceptor
+    from .agent import Step as Step
+    from .agent import StopReason as StopReason
+    from .agent import ToolDone as ToolDone
+    from .agent import ToolRunning as ToolRunning
+    from .agent import TurnDone as TurnDone
+    from .agent import TurnEvent as TurnEvent
+    from .context import TokenCounter as TokenCounter
+    from .context import estimate_tokens as estimate_tokens
+    from .errors import BackendUnavailable as BackendUnavailable
+    from .errors import ConversaError as ConversaError
+    from .errors import CorruptSessionError as CorruptSessionError
+    from .errors import InvalidMessage as InvalidMessage
+    from .errors import InvalidSessionId as InvalidSessionId
+    from .errors import ModelError as ModelError
+    from .errors import ModelNotConfigured as ModelNotConfigured
+    from .errors import StorageError as StorageError
+    from .errors import ToolError as ToolError
+    from .errors import ToolsUnsupported as ToolsUnsupported
+    from .errors import UnsupportedStorageURL as UnsupportedStorageURL
+    from .messages import ChatMessage as ChatMessage
+    from .messages import Content as Content
+    from .messages import Role as Role
+    from .messages import ToolCall as ToolCall
+    from .model import ChatModel as ChatModel
+    from .model import ModelResponse as ModelResponse
+    from .model import OpenAIChatModel as OpenAIChatModel
+    from .model import RetryNotice as RetryNotice
+    from .model import StreamEvent as StreamEvent
+    from .model import TextDelta as TextDelta
+    from .model import ToolCallStarted as ToolCallStarted
+    from .model import Usage as Usage
+    from .session import Session as Session
+    from .session import create_session as create_session
+    from .state import SessionState as SessionState
+    from .storage import ConversationStorage as ConversationStorage
+    from .storage import InMemoryStorage as InMemoryStorage
+    from .storage import SessionInfo as SessionInfo
+    from .storage import open_storage as open_storage
+    from .storage.base import SearchHit as SearchHit
+    from .storage.base import StateEntry as StateEntry
+    from .storage.base import StateValueError as StateValueError
+    from .sync import SyncSession as SyncSession
+    from .sync import SyncState as SyncState
+    from .sync import create_session_sync as create_session_sync
+    from .tools import Tool as Tool
+    from .tools import ToolRegistry as ToolRegistry
+    from .tools import tool as tool
 
-__version__ = "0.1.0"
+    __version__: str
+
+# The distribution's name: its metadata holds the version (pyproject.toml is the one source).
+_DISTRIBUTION = "conversa-ai"
 
 # Public name -> the module that defines it. Imports happen on first access so that
 # `import conversa` (and with it the `conversa` command) starts fast.
 _EXPORTS: dict[str, str] = {
     "AgentResult": ".agent",
+    "Approver": ".agent",
     "BackendUnavailable": ".errors",
     "ChatMessage": ".messages",
     "ChatModel": ".model",
+    "Content": ".messages",
     "ConversaError": ".errors",
     "ConversationStorage": ".storage",
     "CorruptSessionError": ".errors",
@@ -52,14 +91,27 @@ _EXPORTS: dict[str, str] = {
     "ModelNotConfigured": ".errors",
     "ModelRequest": ".agent",
     "ModelResponse": ".model",
+    "OnLimit": ".agent",
     "OpenAIChatModel": ".model",
+    "ReactMode": ".agent",
+    "RequestInterceptor": ".agent",
+    "ResponseInterceptor": ".agent",
+    "RetryNotice": ".model",
+    "Role": ".messages",
+    "SearchHit": ".storage.base",
     "Session": ".session",
     "SessionInfo": ".storage",
     "SessionState": ".state",
+    "StateEntry": ".storage.base",
+    "StateValueError": ".storage.base",
     "Step": ".agent",
+    "StopReason": ".agent",
     "StorageError": ".errors",
+    "StreamEvent": ".model",
     "SyncSession": ".sync",
+    "SyncState": ".sync",
     "TextDelta": ".model",
+    "TokenCounter": ".context",
     "Tool": ".tools",
     "ToolCall": ".messages",
     "ToolCallStarted": ".model",
@@ -74,62 +126,33 @@ _EXPORTS: dict[str, str] = {
     "Usage": ".model",
     "create_session": ".session",
     "create_session_sync": ".sync",
+    "estimate_tokens": ".context",
     "open_storage": ".storage",
     "tool": ".tools",
 }
 
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(_DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name == "__version__":
+        value: Any = _version()
+    elif (module := _EXPORTS.get(name)) is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    else:
         raise AttributeError(f"module 'conversa' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
-
-__all__ = [
-    "AgentResult",
-    "BackendUnavailable",
-    "ChatMessage",
-    "ChatModel",
-    "ConversaError",
-    "ConversationStorage",
-    "CorruptSessionError",
-    "InMemoryStorage",
-    "InvalidMessage",
-    "InvalidSessionId",
-    "ModelError",
-    "ModelNotConfigured",
-    "ModelRequest",
-    "ModelResponse",
-    "OpenAIChatModel",
-    "Session",
-    "SessionInfo",
-    "SessionState",
-    "Step",
-    "StorageError",
-    "SyncSession",
-    "TextDelta",
-    "Tool",
-    "ToolCall",
-    "ToolCallStarted",
-    "ToolDone",
-    "ToolError",
-    "ToolRegistry",
-    "ToolRunning",
-    "ToolsUnsupported",
-    "TurnDone",
-    "TurnEvent",
-    "UnsupportedStorageURL",
-    "Usage",
-    "__version__",
-    "create_session",
-    "create_session_sync",
-    "open_storage",
-    "tool",
-]
+    return sorted({*globals(), *__all__})

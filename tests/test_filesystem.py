@@ -11,9 +11,11 @@ import stat
 import time
 import warnings
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from _wait import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -726,10 +728,11 @@ async def test_meta_file_holds_info_and_state(store: FileSystemStorage) -> None:
 
 
 async def test_expired_state_is_pruned_on_write(store: FileSystemStorage) -> None:
-    await store.set_state("s", {"old": 1}, ttl=0.05)
-    await asyncio.sleep(0.1)
+    await store.set_state("s", {"old": 1}, expires_at=datetime(2000, 1, 1, tzinfo=UTC))
+    meta_path = Path(store.directory) / "s.meta.json"
+    assert set(json.loads(meta_path.read_text())["state"]) == {"old"}  # stored, reads as absent
     await store.set_state("s", {"new": 2})
-    meta = json.loads((Path(store.directory) / "s.meta.json").read_text())
+    meta = json.loads(meta_path.read_text())
     assert set(meta["state"]) == {"new"}
 
 
@@ -827,8 +830,10 @@ async def _append_blocked_on_old_file(
     late = _user("late")
     task = asyncio.create_task(store.append("s", [late]))
     # Wait until the append has the old file open (it is then blocked on our lock).
-    while sum(1 for fd in os.listdir("/proc/self/fd") if _points_at(fd, path)) < 2:
-        await asyncio.sleep(0.001)
+    await wait_for(
+        lambda: sum(1 for fd in os.listdir("/proc/self/fd") if _points_at(fd, path)) >= 2,
+        "the append to open the file",
+    )
     if swap == "save":  # what a save in another process does: a new file over the path
         tmp = path.with_name(".swap.tmp")
         tmp.write_text(_user("new").to_json() + "\n")

@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 from _services import CutProxy, blackhole, check_writers, require_server, run_writers, unused_port
 from _services import with_url as _with_url
+from _wait import wait_for
 
 from conversa import (
     BackendUnavailable,
@@ -278,10 +279,8 @@ async def terminate_backends_of(admin: Any, name: str) -> int:
     pids = [r["pid"] for r in await admin.fetch(sql, name)]
     for pid in pids:
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-    while await admin.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids
-    ):
-        await asyncio.sleep(0.01)
+    gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+    await wait_for(lambda: admin.fetchval(gone, pids), "the terminated backends to go")
     return len(pids)
 
 

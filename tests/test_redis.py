@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from _services import CutProxy, blackhole, check_writers, require_server, run_writers, unused_port
 from _services import with_url as _with_url
+from _wait import wait_for
 
 from conversa import (
     BackendUnavailable,
@@ -222,6 +223,12 @@ def proxied(proxy: CutProxy, prefix: str) -> RedisStorage:
     return storage
 
 
+def client_saw_the_drop(storage: RedisStorage) -> bool:
+    """Whether every idle connection of the client has read the end of its stream."""
+    idle = storage._client.connection_pool._get_free_connections()
+    return all(c._reader is None or c._reader.at_eof() for c in idle)
+
+
 @pytest.mark.parametrize(("mode", "stored"), [("half", False), ("after", True)])
 async def test_append_cut_midway_is_all_or_nothing(
     proxy: CutProxy, prefix: str, store: RedisStorage, mode: str, stored: bool
@@ -250,8 +257,8 @@ async def test_reads_and_writes_survive_dropped_connections(proxy: CutProxy, pre
         await storage.append("s", [ChatMessage.user("one")])
         proxy.drop_all()
         # In life the event loop runs between an outage and the next write, and so notices
-        # the closed connection; a write is never retried, so give the loop that moment.
-        await asyncio.sleep(0.05)
+        # the closed connection; a write is never retried, so wait until the client has seen it.
+        await wait_for(lambda: client_saw_the_drop(storage), "the client to see the drop")
         await storage.append("s", [ChatMessage.user("two")])
         proxy.drop_all()
         # a read right after the drop: retried on a fresh connection

@@ -12,14 +12,14 @@ import re
 import socket
 import subprocess
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pyte
 import pytest
+from _wait import wait_until
 from test_cli_chat import CONVERSA, TIMEOUT, child_env, stored
 
 from conversa.messages import ChatMessage
@@ -86,14 +86,6 @@ class Terminal:
         self.stream.feed(self.child.before)
         self.child.close()
         assert self.child.exitstatus == 0
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait until ``condition()`` holds, polling with a deadline."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def piped(
@@ -165,7 +157,7 @@ def test_ctrl_c_before_any_text_does_not_claim_a_partial_answer(
     term = Terminal(env)
     term.expect(PROMPT)
     term.child.sendline("hello?")
-    wait_for(lambda: len(server.requests) == 1, "the request")
+    wait_until(lambda: len(server.requests) == 1, "the request", TIMEOUT)
     term.child.sendcontrol("c")
     term.expect("interrupted")
     term.expect(PROMPT)

@@ -754,18 +754,24 @@ async def test_a_storage_failure_mid_tools_still_leaves_valid_history() -> None:
 async def test_refresh_waits_for_the_running_turn() -> None:
     class SlowUserAck(InMemoryStorage):
         stored = asyncio.Event()
+        acknowledge = asyncio.Event()
 
         async def append(self, session_id: str, messages: Any) -> None:
             await super().append(session_id, messages)
             if messages and messages[0].role == "user":
                 self.stored.set()
-                await asyncio.sleep(0.1)
+                await self.acknowledge.wait()
 
     store = SlowUserAck()
     session = await create_session("s", store, model=ScriptedModel(["answer"]))
     turn = asyncio.create_task(session.send_message("q"))
     await asyncio.wait_for(store.stored.wait(), 5)
-    await session.refresh()  # the message is stored but not yet acknowledged to the turn
+    # the message is stored but not yet acknowledged to the turn
+    refresh = asyncio.create_task(session.refresh())
+    await asyncio.sleep(0)
+    assert not refresh.done()
+    store.acknowledge.set()
+    await asyncio.wait_for(refresh, 5)
     await turn
     assert [m.text for m in session.history] == ["q", "answer"]
     assert session.history == await store.load("s")

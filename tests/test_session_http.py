@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _wait import wait_for
 
 from conversa import OpenAIChatModel, Session, TextDelta, create_session, tool
 from conversa.testing.replies import (
@@ -30,9 +31,13 @@ from conversa.testing.server import FakeOpenAIServer
 CHILD = str(Path(__file__).with_name("turn_child.py"))
 
 
+hanging: list[None] = []  # one entry for each call of `hang` that has started
+
+
 @tool
 async def hang() -> str:
     """Waits forever."""
+    hanging.append(None)
     await asyncio.sleep(3600)
     return "never"
 
@@ -129,10 +134,9 @@ async def test_cancel_mid_stream(server: FakeOpenAIServer, tmp_path: Path) -> No
 async def test_cancel_during_tool(server: FakeOpenAIServer, tmp_path: Path) -> None:
     session = await session_for(server, f"file://{tmp_path}/sessions")
     server.add_reply(tool_call("hang", {}))
+    hanging.clear()
     task = asyncio.create_task(session.send_message("run the slow tool"))
-    while not any(m.role == "assistant" for m in session.history):
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: hanging, "the tool to start")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -545,8 +546,7 @@ async def test_default_title_follows_undo(tmp_path: Path) -> None:
 async def test_expired_state_rows_are_dropped_on_the_next_state_write(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     async with SqliteStorage(path) as store:
-        await store.set_state("s", {"gone": 1}, ttl=0.05)
-        await asyncio.sleep(0.1)
+        await store.set_state("s", {"gone": 1}, expires_at=datetime(2000, 1, 1, tzinfo=UTC))
         await store.append("s", [_user("appending does not sweep")])
         with _raw(path) as conn:
             assert conn.execute("SELECT count(*) FROM state").fetchone()[0] == 1

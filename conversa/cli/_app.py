@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
 from ._options import DEBUG_HELP, STORAGE_HELP, AppConfig
 from .ask import ask
 from .chat import chat
@@ -14,7 +13,8 @@ from .sessions import sessions
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--storage", metavar="URL", help=STORAGE_HELP)
 @click.option("--debug", is_flag=True, help=DEBUG_HELP)
-@click.version_option(__version__, "--version", "-V", prog_name="conversa")
+# the version is read from the package metadata only when --version is given
+@click.version_option(None, "--version", "-V", package_name="conversa-ai", prog_name="conversa")
 @click.pass_context
 def cli(ctx: click.Context, storage: str | None, debug: bool) -> None:
     """Persistent, multi-turn conversations with LLM agents.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ class AgentOptions:
     max_iterations: int = 10
     react_mode: ReactMode = "auto"
     allow_private_fetch: bool = False
-
-    def with_model(self, name: str | None) -> AgentOptions:
-        """The same options with another model name."""
-        return replace(self, model=name)
 
 
 def load_tools(names: str | None, *, allow_private_fetch: bool = False) -> list[Tool]:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,8 +15,7 @@ if TYPE_CHECKING:
     from prompt_toolkit.document import Document
     from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
-SESSION_ARGUMENT_COMMANDS = ("/switch", "/fork", "/new")
-"""Commands whose argument is a session id, completed from the storage."""
+    from .commands import Command
 
 
 def history_path() -> Path:
@@ -72,7 +71,7 @@ class PipeReader:
 class TerminalReader:
     """prompt_toolkit input: history file, completion, multi-line editing, $EDITOR."""
 
-    def __init__(self, commands: Iterable[str], session_ids: list[str]) -> None:
+    def __init__(self, commands: Mapping[str, Command], session_ids: list[str]) -> None:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory, InMemoryHistory
 
@@ -85,7 +84,7 @@ class TerminalReader:
             history = InMemoryHistory()  # a read-only home must not stop the chat
         self._session: PromptSession[str] = PromptSession(
             history=history,
-            completer=_completer(sorted(commands), session_ids),
+            completer=_completer(commands, session_ids),
             complete_while_typing=True,
             key_bindings=_key_bindings(),
             enable_open_in_editor=True,
@@ -116,12 +115,14 @@ def _key_bindings() -> KeyBindings:
     return bindings
 
 
-def _completer(commands: list[str], session_ids: list[str]) -> Completer:
+def _completer(commands: Mapping[str, Command], session_ids: list[str]) -> Completer:
+    """Completes ``commands`` (by every name they answer to), and session ids after a
+    command that takes one."""
     from prompt_toolkit.completion import Completer, Completion
 
-    class SlashCompleter(Completer):
-        """Completes slash commands, and session ids after /switch, /fork and /new."""
+    takes_session = {n for n, c in commands.items() if c.takes == "session"}
 
+    class SlashCompleter(Completer):
         def get_completions(
             self, document: Document, complete_event: CompleteEvent
         ) -> Iterator[Completion]:
@@ -129,12 +130,12 @@ def _completer(commands: list[str], session_ids: list[str]) -> Completer:
             if not text.startswith("/") or "\n" in text:
                 return
             if " " not in text:
-                for name in commands:
+                for name in sorted(commands):
                     if name.startswith(text):
                         yield Completion(name, start_position=-len(text))
                 return
             command, _, argument = text.partition(" ")
-            if command in SESSION_ARGUMENT_COMMANDS:
+            if command in takes_session:
                 for sid in list(session_ids):
                     if sid.startswith(argument):
                         yield Completion(sid, start_position=-len(argument))

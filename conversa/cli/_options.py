@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -63,7 +64,19 @@ def common_options(fn: F) -> F:
 
 
 def model_options(fn: F) -> F:
-    """The options that choose the model and how the agent works."""
+    """The options that choose the model and how the agent works, given to ``fn`` as one
+    ``options: AgentOptions`` argument."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        from dataclasses import fields
+
+        from ._factory import AgentOptions
+
+        # the options below are AgentOptions' fields (click.Choice checks --react-mode)
+        given = {f.name: kwargs.pop(f.name) for f in fields(AgentOptions)}
+        return fn(*args, options=AgentOptions(**given), **kwargs)
+
     options = [
         click.option(
             "--react-mode",
@@ -98,5 +111,5 @@ def model_options(fn: F) -> F:
         click.option("--model", metavar="NAME", help="The model name [$CONVERSA_MODEL]."),
     ]
     for option in options:
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return cast("F", command)

@@ -53,10 +53,6 @@ class Output(ABC):
         """One readable error line."""
 
     @abstractmethod
-    def markdown(self, text: str) -> None:
-        """Text rendered as Markdown where possible."""
-
-    @abstractmethod
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table of plain strings."""
 

@@ -86,10 +86,6 @@ class PlainOutput(Output):
         """One error line on stderr."""
         self._print(f"error: {text}", self.err)
 
-    def markdown(self, text: str) -> None:
-        """Markdown source as it is."""
-        self._print(text, self.out)
-
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """An aligned plain table."""
         self._print(table_text(headers, rows), self.out)

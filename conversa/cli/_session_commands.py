@@ -31,7 +31,7 @@ async def _sessions(repl: Repl, argument: str) -> None:
     repl.session_ids[:] = [i.session_id for i in infos]
 
 
-@command("/switch ID", "continue session ID", takes="word")
+@command("/switch ID", "continue session ID", takes="session")
 async def _switch(repl: Repl, argument: str) -> None:
     if not argument:
         repl.out.error("/switch needs a session id; /sessions lists them")
@@ -45,7 +45,7 @@ async def _switch(repl: Repl, argument: str) -> None:
     await repl.open(argument)
 
 
-@command("/new [ID]", "start a new session (named ID, or a fresh name)", takes="word")
+@command("/new [ID]", "start a new session (named ID, or a fresh name)", takes="session")
 async def _new(repl: Repl, argument: str) -> None:
     session_id = argument or _fresh_id(repl.session.session_id)
     if await repl.storage.exists(session_id):
@@ -54,7 +54,7 @@ async def _new(repl: Repl, argument: str) -> None:
     await repl.open(session_id)
 
 
-@command("/fork [ID]", "copy this session to ID and continue in the copy", takes="word")
+@command("/fork [ID]", "copy this session to ID and continue in the copy", takes="session")
 async def _fork(repl: Repl, argument: str) -> None:
     from ..storage.transfer import copy_session
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ._options import common_options, model_options, storage_url
 
 if TYPE_CHECKING:
-    from ..agent import ReactMode
     from ._factory import AgentOptions
 
 
@@ -29,13 +28,7 @@ def ask(
     ctx: click.Context,
     question: str | None,
     session_id: str | None,
-    model: str | None,
-    base_url: str | None,
-    system: str | None,
-    tool_names: str | None,
-    allow_private_fetch: bool,
-    max_iterations: int,
-    react_mode: str,
+    options: AgentOptions,
     storage: str | None,
     debug: bool,
 ) -> None:
@@ -43,7 +36,6 @@ def ask(
 
     The exit status is 0 when the model answered, 1 with a message on stderr otherwise.
     """
-    from ._factory import AgentOptions
     from ._options import is_debug
     from ._runner import fail, run
 
@@ -51,15 +43,6 @@ def ask(
         question = "" if sys.stdin.isatty() else sys.stdin.read()
     if not question.strip():
         fail('ask needs a question: conversa ask "..." (or pipe it in)')
-    options = AgentOptions(
-        model=model,
-        base_url=base_url,
-        system=system,
-        tool_names=tool_names,
-        allow_private_fetch=allow_private_fetch,
-        max_iterations=max_iterations,
-        react_mode=cast("ReactMode", react_mode),  # click.Choice checked it
-    )
     url = storage_url(ctx, storage) if session_id else "memory://"
     ok = run(ctx, lambda: _ask(url, session_id or "ask", question, options, is_debug(ctx)))
     if not ok:
@@ -71,9 +54,8 @@ async def _ask(
 ) -> bool:
     from ..storage import open_storage
     from ._factory import load_tools, model_spec, open_session
-    from ._input import PipeReader
     from ._plain import PlainOutput
-    from .repl import Repl
+    from ._turn import explain_failure, report_error, show_events
 
     out = PlainOutput()
     storage = open_storage(url)
@@ -87,9 +69,16 @@ async def _ask(
             override=True,
         )
         session.model = model_spec(name, options.base_url)
-        repl = Repl(storage, options, [], out, PipeReader(), debug=debug)
-        repl.session, repl.model_name = session, name
-        result = await repl.run_turn(session.stream_message(question))
+        view = out.turn()
+        try:
+            result = await show_events(session.stream_message(question), view)
+        except Exception as exc:
+            view.close()
+            report_error(out, exc, debug=debug)
+            return False
+        view.close()
+        if result is not None and not result.success:
+            explain_failure(out, result, debug=debug)
         return result is not None and result.success
     finally:
         await storage.close()

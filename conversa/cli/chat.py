@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import click
 
 from ._options import common_options, default_session_id, is_debug, model_options, storage_url
 
 if TYPE_CHECKING:
-    from ..agent import ReactMode
     from ._factory import AgentOptions
 
 
@@ -22,13 +21,7 @@ if TYPE_CHECKING:
 def chat(
     ctx: click.Context,
     session_id: str | None,
-    model: str | None,
-    base_url: str | None,
-    system: str | None,
-    tool_names: str | None,
-    allow_private_fetch: bool,
-    max_iterations: int,
-    react_mode: str,
+    options: AgentOptions,
     storage: str | None,
     debug: bool,
 ) -> None:
@@ -38,18 +31,8 @@ def chat(
     message and answers are printed as plain text; the exit status is then 1 when a message
     got no answer (the server failed, no model is configured), like `conversa ask`.
     """
-    from ._factory import AgentOptions
     from ._runner import run
 
-    options = AgentOptions(
-        model=model,
-        base_url=base_url,
-        system=system,
-        tool_names=tool_names,
-        allow_private_fetch=allow_private_fetch,
-        max_iterations=max_iterations,
-        react_mode=cast("ReactMode", react_mode),  # click.Choice checked it
-    )
     url = storage_url(ctx, storage)
     sid = session_id or default_session_id()
     answered = run(ctx, lambda: _chat(url, sid, options, debug=is_debug(ctx)))
@@ -73,9 +56,9 @@ async def _chat(url: str, session_id: str, options: AgentOptions, *, debug: bool
     reader: LineReader
     if interactive:
         from ._input import TerminalReader
-        from .commands import registry
+        from .commands import names
 
-        reader = TerminalReader(registry(), session_ids)
+        reader = TerminalReader(names(), session_ids)
     else:
         reader = PipeReader()
     try:

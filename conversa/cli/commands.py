@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 
 Handler = Callable[["Repl", "Argument"], Awaitable[bool | None]]
 """Runs a command with its checked argument; returning False ends the REPL."""
-Takes = Literal["nothing", "word", "text", "count"]
-"""What a command takes after its name: nothing, one word (quotes group words), free text,
-or an optional positive whole number."""
+Takes = Literal["nothing", "word", "session", "text", "count"]
+"""What a command takes after its name: nothing, one word (quotes group words), a session id
+(a word that completion offers from the stored ids), free text, or an optional positive
+whole number."""
 
 _COMMAND_MODULES = (".commands", "._conversation_commands", "._session_commands")
 
@@ -35,6 +36,7 @@ class Command:
     handler: Handler
     takes: Takes = "nothing"
     flags: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     def parse(self, text: str) -> Argument:
         """The argument in ``text``, checked against what the command takes."""
@@ -80,13 +82,18 @@ _REGISTRY: dict[str, Command] = {}
 
 
 def command(
-    usage: str, help: str, *, takes: Takes = "nothing", flags: tuple[str, ...] = ()
+    usage: str,
+    help: str,
+    *,
+    takes: Takes = "nothing",
+    flags: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (),
 ) -> Callable[[Handler], Handler]:
     """Register a handler for the command that ``usage`` starts with, e.g. "/history [N]"."""
 
     def register(handler: Handler) -> Handler:
         name = usage.split()[0]
-        _REGISTRY[name] = Command(name, usage, help, handler, takes, flags)
+        _REGISTRY[name] = Command(name, usage, help, handler, takes, flags, aliases)
         return handler
 
     return register
@@ -99,16 +106,21 @@ def registry() -> dict[str, Command]:
     return _REGISTRY
 
 
+def names() -> dict[str, Command]:
+    """Every command by each name it answers to, its aliases included."""
+    return {n: c for c in registry().values() for n in (c.name, *c.aliases)}
+
+
 def suggest(name: str) -> str | None:
     """The closest command name to a mistyped one, if any is close."""
-    close = difflib.get_close_matches(name, list(registry()), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(names()), n=1, cutoff=0.5)
     return close[0] if close else None
 
 
 async def dispatch(repl: Repl, line: str) -> bool:
     """Run the command on ``line``; False when it ends the REPL."""
     name, _, argument = line.strip().partition(" ")
-    found = registry().get(name.lower())
+    found = names().get(name.lower())
     if found is None:
         guess = suggest(name.lower())
         hint = f"did you mean {guess}? " if guess else ""
@@ -127,7 +139,7 @@ async def dispatch(repl: Repl, line: str) -> bool:
 
 @command("/help", "show the commands and the keys")
 async def _help(repl: Repl, argument: Argument) -> None:
-    rows = [[c.usage, c.help] for c in registry().values()]
+    rows = [[", ".join([c.usage, *c.aliases]), c.help] for c in registry().values()]
     repl.out.table(["command", "what it does"], rows)
     if repl.out.interactive:
         repl.out.note(
@@ -136,11 +148,6 @@ async def _help(repl: Repl, argument: Argument) -> None:
         )
 
 
-@command("/exit", "leave (Ctrl-D does too)")
+@command("/exit", "leave (Ctrl-D does too)", aliases=("/quit",))
 async def _exit(repl: Repl, argument: Argument) -> bool:
-    return False
-
-
-@command("/quit", "leave")
-async def _quit(repl: Repl, argument: Argument) -> bool:
     return False

@@ -190,10 +190,6 @@ class RichOutput(Output):
         """One readable error line."""
         self.console.print(Text(f"error: {terminal_text(text)}", style="bold red"))
 
-    def markdown(self, text: str) -> None:
-        """Text rendered as Markdown."""
-        self.console.print(markdown(terminal_text(text)))
-
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table."""
         table = Table(*headers, box=None, header_style="bold", pad_edge=False)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._factory import AgentOptions, model_spec, open_session
 from ._format import approval_question, plural
-from ._runner import describe, print_traceback
+from ._turn import explain_failure, report_error, show_events
 
 if TYPE_CHECKING:
     from ..agent import AgentResult, TurnEvent
@@ -158,7 +158,7 @@ class Repl:
         """Show a turn's events; Ctrl-C cancels just this turn (the library keeps the partial
         answer, marked interrupted, and a valid history)."""
         view = self._view = self.out.turn()
-        task = self._turn_task = asyncio.create_task(self._consume(events, view))
+        task = self._turn_task = asyncio.create_task(show_events(events, view))
         restore = self._catch_sigint()
         try:
             result = await task
@@ -179,33 +179,8 @@ class Repl:
         view.close()
         if result is not None and not result.success:
             self.failed_turns += 1
-            self._explain_failure(result)
+            explain_failure(self.out, result, debug=self.debug)
         return result
-
-    async def _consume(
-        self, events: AsyncGenerator[TurnEvent, None], view: TurnView
-    ) -> AgentResult | None:
-        from contextlib import aclosing
-
-        from ..agent import TurnDone
-
-        async with aclosing(events) as stream:
-            async for event in stream:
-                if isinstance(event, TurnDone):
-                    return event.result
-                view.event(event)
-        return None
-
-    def _explain_failure(self, result: AgentResult) -> None:
-        if result.stop_reason == "max_iterations":
-            self.out.warn(
-                f"stopped after {result.iterations} model calls (the limit); "
-                "send another message to continue or raise --max-iterations"
-            )
-        else:
-            if self.debug and result.exception is not None:
-                print_traceback(result.exception)
-            self.out.error(result.error or f"the turn failed ({result.stop_reason})")
 
     def interrupt(self) -> None:
         """Cancel the running turn (Ctrl-C)."""
@@ -281,9 +256,7 @@ class Repl:
 
     def report(self, exc: BaseException) -> None:
         """Show an error in one line (with its traceback under --debug)."""
-        if self.debug:
-            print_traceback(exc)
-        self.out.error(describe(exc))
+        report_error(self.out, exc, debug=self.debug)
 
     async def handle(self, line: str) -> bool:
         """Act on one input line; False ends the REPL."""

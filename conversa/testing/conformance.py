@@ -116,8 +116,24 @@ _HYPOTHESIS = settings(
     ],
 )
 
-# Backends whose clocks are coarse (file mtimes) need writes this far apart to order them.
-_TICK = 0.02
+# Tests that need writes in a known order set the sessions' times (as a copy does) instead of
+# sleeping: a clock, and a file's mtime above all, may be too coarse to tell two writes apart.
+_LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+async def _age(storage: ConversationStorage, session_id: str, minutes: int = 0) -> None:
+    """Date the session ``minutes`` after _LONG_AGO, so that any later write is newer."""
+    moment = _LONG_AGO + timedelta(minutes=minutes)
+    await storage.set_times(session_id, created_at=moment, updated_at=moment)
+
+
+def _dated(text: str, minutes: int = 0) -> ChatMessage:
+    """A user message written ``minutes`` after _LONG_AGO, as in a copied session.
+
+    The default get_info counts the messages' own times in ``updated_at``, so an aged session
+    holds only aged messages.
+    """
+    return ChatMessage(role="user", content=text, created_at=_LONG_AGO + timedelta(minutes=minutes))
 
 
 class StorageConformance:
@@ -227,8 +243,8 @@ class StorageConformance:
     async def test_search(self, storage: ConversationStorage) -> None:
         word = f"w{uuid.uuid4().hex[:10]}"
         old, new = _sid(), _sid()
-        await storage.append(old, [_user(f"the {word} fox"), ChatMessage.assistant("no match")])
-        await asyncio.sleep(_TICK)
+        await storage.append(old, [_dated(f"the {word} fox"), _dated("no match")])
+        await _age(storage, old)
         parts = [{"type": "text", "text": f"parts with {word} inside"}]
         await storage.append(new, [_user("nothing"), ChatMessage.assistant(f"a {word} reply")])
         await storage.append(new, [ChatMessage.user(parts)])
@@ -320,9 +336,9 @@ class StorageConformance:
 
     async def test_list_sessions_newest_update_first(self, storage: ConversationStorage) -> None:
         ids = [_sid() for _ in range(3)]
-        for sid in ids:
-            await storage.append(sid, [_user(sid)])
-            await asyncio.sleep(_TICK)
+        for minutes, sid in enumerate(ids):
+            await storage.append(sid, [_dated(sid, minutes)])
+            await _age(storage, sid, minutes)
         listed = [s for s in await storage.list_sessions() if s in ids]
         assert listed == ids[::-1]
         await storage.append(ids[0], [_user("later")])
@@ -406,7 +422,9 @@ class StorageConformance:
         assert info.status == "active"
         assert info.user_id is None
         assert before <= info.created_at <= info.updated_at
-        await asyncio.sleep(_TICK)
+        await _age(storage, sid)
+        info = await storage.get_info(sid)
+        assert info is not None
         await storage.append(sid, [ChatMessage.assistant("hi")])
         later = await storage.get_info(sid)
         assert later is not None
@@ -416,7 +434,7 @@ class StorageConformance:
 
     async def test_every_kind_of_write_moves_updated_at(self, storage: ConversationStorage) -> None:
         sid = _sid()
-        await storage.append(sid, [_user(str(i)) for i in range(4)])
+        await storage.append(sid, [_dated(str(i)) for i in range(4)])
         writes: list[Callable[[], Awaitable[object]]] = [
             lambda: storage.pop(sid),
             lambda: storage.truncate(sid, 1),
@@ -426,8 +444,8 @@ class StorageConformance:
             lambda: storage.append(sid, [_user("y")]),
         ]
         for write in writes:
+            await _age(storage, sid)
             before = await storage.get_info(sid)
-            await asyncio.sleep(_TICK)
             await write()
             after = await storage.get_info(sid)
             assert before is not None and after is not None
@@ -468,13 +486,13 @@ class StorageConformance:
     async def test_find_sessions(self, storage: ConversationStorage) -> None:
         user = f"user-{uuid.uuid4().hex[:8]}"
         old, mid, new, foreign = _sid(), _sid(), _sid(), _sid()
-        for sid in (old, mid, new):
+        for minutes, sid in enumerate((old, mid, new)):
             await storage.update_info(sid, user_id=user)
-            await storage.append(sid, [_user(sid)])
-            await asyncio.sleep(_TICK)
+            await storage.append(sid, [_dated(sid, minutes)])
+            await _age(storage, sid, minutes)
         await storage.update_info(foreign, user_id="someone-else")
         await storage.update_info(old, status="abandoned")
-        await asyncio.sleep(_TICK)
+        await _age(storage, old, 10)
         await storage.append(mid, [_user("newest now")])
 
         mine = await storage.find_sessions(user_id=user)
