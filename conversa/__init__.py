@@ -11,7 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agent import AgentResult, ModelRequest, Step, ToolDone, ToolRunning, TurnDone, TurnEvent
     from .errors import (
         BackendUnavailable,
         ConversaError,
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
         ToolsUnsupported,
         UnsupportedStorageURL,
     )
+    from .events import AgentResult, ModelRequest, Step, ToolDone, ToolRunning, TurnDone, TurnEvent
     from .messages import ChatMessage, ToolCall
     from .model import ChatModel, ModelResponse, OpenAIChatModel, TextDelta, ToolCallStarted, Usage
     from .session import Session, create_session
@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Imports happen on first access so that
 # `import conversa` (and with it the `conversa` command) starts fast.
 _EXPORTS: dict[str, str] = {
-    "AgentResult": ".agent",
+    "AgentResult": ".events",
     "BackendUnavailable": ".errors",
     "ChatMessage": ".messages",
     "ChatModel": ".model",
@@ -50,26 +50,26 @@ _EXPORTS: dict[str, str] = {
     "InvalidSessionId": ".errors",
     "ModelError": ".errors",
     "ModelNotConfigured": ".errors",
-    "ModelRequest": ".agent",
+    "ModelRequest": ".events",
     "ModelResponse": ".model",
     "OpenAIChatModel": ".model",
     "Session": ".session",
     "SessionInfo": ".storage",
     "SessionState": ".state",
-    "Step": ".agent",
+    "Step": ".events",
     "StorageError": ".errors",
     "SyncSession": ".sync",
     "TextDelta": ".model",
     "Tool": ".tools",
     "ToolCall": ".messages",
     "ToolCallStarted": ".model",
-    "ToolDone": ".agent",
+    "ToolDone": ".events",
     "ToolError": ".errors",
     "ToolRegistry": ".tools",
-    "ToolRunning": ".agent",
+    "ToolRunning": ".events",
     "ToolsUnsupported": ".errors",
-    "TurnDone": ".agent",
-    "TurnEvent": ".agent",
+    "TurnDone": ".events",
+    "TurnEvent": ".events",
     "UnsupportedStorageURL": ".errors",
     "Usage": ".model",
     "create_session": ".session",

@@ -10,7 +10,7 @@ import click
 from ._options import common_options, model_options, storage_url
 
 if TYPE_CHECKING:
-    from ..agent import ReactMode
+    from ..events import ReactMode
     from ._factory import AgentOptions
 
 

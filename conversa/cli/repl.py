@@ -13,7 +13,7 @@ from ._format import approval_question, plural
 from ._runner import describe, print_traceback
 
 if TYPE_CHECKING:
-    from ..agent import AgentResult, TurnEvent
+    from ..events import AgentResult, TurnEvent
     from ..messages import ChatMessage
     from ..model import ChatModel, RetryNotice
     from ..session import Session
@@ -187,7 +187,7 @@ class Repl:
     ) -> AgentResult | None:
         from contextlib import aclosing
 
-        from ..agent import TurnDone
+        from ..events import TurnDone
 
         async with aclosing(events) as stream:
             async for event in stream:
