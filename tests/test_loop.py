@@ -12,6 +12,7 @@ import pytest
 
 import conversa.agent
 import conversa.session
+import conversa.text_protocol
 from conversa import (
     AgentResult,
     ChatMessage,
@@ -181,7 +182,7 @@ async def test_a_failed_model_call_is_not_counted_as_an_iteration() -> None:
 
 async def test_a_tool_calls_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     parsed: list[str] = []
-    original = conversa.agent.json_value
+    original = conversa.text_protocol.json_value
 
     def counting(text: str) -> Any:
         parsed.append(text)
@@ -191,7 +192,12 @@ async def test_a_tool_calls_arguments_are_parsed_once(monkeypatch: pytest.Monkey
     transcript = await new_transcript()
     model = ScriptedModel([tool_call("guarded", {"path": "/x"}), "ok"])
     asked: list[dict[str, Any]] = []
-    result = await turn(transcript, "go", setup(model, approve=lambda n, a: asked.append(a) or 1))
+
+    def approve(name: str, arguments: dict[str, Any]) -> bool:
+        asked.append(arguments)
+        return True
+
+    result = await turn(transcript, "go", setup(model, approve=approve))
     assert result.steps[0].observation == "done /x"
     assert result.steps[0].action_input == {"path": "/x"}
     assert asked == [{"path": "/x"}]
@@ -202,7 +208,12 @@ async def test_a_call_that_cannot_run_is_answered_without_asking_for_approval() 
     transcript = await new_transcript()
     model = ScriptedModel([[ToolCall("c1", "guarded", "{not json")], "ok"])
     asked: list[str] = []
-    result = await turn(transcript, "go", setup(model, approve=lambda n, a: asked.append(n)))
+
+    def approve(name: str, arguments: dict[str, Any]) -> bool:
+        asked.append(name)
+        return True
+
+    result = await turn(transcript, "go", setup(model, approve=approve))
     assert asked == []
     assert "not valid JSON" in (result.steps[0].observation or "")
     assert result.steps[0].action_input == "{not json"
