@@ -12,19 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_public_api.py
     # checks that these imports, _EXPORTS and __all__ name the same things
-    from .agent import AgentResult as AgentResult
-    from .agent import Approver as Approver
-    from .agent import ModelRequest as ModelRequest
-    from .agent import OnLimit as OnLimit
-    from .agent import ReactMode as ReactMode
-    from .agent import RequestInterceptor as RequestInterceptor
-    from .agent import ResponseInterceptor as ResponseInterceptor
-    from .agent import Step as Step
-    from .agent import StopReason as StopReason
-    from .agent import ToolDone as ToolDone
-    from .agent import ToolRunning as ToolRunning
-    from .agent import TurnDone as TurnDone
-    from .agent import TurnEvent as TurnEvent
     from .context import TokenCounter as TokenCounter
     from .context import estimate_tokens as estimate_tokens
     from .errors import BackendUnavailable as BackendUnavailable
@@ -38,6 +25,19 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .errors import ToolError as ToolError
     from .errors import ToolsUnsupported as ToolsUnsupported
     from .errors import UnsupportedStorageURL as UnsupportedStorageURL
+    from .events import AgentResult as AgentResult
+    from .events import Approver as Approver
+    from .events import ModelRequest as ModelRequest
+    from .events import OnLimit as OnLimit
+    from .events import ReactMode as ReactMode
+    from .events import RequestInterceptor as RequestInterceptor
+    from .events import ResponseInterceptor as ResponseInterceptor
+    from .events import Step as Step
+    from .events import StopReason as StopReason
+    from .events import ToolDone as ToolDone
+    from .events import ToolRunning as ToolRunning
+    from .events import TurnDone as TurnDone
+    from .events import TurnEvent as TurnEvent
     from .messages import ChatMessage as ChatMessage
     from .messages import Content as Content
     from .messages import Role as Role
@@ -75,8 +75,8 @@ _DISTRIBUTION = "conversa-ai"
 # Public name -> the module that defines it. Imports happen on first access so that
 # `import conversa` (and with it the `conversa` command) starts fast.
 _EXPORTS: dict[str, str] = {
-    "AgentResult": ".agent",
-    "Approver": ".agent",
+    "AgentResult": ".events",
+    "Approver": ".events",
     "BackendUnavailable": ".errors",
     "ChatMessage": ".messages",
     "ChatModel": ".model",
@@ -89,13 +89,13 @@ _EXPORTS: dict[str, str] = {
     "InvalidSessionId": ".errors",
     "ModelError": ".errors",
     "ModelNotConfigured": ".errors",
-    "ModelRequest": ".agent",
+    "ModelRequest": ".events",
     "ModelResponse": ".model",
-    "OnLimit": ".agent",
+    "OnLimit": ".events",
     "OpenAIChatModel": ".model",
-    "ReactMode": ".agent",
-    "RequestInterceptor": ".agent",
-    "ResponseInterceptor": ".agent",
+    "ReactMode": ".events",
+    "RequestInterceptor": ".events",
+    "ResponseInterceptor": ".events",
     "RetryNotice": ".model",
     "Role": ".messages",
     "SearchHit": ".storage.base",
@@ -104,8 +104,8 @@ _EXPORTS: dict[str, str] = {
     "SessionState": ".state",
     "StateEntry": ".storage.base",
     "StateValueError": ".storage.base",
-    "Step": ".agent",
-    "StopReason": ".agent",
+    "Step": ".events",
+    "StopReason": ".events",
     "StorageError": ".errors",
     "StreamEvent": ".model",
     "SyncSession": ".sync",
@@ -115,13 +115,13 @@ _EXPORTS: dict[str, str] = {
     "Tool": ".tools",
     "ToolCall": ".messages",
     "ToolCallStarted": ".model",
-    "ToolDone": ".agent",
+    "ToolDone": ".events",
     "ToolError": ".errors",
     "ToolRegistry": ".tools",
-    "ToolRunning": ".agent",
+    "ToolRunning": ".events",
     "ToolsUnsupported": ".errors",
-    "TurnDone": ".agent",
-    "TurnEvent": ".agent",
+    "TurnDone": ".events",
+    "TurnEvent": ".events",
     "UnsupportedStorageURL": ".errors",
     "Usage": ".model",
     "create_session": ".session",

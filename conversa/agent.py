@@ -1,285 +1,155 @@
 """The ReAct loop: one user turn of model calls and tool runs, native or via the text protocol.
 
-A turn is one async generator, ``run_turn``: ``Session.send_message`` drains it for the result and
-``Session.stream_message`` hands its events to the caller. Every message is appended to storage
-the moment it exists, so a cancel, a crash or an error leaves a history that is valid input for
-the next model call (the repair in ``context.repair`` fills anything still missing).
+A turn is one async generator, ``run_turn``, over a Transcript and a TurnSetup that says
+everything else it needs (model, tools, approver, prompt options, limits). Session drains it
+for ``send_message`` and hands its events to the caller for ``stream_message``; the loop itself
+knows nothing of Session. Every message is appended the moment it exists, so a cancel, a crash
+or an error leaves a history that is valid input for the next model call (the repair in
+``transcript.repair`` fills anything still missing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from .context import INTERRUPTED_RESULT
+from .context import PromptOptions, build_request
 from .errors import InvalidMessage, ModelError, ToolError, ToolsUnsupported
+from .events import (
+    AgentResult,
+    Approver,
+    OnLimit,
+    ReactMode,
+    ResponseInterceptor,
+    Step,
+    StopReason,
+    ToolDone,
+    ToolRunning,
+    TurnDone,
+    TurnEvent,
+    maybe_await,
+)
 from .messages import ChatMessage, ToolCall
-from .model import INVALID_CALLS_KEY, ModelResponse, TextDelta, ToolCallStarted, Usage
+from .model import INVALID_CALLS_KEY, ChatModel, ModelResponse, TextDelta, Usage
+from .text_protocol import json_value, observation, parse_text_reply
+from .transcript import INTERRUPTED_RESULT
 
 if TYPE_CHECKING:
-    from .session import Session
-    from .tools import Tool
+    from .tools import Tool, ToolRegistry
+    from .transcript import Transcript
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["final_answer", "max_iterations", "cancelled", "error"]
-ReactMode = Literal["auto", "tools", "text"]
-OnLimit = Literal["stop", "generate"]
-
-OBSERVATION_PREFIX = "Observation: "
-LIMIT_NOTE = (
-    "You have reached the limit of tool use for this turn. Do not call tools; answer the user "
-    "now as well as you can with what you have."
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One action of the loop: the model's thought, the tool it chose and what came back."""
-
-    thought: str | None
-    action: str | None
-    action_input: dict[str, Any] | str | None
-    observation: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class AgentResult:
-    """The outcome of one user turn."""
-
-    result: str
-    steps: list[Step]
-    success: bool
-    iterations: int
-    usage: Usage
-    stop_reason: StopReason
-    error: str | None = None
-    messages: list[ChatMessage] = field(default_factory=list)
-    """The messages this turn stored, in order."""
-    exception: BaseException | None = field(default=None, repr=False, compare=False)
-    """The ModelError that ended the turn, for a traceback (``error`` is its message)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ToolRunning:
-    """A tool is about to run with these arguments."""
-
-    call: ToolCall
-
-
-@dataclass(frozen=True, slots=True)
-class ToolDone:
-    """A tool finished; ``ok`` is False when its output is an error the model will see."""
-
-    call: ToolCall
-    output: str
-    ok: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TurnDone:
-    """The turn is over; always the last event."""
-
-    result: AgentResult
-
-
-TurnEvent = TextDelta | ToolCallStarted | ToolRunning | ToolDone | TurnDone
+ModelSource = Callable[[], Awaitable[ChatModel]]
+"""Gives the model for the next call; called before each one, so it may resolve lazily."""
 
 
 @dataclass(slots=True)
-class ModelRequest:
-    """What goes to the model; request interceptors may change any of it."""
+class CancelFlag:
+    """Set by whoever cancels the turn's task on purpose: the turn then ends with a result."""
 
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-    extra_system: list[str] = field(default_factory=list)
-    """Lines appended to the system prompt for this call only."""
+    requested: bool = False
 
 
-RequestInterceptor = Callable[
-    [ModelRequest, "Session"], ModelRequest | Awaitable[ModelRequest | None] | None
-]
-ResponseInterceptor = Callable[
-    [ModelResponse, "Session"], ModelResponse | Awaitable[ModelResponse | None] | None
-]
-Approver = Callable[[str, dict[str, Any]], bool | Awaitable[bool]]
+@dataclass(slots=True)
+class ToolProtocol:
+    """How the model gets its tools: natively, or through the text protocol.
 
+    Kept across turns: once an "auto" endpoint has rejected ``tools``, it gets text for good.
+    """
 
-async def maybe_await(value: Any) -> Any:
-    """The value, awaited first if it is awaitable (callbacks may be sync or async)."""
-    return await value if inspect.isawaitable(value) else value
-
-
-# -- the text protocol ---------------------------------------------------------------------
+    text: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class TextReply:
-    """A parsed text-protocol reply: a final answer, an action, or what was wrong with it."""
+class TurnSetup:
+    """Everything a turn needs besides its transcript."""
 
-    thought: str | None = None
-    final_answer: str | None = None
-    action: str | None = None
-    action_input: dict[str, Any] | None = None
-    problem: str | None = None
-
-
-def parse_text_reply(text: str) -> TextReply:
-    """Read a reply of the JSON text protocol; prose that is not JSON counts as an answer.
-
-    Linear in the reply's length: a model's output is untrusted, and the turn runs on the loop.
-    """
-    fenced = _fenced_object(text)
-    candidate = fenced if fenced is not None else text.strip()
-    if not candidate.startswith("{"):
-        # Models often wrap the JSON in a sentence: use an embedded object if there is one.
-        start, end = candidate.find("{"), candidate.rfind("}")
-        embedded = _json_object(candidate[start : end + 1]) if 0 <= start < end else None
-        if embedded is None or not ({"action", "final_answer"} & embedded.keys()):
-            return TextReply(final_answer=text.strip())
-        candidate = candidate[start : end + 1]
-    try:
-        data = _json_value(candidate)
-    except ValueError as exc:
-        return TextReply(problem=f"your reply was not valid JSON ({exc})")
-    if not isinstance(data, dict):
-        return TextReply(problem="your reply must be one JSON object")
-    thought = data.get("thought")
-    thought = str(thought) if thought is not None else None
-    if "final_answer" in data:
-        answer = data["final_answer"]
-        return TextReply(
-            thought, final_answer=answer if isinstance(answer, str) else json.dumps(answer)
-        )
-    if "action" in data:
-        action = data["action"]
-        if not isinstance(action, str) or not action.strip():
-            return TextReply(thought, problem='"action" must be the name of a tool')
-        raw = data.get("action_input", {})
-        if isinstance(raw, str):
-            try:
-                raw = _json_value(raw) if raw.strip() else {}
-            except ValueError:
-                return TextReply(thought, problem="action_input must be a JSON object")
-        if not isinstance(raw, dict):
-            return TextReply(thought, problem="action_input must be a JSON object")
-        return TextReply(thought, action=action, action_input=raw)
-    return TextReply(thought, problem='the JSON needs either "action" or "final_answer"')
-
-
-_FENCE = "```"
-
-
-def _fenced_object(text: str) -> str | None:
-    r"""The object in the reply's first ``` (or ```json) fence that a later fence closes.
-
-    What the regex ```(?:json)?\s*(\{.*\})\s*``` (DOTALL) finds: from the "{" of the first
-    opening fence to the last "}" before a closing fence. That regex backtracks quadratically on
-    replies full of fences; these scans move one way each, so every character is looked at a
-    bounded number of times.
-    """
-    close = _last_closing_brace(text)
-    if close < 0:
-        return None
-    start = 0
-    while (fence := text.find(_FENCE, start, close)) >= 0:
-        # only the first "{" after a fence can open it (or one of the fences in between)
-        brace = text.find("{", fence + len(_FENCE), close)
-        if brace < 0:
-            return None
-        if _opens_fence(text, brace):
-            return text[brace : close + 1]
-        start = brace + 1
-    return None
-
-
-def _last_closing_brace(text: str) -> int:
-    """The index of the last "}" followed by only whitespace and a ``` fence, else -1."""
-    end = len(text)
-    while (fence := text.rfind(_FENCE, 0, end)) >= 0:
-        # only the last "}" before a fence can close it (or one of the fences in between)
-        brace = text.rfind("}", 0, fence)
-        if brace < 0:
-            return -1
-        after = brace + 1
-        while after < fence and text[after].isspace():
-            after += 1
-        if text.startswith(_FENCE, after):
-            return brace
-        end = brace
-    return -1
-
-
-def _opens_fence(text: str, brace: int) -> bool:
-    """Whether only whitespace and an optional "json" lie between a ``` fence and this "{"."""
-    before = brace
-    while before > 0 and text[before - 1].isspace():
-        before -= 1
-    if text.endswith(_FENCE, 0, before):
-        return True
-    return text.endswith("json", 0, before) and text.endswith(_FENCE, 0, before - 4)
-
-
-def _json_value(text: str) -> Any:
-    """json.loads; ValueError for nesting too deep to decode as well as for invalid JSON."""
-    try:
-        return json.loads(text)
-    except RecursionError as exc:
-        raise ValueError("it is nested too deeply") from exc
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = _json_value(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    model: ModelSource
+    tools: ToolRegistry
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+    approve: Approver | None = None
+    react_mode: ReactMode = "auto"
+    max_iterations: int = 10
+    on_limit: OnLimit = "stop"
+    response_interceptors: Sequence[ResponseInterceptor] = ()
+    protocol: ToolProtocol = field(default_factory=ToolProtocol)
+    cancel: CancelFlag = field(default_factory=CancelFlag)
+    context: Any = None
+    """Passed to tools that take a ``session`` parameter and to the interceptors, as is."""
 
 
 # -- running tools -------------------------------------------------------------------------
 
 
-async def _execute(
-    session: Session, tool: Tool | None, call: ToolCall, problem: str | None = None
-) -> tuple[str, bool]:
-    """Run one approved call; every failure (or the call's own ``problem``) is an observation."""
+@dataclass(frozen=True, slots=True)
+class _Action:
+    """One tool call, its arguments parsed once, and the error to answer it with if it can't run."""
+
+    call: ToolCall
+    tool: Tool | None
+    arguments: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def action_input(self) -> dict[str, Any] | str:
+        return self.arguments if self.arguments is not None else self.call.arguments
+
+
+def _action(
+    tools: ToolRegistry, call: ToolCall, arguments: Any, problem: str | None = None
+) -> _Action:
+    """The call ready to run; ``arguments`` parsed (or the ValueError that parsing raised)."""
+    args = arguments if isinstance(arguments, dict) else None
+    tool = None if problem is not None else tools.get(call.name)
     if tool is None:
-        names = ", ".join(session.tools.names()) or "none"
+        names = ", ".join(tools.names()) or "none"
         problem = problem or f"there is no tool named {call.name!r}"
-        return f"Error: {problem}. Available tools: {names}.", False
+        return _Action(call, None, args, f"Error: {problem}. Available tools: {names}.")
+    if isinstance(arguments, ValueError):
+        error = f"Error: the arguments for {call.name} are not valid JSON ({arguments})."
+        return _Action(call, tool, None, error)
+    if args is None:
+        error = f"Error: the arguments for {call.name} must be a JSON object."
+        return _Action(call, tool, None, error)
+    return _Action(call, tool, args, None)
+
+
+def _parsed(call: ToolCall) -> Any:
+    """The call's arguments decoded, or the ValueError that says why they are not JSON."""
     try:
-        arguments = _json_value(call.arguments or "{}")
+        return json_value(call.arguments or "{}")
     except ValueError as exc:
-        return f"Error: the arguments for {call.name} are not valid JSON ({exc}).", False
-    if not isinstance(arguments, dict):
-        return f"Error: the arguments for {call.name} must be a JSON object.", False
+        return exc
+
+
+async def _execute(setup: TurnSetup, action: _Action) -> tuple[str, bool]:
+    """Run one approved call; every failure (or the call's own error) is an observation."""
+    if action.error is not None:
+        return action.error, False
+    assert action.tool is not None and action.arguments is not None  # no error: it can run
     try:
-        return await tool.run(arguments, session=session), True
+        return await action.tool.run(action.arguments, session=setup.context), True
     except ToolError as exc:
         return f"Error: {exc}", False
     except Exception as exc:
-        return f"Error: {call.name} failed: {type(exc).__name__}: {exc}", False
+        return f"Error: {action.call.name} failed: {type(exc).__name__}: {exc}", False
 
 
-async def _approved(session: Session, tool: Tool | None, call: ToolCall) -> bool:
-    if tool is None or not tool.requires_approval:
-        return True
-    if session.approve is None:
+async def _approved(setup: TurnSetup, action: _Action) -> bool:
+    if action.tool is None or action.arguments is None or not action.tool.requires_approval:
+        return True  # a call that cannot run is answered with its error, not asked about
+    if setup.approve is None:
         return False
     try:
-        arguments = _json_value(call.arguments or "{}")
-    except ValueError:
-        arguments = {"_raw": call.arguments}
-    try:
-        return bool(await maybe_await(session.approve(call.name, arguments)))
+        return bool(await maybe_await(setup.approve(action.call.name, action.arguments)))
     except Exception:
-        log.warning("the approve callback failed for %s; treating it as denied", call.name)
+        log.warning("the approve callback failed for %s; treating it as denied", action.call.name)
         return False
 
 
@@ -296,23 +166,22 @@ def _denied(call: ToolCall) -> str:
 class _Turn:
     """The mutable bookkeeping of one turn."""
 
-    def __init__(self, session: Session, max_iterations: int, stream: bool, on_limit: OnLimit):
-        self.session = session
-        self.max_iterations = max_iterations
+    def __init__(self, transcript: Transcript, setup: TurnSetup, stream: bool) -> None:
+        self.transcript = transcript
+        self.setup = setup
         self.stream = stream
-        self.on_limit = on_limit
         self.iterations = 0
         self.usage = Usage()
         self.steps: list[Step] = []
-        self._start = session.message_count()
+        self._start = len(transcript)
 
     @property
     def stored(self) -> list[ChatMessage]:
-        """The messages stored since the turn began (the session's cache holds them)."""
-        return self.session._history.messages[self._start :]
+        """The messages stored since the turn began."""
+        return self.transcript.messages[self._start :]
 
     async def store(self, *messages: ChatMessage) -> None:
-        await self.session._append(messages)
+        await self.transcript.append(messages)
 
     def result(
         self,
@@ -339,22 +208,21 @@ class _Turn:
 
 
 async def run_turn(
-    session: Session,
+    transcript: Transcript,
     user_message: ChatMessage | None,
+    setup: TurnSetup,
     *,
-    max_iterations: int,
     stream: bool,
-    on_limit: OnLimit = "stop",
 ) -> AsyncGenerator[TurnEvent, None]:
-    """Run one turn: store the user message (unless retrying), then call model and tools."""
-    if max_iterations < 1:
+    """Run one turn: store the user message (None: answer the stored one), then model and tools."""
+    if setup.max_iterations < 1:
         raise ValueError("max_iterations must be at least 1")
-    turn = _Turn(session, max_iterations, stream, on_limit)
+    turn = _Turn(transcript, setup, stream)
     if user_message is not None:
         await turn.store(user_message)
     try:
-        while turn.iterations < max_iterations:
-            text_mode = session._protocol == "text"
+        while turn.iterations < setup.max_iterations:
+            text_mode = setup.protocol.text
             try:
                 response = None
                 async with aclosing(_call_model(turn, tools=True)) as calls:
@@ -364,10 +232,9 @@ async def run_turn(
                         elif not text_mode:
                             yield event
             except ToolsUnsupported:
-                if session.react_mode != "auto":
+                if setup.react_mode != "auto" or text_mode:
                     raise
-                session._protocol = "text"  # this endpoint takes no `tools`: fall back for good
-                turn.iterations -= 1
+                setup.protocol.text = True  # this endpoint takes no `tools`: fall back for good
                 continue
             assert response is not None
             message = response.message
@@ -392,10 +259,10 @@ async def run_turn(
     except ModelError as exc:
         yield turn.result("", "error", success=False, error=str(exc), exception=exc)
     except asyncio.CancelledError:
-        if not session._cancel_requested:
+        if not setup.cancel.requested:
             raise
-        # Session.cancel() asked for this: end the turn with a result instead of an error.
-        session._cancel_requested = False
+        # The owner cancelled on purpose: end the turn with a result instead of an error.
+        setup.cancel.requested = False
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
@@ -405,12 +272,22 @@ async def run_turn(
 
 
 async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
-    """One model call (one iteration): build the prompt, call, store the assistant message."""
-    session = turn.session
-    turn.iterations += 1
-    request = await session._build_request(with_tools=tools, limit_note=not tools)
+    """One model call: build the prompt, call, store the assistant message.
+
+    The call counts as an iteration once the model has answered.
+    """
+    setup = turn.setup
+    request = await build_request(
+        turn.transcript.cache,
+        setup.prompt,
+        setup.tools.openai_schemas() if len(setup.tools) else [],
+        text_protocol=setup.protocol.text,
+        with_tools=tools,
+        limit_note=not tools,
+        context=setup.context,
+    )
     partial: list[str] = []
-    model = session.model
+    model = await setup.model()
     try:
         if turn.stream:
             response = None
@@ -439,8 +316,9 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
             meta = {"interrupted": True, "error": str(exc)}
             await turn.store(ChatMessage.assistant("".join(partial), metadata=meta))
         raise
-    for interceptor in session.response_interceptors:
-        changed = await maybe_await(interceptor(response, session))
+    turn.iterations += 1
+    for interceptor in setup.response_interceptors:
+        changed = await maybe_await(interceptor(response, setup.context))
         response = changed if changed is not None else response
     turn.usage = turn.usage + response.usage
     await turn.store(response.message)
@@ -449,30 +327,29 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
 
 async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEvent, None]:
     """Run every call of one assistant message, concurrently, and store results in order."""
-    session = turn.session
-    calls = message.tool_calls
+    setup = turn.setup
     thought = message.text or None
     # calls the model got wrong (no name, ...) run nothing and are answered with the problem
     invalid = message.metadata.get(INVALID_CALLS_KEY)
     if not isinstance(invalid, dict):
         invalid = {}
-    tools = [None if c.id in invalid else session.tools.get(c.name) for c in calls]
+    actions = [_action(setup.tools, c, _parsed(c), invalid.get(c.id)) for c in message.tool_calls]
     tasks: list[asyncio.Task[tuple[str, bool]] | None] = []
     try:
         # Approvals are asked one at a time, in order, before anything runs.
-        approvals = [await _approved(session, t, c) for t, c in zip(tools, calls, strict=True)]
-        for tool, call, ok in zip(tools, calls, approvals, strict=True):
+        approvals = [await _approved(setup, action) for action in actions]
+        for action, ok in zip(actions, approvals, strict=True):
             if ok:
-                yield ToolRunning(call)
-                problem = invalid.get(call.id)
-                tasks.append(asyncio.create_task(_execute(session, tool, call, problem)))
+                yield ToolRunning(action.call)
+                tasks.append(asyncio.create_task(_execute(setup, action)))
             else:
                 tasks.append(None)
-        for call, task in zip(calls, tasks, strict=True):
+        for action, task in zip(actions, tasks, strict=True):
+            call = action.call
             output, ok = (await task) if task is not None else (_denied(call), False)
             result = ChatMessage.tool(call.id, output, metadata={"tool": call.name, "ok": ok})
             await turn.store(result)
-            turn.steps.append(Step(thought, call.name, _arguments(call), output))
+            turn.steps.append(Step(thought, call.name, action.action_input, output))
             yield ToolDone(call, output, ok)
     except BaseException:
         # Cancelled, closed or failed half-way: stop what still runs and answer every call
@@ -480,21 +357,13 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
         for task in tasks:
             if task is not None:
                 task.cancel()
-        await session._answer_dangling_calls()
+        await turn.transcript.answer_dangling_calls()
         raise
-
-
-def _arguments(call: ToolCall) -> dict[str, Any] | str:
-    try:
-        value = _json_value(call.arguments or "{}")
-    except ValueError:
-        return call.arguments
-    return value if isinstance(value, dict) else call.arguments
 
 
 async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEvent, None]:
     """Act on one text-protocol reply: answer, run its action, or explain what was wrong."""
-    session = turn.session
+    setup = turn.setup
     reply = parse_text_reply(message.text)
     if reply.final_answer is not None:
         yield TextDelta(reply.final_answer)
@@ -504,35 +373,32 @@ async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEv
         return
     if reply.action is not None:
         call = ToolCall(f"text_{turn.iterations}", reply.action, json.dumps(reply.action_input))
-        tool = session.tools.get(reply.action)
+        action = _action(setup.tools, call, reply.action_input)
         try:
-            if await _approved(session, tool, call):
+            if await _approved(setup, action):
                 yield ToolRunning(call)
-                output, ok = await _execute(session, tool, call)
+                output, ok = await _execute(setup, action)
             else:
                 output, ok = _denied(call), False
         except BaseException:
             # the action never finished: say so, as the native protocol's repair does
-            meta = {"observation": True, "tool": reply.action, "interrupted": True}
-            await turn.store(
-                ChatMessage.user(OBSERVATION_PREFIX + INTERRUPTED_RESULT, metadata=meta)
-            )
+            await turn.store(observation(INTERRUPTED_RESULT, tool=reply.action, interrupted=True))
             raise
         turn.steps.append(Step(reply.thought, reply.action, reply.action_input, output))
         yield ToolDone(call, output, ok)
     else:
         output = f"Error: {reply.problem}. Reply with one JSON object as described."
         turn.steps.append(Step(reply.thought, None, None, output))
-    meta = {"observation": True, **({"tool": reply.action} if reply.action else {})}
-    await turn.store(ChatMessage.user(OBSERVATION_PREFIX + output, metadata=meta))
+    await turn.store(observation(output, tool=reply.action))
 
 
 async def _limit_reached(turn: _Turn) -> AsyncGenerator[TurnEvent, None]:
     """End a turn that used all its iterations, optionally with one last answer without tools."""
-    error = f"stopped after {turn.iterations} model calls (max_iterations={turn.max_iterations})"
+    max_iterations = turn.setup.max_iterations
+    error = f"stopped after {turn.iterations} model calls (max_iterations={max_iterations})"
     last = ""
-    if turn.on_limit == "generate":
-        text_mode = turn.session._protocol == "text"
+    if turn.setup.on_limit == "generate":
+        text_mode = turn.setup.protocol.text
         async with aclosing(_call_model(turn, tools=False)) as calls:
             async for event in calls:
                 if isinstance(event, ModelResponse):

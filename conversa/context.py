@@ -1,20 +1,87 @@
-"""Building the prompt: repairing dangling tool calls and trimming history to a token budget."""
+"""Building the prompt for one model call: the system prompt, the history repaired and trimmed to
+a token budget, the user parts, and the request interceptors."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import ChatMessage
+from .events import ModelRequest, RequestInterceptor, maybe_await
+from .text_protocol import describe_tools_for_text_protocol
+from .transcript import PromptHistory
 
 TokenCounter = Callable[[dict[str, Any]], int]
 """Counts the tokens of one message in wire form."""
 
-INTERRUPTED_RESULT = "[interrupted: this tool call did not complete, its result is unknown]"
+LIMIT_NOTE = (
+    "You have reached the limit of tool use for this turn. Do not call tools; answer the user "
+    "now as well as you can with what you have."
+)
 _IMAGE_TOKENS = 765  # what a high-detail 512x512 tile costs; a fair guess for any image part
 _MESSAGE_OVERHEAD = 4
+
+
+async def build_request(
+    history: PromptHistory,
+    options: PromptOptions,
+    schemas: list[dict[str, Any]],
+    *,
+    text_protocol: bool,
+    with_tools: bool,
+    limit_note: bool,
+    context: Any,
+) -> ModelRequest:
+    """The prompt for the next model call: repaired, trimmed, intercepted.
+
+    ``schemas`` are the tools' (sent as ``tools``, or described in the system prompt for the
+    text protocol); ``context`` is what the request interceptors get as their second argument.
+    """
+    system_lines = [options.system_prompt] if options.system_prompt else []
+    if text_protocol and schemas and with_tools:
+        system_lines.append(describe_tools_for_text_protocol(schemas))
+    if limit_note:
+        system_lines.append(LIMIT_NOTE)
+    wire, user_index = history.prompt()
+    interceptors = options.request_interceptors
+    if interceptors:
+        # interceptors may edit messages in place; the cached wire forms must not change
+        wire = [dict(m) for m in wire]
+    anchor = None  # the user's newest message: it always stays in the prompt
+    if user_index is not None:
+        if options.user_parts is not None:
+            attach_user_parts(wire, user_index, options.user_parts())
+        anchor = wire[user_index]
+    request = ModelRequest(
+        messages=wire, tools=schemas if (schemas and with_tools and not text_protocol) else None
+    )
+    for interceptor in interceptors:
+        changed = await maybe_await(interceptor(request, context))
+        request = changed if isinstance(changed, ModelRequest) else request
+    system_lines.extend(request.extra_system)
+    system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
+    keep = next((i for i, m in enumerate(request.messages) if m is anchor), None)
+    count = options.token_counter
+    request.messages = trim(
+        system,
+        request.messages,
+        options.context_window,
+        lambda message: history.cost(message, count),
+        keep=keep,
+    )
+    return request
+
+
+def attach_user_parts(
+    wire: list[dict[str, Any]], index: int, parts: Sequence[dict[str, Any]]
+) -> None:
+    """Add content parts to the wire message at ``index`` (replaced by a new dict)."""
+    if not parts:
+        return
+    content = wire[index]["content"]
+    base = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    # a new dict: the cached wire form of the stored message must stay as it is
+    wire[index] = {**wire[index], "content": [*base, *parts]}
 
 
 def estimate_tokens(message: dict[str, Any]) -> int:
@@ -36,134 +103,17 @@ def estimate_tokens(message: dict[str, Any]) -> int:
     return _MESSAGE_OVERHEAD + (chars + 3) // 4 + images * _IMAGE_TOKENS
 
 
-def interrupted_result(tool_call_id: str) -> ChatMessage:
-    """The synthetic result that stands in for a tool call that never completed."""
-    return ChatMessage.tool(
-        tool_call_id, INTERRUPTED_RESULT, metadata={"interrupted": True, "synthetic": True}
-    )
-
-
 @dataclass(frozen=True, slots=True)
-class Repair:
-    """What a history needs before it is valid model input (stored messages stay as they are)."""
+class PromptOptions:
+    """What shapes every prompt of a turn besides the history."""
 
-    messages: list[ChatMessage]
-    """The history as the model must see it: missing results filled in, orphans left out."""
-    to_store: list[ChatMessage]
-    """Synthetic results for calls dangling at the very end: the caller appends these."""
-
-
-def repair(history: Sequence[ChatMessage]) -> Repair:
-    """Pair every tool call with exactly one result, the way the chat API demands."""
-    out: list[ChatMessage] = []
-    pending: dict[str, None] = {}  # ordered set of call ids still owed a result
-    changed = False
-    for m in history:
-        if m.role == "tool":
-            if m.tool_call_id in pending:
-                del pending[m.tool_call_id]
-                out.append(m)
-            else:
-                changed = True  # an orphan or a duplicate: the API would reject it
-            continue
-        if pending:
-            out.extend(interrupted_result(cid) for cid in pending)
-            pending.clear()
-            changed = True
-        out.append(m)
-        if m.tool_calls:
-            pending = {c.id: None for c in m.tool_calls}
-    tail = [interrupted_result(cid) for cid in pending]
-    if not changed and not tail:
-        return Repair(list(history), [])
-    return Repair(out + tail, tail)
-
-
-class PromptHistory:
-    """The history in wire form, kept in step with the stored one message by message.
-
-    It also tracks, incrementally, whether the history needs ``repair``: so a turn on a long,
-    healthy history costs the same as on a short one.
-    """
-
-    def __init__(self, messages: Sequence[ChatMessage] = ()) -> None:
-        self.messages: list[ChatMessage] = []
-        self.wire: list[dict[str, Any]] = []
-        self._pending: dict[str, None] = {}  # call ids of the newest assistant still unanswered
-        self._damaged = False  # a gap or an orphan somewhere: only a full repair helps
-        self._ours: set[int] = set()  # ids of the dicts in self.wire, which never change
-        self._costs: dict[int, int] = {}  # their token counts, by the counter below
-        self._counter: TokenCounter | None = None
-        self.extend(messages)
-
-    def extend(
-        self, messages: Sequence[ChatMessage], wire: Sequence[dict[str, Any]] | None = None
-    ) -> None:
-        """Take in messages just appended to storage (with their wire form, if known)."""
-        for i, m in enumerate(messages):
-            self.messages.append(m)
-            self.wire.append(wire[i] if wire is not None else m.to_openai())
-            self._ours.add(id(self.wire[-1]))
-            if m.role == "tool":
-                if m.tool_call_id in self._pending:
-                    del self._pending[m.tool_call_id]
-                else:
-                    self._damaged = True
-                continue
-            if self._pending:
-                self._damaged = True
-            self._pending = {c.id: None for c in m.tool_calls}
-
-    def truncate(self, keep: int) -> None:
-        """Keep the oldest ``keep`` messages."""
-        messages, wire = self.messages[:keep], self.wire[:keep]
-        self.messages, self.wire, self._pending, self._damaged = [], [], {}, False
-        self._ours = set()
-        self.extend(messages, wire)
-        self._costs = {k: v for k, v in self._costs.items() if k in self._ours}
-
-    def cost(self, message: dict[str, Any], counter: TokenCounter) -> int:
-        """``counter(message)``, remembered for this history's own wire messages.
-
-        So a prompt trimmed to a context window counts each stored message once, not on
-        every model call. Other dicts (a system prompt, a copy with user parts) are counted
-        afresh each time.
-        """
-        if counter is not self._counter:
-            self._counter, self._costs = counter, {}
-        key = id(message)
-        known = self._costs.get(key)
-        if known is None:
-            known = counter(message)
-            if key in self._ours:
-                self._costs[key] = known
-        return known
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    def dangling(self) -> list[ChatMessage]:
-        """Interrupted results for tool calls left unanswered at the very end."""
-        if self._damaged:
-            return repair(self.messages).to_store
-        return [interrupted_result(cid) for cid in self._pending]
-
-    def prompt(self) -> tuple[list[dict[str, Any]], int | None]:
-        """The wire messages the model may see (a fresh list, repaired if needed), and the
-        index among them of the user's newest message (observations do not count)."""
-        if not self._damaged and not self._pending:
-            return list(self.wire), newest_user_index(self.messages)
-        fixed = repair(self.messages).messages
-        return [m.to_openai() for m in fixed], newest_user_index(fixed)
-
-
-def newest_user_index(messages: Sequence[ChatMessage]) -> int | None:
-    """The index of the newest message the user wrote (not a text-protocol observation)."""
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        if m.role == "user" and not m.metadata.get("observation"):
-            return i
-    return None
+    system_prompt: str | None = None
+    context_window: int | None = None
+    """Tokens the prompt may take; None: no trimming."""
+    token_counter: TokenCounter = estimate_tokens
+    request_interceptors: Sequence[RequestInterceptor] = ()
+    user_parts: Callable[[], list[dict[str, Any]]] | None = None
+    """Content parts attached to the user's newest message, asked for at each model call."""
 
 
 def _units(messages: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -220,19 +170,3 @@ def trim(
                 u -= 1
     kept = [messages[k] for u, (a, b) in enumerate(units) if u in chosen for k in range(a, b)]
     return system + kept
-
-
-def describe_tools_for_text_protocol(schemas: Sequence[dict[str, Any]]) -> str:
-    """The system prompt section that teaches the JSON text protocol to a model."""
-    lines = [
-        "You can use tools. Reply with exactly one JSON object and nothing else.",
-        'To use a tool: {"thought": "...", "action": "<tool name>", "action_input": {...}}',
-        'To answer the user: {"thought": "...", "final_answer": "..."}',
-        "After a tool runs you get a message starting with 'Observation:' holding its result.",
-        "Tools:",
-    ]
-    for schema in schemas:
-        fn = schema["function"]
-        params = json.dumps(fn.get("parameters", {}), ensure_ascii=False)
-        lines.append(f"- {fn['name']}: {fn.get('description', '')} Arguments schema: {params}")
-    return "\n".join(lines)

@@ -4,39 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
-from .agent import (
-    LIMIT_NOTE,
+from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
+from .context import PromptOptions, TokenCounter, estimate_tokens
+from .errors import ConversaError
+from .events import (
     AgentResult,
     Approver,
-    ModelRequest,
     OnLimit,
     ReactMode,
     RequestInterceptor,
     ResponseInterceptor,
     TurnDone,
     TurnEvent,
-    maybe_await,
-    run_turn,
 )
-from .context import (
-    PromptHistory,
-    TokenCounter,
-    describe_tools_for_text_protocol,
-    estimate_tokens,
-    newest_user_index,
-    trim,
-)
-from .errors import ConversaError
 from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
 from .state import SessionState
 from .storage import ConversationStorage, open_storage, validate_session_id
+from .transcript import Transcript, newest_user_index
 
 if TYPE_CHECKING:
     from .tools import Tool, ToolRegistry
@@ -90,12 +80,12 @@ class Session:
         self.state = SessionState(storage, session_id)
         self._model_spec = model
         self._model: ChatModel | None = model if not isinstance(model, (str, type(None))) else None
-        self._protocol = "text" if react_mode == "text" else "tools"
-        self._history = PromptHistory()
+        self._protocol = ToolProtocol(text=react_mode == "text")
+        self._transcript = Transcript(storage, self.session_id)
         self._lock = asyncio.Lock()
         self._owns_storage = False
         self._turn_task: asyncio.Task[Any] | None = None
-        self._cancel_requested = False
+        self._cancel = CancelFlag()
 
     # -- model ------------------------------------------------------------------------
 
@@ -110,66 +100,47 @@ class Session:
     def model(self, value: str | ChatModel | None) -> None:
         self._model_spec = value
         self._model = value if not isinstance(value, (str, type(None))) else None
-        self._protocol = "text" if self.react_mode == "text" else "tools"
+        self._protocol = ToolProtocol(text=self.react_mode == "text")
+
+    async def _chat_model(self) -> ChatModel:
+        """``model`` for a turn: resolved in a thread, as resolving may probe local servers."""
+        if self._model is None:
+            spec = self._model_spec
+            model = await asyncio.to_thread(resolve_model, spec)
+            if self._model is None and self._model_spec is spec:  # not replaced meanwhile
+                self._model = model
+            return model
+        return self._model
 
     # -- history ----------------------------------------------------------------------
 
     @property
     def history(self) -> list[ChatMessage]:
         """The stored history as of the last sync (a copy)."""
-        return list(self._history.messages)
+        return list(self._transcript.messages)
 
     def message_count(self) -> int:
         """Every stored message: system, user, assistant and tool."""
-        return len(self._history)
+        return len(self._transcript)
 
     async def refresh(self) -> None:
         """Catch up with what other processes stored; loads the history only if it changed."""
         async with self._lock:
-            await self._refresh()
-
-    async def _refresh(self) -> None:
-        count = await self.storage.count(self.session_id)
-        if count == len(self._history):
-            newest = await self.storage.tail(self.session_id, 1) if count else []
-            if not newest or newest[0].id == self._history.messages[-1].id:
-                return
-        self._history = PromptHistory(await self.storage.load(self.session_id))
-
-    async def _append(self, messages: Sequence[ChatMessage]) -> None:
-        """Store messages and take them into the cached history, even if cancelled meanwhile.
-
-        A storage write that has started may complete after its caller is cancelled (it runs
-        in a thread or on a server): waiting for it keeps the cache equal to what is stored.
-        """
-        write = asyncio.ensure_future(self.storage.append(self.session_id, messages))
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await write
-            if write.done() and not write.cancelled() and write.exception() is None:
-                self._history.extend(messages)
-            raise
-        self._history.extend(messages)
+            await self._transcript.refresh()
 
     async def clear_history(self) -> None:
         """Delete every message of this session (its state and info stay)."""
         async with self._lock:
-            await self.storage.save(self.session_id, [])
-            self._history = PromptHistory()
+            await self._transcript.clear()
 
     async def undo(self) -> list[ChatMessage]:
         """Remove the last user message and everything after it; returns what was removed."""
         async with self._lock:
-            await self._refresh()
-            index = newest_user_index(self._history.messages)
+            await self._transcript.refresh()
+            index = newest_user_index(self._transcript.messages)
             if index is None:
                 return []
-            await self.storage.truncate(self.session_id, index)
-            removed = self._history.messages[index:]
-            self._history.truncate(index)
-            return removed
+            return await self._transcript.truncate(index)
 
     # -- turns ------------------------------------------------------------------------
 
@@ -208,25 +179,19 @@ class Session:
             if message.role != "user":
                 raise ValueError(f"send a user message, not a {message.role} message")
         async with self._lock:
-            await self._refresh()
+            transcript = self._transcript
+            await transcript.refresh()
             await self.state.reload()
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
-            await self._answer_dangling_calls()
+            await transcript.answer_dangling_calls()
             if message is None:
-                index = newest_user_index(self._history.messages)
+                index = newest_user_index(transcript.messages)
                 if index is None:
                     raise ConversaError("there is no user message to retry; send one first")
-                await self.storage.truncate(self.session_id, index + 1)
-                self._history.truncate(index + 1)
-            self._turn_task, self._cancel_requested = asyncio.current_task(), False
-            turn = run_turn(
-                self,
-                message,
-                max_iterations=self.max_iterations if max_iterations is None else max_iterations,
-                stream=stream,
-                on_limit=self.on_limit,
-            )
+                await transcript.truncate(index + 1)
+            self._turn_task, self._cancel.requested = asyncio.current_task(), False
+            turn = run_turn(transcript, message, self._setup(max_iterations), stream=stream)
             try:
                 async with aclosing(turn) as events:
                     async for event in events:
@@ -245,62 +210,36 @@ class Session:
         task = self._turn_task
         if task is None or task.done():
             return False
-        self._cancel_requested = True
+        self._cancel.requested = True
         task.cancel()
         return True
 
-    async def _answer_dangling_calls(self) -> None:
-        """Store interrupted results for tool calls left unanswered at the end of the history."""
-        dangling = self._history.dangling()
-        if dangling:
-            await self._append(dangling)
-
-    async def _build_request(self, *, with_tools: bool, limit_note: bool) -> ModelRequest:
-        """The prompt for the next model call: repaired, trimmed, intercepted."""
-        text_mode = self._protocol == "text"
-        schemas = self.tools.openai_schemas() if len(self.tools) else []
-        system_lines = [self.system_prompt] if self.system_prompt else []
-        if text_mode and schemas and with_tools:
-            system_lines.append(describe_tools_for_text_protocol(schemas))
-        if limit_note:
-            system_lines.append(LIMIT_NOTE)
-        wire, user_index = self._history.prompt()
-        if self.request_interceptors:
-            # interceptors may edit messages in place; the cached wire forms must not change
-            wire = [dict(m) for m in wire]
-        anchor = None  # the user's newest message: it always stays in the prompt
-        if user_index is not None:
-            self._attach_user_parts(wire, user_index)
-            anchor = wire[user_index]
-        request = ModelRequest(
-            messages=wire, tools=schemas if (schemas and with_tools and not text_mode) else None
+    def _setup(self, max_iterations: int | None) -> TurnSetup:
+        """What the loop needs for one turn, from this session's current settings."""
+        return TurnSetup(
+            model=self._chat_model,
+            tools=self.tools,
+            prompt=PromptOptions(
+                system_prompt=self.system_prompt,
+                context_window=self.context_window,
+                token_counter=self.token_counter,
+                request_interceptors=self.request_interceptors,
+                user_parts=self._user_parts,
+            ),
+            approve=self.approve,
+            react_mode=self.react_mode,
+            max_iterations=self.max_iterations if max_iterations is None else max_iterations,
+            on_limit=self.on_limit,
+            response_interceptors=self.response_interceptors,
+            protocol=self._protocol,
+            cancel=self._cancel,
+            context=self,
         )
-        for interceptor in self.request_interceptors:
-            changed = await maybe_await(interceptor(request, self))
-            request = changed if isinstance(changed, ModelRequest) else request
-        system_lines.extend(request.extra_system)
-        system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
-        keep = next((i for i, m in enumerate(request.messages) if m is anchor), None)
-        count = self.token_counter
-        request.messages = trim(
-            system,
-            request.messages,
-            self.context_window,
-            lambda message: self._history.cost(message, count),
-            keep=keep,
-        )
-        return request
 
     # -- user parts: content attached to every user message sent to the model ---------
 
-    def _attach_user_parts(self, wire: list[dict[str, Any]], index: int) -> None:
-        parts = [v for k, v in self.state.items(internal=True) if k.startswith(USER_PART_PREFIX)]
-        if not parts:
-            return
-        content = wire[index]["content"]
-        base = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        # a new dict: the cached wire form of the stored message must stay as it is
-        wire[index] = {**wire[index], "content": [*base, *parts]}
+    def _user_parts(self) -> list[dict[str, Any]]:
+        return [v for k, v in self.state.items(internal=True) if k.startswith(USER_PART_PREFIX)]
 
     async def set_user_part_text(self, name: str, text: str) -> None:
         """Attach a text part to the user's messages until it is deleted."""
@@ -337,7 +276,7 @@ class Session:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<Session {self.session_id!r}: {len(self._history)} messages>"
+        return f"<Session {self.session_id!r}: {len(self._transcript)} messages>"
 
 
 async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:

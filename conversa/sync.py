@@ -8,7 +8,9 @@ from datetime import datetime
 from os import PathLike
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .agent import (
+from .context import TokenCounter, estimate_tokens
+from .errors import ConversaError
+from .events import (
     AgentResult,
     Approver,
     OnLimit,
@@ -16,8 +18,6 @@ from .agent import (
     RequestInterceptor,
     ResponseInterceptor,
 )
-from .context import TokenCounter, estimate_tokens
-from .errors import ConversaError
 from .messages import ChatMessage, Content
 from .model import ChatModel
 from .session import Session, create_session

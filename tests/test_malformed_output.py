@@ -17,12 +17,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conversa import ChatMessage, OpenAIChatModel, Session, ToolCall, create_session, tool
-from conversa.agent import AgentResult, TurnDone, parse_text_reply
+from conversa import (
+    AgentResult,
+    ChatMessage,
+    OpenAIChatModel,
+    Session,
+    ToolCall,
+    TurnDone,
+    create_session,
+    tool,
+)
 from conversa.model import INVALID_CALLS_KEY, INVALID_TOOL_NAME
 from conversa.testing.replies import Reply, raw_completion, raw_stream, text
 from conversa.testing.scripted import ScriptedModel
 from conversa.testing.server import FakeOpenAIServer
+from conversa.text_protocol import parse_text_reply
 
 
 @tool
@@ -319,7 +328,7 @@ PIECES = st.sampled_from(["```", "`", "{", "}", " ", "\n", "json", "js", "x", '"
 
 @given(st.lists(PIECES, max_size=14).map("".join))
 def test_fenced_objects_are_found_as_the_old_regex_found_them(reply: str) -> None:
-    from conversa.agent import _fenced_object
+    from conversa.text_protocol import _fenced_object
 
     match = OLD_FENCE.search(reply)
     assert _fenced_object(reply) == (match.group(1) if match else None)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..agent import Approver, ReactMode
+    from ..events import Approver, ReactMode
     from ..model import ChatModel
     from ..session import Session
     from ..storage import ConversationStorage

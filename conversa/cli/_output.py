@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..agent import TurnEvent
+    from ..events import TurnEvent
     from ..messages import ChatMessage
 
 

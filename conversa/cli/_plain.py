@@ -7,13 +7,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..agent import ToolDone, ToolRunning
+from ..events import ToolDone, ToolRunning
 from ..model import TextDelta
 from ._format import message_lines, table_text, terminal_text, tool_call_line, tool_result_line
 from ._output import Output, TurnView
 
 if TYPE_CHECKING:
-    from ..agent import TurnEvent
+    from ..events import TurnEvent
     from ..messages import ChatMessage
 
 

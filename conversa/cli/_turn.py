@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ._runner import describe, print_traceback
 
 if TYPE_CHECKING:
-    from ..agent import AgentResult, TurnEvent
+    from ..events import AgentResult, TurnEvent
     from ._output import Output, TurnView
 
 
@@ -18,7 +18,7 @@ async def show_events(
     """Show every event of a turn in ``view``; the turn's result (None if it sent none)."""
     from contextlib import aclosing
 
-    from ..agent import TurnDone
+    from ..events import TurnDone
 
     async with aclosing(events) as stream:
         async for event in stream:

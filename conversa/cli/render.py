@@ -16,13 +16,13 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from ..agent import ToolDone, ToolRunning
+from ..events import ToolDone, ToolRunning
 from ..model import TextDelta, ToolCallStarted
 from ._format import message_lines, terminal_text, tool_call_line, tool_result_line
 from ._output import Output, TurnView
 
 if TYPE_CHECKING:
-    from ..agent import TurnEvent
+    from ..events import TurnEvent
     from ..messages import ChatMessage
 
 ROLE_STYLES = {"user": "bold green", "assistant": "bold blue", "system": "bold magenta"}

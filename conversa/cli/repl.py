@@ -13,7 +13,7 @@ from ._format import approval_question, plural
 from ._turn import explain_failure, report_error, show_events
 
 if TYPE_CHECKING:
-    from ..agent import AgentResult, TurnEvent
+    from ..events import AgentResult, TurnEvent
     from ..messages import ChatMessage
     from ..model import ChatModel, RetryNotice
     from ..session import Session

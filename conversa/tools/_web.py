@@ -100,7 +100,7 @@ async def _approve_redirect(
             f"{current} redirects to {following}, on another host; following it needs the "
             "user's approval and there is nobody to ask, so it was not fetched"
         )
-    from ..agent import maybe_await
+    from ..events import maybe_await
 
     loop = asyncio.get_running_loop()
     left = (scope.when() or loop.time()) - loop.time()
