@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "SessionInfo": ".storage",
     "SessionState": ".state",
     "Step": ".agent",
+    "StateValueError": ".errors",
     "StorageError": ".errors",
     "SyncSession": ".sync",
     "TextDelta": ".model",

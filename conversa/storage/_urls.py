@@ -1,14 +1,28 @@
-"""Small helpers for storage URLs: reading query options (redact_url hides their secrets)."""
+"""Small helpers for storage URLs: reading query options (redact_url hides their secrets).
+
+Every bad setting raises StorageConfigError: a bad URL (or an option of one) its subclass
+UnsupportedStorageURL, a bad argument of a constructor StorageConfigError itself.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Callable, Mapping
+from typing import Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 from .._redact import redact_url
-from ..errors import UnsupportedStorageURL
+from ..errors import StorageConfigError, UnsupportedStorageURL
 
-__all__ = ["DURABILITIES", "Durability", "durability_option", "query_options", "redact_url"]
+__all__ = [
+    "DURABILITIES",
+    "Durability",
+    "durability_option",
+    "number_option",
+    "query_options",
+    "redact_url",
+]
+
+_N = TypeVar("_N", int, float)
 
 
 def query_options(url: str, allowed: set[str]) -> dict[str, str]:
@@ -38,4 +52,19 @@ def durability_option(value: object, url: str | None = None) -> Durability:
         f"unknown durability {value!r}{where}; use 'crash' (an acknowledged write survives the "
         "process being killed) or 'power' (it survives a power cut too; slower)"
     )
-    raise UnsupportedStorageURL(message) if url is not None else ValueError(message)
+    raise UnsupportedStorageURL(message) if url is not None else StorageConfigError(message)
+
+
+def number_option(
+    options: Mapping[str, str], name: str, kind: Callable[[str], _N], default: _N | None, url: str
+) -> _N | None:
+    """The option ``name`` of ``url`` read as a number (``default`` if absent or empty)."""
+    text = options.get(name)
+    if not text:
+        return default
+    try:
+        return kind(text)
+    except ValueError as exc:
+        raise UnsupportedStorageURL(
+            f"{name} in {redact_url(url)!r} must be a number, not {text!r}"
+        ) from exc
