@@ -49,26 +49,31 @@ only, and is lost with it; implement the pair to persist it (and call ``self.tou
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import time
 import unicodedata
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, cast, get_args
+from typing import Any, Self, TypeVar, cast, get_args
 
-from ..errors import (
-    BackendUnavailable,
-    CorruptSessionError,
-    InvalidSessionId,
-    StateValueError,
-    StorageConfigError,
-)
+from ..errors import InvalidSessionId, StateValueError
 from ..messages import ChatMessage, _as_utc
+from ._stored import (
+    SearchHit,
+    SessionInfo,
+    SessionStatus,
+    StateEntry,
+    copy_json,
+    decode_info,
+    first_user,
+    from_ts,
+    state_entry,
+    title_from,
+)
 
 __all__ = [
     "UNSET",
@@ -80,12 +85,14 @@ __all__ = [
     "StateEntry",
     "StateValueError",
     "Unset",
+    "copy_json",
+    "expiry_of",
+    "from_ts",
+    "title_from",
     "validate_session_id",
 ]
 
 MAX_SESSION_ID_LENGTH = 256
-TITLE_LENGTH = 60
-SessionStatus = Literal["active", "completed", "abandoned"]
 STATUSES: frozenset[str] = frozenset(get_args(SessionStatus))
 
 
@@ -120,39 +127,6 @@ class Unset:
 
 
 UNSET = Unset()
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """What is known about a session without loading its history."""
-
-    session_id: str
-    created_at: datetime
-    updated_at: datetime
-    message_count: int
-    title: str | None = None
-    """The title set with update_info, else the start of the first user message."""
-    user_id: str | None = None
-    status: SessionStatus = "active"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class SearchHit:
-    """One message that matched a search, and where it sits."""
-
-    session_id: str
-    position: int
-    """The message's index in its session's history."""
-    message: ChatMessage
-
-
-@dataclass(frozen=True, slots=True)
-class StateEntry:
-    """One state key as stored: its value and when it expires (None: never)."""
-
-    value: Any
-    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,162 +657,3 @@ def live_raw(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def live_entries(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, StateEntry]:
     """The stored entries that have not expired, as StateEntry objects."""
     return {k: state_entry(e["value"], e.get("expires_at")) for k, e in live_raw(entries).items()}
-
-
-def state_entry(value: Any, expires_at: float | None) -> StateEntry:
-    """A StateEntry from a value and epoch seconds (or None)."""
-    return StateEntry(value, None if expires_at is None else from_ts(expires_at))
-
-
-# -- reading what is stored: one set of decoders, one kind of error -------------------------
-
-
-Place = str | Callable[[], str]
-"""Where stored data lives, for an error message; a function if it costs something to say."""
-
-
-def corrupt(place: Place, why: object, fix: str) -> CorruptSessionError:
-    """The error for stored data that cannot be read: what and where it is, why, what to do."""
-    return CorruptSessionError(f"{_said(place)} is damaged: {why}. It was left untouched; {fix}")
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"invalid JSON ({exc.msg}, column {exc.colno})"
-    if isinstance(exc, UnicodeDecodeError):
-        return "not valid UTF-8"
-    return f"not a stored message ({exc})"
-
-
-def decode_message(data: str | bytes, place: Place, fix: str) -> ChatMessage:
-    """A stored message (``ChatMessage.to_json`` text), or CorruptSessionError naming it."""
-    try:
-        return ChatMessage.from_json(data)
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        raise corrupt(place, _why(exc), fix) from exc
-
-
-def decode_info(
-    session_id: str,
-    row: Mapping[str, Any],
-    *,
-    created_at: datetime,
-    updated_at: datetime,
-    message_count: int,
-    default_title: str | None,
-    where: Place,
-) -> SessionInfo:
-    """A SessionInfo from stored fields: ``row`` holds title, user_id, status and metadata
-    (a dict, or its JSON text), each optional; a set title wins over ``default_title``.
-    """
-    metadata = row.get("metadata")
-    try:
-        if metadata is None:
-            metadata = {}
-        elif isinstance(metadata, str):
-            metadata = json.loads(metadata)
-        if not isinstance(metadata, dict):
-            raise ValueError(f"a JSON object was expected, not {metadata!r:.40}")
-    except ValueError as exc:
-        place = f"the metadata of session {session_id!r} in {_said(where)}"
-        raise corrupt(place, exc, "set it again with update_info(metadata=...)") from exc
-    return SessionInfo(
-        session_id=session_id,
-        created_at=created_at,
-        updated_at=updated_at,
-        message_count=message_count,
-        title=row.get("title") or default_title or None,
-        user_id=row.get("user_id"),
-        status=row.get("status") or "active",
-        metadata=copy_json(metadata),
-    )
-
-
-def decode_state(
-    session_id: str, key: str, text: str, expires_at: float | str | None, where: Place
-) -> StateEntry:
-    """A stored state entry (the value as JSON text, the expiry as epoch seconds)."""
-    try:
-        return state_entry(json.loads(text), None if expires_at is None else float(expires_at))
-    except ValueError as exc:
-        place = f"state key {key!r} of session {session_id!r} in {_said(where)}"
-        raise corrupt(place, exc, "set or delete that key") from exc
-
-
-def _said(place: Place) -> str:
-    return place if isinstance(place, str) else place()
-
-
-def title_from(messages: Iterable[ChatMessage]) -> str | None:
-    """The default title: the start of the first user message, on one line."""
-    found = first_user(messages)
-    return found[1] if found else None
-
-
-def first_user(messages: Iterable[ChatMessage]) -> tuple[int, str | None] | None:
-    """The index of the first user message and the default title it gives (None if none)."""
-    for i, m in enumerate(messages):
-        if m.role == "user":
-            text = " ".join(m.text.split())
-            if len(text) > TITLE_LENGTH:
-                text = text[: TITLE_LENGTH - 1].rstrip() + "…"
-            return i, text or None
-    return None
-
-
-def copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts, lists, scalars): much cheaper than copy.deepcopy.
-
-    Tuples become lists, as they would after a round trip through JSON.
-    """
-    if isinstance(value, dict):
-        return {k: copy_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [copy_json(v) for v in value]
-    return value
-
-
-# -- times ------------------------------------------------------------------------------------
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive datetime is taken as UTC, as ChatMessage does."""
-    return _as_utc(moment)
-
-
-def from_ts(value: float) -> datetime:
-    """Epoch seconds as an aware UTC datetime."""
-    return datetime.fromtimestamp(value, UTC)
-
-
-def to_micros(moment: datetime) -> int:
-    """A datetime as integer microseconds since the epoch (naive means UTC), exactly."""
-    return (_as_utc(moment) - _EPOCH) // _MICRO
-
-
-def from_micros(value: int | str) -> datetime:
-    """Integer microseconds since the epoch (or their text) as an aware UTC datetime."""
-    return _EPOCH + int(value) * _MICRO
-
-
-# -- configuration ----------------------------------------------------------------------------
-
-
-def import_optional(module: str, backend: str, extra: str) -> Any:
-    """Import a backend's optional client library, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"{backend} needs the {module.partition('.')[0]} package ({exc}); install it "
-            f"with: pip install 'conversa-ai[{extra}]'"
-        ) from exc
-
-
-def positive(value: float, name: str, *, unit: str = "") -> None:
-    """Raise StorageConfigError unless ``value`` is a number > 0 (a timeout, ttl, pool size)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise StorageConfigError(f"{name} must be a positive number{unit}, not {value!r}")

@@ -60,23 +60,18 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
-from ._urls import Durability, durability_option, query_options, redact_url
+from ._stored import corrupt, decode_info, decode_message, first_user, from_micros, to_micros
+from ._urls import Durable, durability_option, redact_url, url_durability
 from .base import (
     ConversationStorage,
     SessionInfo,
     SessionQuery,
     StateEntry,
-    corrupt,
-    decode_info,
-    decode_message,
     drop_state,
-    first_user,
-    from_micros,
     kept,
     live_entries,
     put_info,
     put_state,
-    to_micros,
     validate_session_id,
 )
 
@@ -397,7 +392,7 @@ def _warn_skipped(damaged: Iterable[str]) -> None:
 # -- the backend --------------------------------------------------------------------------
 
 
-class FileSystemStorage(ConversationStorage):
+class FileSystemStorage(Durable, ConversationStorage):
     """Sessions as JSON Lines files in a directory. URL: ``file://DIR`` (or a plain path).
 
     ``durability="crash"`` (default): an append that returned survives the process being killed.
@@ -423,20 +418,13 @@ class FileSystemStorage(ConversationStorage):
             raise UnsupportedStorageURL(
                 f"not a file:// URL: {redact_url(url)!r}; use file:///abs/dir or file://rel/dir"
             )
-        option = query_options(url, {"durability"}).get("durability", "crash")
-        durability = durability_option(option, url)
         directory = unquote(parts.netloc + parts.path) or "sessions"
-        return cls(directory, durability=durability)
+        return cls(directory, durability=url_durability(url))
 
     @property
     def directory(self) -> str:
         """The absolute path of the session directory."""
         return self._dir
-
-    @property
-    def durability(self) -> Durability:
-        """Either "crash" or "power"."""
-        return self._durability
 
     def __repr__(self) -> str:
         return f"FileSystemStorage({self._dir!r}, durability={self._durability!r})"

@@ -10,14 +10,13 @@ from datetime import datetime
 from typing import Any
 
 from ..messages import ChatMessage
+from ._stored import decode_info, first_user
 from .base import (
     ConversationStorage,
     SessionInfo,
     SessionQuery,
     StateEntry,
     copy_json,
-    decode_info,
-    first_user,
     from_ts,
     kept,
     live_entries,

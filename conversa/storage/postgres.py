@@ -56,19 +56,9 @@ from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, StorageConfigError, StorageError
 from ..messages import ChatMessage
-from ._urls import number_option, query_options, redact_url
-from .base import (
-    ConversationStorage,
-    SessionInfo,
-    SessionQuery,
-    StateEntry,
-    decode_info,
-    decode_message,
-    decode_state,
-    first_user,
-    import_optional,
-    positive,
-)
+from ._stored import decode_info, decode_message, decode_state, first_user
+from ._urls import import_optional, number_option, positive, query_options, redact_url
+from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
 

@@ -48,22 +48,17 @@ from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, StorageError
 from ..messages import ChatMessage
-from ._urls import number_option, query_options, redact_url
-from .base import (
-    ConversationStorage,
-    SessionInfo,
-    SessionQuery,
-    StateEntry,
+from ._stored import (
     corrupt,
     decode_info,
     decode_message,
     decode_state,
     first_user,
     from_micros,
-    import_optional,
-    positive,
     to_micros,
 )
+from ._urls import import_optional, number_option, positive, query_options, redact_url
+from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
 

@@ -32,21 +32,9 @@ from urllib.parse import unquote, urlsplit
 from ..errors import StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
 from ._sqlite_migrations import FTS_TABLE, INDEX_AFTER_SQL, INDEXED_UPTO_SQL, migrate
-from ._urls import Durability, durability_option, query_options, redact_url
-from .base import (
-    ConversationStorage,
-    SearchHit,
-    SessionInfo,
-    SessionQuery,
-    StateEntry,
-    decode_info,
-    decode_message,
-    decode_state,
-    first_user,
-    from_micros,
-    kept,
-    to_micros,
-)
+from ._stored import decode_info, decode_message, decode_state, first_user, from_micros, to_micros
+from ._urls import Durability, Durable, durability_option, redact_url, url_durability
+from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
 
 BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
@@ -64,7 +52,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class SqliteStorage(ConversationStorage):
+class SqliteStorage(Durable, ConversationStorage):
     """Sessions in one SQLite database file. URL: ``sqlite:///rel.db``, ``sqlite:////abs.db``.
 
     ``durability="crash"`` (synchronous=NORMAL): an acknowledged write survives the process
@@ -93,21 +81,15 @@ class SqliteStorage(ConversationStorage):
                 f"bad SQLite URL {redact_url(url)!r}: use sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (three slashes, then the path)"
             )
-        option = query_options(url, {"durability"}).get("durability", "crash")
-        return cls(unquote(parts.path[1:]), durability=durability_option(option, url))
+        return cls(unquote(parts.path[1:]), durability=url_durability(url))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self._path)!r}, durability={self._durability!r})"
 
     @property
     def path(self) -> Path:
         """The database file (absolute), or ``:memory:``."""
         return self._path
-
-    @property
-    def durability(self) -> Durability:
-        """'crash' or 'power': what an acknowledged write survives."""
-        return self._durability
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self._path)!r}, durability={self._durability!r})"
 
     # -- connection -----------------------------------------------------------------------
 
