@@ -11,13 +11,14 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ..errors import CorruptSessionError
 from ..messages import ChatMessage, _as_utc
 
 TITLE_LENGTH = 60
 SessionStatus = Literal["active", "completed", "abandoned"]
+_K = TypeVar("_K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,24 @@ def decode_message(data: str | bytes, place: Place, fix: str) -> ChatMessage:
         return ChatMessage.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise corrupt(place, _why(exc), fix) from exc
+
+
+def decode_messages(
+    rows: Iterable[tuple[_K, str | bytes]], place: Callable[[_K], str], fix: str
+) -> list[ChatMessage]:
+    """Stored messages from ``(key, data)`` rows; ``place(key)`` names a damaged one.
+
+    One loop with one ``try`` around it: a load pays for nothing but the parsing.
+    """
+    messages: list[ChatMessage] = []
+    append, parse = messages.append, ChatMessage.from_json
+    key: Any = None
+    try:
+        for key, data in rows:  # noqa: B007 (the key names a damaged row)
+            append(parse(data))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise corrupt(place(key), _why(exc), fix) from exc
+    return messages
 
 
 def decode_info(

@@ -60,7 +60,15 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
-from ._stored import corrupt, decode_info, decode_message, first_user, from_micros, to_micros
+from ._stored import (
+    corrupt,
+    decode_info,
+    decode_message,
+    decode_messages,
+    first_user,
+    from_micros,
+    to_micros,
+)
 from ._urls import Durable, durability_option, redact_url, url_durability
 from .base import (
     ConversationStorage,
@@ -314,7 +322,7 @@ def _parse_line(line: str | bytes, path: str, line_no: int | Callable[[], int]) 
 
 
 def _parse_lines(lines: Sequence[str], path: str) -> list[ChatMessage]:
-    return [_parse_line(line, path, n) for n, line in enumerate(lines, 1)]
+    return decode_messages(enumerate(lines, 1), lambda n: _line_place(path, n)(), _FIX_LINE)
 
 
 def _check_lines(fd: int, path: str, start: int, end: int, before: int) -> tuple[int, int]:

@@ -50,13 +50,12 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, StorageConfigError, StorageError
 from ..messages import ChatMessage
-from ._stored import decode_info, decode_message, decode_state, first_user
+from ._stored import decode_info, decode_messages, decode_state, first_user
 from ._urls import import_optional, number_option, positive, query_options, redact_url
 from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
 
@@ -390,14 +389,11 @@ class PostgresStorage(ConversationStorage):
         return StorageError(f"PostgreSQL at {self._shown} failed: {exc}")
 
     def _decode(self, session_id: str, rows: Iterable[Any]) -> list[ChatMessage]:
-        return [
-            decode_message(
-                row["body"],
-                partial(self._place, f"message {row['seq']} of session {session_id!r}", "messages"),
-                "fix or delete that row",
-            )
-            for row in rows
-        ]
+        def place(seq: int) -> str:
+            return self._place(f"message {seq} of session {session_id!r}", "messages")
+
+        pairs = ((row["seq"], row["body"]) for row in rows)
+        return decode_messages(pairs, place, "fix or delete that row")
 
     def _place(self, what: str, table: str) -> str:
         return f"{what} in table {self._names.of(table)} at {self._shown}"

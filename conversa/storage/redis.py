@@ -51,7 +51,7 @@ from ..messages import ChatMessage
 from ._stored import (
     corrupt,
     decode_info,
-    decode_message,
+    decode_messages,
     decode_state,
     first_user,
     from_micros,
@@ -139,7 +139,7 @@ return 1
 _POP = """
 local n = tonumber(ARGV[3])
 local len = redis.call('LLEN', KEYS[1])
-if n == 0 or len == 0 then return {} end
+if len == 0 then return {} end
 local keep = math.max(0, len - n)
 local items = redis.call('LRANGE', KEYS[1], keep, -1)
 cut(keep)
@@ -355,14 +355,11 @@ class RedisStorage(ConversationStorage):
 
     def _decode(self, session_id: str, raw: Iterable[str], start: int = 0) -> list[ChatMessage]:
         key = self._key("m", session_id)
-        return [
-            decode_message(
-                line,
-                partial(self._place, f"message {i} of session {session_id!r}", key),
-                "fix or delete it",
-            )
-            for i, line in enumerate(raw, start)
-        ]
+
+        def place(i: int) -> str:
+            return self._place(f"message {i} of session {session_id!r}", key)
+
+        return decode_messages(enumerate(raw, start), place, "fix or delete it")
 
     def _place(self, what: str, key: str) -> str:
         return f"{what} in Redis key {key!r} at {self._shown}"

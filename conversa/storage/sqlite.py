@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
 from ._sqlite_migrations import FTS_TABLE, INDEX_AFTER_SQL, INDEXED_UPTO_SQL, migrate
-from ._stored import decode_info, decode_message, decode_state, first_user, from_micros, to_micros
+from ._stored import decode_info, decode_messages, decode_state, first_user, from_micros, to_micros
 from ._urls import Durability, Durable, durability_option, redact_url, url_durability
 from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
 
@@ -580,7 +580,7 @@ def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str]) -> 
 
 def _load(conn: sqlite3.Connection, sid: str) -> list[ChatMessage]:
     cur = conn.execute("SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq", (sid,))
-    return [_parse(conn, sid, seq, data) for seq, data in cur]
+    return _parse_rows(conn, sid, cur)
 
 
 def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
@@ -588,7 +588,7 @@ def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
     cur = conn.execute(
         "SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (sid, n)
     )
-    return [_parse(conn, sid, seq, data) for seq, data in cur][::-1]
+    return _parse_rows(conn, sid, cur)[::-1]
 
 
 def _search(conn: sqlite3.Connection, match: str, limit: int) -> list[SearchHit]:
@@ -636,11 +636,16 @@ def _fts_query(words: Sequence[str]) -> str:
 
 
 def _parse(conn: sqlite3.Connection, sid: str, seq: int, data: Any) -> ChatMessage:
-    return decode_message(
-        data,
-        lambda: f"the message at seq {seq} of session {sid!r} in {_where(conn, 'messages')}",
-        "fix or remove that row",
-    )
+    return _parse_rows(conn, sid, [(seq, data)])[0]
+
+
+def _parse_rows(
+    conn: sqlite3.Connection, sid: str, rows: Iterable[tuple[int, Any]]
+) -> list[ChatMessage]:
+    def place(seq: int) -> str:
+        return f"the message at seq {seq} of session {sid!r} in {_where(conn, 'messages')}"
+
+    return decode_messages(rows, place, "fix or remove that row")
 
 
 def _where(conn: sqlite3.Connection, table: str) -> str:
@@ -685,7 +690,7 @@ def _cut(conn: sqlite3.Connection, sid: str, n: int, pop: bool) -> list[ChatMess
                 "SELECT seq, data FROM messages WHERE session_id = ? AND seq >= ? ORDER BY seq",
                 (sid, keep),
             )
-            removed = [_parse(conn, sid, seq, data) for seq, data in cur]
+            removed = _parse_rows(conn, sid, cur)
         conn.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (sid, keep))
         if seq is not None and seq >= keep:
             # the first user message went, and no user message comes before it: no default title
