@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .errors import InvalidSessionId as InvalidSessionId
     from .errors import ModelError as ModelError
     from .errors import ModelNotConfigured as ModelNotConfigured
+    from .errors import StateValueError as StateValueError
+    from .errors import StorageConfigError as StorageConfigError
     from .errors import StorageError as StorageError
     from .errors import ToolError as ToolError
     from .errors import ToolsUnsupported as ToolsUnsupported
@@ -59,7 +61,6 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .storage import open_storage as open_storage
     from .storage.base import SearchHit as SearchHit
     from .storage.base import StateEntry as StateEntry
-    from .storage.base import StateValueError as StateValueError
     from .sync import SyncSession as SyncSession
     from .sync import SyncState as SyncState
     from .sync import create_session_sync as create_session_sync
@@ -103,9 +104,10 @@ _EXPORTS: dict[str, str] = {
     "SessionInfo": ".storage",
     "SessionState": ".state",
     "StateEntry": ".storage.base",
-    "StateValueError": ".storage.base",
+    "StateValueError": ".errors",
     "Step": ".events",
     "StopReason": ".events",
+    "StorageConfigError": ".errors",
     "StorageError": ".errors",
     "StreamEvent": ".model",
     "SyncSession": ".sync",

@@ -23,8 +23,16 @@ class CorruptSessionError(StorageError):
     """Stored data of a session is damaged; it was left untouched."""
 
 
-class UnsupportedStorageURL(StorageError, ValueError):
-    """open_storage() was given a URL it does not understand."""
+class StorageConfigError(StorageError, ValueError):
+    """A storage was given settings it cannot use: a bad option, number or durability."""
+
+
+class UnsupportedStorageURL(StorageConfigError):
+    """open_storage() was given a URL it does not understand (a kind of StorageConfigError)."""
+
+
+class StateValueError(StorageError, ValueError):
+    """A state value or info field cannot be stored (not JSON-serialisable, bad status)."""
 
 
 class BackendUnavailable(StorageError):

@@ -452,7 +452,7 @@ async def test_damage_appended_after_a_check_is_found_by_the_next_call(
     with open(path, "ab") as f:  # a bad line from another writer (or a hand edit)
         f.write(b'{"role": "user"}\n')
     for action in (store.count("s"), store.tail("s"), store.append("s", [_user("b")])):
-        with pytest.raises(CorruptSessionError, match=r"s\.jsonl is damaged at line 2"):
+        with pytest.raises(CorruptSessionError, match=r"line 2 of .*s\.jsonl is damaged"):
             await action
     assert path.read_bytes().endswith(b'{"role": "user"}\n')
     # Fixed by hand: the session works again.
@@ -471,10 +471,10 @@ async def test_damage_in_place_found_by_load_stops_every_other_call(
     data = path.read_bytes()
     second = data.split(b"\n")[1]
     path.write_bytes(data.replace(second, b"\xff" * len(second)))
-    with pytest.raises(CorruptSessionError, match="line 2: not valid UTF-8"):
+    with pytest.raises(CorruptSessionError, match=r"line 2 of .* is damaged: not valid UTF-8"):
         await store.load("s")
     for action in (store.count("s"), store.tail("s"), store.append("s", [_user("b")])):
-        with pytest.raises(CorruptSessionError, match="line 2: not valid UTF-8"):
+        with pytest.raises(CorruptSessionError, match=r"line 2 of .* is damaged: not valid UTF-8"):
             await action
 
 
@@ -659,7 +659,9 @@ async def test_tail_reads_only_the_end(
     assert await store.tail("s", 500) == msgs[500:]
     assert sum(read) < len(data) * 0.6
     assert await store.tail("s", 998) == msgs[2:]
-    with pytest.raises(CorruptSessionError, match=rf"{path} is damaged at line 2: not valid UTF-8"):
+    with pytest.raises(
+        CorruptSessionError, match=rf"line 2 of session file {path} is damaged: not valid UTF-8"
+    ):
         await store.tail("s", 999)
     assert await store.count("s") == 1000
     with pytest.raises(CorruptSessionError, match="line 2"):
@@ -686,7 +688,7 @@ async def test_tail_across_blocks(
     path = Path(store.directory) / "s.jsonl"
     with open(path, "ab") as f:
         f.write(b"[1]\n")
-    with pytest.raises(CorruptSessionError, match="line 7: not a stored message"):
+    with pytest.raises(CorruptSessionError, match=r"line 7 of .* is damaged: not a stored message"):
         await store.tail("s", 1)
 
 

@@ -103,7 +103,7 @@ def test_url_forms_and_repr() -> None:
         open_storage(with_url(schem="typo"))
     with pytest.raises(StorageError, match="letters, digits and _"):
         open_storage(with_url(schema='x"; DROP TABLE y; --'))
-    with pytest.raises(StorageError, match="numbers"):
+    with pytest.raises(StorageError, match="must be a number"):
         open_storage(with_url(timeout="soon"))
 
 

@@ -5,15 +5,25 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from conversa import ChatMessage, InvalidSessionId, UnsupportedStorageURL, open_storage
+from conversa import (
+    BackendUnavailable,
+    ChatMessage,
+    CorruptSessionError,
+    InvalidSessionId,
+    UnsupportedStorageURL,
+    open_storage,
+)
+from conversa.errors import StorageConfigError
 from conversa.session import create_session
 from conversa.storage import ConversationStorage
+from conversa.storage._stored import decode_info, decode_message
+from conversa.storage.base import UNSET, Unset
 from conversa.testing import ScriptedModel
 from conversa.testing.conformance import StorageConformance
 
@@ -183,3 +193,92 @@ async def test_copy_session_between_backends_is_repeatable() -> None:
     assert fork.messages == 2
     await target.append("a-fork", [ChatMessage.user("diverge")])
     assert await target.count("a") == 2
+
+
+# -- configuration and errors: one type for bad settings, causes kept ----------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?ttl=soon",
+        "redis://127.0.0.1:6379/0?timeout=x",
+        "postgresql://postgres@127.0.0.1:5432/test?pool_size=many",
+        "postgresql://postgres@127.0.0.1:5432/test?timeout=later",
+        "sqlite:///x.db?durability=always",
+        "file:///tmp/x?durability=always",
+    ],
+)
+def test_bad_numbers_and_durability_in_urls_raise_the_config_error(url: str) -> None:
+    with pytest.raises(StorageConfigError) as err:
+        open_storage(url)
+    assert isinstance(err.value, UnsupportedStorageURL)
+
+
+def test_bad_numbers_in_urls_keep_their_cause() -> None:
+    with pytest.raises(StorageConfigError) as err:
+        open_storage("redis://127.0.0.1:6379/0?ttl=soon")
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_bad_constructor_settings_raise_the_config_error(tmp_path: Any) -> None:
+    from conversa.storage import FileSystemStorage, PostgresStorage, RedisStorage, SqliteStorage
+
+    bad: list[Callable[[], object]] = [
+        lambda: FileSystemStorage(tmp_path, durability="always"),
+        lambda: SqliteStorage(tmp_path / "x.db", durability="always"),  # type: ignore[arg-type]
+        lambda: RedisStorage(ttl=0),
+        lambda: RedisStorage(timeout=-1),
+        lambda: PostgresStorage(timeout=0),
+        lambda: PostgresStorage(pool_size=0),
+        lambda: PostgresStorage(schema="no spaces"),
+    ]
+    for make in bad:
+        with pytest.raises(StorageConfigError):
+            make()
+
+
+async def test_redis_connection_errors_keep_their_cause() -> None:
+    from conversa.storage import RedisStorage
+
+    store = RedisStorage("redis://127.0.0.1:1/0", timeout=2)
+    try:
+        with pytest.raises(BackendUnavailable) as err:
+            await store.count("s")
+        assert err.value.__cause__ is not None
+    finally:
+        await store.close()
+
+
+def test_decoders_name_the_place_and_keep_the_cause() -> None:
+    with pytest.raises(CorruptSessionError, match=r"^message 3 in T is damaged: invalid JSON") as e:
+        decode_message('{"role": "user"', "message 3 in T", "fix it")
+    assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    with pytest.raises(CorruptSessionError, match="the metadata of session 's' in T") as e:
+        decode_info(
+            "s",
+            {"metadata": "[1]"},
+            created_at=datetime.now(UTC),
+            updated_at=datetime.now(UTC),
+            message_count=0,
+            default_title=None,
+            where="T",
+        )
+
+
+def test_state_value_error_is_exported_everywhere() -> None:
+    import conversa
+    import conversa.storage
+    from conversa import errors
+
+    assert conversa.StateValueError is errors.StateValueError
+    assert conversa.storage.StateValueError is errors.StateValueError
+    assert issubclass(errors.StateValueError, ValueError)
+
+
+async def test_update_info_without_fields_only_touches() -> None:
+    store = MinimalStorage()
+    await store.append("s", [ChatMessage.user("hi")])
+    info = await store.update_info("s")
+    assert (info.title, info.status, info.metadata) == ("hi", "active", {})
+    assert repr(UNSET) == "UNSET" and isinstance(UNSET, Unset)

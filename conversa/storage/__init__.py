@@ -7,7 +7,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..errors import UnsupportedStorageURL
+from ..errors import StateValueError, StorageConfigError, UnsupportedStorageURL
 from ._urls import redact_url
 from .base import ConversationStorage, SessionInfo, StateEntry, validate_session_id
 from .memory import InMemoryStorage
@@ -27,6 +27,8 @@ __all__ = [
     "SessionInfo",
     "SqliteStorage",
     "StateEntry",
+    "StateValueError",
+    "StorageConfigError",
     "open_storage",
     "validate_session_id",
 ]

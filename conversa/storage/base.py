@@ -1,4 +1,4 @@
-"""ConversationStorage: the contract every backend obeys, with defaults built on its core.
+"""ConversationStorage: the contract every backend obeys, written once, with defaults.
 
 The contract (conversa.testing.conformance.StorageConformance checks all of it):
 
@@ -15,18 +15,35 @@ The contract (conversa.testing.conformance.StorageConformance checks all of it):
 * ``count(sid)`` is the number of stored messages, and ``tail(sid, n)`` the newest ``n`` of them,
   without loading the rest (a Session uses both to notice changes made by other processes).
 * ``pop(sid, n)`` removes and returns the newest ``n``; ``truncate(sid, keep)`` keeps the oldest
-  ``keep``.
+  ``keep`` (a ``keep`` beyond the length changes nothing). ``n`` and ``keep`` are ints >= 0
+  (ValueError otherwise); ``n=0`` returns ``[]`` and changes nothing.
 * ``get_info(sid)`` / ``update_info(sid, ...)`` / ``find_sessions(...)``: see ``SessionInfo``.
   Any write (history, info or state) moves ``updated_at``.
+* ``limit`` of find_sessions and search: ``None`` means all, ``0`` gives ``[]``, a negative
+  one raises ValueError.
 * Session state: JSON values under string keys, each with an optional expiry (``ttl=`` seconds
   or an absolute ``expires_at=``); an expired key reads as absent.
-* Every public method that takes a session id validates it first (``validate_session_id``):
-  the ABC wraps each override, so a backend never sees an invalid id.
+* Every public method that takes a session id validates it first (``validate_session_id``).
 
-A third-party backend implements the five abstract methods and inherits correct, if not fast,
-versions of everything else. Without ``load_meta`` / ``save_meta`` (one JSON dict per session
+The shape: the public methods of this class own the rules. Each checks its arguments once
+(the id, limits, counts, info fields, state values), applies the contract's rules, and then
+calls one small hook that only stores or reads: ``_append``, ``_count``, ``_tail``, ``_cut``
+(truncate and pop), ``_get_info``, ``_update_info``, ``_find``, ``_search``,
+``_state_entries``, ``_set_state``, ``_drop_state`` (delete_state and clear_state),
+``_set_times``. A hook is called with valid arguments only and never repeats a rule; backends
+override hooks, not the public methods.
+
+The five core methods (``save``, ``load``, ``delete``, ``list_sessions``, ``exists``) are the
+exception: they are the abstract public names a backend implements, so that a third-party
+backend needs nothing else. Their id is checked by the one guard the class adds to them when a
+subclass defines them (``__init_subclass__``): an implementation never checks ids itself, and
+each call validates once.
+
+A third-party backend implements the five core methods and inherits correct, if not fast,
+versions of every hook. Without ``load_meta`` / ``save_meta`` (one JSON dict per session
 that holds app-set info, timestamps and state) that dict lives in this storage object's memory
-only, and is lost with it; implement the pair to persist it.
+only, and is lost with it; implement the pair to persist it (and call ``self.touch(sid)`` in
+``save``). Both are called with a valid id.
 """
 
 from __future__ import annotations
@@ -37,19 +54,46 @@ import time
 import unicodedata
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, cast
+from typing import Any, Self, TypeVar, cast, get_args
 
-from ..errors import InvalidSessionId, StorageError
+from ..errors import InvalidSessionId, StateValueError
 from ..messages import ChatMessage, _as_utc
+from ._stored import (
+    SearchHit,
+    SessionInfo,
+    SessionStatus,
+    StateEntry,
+    copy_json,
+    decode_info,
+    first_user,
+    from_ts,
+    state_entry,
+    title_from,
+)
+
+__all__ = [
+    "UNSET",
+    "ConversationStorage",
+    "SearchHit",
+    "SessionInfo",
+    "SessionQuery",
+    "SessionStatus",
+    "StateEntry",
+    "StateValueError",
+    "Unset",
+    "copy_json",
+    "expiry_of",
+    "from_ts",
+    "title_from",
+    "validate_session_id",
+]
 
 MAX_SESSION_ID_LENGTH = 256
-TITLE_LENGTH = 60
-SessionStatus = Literal["active", "completed", "abandoned"]
-STATUSES: frozenset[str] = frozenset(("active", "completed", "abandoned"))
+STATUSES: frozenset[str] = frozenset(get_args(SessionStatus))
 
 
 def validate_session_id(session_id: object) -> str:
@@ -63,163 +107,93 @@ def validate_session_id(session_id: object) -> str:
             f"a session id may have at most {MAX_SESSION_ID_LENGTH} characters, "
             f"this one has {len(session_id)}"
         )
-    for ch in session_id:
-        if unicodedata.category(ch) in ("Cc", "Cs"):
-            raise InvalidSessionId(
-                f"a session id must not contain control characters (found {ch!r} in "
-                f"{session_id!r:.80})"
-            )
+    if not session_id.isprintable():  # cheap: only a non-printable id needs the closer look
+        for ch in session_id:
+            if unicodedata.category(ch) in ("Cc", "Cs"):
+                raise InvalidSessionId(
+                    f"a session id must not contain control characters (found {ch!r} in "
+                    f"{session_id!r:.80})"
+                )
     return session_id
 
 
-def title_from(messages: Iterable[ChatMessage]) -> str | None:
-    """The default title: the start of the first user message, on one line."""
-    for m in messages:
-        if m.role == "user":
-            text = " ".join(m.text.split())
-            if len(text) > TITLE_LENGTH:
-                text = text[: TITLE_LENGTH - 1].rstrip() + "…"
-            return text or None
-    return None
+class Unset:
+    """The type of ``UNSET``: an argument that was not given (``None`` is a value: reset it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
 
 
-def check_json(value: object, what: str) -> None:
-    """Raise StorageError (a ValueError too) unless ``value`` serialises to JSON."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StateValueError(f"{what} must be JSON-serialisable: {exc}") from exc
-
-
-class StateValueError(StorageError, ValueError):
-    """A state value or info field cannot be stored (not JSON-serialisable, bad status)."""
-
-
-def copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts, lists, scalars): much cheaper than copy.deepcopy.
-
-    Tuples become lists, as they would after a round trip through JSON.
-    """
-    if isinstance(value, dict):
-        return {k: copy_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [copy_json(v) for v in value]
-    return value
-
-
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive datetime is taken as UTC, as ChatMessage does."""
-    return _as_utc(moment)
-
-
-def ts(dt: datetime) -> float:
-    """A datetime as epoch seconds; a naive one is taken as UTC, as ChatMessage does."""
-    return _as_utc(dt).timestamp()
-
-
-def from_ts(value: float) -> datetime:
-    """Epoch seconds as an aware UTC datetime."""
-    return datetime.fromtimestamp(value, UTC)
+UNSET = Unset()
 
 
 @dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """What is known about a session without loading its history."""
+class SessionQuery:
+    """The checked filters of one find_sessions call, as the ``_find`` hook receives them."""
 
-    session_id: str
-    created_at: datetime
-    updated_at: datetime
-    message_count: int
-    title: str | None = None
-    """The title set with update_info, else the start of the first user message."""
     user_id: str | None = None
-    status: str = "active"
-    """active, completed or abandoned."""
-    metadata: dict[str, Any] = field(default_factory=dict)
+    status: str | None = None
+    updated_before: datetime | None = None
+    """Aware (UTC)."""
+    limit: int | None = None
+    """At least 1, or None for all."""
+
+    def matches(self, info: SessionInfo) -> bool:
+        """Whether ``info`` passes every filter."""
+        return self.matches_fields(info.user_id, info.status) and (
+            self.updated_before is None or info.updated_at < self.updated_before
+        )
+
+    def matches_fields(self, user_id: str | None, status: str) -> bool:
+        """Whether a session with this user_id and status may match (before reading the rest)."""
+        return (self.user_id is None or user_id == self.user_id) and (
+            self.status is None or status == self.status
+        )
 
 
-@dataclass(frozen=True, slots=True)
-class SearchHit:
-    """One message that matched a search, and where it sits."""
-
-    session_id: str
-    position: int
-    """The message's index in its session's history."""
-    message: ChatMessage
+_CORE_WITH_ID = ("save", "load", "delete", "exists")
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
-@dataclass(frozen=True, slots=True)
-class StateEntry:
-    """One state key as stored: its value and when it expires (None: never)."""
-
-    value: Any
-    expires_at: datetime | None = None
-
-
-_UNSET: Any = object()
-
-_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
-
-
-def _checks_id(method: _M) -> _M:
-    """Validate the session id (the first argument) before ``method`` runs."""
+def _guarded(method: _F, *, forget_meta: bool = False) -> _F:
+    """``method`` (a core method of a backend) with its session id validated first."""
 
     @functools.wraps(method)
-    async def checked(self: Any, session_id: Any, *args: Any, **kwargs: Any) -> Any:
+    async def guarded(self: ConversationStorage, session_id: str, *args: Any, **kw: Any) -> Any:
         validate_session_id(session_id)
-        return await method(self, session_id, *args, **kwargs)
-
-    checked.__checks_id__ = _checks_id  # type: ignore[attr-defined]
-    return cast("_M", checked)
-
-
-def _forgets_meta(method: _M) -> _M:
-    """Validate the id, run ``method`` (a delete), then drop the in-memory meta of the session."""
-
-    @functools.wraps(method)
-    async def deleting(self: Any, session_id: Any, *args: Any, **kwargs: Any) -> Any:
-        validate_session_id(session_id)
-        result = await method(self, session_id, *args, **kwargs)
-        _memory_meta(self).pop(session_id, None)
+        result = await method(self, session_id, *args, **kw)
+        if forget_meta:
+            self.__dict__.get("_conversa_memory_meta", {}).pop(session_id, None)
         return result
 
-    deleting.__checks_id__ = _forgets_meta  # type: ignore[attr-defined]
-    return cast("_M", deleting)
-
-
-def _memory_meta(storage: ConversationStorage) -> dict[str, dict[str, Any]]:
-    """The meta dicts of a backend without load_meta/save_meta, kept on the object."""
-    found: dict[str, dict[str, Any]] | None = storage.__dict__.get("_conversa_memory_meta")
-    if found is None:
-        found = storage.__dict__["_conversa_memory_meta"] = {}
-    return found
+    guarded.__conversa_guarded__ = True  # type: ignore[attr-defined]
+    return cast("_F", guarded)
 
 
 class ConversationStorage(ABC):
     """Where conversations live: the async contract every backend obeys."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Wrap every override of a method that takes a session id so it validates the id."""
+        """Guard the core methods a subclass defines: their session id is validated first."""
         super().__init_subclass__(**kwargs)
-        for name, value in list(vars(cls).items()):
-            wrap = getattr(getattr(ConversationStorage, name, None), "__checks_id__", None)
-            if wrap is not None and callable(value) and not hasattr(value, "__checks_id__"):
-                setattr(cls, name, wrap(value))
+        for name in _CORE_WITH_ID:
+            method = cls.__dict__.get(name)
+            if callable(method) and not hasattr(method, "__conversa_guarded__"):
+                setattr(cls, name, _guarded(method, forget_meta=name == "delete"))
 
     # -- the core: every backend implements these -----------------------------------------
 
     @abstractmethod
-    @_checks_id
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history of ``session_id``, atomically."""
 
     @abstractmethod
-    @_checks_id
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history in order; ``[]`` for an unknown session."""
 
     @abstractmethod
-    @_forgets_meta
     async def delete(self, session_id: str) -> None:
         """Remove history, info and state of ``session_id``; a no-op if it does not exist."""
 
@@ -228,13 +202,150 @@ class ConversationStorage(ABC):
         """All session ids, most recently updated first."""
 
     @abstractmethod
-    @_checks_id
     async def exists(self, session_id: str) -> bool:
         """Whether anything is stored for ``session_id``."""
 
+    # -- history --------------------------------------------------------------------------
+
+    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        """Add ``messages`` to the end of the history, in one piece."""
+        validate_session_id(session_id)
+        await self._append(session_id, messages)
+
+    async def count(self, session_id: str) -> int:
+        """The number of stored messages."""
+        validate_session_id(session_id)
+        return await self._count(session_id)
+
+    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """The newest ``n`` messages in order, without loading the rest."""
+        validate_session_id(session_id)
+        if not _at_least_zero(n, "n"):
+            return []
+        return await self._tail(session_id, n)
+
+    async def truncate(self, session_id: str, keep: int) -> None:
+        """Keep only the oldest ``keep`` messages."""
+        validate_session_id(session_id)
+        _at_least_zero(keep, "keep")
+        await self._cut(session_id, keep, pop=False)
+
+    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
+        """Remove and return the newest ``n`` messages (fewer if the history is shorter)."""
+        validate_session_id(session_id)
+        if not _at_least_zero(n, "n"):
+            return []
+        return await self._cut(session_id, n, pop=True)
+
+    async def touch(self, session_id: str) -> None:
+        """Record the time of a history write in the meta dict (for backends built on it).
+
+        The default get_info takes updated_at from it and from the messages' own times; the
+        default hooks of append, pop and truncate call it, and a backend's save() may too.
+        """
+        validate_session_id(session_id)
+        await self._edit_meta(session_id, _changed, create=True)
+
+    # -- session info ---------------------------------------------------------------------
+
+    async def get_info(self, session_id: str) -> SessionInfo | None:
+        """What is known about the session, or None if it does not exist."""
+        validate_session_id(session_id)
+        return await self._get_info(session_id)
+
+    async def update_info(
+        self,
+        session_id: str,
+        *,
+        title: str | Unset | None = UNSET,
+        user_id: str | Unset | None = UNSET,
+        status: str | Unset = UNSET,
+        metadata: Mapping[str, Any] | Unset = UNSET,
+    ) -> SessionInfo:
+        """Set the given info fields (creating the session if needed) and return the info.
+
+        ``metadata`` replaces the whole metadata dict; ``title=None`` goes back to the default.
+        """
+        validate_session_id(session_id)
+        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+        return await self._update_info(session_id, fields)
+
+    async def find_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        status: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[SessionInfo]:
+        """Infos of the sessions that match every given filter, newest first."""
+        if limit is not None and not _at_least_zero(limit, "limit"):
+            return []
+        before = None if updated_before is None else _as_utc(updated_before)
+        return await self._find(SessionQuery(user_id, status, before, limit))
+
+    async def search(self, query: str, *, limit: int | None = 50) -> list[SearchHit]:
+        """Messages that match ``query``, newest session first, then in order.
+
+        The default matches the text as a substring, ignoring case; backends with a full-text
+        index (SQLite FTS5) match words and their prefixes instead.
+        """
+        if limit is not None and not _at_least_zero(limit, "limit"):
+            return []
+        text = query.strip()
+        return await self._search(text, limit) if text else []
+
+    # -- session state --------------------------------------------------------------------
+
+    async def get_state(self, session_id: str) -> dict[str, Any]:
+        """The session's state: every key that has not expired, with its value."""
+        validate_session_id(session_id)
+        return {k: e.value for k, e in (await self._state_entries(session_id)).items()}
+
+    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """Every key of the session's state that has not expired, with its value and expiry."""
+        validate_session_id(session_id)
+        return await self._state_entries(session_id)
+
+    async def set_state(
+        self,
+        session_id: str,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Set keys of the session's state, to expire ``ttl`` seconds from now or at
+        ``expires_at`` (a naive datetime is taken as UTC; a past one reads as absent).
+        """
+        validate_session_id(session_id)
+        await self._set_state(session_id, state_entries(values, ttl, expires_at))
+
+    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove keys from the session's state; absent keys are ignored."""
+        validate_session_id(session_id)
+        names = list(keys)
+        if names:
+            await self._drop_state(session_id, names)
+
+    async def clear_state(self, session_id: str) -> None:
+        """Remove every key of the session's state."""
+        validate_session_id(session_id)
+        await self._drop_state(session_id, None)
+
+    async def set_times(
+        self, session_id: str, *, created_at: datetime, updated_at: datetime
+    ) -> None:
+        """Set when the session was created and last updated (a copy keeps the original's).
+
+        Naive datetimes are taken as UTC. The session must exist; later writes move
+        ``updated_at`` as usual.
+        """
+        validate_session_id(session_id)
+        await self._set_times(session_id, _as_utc(created_at), _as_utc(updated_at))
+
     # -- the meta pair: a JSON dict per session for info and state -----------------------
 
-    @_checks_id
     async def load_meta(self, session_id: str) -> dict[str, Any] | None:
         """The session's meta dict (app-set info, timestamps and state), None if none was saved.
 
@@ -243,7 +354,6 @@ class ConversationStorage(ABC):
         meta = _memory_meta(self).get(session_id)
         return copy_json(meta) if meta is not None else None
 
-    @_checks_id
     async def save_meta(self, session_id: str, meta: dict[str, Any]) -> None:
         """Store the session's meta dict, replacing the previous one.
 
@@ -260,70 +370,38 @@ class ConversationStorage(ABC):
         fresh = session_id not in store
         store[session_id] = copy_json(meta)
         if fresh and not await self.exists(session_id):
-            await self.append(session_id, [])
+            await self._append(session_id, [])
 
-    # -- history: defaults on the core; bundled backends override them --------------------
+    # -- hooks: defaults built on the core and the meta pair; backends override them -------
 
-    @_checks_id
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add ``messages`` to the end of the history, in one piece."""
+    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        """Add ``messages`` to the end, in one piece."""
         history = await self.load(session_id)
         await self.save(session_id, [*history, *messages])
-        await self.touch(session_id)
+        await self._edit_meta(session_id, _changed, create=True)
 
-    @_checks_id
-    async def touch(self, session_id: str) -> None:
-        """Record the time of a history write in the meta dict.
-
-        The default get_info takes updated_at from it and from the messages' own times; the
-        defaults of append, pop and truncate call it, and a backend's save() may too.
-        """
-        meta = await self.load_meta(session_id) or {}
-        meta.setdefault("created_at", time.time())
-        meta["updated_at"] = time.time()
-        await self.save_meta(session_id, meta)
-
-    @_checks_id
-    async def count(self, session_id: str) -> int:
+    async def _count(self, session_id: str) -> int:
         """The number of stored messages."""
         return len(await self.load(session_id))
 
-    @_checks_id
-    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """The newest ``n`` messages in order, without loading the rest."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        history = await self.load(session_id)
-        return history[max(0, len(history) - n) :] if n else []
+    async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
+        """The newest ``n`` (>= 1) messages in order."""
+        return (await self.load(session_id))[-n:]
 
-    @_checks_id
-    async def truncate(self, session_id: str, keep: int) -> None:
-        """Keep only the oldest ``keep`` messages."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
+    async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
+        """Remove the newest ``n`` messages and return them (``pop``), or keep the oldest ``n``
+        (returning ``[]``); nothing changes (not even updated_at) if nothing is removed.
+        """
         history = await self.load(session_id)
-        if keep < len(history):
-            await self.save(session_id, history[:keep])
-            await self.touch(session_id)
-
-    @_checks_id
-    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """Remove and return the newest ``n`` messages (fewer if the history is shorter)."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        history = await self.load(session_id)
-        if n == 0 or not history:
+        keep = kept(len(history), n, pop=pop)
+        if keep >= len(history):
             return []
-        keep = max(0, len(history) - n)
         await self.save(session_id, history[:keep])
-        await self.touch(session_id)
-        return history[keep:]
+        await self._edit_meta(session_id, _changed, create=True)
+        return history[keep:] if pop else []
 
-    # -- session info ---------------------------------------------------------------------
-
-    @_checks_id
-    async def get_info(self, session_id: str) -> SessionInfo | None:
-        """What is known about the session, or None if it does not exist."""
+    async def _get_info(self, session_id: str) -> SessionInfo | None:
+        """The session's info, or None if it does not exist."""
         meta = await self.load_meta(session_id)
         history = await self.load(session_id)
         if meta is None and not history and not await self.exists(session_id):
@@ -333,142 +411,82 @@ class ConversationStorage(ABC):
         now = datetime.now(UTC)
         created = from_ts(meta["created_at"]) if "created_at" in meta else min(stamps, default=now)
         updated = max([*stamps, from_ts(meta.get("updated_at", 0.0)), created])
-        return SessionInfo(
-            session_id=session_id,
+        first = first_user(history)
+        return decode_info(
+            session_id,
+            meta,
             created_at=created,
             updated_at=updated,
             message_count=len(history),
-            title=meta.get("title") or title_from(history),
-            user_id=meta.get("user_id"),
-            status=meta.get("status", "active"),
-            metadata=dict(meta.get("metadata", {})),
+            default_title=first[1] if first else None,
+            where="the meta dict",
         )
 
-    @_checks_id
-    async def update_info(
-        self,
-        session_id: str,
-        *,
-        title: str | None = _UNSET,
-        user_id: str | None = _UNSET,
-        status: str = _UNSET,
-        metadata: Mapping[str, Any] = _UNSET,
-    ) -> SessionInfo:
-        """Set the given info fields (creating the session if needed) and return the info.
-
-        ``metadata`` replaces the whole metadata dict; ``title=None`` goes back to the default.
-        """
-        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
-        meta = await self.load_meta(session_id) or {}
-        meta.update(fields)
-        meta.setdefault("created_at", time.time())
-        meta["updated_at"] = time.time()
-        await self.save_meta(session_id, meta)
-        info = await self.get_info(session_id)
+    async def _update_info(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
+        """Store the checked info ``fields`` (a None value resets one) and return the info."""
+        await self._edit_meta(session_id, functools.partial(put_info, fields=fields), create=True)
+        info = await self._get_info(session_id)
         assert info is not None
         return info
 
-    async def find_sessions(
-        self,
-        *,
-        user_id: str | None = None,
-        status: str | None = None,
-        updated_before: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[SessionInfo]:
-        """Infos of the sessions that match every given filter, newest first."""
+    async def _find(self, query: SessionQuery) -> list[SessionInfo]:
+        """The infos ``query`` matches, newest first, at most ``query.limit``."""
         found: list[SessionInfo] = []
         for sid in await self.list_sessions():
-            info = await self.get_info(sid)
-            if info is not None and info_matches(info, user_id, status, updated_before):
+            info = await self._get_info(sid)
+            if info is not None and query.matches(info):
                 found.append(info)
         # a backend without save_meta lists by history writes only; info writes count too
         found.sort(key=lambda i: i.updated_at, reverse=True)
-        return found if limit is None else found[:limit]
+        return found[: query.limit]
 
-    async def search(self, query: str, *, limit: int = 50) -> list[SearchHit]:
-        """Messages whose text contains ``query`` (ignoring case), newest session first.
-
-        Backends with a full-text index (SQLite FTS5) may match by words instead.
-        """
-        needle = query.casefold().strip()
-        if not needle:
-            return []
+    async def _search(self, query: str, limit: int | None) -> list[SearchHit]:
+        """Messages containing ``query`` (stripped, not empty), at most ``limit`` (>= 1)."""
+        needle = query.casefold()
         hits: list[SearchHit] = []
         for sid in await self.list_sessions():
             for i, m in enumerate(await self.load(sid)):
                 if needle in m.text.casefold():
                     hits.append(SearchHit(sid, i, m))
-                    if len(hits) >= limit:
+                    if len(hits) == limit:
                         return hits
         return hits
 
-    # -- session state --------------------------------------------------------------------
-
-    @_checks_id
-    async def get_state(self, session_id: str) -> dict[str, Any]:
-        """The session's state: every key that has not expired, with its value."""
-        return {k: e.value for k, e in (await self.get_state_entries(session_id)).items()}
-
-    @_checks_id
-    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        """Every key of the session's state that has not expired, with its value and expiry."""
+    async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        """The unexpired state entries."""
         meta = await self.load_meta(session_id) or {}
-        return live_entries(meta.get("state", {}))
+        return live_entries(meta.get("state") or {})
 
-    @_checks_id
-    async def set_state(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
+    async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Store checked ``entries`` (from state_entries), dropping expired keys on the way."""
+        change = functools.partial(put_state, entries=entries)
+        await self._edit_meta(session_id, change, create=True)
+
+    async def _drop_state(self, session_id: str, keys: Collection[str] | None) -> None:
+        """Remove the given state keys (every key if None); touch the session if any went."""
+        await self._edit_meta(session_id, functools.partial(drop_state, keys=keys), create=False)
+
+    async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
+        """Store both times (aware)."""
+        meta = await self.load_meta(session_id) or {}
+        meta["created_at"] = created_at.timestamp()
+        meta["updated_at"] = updated_at.timestamp()
+        await self.save_meta(session_id, meta)
+
+    async def _edit_meta(
+        self, session_id: str, change: Callable[[dict[str, Any]], bool], *, create: bool
     ) -> None:
-        """Set keys of the session's state, to expire ``ttl`` seconds from now or at
-        ``expires_at`` (a naive datetime is taken as UTC; a past one reads as absent).
-        """
-        entries = state_entries(values, ttl, expires_at)
-        meta = await self.load_meta(session_id) or {}
-        meta["state"] = {**live_raw(meta.get("state", {})), **entries}
-        meta.setdefault("created_at", time.time())
-        meta["updated_at"] = time.time()
-        await self.save_meta(session_id, meta)
-
-    @_checks_id
-    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
-        """Remove keys from the session's state; absent keys are ignored."""
-        keys = list(keys)
+        """Apply ``change`` to the meta dict and save it (with new times) if it says it changed."""
         meta = await self.load_meta(session_id)
-        if not meta or not any(k in meta.get("state", {}) for k in keys):
-            return
-        for k in keys:
-            meta["state"].pop(k, None)
-        meta["updated_at"] = time.time()
-        await self.save_meta(session_id, meta)
-
-    @_checks_id
-    async def clear_state(self, session_id: str) -> None:
-        """Remove every key of the session's state."""
-        meta = await self.load_meta(session_id)
-        if meta and meta.get("state"):
-            meta["state"] = {}
-            meta["updated_at"] = time.time()
+        if meta is None:
+            if not create:
+                return
+            meta = {}
+        if change(meta):
+            now = time.time()
+            meta.setdefault("created_at", now)
+            meta["updated_at"] = now
             await self.save_meta(session_id, meta)
-
-    @_checks_id
-    async def set_times(
-        self, session_id: str, *, created_at: datetime, updated_at: datetime
-    ) -> None:
-        """Set when the session was created and last updated (a copy keeps the original's).
-
-        Naive datetimes are taken as UTC. The session must exist; later writes move
-        ``updated_at`` as usual.
-        """
-        meta = await self.load_meta(session_id) or {}
-        meta["created_at"] = ts(created_at)
-        meta["updated_at"] = ts(updated_at)
-        await self.save_meta(session_id, meta)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -487,45 +505,68 @@ class ConversationStorage(ABC):
         await self.close()
 
 
-# -- helpers shared by the backends -------------------------------------------------------
+def _memory_meta(storage: ConversationStorage) -> dict[str, dict[str, Any]]:
+    """The meta dicts of a backend without load_meta/save_meta, kept on the object."""
+    found: dict[str, dict[str, Any]] | None = storage.__dict__.get("_conversa_memory_meta")
+    if found is None:
+        found = storage.__dict__["_conversa_memory_meta"] = {}
+    return found
+
+
+def _at_least_zero(value: int, name: str) -> int:
+    """``value`` if it is an int >= 0 (a count or a limit); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= 0, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value
+
+
+def kept(count: int, n: int, *, pop: bool) -> int:
+    """How many of ``count`` messages a ``_cut(n, pop=pop)`` keeps."""
+    return max(0, count - n) if pop else min(n, count)
+
+
+# -- checking what callers give -------------------------------------------------------------
 
 
 def info_fields(
-    *, title: Any = _UNSET, user_id: Any = _UNSET, status: Any = _UNSET, metadata: Any = _UNSET
+    *,
+    title: str | Unset | None = UNSET,
+    user_id: str | Unset | None = UNSET,
+    status: str | Unset = UNSET,
+    metadata: Mapping[str, Any] | Unset = UNSET,
 ) -> dict[str, Any]:
     """Validate update_info arguments and return the fields that were given."""
     fields: dict[str, Any] = {}
-    if title is not _UNSET:
+    if not isinstance(title, Unset):
         if title is not None and not isinstance(title, str):
             raise StateValueError("title must be a string or None")
         fields["title"] = title
-    if user_id is not _UNSET:
+    if not isinstance(user_id, Unset):
         if user_id is not None and not isinstance(user_id, str):
             raise StateValueError("user_id must be a string or None")
         fields["user_id"] = user_id
-    if status is not _UNSET:
+    if not isinstance(status, Unset):
         if status not in STATUSES:
             raise StateValueError(
                 f"unknown status {status!r}; use one of: {', '.join(sorted(STATUSES))}"
             )
         fields["status"] = status
-    if metadata is not _UNSET:
+    if not isinstance(metadata, Unset):
         if not isinstance(metadata, Mapping):
             raise StateValueError("metadata must be a dict")
         check_json(metadata, "metadata")
-        fields["metadata"] = dict(metadata)
+        fields["metadata"] = copy_json(dict(metadata))
     return fields
 
 
-def info_matches(
-    info: SessionInfo, user_id: str | None, status: str | None, updated_before: datetime | None
-) -> bool:
-    """Whether ``info`` passes the filters of find_sessions."""
-    if user_id is not None and info.user_id != user_id:
-        return False
-    if status is not None and info.status != status:
-        return False
-    return updated_before is None or info.updated_at < updated_before
+def check_json(value: object, what: str) -> None:
+    """Raise StateValueError (a ValueError too) unless ``value`` serialises to JSON."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StateValueError(f"{what} must be JSON-serialisable: {exc}") from exc
 
 
 def expiry_of(ttl: float | None, expires_at: datetime | None, now: float) -> float | None:
@@ -539,22 +580,68 @@ def expiry_of(ttl: float | None, expires_at: datetime | None, now: float) -> flo
     if expires_at is not None:
         if not isinstance(expires_at, datetime):
             raise StateValueError(f"expires_at must be a datetime, not {type(expires_at).__name__}")
-        return ts(expires_at)
+        return _as_utc(expires_at).timestamp()
     return None
 
 
 def state_entries(
     values: Mapping[str, Any], ttl: float | None = None, expires_at: datetime | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Validate state values and wrap each as {"value": v, "expires_at": epoch or None}."""
+    """Validate state values and wrap each as {"value": v, "expires_at": epoch or None}.
+
+    The values are copies, so the caller's objects are never stored.
+    """
     expires = expiry_of(ttl, expires_at, time.time())
     entries: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
         if not isinstance(key, str) or not key:
             raise StateValueError(f"state keys must be non-empty strings, not {key!r}")
         check_json(value, f"the value of state key {key!r}")
-        entries[key] = {"value": value, "expires_at": expires}
+        entries[key] = {"value": copy_json(value), "expires_at": expires}
     return entries
+
+
+# -- edits of a meta dict (the ABC's defaults and the file backend) ---------------------------
+
+
+def _changed(meta: dict[str, Any]) -> bool:
+    """The edit of a history write: nothing but the times."""
+    return True
+
+
+def put_info(meta: dict[str, Any], *, fields: Mapping[str, Any]) -> bool:
+    """Set checked info fields."""
+    meta.update(fields)
+    return True
+
+
+def put_state(meta: dict[str, Any], *, entries: Mapping[str, dict[str, Any]]) -> bool:
+    """Set state entries in a meta dict."""
+    meta["state"] = merge_state(meta.get("state") or {}, entries)
+    return True
+
+
+def drop_state(meta: dict[str, Any], *, keys: Collection[str] | None) -> bool:
+    """Remove the given state keys (every key if None) from a meta dict; whether any went."""
+    state = remove_state(meta.get("state") or {}, keys)
+    if state is not None:
+        meta["state"] = state
+    return state is not None
+
+
+def merge_state(
+    state: Mapping[str, dict[str, Any]], entries: Mapping[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Stored state entries with ``entries`` set, and the expired ones dropped."""
+    return {**live_raw(state), **entries}
+
+
+def remove_state(
+    state: Mapping[str, dict[str, Any]], keys: Collection[str] | None
+) -> dict[str, dict[str, Any]] | None:
+    """Stored state entries without ``keys`` (all if None); None if none of them was there."""
+    gone = set(state) if keys is None else set(keys).intersection(state)
+    return {k: e for k, e in state.items() if k not in gone} if gone else None
 
 
 def _live(expires: float | None, now: float) -> bool:
@@ -570,8 +657,3 @@ def live_raw(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def live_entries(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, StateEntry]:
     """The stored entries that have not expired, as StateEntry objects."""
     return {k: state_entry(e["value"], e.get("expires_at")) for k, e in live_raw(entries).items()}
-
-
-def state_entry(value: Any, expires_at: float | None) -> StateEntry:
-    """A StateEntry from a value and epoch seconds (or None)."""
-    return StateEntry(value, None if expires_at is None else from_ts(expires_at))

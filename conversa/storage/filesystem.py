@@ -47,9 +47,8 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -61,18 +60,26 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
-from ._urls import Durability, durability_option, query_options, redact_url
+from ._stored import (
+    corrupt,
+    decode_info,
+    decode_message,
+    decode_messages,
+    first_user,
+    from_micros,
+    to_micros,
+)
+from ._urls import Durable, durability_option, redact_url, url_durability
 from .base import (
-    _UNSET,
     ConversationStorage,
     SessionInfo,
+    SessionQuery,
     StateEntry,
-    info_fields,
-    info_matches,
+    drop_state,
+    kept,
     live_entries,
-    live_raw,
-    state_entries,
-    title_from,
+    put_info,
+    put_state,
     validate_session_id,
 )
 
@@ -90,7 +97,6 @@ _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 _CHUNK = 1 << 20
 _TAIL_BLOCK = 1 << 16
 """tail() reads the file backwards in blocks of this many bytes."""
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -164,7 +170,7 @@ def _stamp() -> int:
 
 
 def _from_ns(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1000)
+    return from_micros(ns // 1000)
 
 
 # -- bytes on disk ------------------------------------------------------------------------
@@ -285,10 +291,14 @@ def _complete_end_of_fd(fd: int, size: int) -> int:
     return _complete_end(size, byte_at, newline_before, read)
 
 
-def _corrupt(path: str, line: int, why: str) -> CorruptSessionError:
-    return CorruptSessionError(
-        f"session file {path} is damaged at line {line}: {why}. It was left untouched; "
-        "fix or remove that line (or restore the file from a backup) and try again"
+_FIX_LINE = "fix or remove that line (or restore the file from a backup) and try again"
+_FIX_META = "fix it, or delete it to drop the session's info and state"
+
+
+def _line_place(path: str, line_no: int | Callable[[], int]) -> Callable[[], str]:
+    """Where a damaged line is; its number is counted only when it is needed."""
+    return lambda: (
+        f"line {line_no if isinstance(line_no, int) else line_no()} of session file {path}"
     )
 
 
@@ -298,7 +308,8 @@ def _split_lines(data: bytes, path: str) -> tuple[list[str], int]:
     try:
         text = data[:end].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _corrupt(path, data.count(b"\n", 0, exc.start) + 1, "not valid UTF-8") from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise corrupt(_line_place(path, line), "not valid UTF-8", _FIX_LINE) from exc
     lines = text.split("\n")  # not splitlines(): U+2028 and friends may sit inside the JSON
     if lines[-1] == "":  # after the final "\n"; not there if a hand edit left that out
         lines.pop()
@@ -307,28 +318,11 @@ def _split_lines(data: bytes, path: str) -> tuple[list[str], int]:
 
 def _parse_line(line: str | bytes, path: str, line_no: int | Callable[[], int]) -> ChatMessage:
     """One stored message; ``line_no`` (or a function computing it) names the line if damaged."""
-    try:
-        return ChatMessage.from_json(line)
-    except json.JSONDecodeError as exc:
-        why = f"invalid JSON ({exc.msg}, column {exc.colno})"
-        raise _corrupt(path, line_no if isinstance(line_no, int) else line_no(), why) from exc
-    except (InvalidMessage, TypeError, ValueError, KeyError, AttributeError) as exc:
-        why = f"not a stored message ({exc})"
-        raise _corrupt(path, line_no if isinstance(line_no, int) else line_no(), why) from exc
-
-
-def _parse_raw(raw: bytes, path: str, line_no: int | Callable[[], int]) -> ChatMessage:
-    """One stored message from the bytes of its line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        no = line_no if isinstance(line_no, int) else line_no()
-        raise _corrupt(path, no, "not valid UTF-8") from exc
-    return _parse_line(text, path, line_no)
+    return decode_message(line, _line_place(path, line_no), _FIX_LINE)
 
 
 def _parse_lines(lines: Sequence[str], path: str) -> list[ChatMessage]:
-    return [_parse_line(line, path, n) for n, line in enumerate(lines, 1)]
+    return decode_messages(enumerate(lines, 1), lambda n: _line_place(path, n)(), _FIX_LINE)
 
 
 def _check_lines(fd: int, path: str, start: int, end: int, before: int) -> tuple[int, int]:
@@ -351,7 +345,7 @@ def _check_lines(fd: int, path: str, start: int, end: int, before: int) -> tuple
             if raw.endswith(b"\n"):
                 raw = raw[:-1]  # so a JSON error's column is on this line
                 resume = offset
-            _parse_raw(raw, path, before + lines)
+            _parse_line(raw, path, before + lines)
     return lines, resume
 
 
@@ -403,17 +397,10 @@ def _warn_skipped(damaged: Iterable[str]) -> None:
         warnings.warn(f"left out a damaged session: {error}", stacklevel=3)
 
 
-@dataclass(frozen=True, slots=True)
-class _Filters:
-    user_id: str | None
-    status: str | None
-    updated_before: datetime | None
-
-
 # -- the backend --------------------------------------------------------------------------
 
 
-class FileSystemStorage(ConversationStorage):
+class FileSystemStorage(Durable, ConversationStorage):
     """Sessions as JSON Lines files in a directory. URL: ``file://DIR`` (or a plain path).
 
     ``durability="crash"`` (default): an append that returned survives the process being killed.
@@ -439,20 +426,13 @@ class FileSystemStorage(ConversationStorage):
             raise UnsupportedStorageURL(
                 f"not a file:// URL: {redact_url(url)!r}; use file:///abs/dir or file://rel/dir"
             )
-        option = query_options(url, {"durability"}).get("durability", "crash")
-        durability = durability_option(option, url)
         directory = unquote(parts.netloc + parts.path) or "sessions"
-        return cls(directory, durability=durability)
+        return cls(directory, durability=url_durability(url))
 
     @property
     def directory(self) -> str:
         """The absolute path of the session directory."""
         return self._dir
-
-    @property
-    def durability(self) -> Durability:
-        """Either "crash" or "power"."""
-        return self._durability
 
     def __repr__(self) -> str:
         return f"FileSystemStorage({self._dir!r}, durability={self._durability!r})"
@@ -460,7 +440,7 @@ class FileSystemStorage(ConversationStorage):
     # -- plumbing -----------------------------------------------------------------------
 
     def _paths(self, session_id: str) -> tuple[str, str]:
-        stem = session_file_stem(validate_session_id(session_id))
+        stem = session_file_stem(session_id)
         return (
             os.path.join(self._dir, stem + HISTORY_SUFFIX),
             os.path.join(self._dir, stem + META_SUFFIX),
@@ -603,18 +583,13 @@ class FileSystemStorage(ConversationStorage):
                 raw = f.read()
         except FileNotFoundError:
             return None
+        place = f"session info file {meta_path}"
         try:
             meta = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptSessionError(
-                f"session info file {meta_path} is not valid JSON ({exc}). It was left "
-                "untouched; fix it, or delete it to drop the session's info and state"
-            ) from exc
+            raise corrupt(place, f"not valid JSON ({exc})", _FIX_META) from exc
         if not isinstance(meta, dict):
-            raise CorruptSessionError(
-                f"session info file {meta_path} does not hold a JSON object. It was left "
-                "untouched; fix it, or delete it to drop the session's info and state"
-            )
+            raise corrupt(place, "it does not hold a JSON object", _FIX_META)
         return meta
 
     def _write_meta(self, meta_path: str, meta: dict[str, Any], stamp: int) -> None:
@@ -632,11 +607,9 @@ class FileSystemStorage(ConversationStorage):
 
     # -- history --------------------------------------------------------------------------
 
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add ``messages`` to the end in one write; the file is never rewritten.
-
-        A damaged history is refused (CorruptSessionError), like every read but save's.
-        """
+    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        # One write; the file is never rewritten. A damaged history is refused
+        # (CorruptSessionError), like every read but save's.
         path, meta_path = self._paths(session_id)
         data = _serialize(messages, one_append=True)
         cut = await self._run(self._append_sync, session_id, path, meta_path, data)
@@ -800,11 +773,9 @@ class FileSystemStorage(ConversationStorage):
         path, _ = self._paths(session_id)
         return await self._run(os.path.exists, path)
 
-    async def count(self, session_id: str) -> int:
-        """The number of stored messages; a damaged history raises, as load does.
-
-        Each line is parsed once by this object; later counts read only what was appended.
-        """
+    async def _count(self, session_id: str) -> int:
+        # A damaged history raises, as load does. Each line is parsed once by this object;
+        # later counts read only what was appended.
         path, _ = self._paths(session_id)
         return await self._run(self._count_sync, path)
 
@@ -827,18 +798,11 @@ class FileSystemStorage(ConversationStorage):
             offset += len(chunk)
         return lines
 
-    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """The newest ``n`` messages, read backwards from the end of the file.
-
-        Reads only the blocks that hold them once the file has been checked (see count); a
-        damaged history raises and an unfinished last append is ignored with a warning, as
-        load does.
-        """
-        if n < 0:
-            raise ValueError("n must be >= 0")
+    async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
+        # Read backwards from the end of the file: only the blocks that hold them once the
+        # file has been checked (see _count); a damaged history raises and an unfinished last
+        # append is ignored with a warning, as load does.
         path, _ = self._paths(session_id)
-        if n == 0:
-            return []
         messages, torn = await self._run(self._tail_sync, path, n)
         if torn:
             warnings.warn(_torn_warning(path, torn), stacklevel=2)
@@ -855,7 +819,7 @@ class FileSystemStorage(ConversationStorage):
             for offset, raw in _last_lines(fd, end, n):
                 # Line numbers are counted only for a damaged line: it costs a read of the file.
                 line_no = functools.partial(self._line_no, fd, offset)
-                messages.append(_parse_raw(raw, path, line_no))
+                messages.append(_parse_line(raw, path, line_no))
             return messages, st.st_size - end
 
     @classmethod
@@ -863,37 +827,26 @@ class FileSystemStorage(ConversationStorage):
         """The number (from 1) of the line that starts at ``offset``."""
         return cls._count_lines(fd, offset) + 1
 
-    async def truncate(self, session_id: str, keep: int) -> None:
-        """Keep only the oldest ``keep`` messages (an atomic rewrite)."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
+    async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
+        # an atomic rewrite
         path, _ = self._paths(session_id)
-        await self._run(self._cut_sync, path, lambda n: keep)
+        return await self._run(self._cut_sync, path, n, pop)
 
-    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """Remove and return the newest ``n`` messages (an atomic rewrite)."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        path, _ = self._paths(session_id)
-        if n == 0:
-            return []
-        return await self._run(self._cut_sync, path, lambda total: max(0, total - n))
-
-    def _cut_sync(self, path: str, keep_of: Callable[[int], int]) -> list[ChatMessage]:
-        """Rewrite the history keeping its oldest ``keep_of(count)`` lines; return the rest."""
+    def _cut_sync(self, path: str, n: int, pop: bool) -> list[ChatMessage]:
+        """Rewrite the history without its newest lines, as ``_cut`` says; the popped ones."""
         with self._locked(path, write=True) as fd:
             if fd is None:
                 return []
             data = _read_all(fd)
             messages, lines, _ = self._parse_all(data, path)  # a damaged file is never rewritten
-            keep = keep_of(len(lines))
+            keep = kept(len(lines), n, pop=pop)
             if keep >= len(lines):
                 return []
             # Trailing spaces mark lines inside one append; a kept last line must not have one.
-            kept = "".join(line.rstrip(" ") + "\n" for line in lines[:keep]).encode("utf-8")
-            st = self._replace(path, kept, _stamp())
-            self._remember_bytes(path, st, kept, keep)
-            return messages[keep:]
+            rest = "".join(line.rstrip(" ") + "\n" for line in lines[:keep]).encode("utf-8")
+            st = self._replace(path, rest, _stamp())
+            self._remember_bytes(path, st, rest, keep)
+            return messages[keep:] if pop else []
 
     # -- listing --------------------------------------------------------------------------
 
@@ -962,13 +915,13 @@ class FileSystemStorage(ConversationStorage):
 
     # -- session info ---------------------------------------------------------------------
 
-    async def get_info(self, session_id: str) -> SessionInfo | None:
-        """The session's info from its meta file and a line count; None if it does not exist."""
+    async def _get_info(self, session_id: str) -> SessionInfo | None:
+        # from the meta file and a line count
         path, meta_path = self._paths(session_id)
         return await self._run(self._info_sync, session_id, path, meta_path, None)
 
     def _info_sync(
-        self, session_id: str, path: str, meta_path: str, filters: _Filters | None
+        self, session_id: str, path: str, meta_path: str, query: SessionQuery | None
     ) -> SessionInfo | None:
         with self._locked(path, write=False) as fd:
             if fd is None:
@@ -979,11 +932,8 @@ class FileSystemStorage(ConversationStorage):
             updated_ns = st.st_mtime_ns
             with contextlib.suppress(FileNotFoundError):
                 updated_ns = max(updated_ns, os.stat(meta_path).st_mtime_ns)
-            status = meta.get("status", "active")
-            user_id = meta.get("user_id")
-            if filters is not None and not (
-                (filters.user_id is None or filters.user_id == user_id)
-                and (filters.status is None or filters.status == status)
+            if query is not None and not query.matches_fields(
+                meta.get("user_id"), meta.get("status") or "active"
             ):
                 return None
             title = meta.get("title")
@@ -992,19 +942,16 @@ class FileSystemStorage(ConversationStorage):
             if created is None or not title:
                 first_created, first_title = self._head(fd, path, end, want_title=not title)
             created = created or first_created or _from_ns(updated_ns)
-            info = SessionInfo(
-                session_id=session_id,
+            info = decode_info(
+                session_id,
+                meta,
                 created_at=created,
                 updated_at=max(_from_ns(updated_ns), created),
                 message_count=self._check(path, fd, st, end),
-                title=title or first_title,
-                user_id=user_id,
-                status=status,
-                metadata=dict(meta.get("metadata") or {}),
+                default_title=first_title,
+                where=f"session info file {meta_path}",
             )
-        if filters is not None and not info_matches(info, None, None, filters.updated_before):
-            return None
-        return info
+        return None if query is not None and not query.matches(info) else info
 
     @staticmethod
     def _created_at(meta: Mapping[str, Any], meta_path: str) -> datetime | None:
@@ -1016,9 +963,10 @@ class FileSystemStorage(ConversationStorage):
         except ValueError:
             created = None
         if created is None:
-            raise CorruptSessionError(
-                f"session info file {meta_path} has a bad created_at {raw!r}; "
-                "fix it to an ISO 8601 time or remove the key"
+            raise corrupt(
+                f"created_at in session info file {meta_path}",
+                f"{raw!r} is not an ISO 8601 time",
+                "fix it or remove the key",
             )
         return created if created.tzinfo else created.replace(tzinfo=UTC)
 
@@ -1041,26 +989,13 @@ class FileSystemStorage(ConversationStorage):
                     if not want_title:
                         break
                 if message.role == "user":
-                    return first, title_from([message])
+                    found = first_user([message])
+                    return first, found[1] if found else None
         return first, None
 
-    async def update_info(
-        self,
-        session_id: str,
-        *,
-        title: str | None = _UNSET,
-        user_id: str | None = _UNSET,
-        status: str = _UNSET,
-        metadata: Mapping[str, Any] = _UNSET,
-    ) -> SessionInfo:
-        """Set info fields in the meta file (creating the session if needed); return the info."""
+    async def _update_info(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
         path, meta_path = self._paths(session_id)
-        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
-
-        def change(meta: dict[str, Any]) -> bool:
-            meta.update(fields)
-            return True
-
+        change = functools.partial(put_info, fields=fields)
         await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
         info = await self._run(self._info_sync, session_id, path, meta_path, None)
         assert info is not None
@@ -1091,36 +1026,23 @@ class FileSystemStorage(ConversationStorage):
                 meta["session_id"] = session_id
                 self._write_meta(meta_path, meta, stamp)
 
-    async def find_sessions(
-        self,
-        *,
-        user_id: str | None = None,
-        status: str | None = None,
-        updated_before: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[SessionInfo]:
-        """Infos of the sessions matching every filter, newest first.
-
-        A damaged session (its meta file or a history line) is left out with a warning
-        naming the file, so one cannot hide the others; get_info and load raise for it.
-        """
-        filters = _Filters(user_id, status, updated_before)
+    async def _find(self, query: SessionQuery) -> list[SessionInfo]:
+        # A damaged session (its meta file or a history line) is left out with a warning
+        # naming the file, so one cannot hide the others; get_info and load raise for it.
         damaged: list[str] = []
-        found = await self._run(self._find_sync, filters, limit, damaged)
+        found = await self._run(self._find_sync, query, damaged)
         _warn_skipped(damaged)
         return found
 
-    def _find_sync(
-        self, filters: _Filters, limit: int | None, damaged: list[str]
-    ) -> list[SessionInfo]:
+    def _find_sync(self, query: SessionQuery, damaged: list[str]) -> list[SessionInfo]:
         found: list[SessionInfo] = []
         for _, session_id, stem in self._scan(damaged):
-            if limit is not None and len(found) >= limit:
+            if len(found) == query.limit:
                 break
             path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
             meta_path = os.path.join(self._dir, stem + META_SUFFIX)
             try:
-                info = self._info_sync(session_id, path, meta_path, filters)
+                info = self._info_sync(session_id, path, meta_path, query)
             except CorruptSessionError as exc:
                 damaged.append(str(exc))
                 continue
@@ -1130,66 +1052,26 @@ class FileSystemStorage(ConversationStorage):
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        """The unexpired state entries from the meta file."""
+    async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         _, meta_path = self._paths(session_id)
         meta = await self._run(self._read_meta, meta_path) or {}
         return live_entries(meta.get("state") or {})
 
-    async def set_state(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set state keys (to expire after ``ttl`` seconds or at ``expires_at``); prunes
-        expired keys."""
+    async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         path, meta_path = self._paths(session_id)
-        entries = state_entries(values, ttl, expires_at)
-
-        def change(meta: dict[str, Any]) -> bool:
-            meta["state"] = {**live_raw(meta.get("state") or {}), **entries}
-            return True
-
+        change = functools.partial(put_state, entries=entries)
         await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
 
-    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
-        """Remove state keys; absent keys are ignored."""
+    async def _drop_state(self, session_id: str, keys: Collection[str] | None) -> None:
         path, meta_path = self._paths(session_id)
-        doomed = list(keys)
-
-        def change(meta: dict[str, Any]) -> bool:
-            state = meta.get("state") or {}
-            if not any(k in state for k in doomed):
-                return False
-            meta["state"] = {k: e for k, e in state.items() if k not in doomed}
-            return True
-
+        change = functools.partial(drop_state, keys=keys)
         await self._run(self._change_meta_sync, session_id, path, meta_path, change, False)
 
-    async def clear_state(self, session_id: str) -> None:
-        """Remove every state key."""
+    async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
+        # created_at in the meta file, updated_at as the mtime of both files
         path, meta_path = self._paths(session_id)
-
-        def change(meta: dict[str, Any]) -> bool:
-            if not meta.get("state"):
-                return False
-            meta["state"] = {}
-            return True
-
-        await self._run(self._change_meta_sync, session_id, path, meta_path, change, False)
-
-    async def set_times(
-        self, session_id: str, *, created_at: datetime, updated_at: datetime
-    ) -> None:
-        """Set created_at in the meta file and updated_at as the mtime of both files."""
-        path, meta_path = self._paths(session_id)
-        created = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
-        updated = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=UTC)
-        stamp = (updated - _EPOCH) // timedelta(microseconds=1) * 1000
-        await self._run(self._set_times_sync, session_id, path, meta_path, created, stamp)
+        stamp = to_micros(updated_at) * 1000
+        await self._run(self._set_times_sync, session_id, path, meta_path, created_at, stamp)
 
     def _set_times_sync(
         self, session_id: str, path: str, meta_path: str, created: datetime, stamp: int

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from ..messages import ChatMessage
+from ._stored import decode_info, first_user
 from .base import (
-    _UNSET,
     ConversationStorage,
     SessionInfo,
+    SessionQuery,
     StateEntry,
     copy_json,
     from_ts,
-    info_fields,
-    info_matches,
+    kept,
     live_entries,
-    live_raw,
-    state_entries,
-    title_from,
-    ts,
+    merge_state,
+    remove_state,
 )
 
 
@@ -100,130 +98,73 @@ class InMemoryStorage(ConversationStorage):
         """Whether the session exists."""
         return session_id in self._sessions
 
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add messages to the end."""
+    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
         added = [_detached(m) for m in messages]
         self._touch(session_id).messages.extend(added)
 
-    async def count(self, session_id: str) -> int:
-        """The number of stored messages."""
+    async def _count(self, session_id: str) -> int:
         s = self._sessions.get(session_id)
         return len(s.messages) if s else 0
 
-    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """The newest ``n`` messages, as copies."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
+    async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
         s = self._sessions.get(session_id)
-        return [_detached(m) for m in s.messages[max(0, len(s.messages) - n) :]] if s and n else []
+        return [_detached(m) for m in s.messages[-n:]] if s else []
 
-    async def truncate(self, session_id: str, keep: int) -> None:
-        """Keep the oldest ``keep`` messages."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
+    async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         s = self._sessions.get(session_id)
-        if s and keep < len(s.messages):
-            del self._touch(session_id).messages[keep:]
-
-    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """Remove and return the newest ``n`` messages."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        s = self._sessions.get(session_id)
-        if not s or n == 0 or not s.messages:
+        keep = kept(len(s.messages), n, pop=pop) if s else 0
+        if not s or keep >= len(s.messages):
             return []
-        keep = max(0, len(s.messages) - n)
-        popped = s.messages[keep:]
+        removed = s.messages[keep:]
         del self._touch(session_id).messages[keep:]
-        return popped
+        return removed if pop else []
 
     def _info(self, session_id: str, s: _Session) -> SessionInfo:
-        return SessionInfo(
-            session_id=session_id,
+        first = first_user(s.messages)
+        return decode_info(
+            session_id,
+            s.info,
             created_at=from_ts(s.created_at),
             updated_at=from_ts(s.updated_at),
             message_count=len(s.messages),
-            title=s.info.get("title") or title_from(s.messages),
-            user_id=s.info.get("user_id"),
-            status=s.info.get("status", "active"),
-            metadata=copy_json(s.info.get("metadata", {})),
+            default_title=first[1] if first else None,
+            where="memory",
         )
 
-    async def get_info(self, session_id: str) -> SessionInfo | None:
-        """The session's info, or None."""
+    async def _get_info(self, session_id: str) -> SessionInfo | None:
         s = self._sessions.get(session_id)
         return self._info(session_id, s) if s else None
 
-    async def update_info(
-        self,
-        session_id: str,
-        *,
-        title: str | None = _UNSET,
-        user_id: str | None = _UNSET,
-        status: str = _UNSET,
-        metadata: Mapping[str, Any] = _UNSET,
-    ) -> SessionInfo:
-        """Set info fields and return the info."""
-        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+    async def _update_info(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
         s = self._touch(session_id)
-        s.info.update(copy_json(fields))
+        s.info.update(fields)
         return self._info(session_id, s)
 
-    async def find_sessions(
-        self,
-        *,
-        user_id: str | None = None,
-        status: str | None = None,
-        updated_before: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[SessionInfo]:
-        """Matching infos, newest first."""
+    async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         found = []
         for sid in await self.list_sessions():
             info = self._info(sid, self._sessions[sid])
-            if info_matches(info, user_id, status, updated_before):
+            if query.matches(info):
                 found.append(info)
-                if limit is not None and len(found) >= limit:
+                if len(found) == query.limit:
                     break
         return found
 
-    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        """Unexpired state entries, their values as copies."""
+    async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         s = self._sessions.get(session_id)
         return live_entries(copy_json(s.state)) if s else {}
 
-    async def set_state(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set state keys, to expire after ``ttl`` seconds or at ``expires_at``."""
-        entries = copy_json(state_entries(values, ttl, expires_at))
+    async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         s = self._touch(session_id)
-        s.state = {**live_raw(s.state), **entries}
+        s.state = merge_state(s.state, entries)
 
-    async def set_times(
-        self, session_id: str, *, created_at: datetime, updated_at: datetime
-    ) -> None:
-        """Set the creation and last-update times."""
-        s = self._touch(session_id)
-        s.created_at, s.updated_at = ts(created_at), ts(updated_at)
-
-    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
-        """Remove state keys."""
+    async def _drop_state(self, session_id: str, keys: Collection[str] | None) -> None:
         s = self._sessions.get(session_id)
-        keys = [k for k in keys if s and k in s.state]
-        if s and keys:
-            for k in keys:
-                del s.state[k]
+        state = remove_state(s.state, keys) if s else None
+        if s and state is not None:
+            s.state = state
             self._touch(session_id)
 
-    async def clear_state(self, session_id: str) -> None:
-        """Remove all state keys."""
-        s = self._sessions.get(session_id)
-        if s and s.state:
-            s.state.clear()
-            self._touch(session_id)
+    async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
+        s = self._touch(session_id)
+        s.created_at, s.updated_at = created_at.timestamp(), updated_at.timestamp()

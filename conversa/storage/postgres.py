@@ -44,30 +44,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import BackendUnavailable, CorruptSessionError, InvalidMessage, StorageError
+from ..errors import BackendUnavailable, StorageConfigError, StorageError
 from ..messages import ChatMessage
-from ._urls import query_options, redact_url
-from .base import (
-    _UNSET,
-    ConversationStorage,
-    SessionInfo,
-    StateEntry,
-    as_utc,
-    info_fields,
-    state_entries,
-    state_entry,
-    title_from,
-)
+from ._stored import decode_info, decode_messages, decode_state, first_user
+from ._urls import import_optional, number_option, positive, query_options, redact_url
+from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
 
@@ -75,16 +65,6 @@ DEFAULT_TIMEOUT = 5.0
 """Seconds to wait for a new connection."""
 POOL_SIZE = 5
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
-
-
-def _import_asyncpg() -> Any:
-    try:
-        return importlib.import_module("asyncpg")
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"PostgresStorage needs the asyncpg package ({exc}); install it with: "
-            "pip install 'conversa-ai[postgres]'"
-        ) from None
 
 
 # -- NUL-safe text columns ----------------------------------------------------------------
@@ -119,12 +99,11 @@ def _body(message: ChatMessage) -> str:
 
 
 def _first_user(messages: Sequence[ChatMessage]) -> tuple[int | None, str | None]:
-    """Position of the first user message and its default title."""
-    for i, m in enumerate(messages):
-        if m.role == "user":
-            title = title_from([m])
-            return i, None if title is None else _esc(title)
-    return None, None
+    """Position of the first user message and its default title, escaped."""
+    found = first_user(messages)
+    if found is None:
+        return None, None
+    return found[0], None if found[1] is None else _esc(found[1])
 
 
 # -- schema and migrations ----------------------------------------------------------------
@@ -250,13 +229,15 @@ class PostgresStorage(ConversationStorage):
         self._shown = redact_url(url)
         for what, name in (("schema", schema), ("table_prefix", table_prefix)):
             if not _IDENTIFIER.fullmatch(name):
-                raise StorageError(
+                raise StorageConfigError(
                     f"{what} {name!r} in {self._shown!r} must be letters, digits and _ "
                     "(not starting with a digit, at most 41 characters)"
                 )
-        if timeout <= 0 or pool_size < 1:
-            raise StorageError("timeout must be positive and pool_size at least 1")
-        self._pg = _import_asyncpg()
+        positive(timeout, "timeout", unit=" of seconds")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+            raise StorageConfigError(f"pool_size must be a whole number, not {pool_size!r}")
+        positive(pool_size, "pool_size")
+        self._pg = import_optional("asyncpg", "PostgresStorage", "postgres")
         self._dsn = urlsplit(url)._replace(query="", fragment="").geturl()
         self._names = _Names(schema, table_prefix)
         self._timeout = timeout
@@ -271,13 +252,9 @@ class PostgresStorage(ConversationStorage):
         options = query_options(
             url, {"schema", "table_prefix", "timeout", "pool_size", "application_name"}
         )
-        try:
-            timeout = float(options.get("timeout") or DEFAULT_TIMEOUT)
-            pool_size = int(options.get("pool_size") or POOL_SIZE)
-        except ValueError:
-            raise StorageError(
-                f"timeout and pool_size in {redact_url(url)!r} must be numbers"
-            ) from None
+        timeout = number_option(options, "timeout", float, DEFAULT_TIMEOUT, url)
+        pool_size = number_option(options, "pool_size", int, POOL_SIZE, url)
+        assert timeout is not None and pool_size is not None
         return cls(
             url,
             schema=options.get("schema") or "public",
@@ -391,7 +368,7 @@ class PostgresStorage(ConversationStorage):
                 )
                 if attempt == 0 and safe and self._is_lost(exc):
                     continue
-                raise self._error(exc) from None
+                raise self._error(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _error(self, exc: BaseException) -> StorageError:
@@ -412,35 +389,29 @@ class PostgresStorage(ConversationStorage):
         return StorageError(f"PostgreSQL at {self._shown} failed: {exc}")
 
     def _decode(self, session_id: str, rows: Iterable[Any]) -> list[ChatMessage]:
-        messages = []
-        for row in rows:
-            try:
-                messages.append(ChatMessage.from_json(row["body"]))
-            except (ValueError, InvalidMessage) as exc:
-                raise CorruptSessionError(
-                    f"message {row['seq']} of session {session_id!r} in table "
-                    f"{self._names.messages} at {self._shown} is damaged ({exc}); "
-                    "fix or delete that row"
-                ) from None
-        return messages
+        def place(seq: int) -> str:
+            return self._place(f"message {seq} of session {session_id!r}", "messages")
+
+        pairs = ((row["seq"], row["body"]) for row in rows)
+        return decode_messages(pairs, place, "fix or delete that row")
+
+    def _place(self, what: str, table: str) -> str:
+        return f"{what} in table {self._names.of(table)} at {self._shown}"
 
     def _info(self, row: Any) -> SessionInfo:
-        try:
-            metadata = json.loads(row["metadata"])
-        except ValueError as exc:
-            raise CorruptSessionError(
-                f"the metadata of session {row['session_id']!r} in table "
-                f"{self._names.sessions} at {self._shown} is damaged ({exc}); fix that row"
-            ) from None
-        return SessionInfo(
-            session_id=row["session_id"],
+        return decode_info(
+            row["session_id"],
+            {
+                "title": _unesc_opt(row["title"]),
+                "user_id": _unesc_opt(row["user_id"]),
+                "status": row["status"],
+                "metadata": row["metadata"],
+            },
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             message_count=row["message_count"],
-            title=_unesc_opt(row["title"]) or _unesc_opt(row["auto_title"]) or None,
-            user_id=_unesc_opt(row["user_id"]),
-            status=row["status"],
-            metadata=metadata,
+            default_title=_unesc_opt(row["auto_title"]),
+            where=f"table {self._names.sessions} at {self._shown}",
         )
 
     def _touch_sql(self) -> str:
@@ -512,8 +483,8 @@ class PostgresStorage(ConversationStorage):
 
     # -- history --------------------------------------------------------------------------
 
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add messages to the end: one statement, one round trip."""
+    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        # one statement, one round trip
         n = self._names
         pos, title = _first_user(messages)
         roles = [m.role for m in messages]
@@ -541,83 +512,55 @@ class PostgresStorage(ConversationStorage):
             lambda con: con.execute(sql, session_id, len(messages), title, pos, roles, bodies)
         )
 
-    async def count(self, session_id: str) -> int:
-        """The message count kept in the session row."""
+    async def _count(self, session_id: str) -> int:
+        # the message count kept in the session row
         sql = f"SELECT message_count FROM {self._names.sessions} WHERE session_id = $1"
         value = await self._run(lambda con: con.fetchval(sql, session_id), retry=True)
         return int(value or 0)
 
-    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """The newest ``n`` messages: the last ``n`` rows of the primary key index, reversed."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        if n == 0:
-            return []
+    async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
+        # the last n rows of the primary key index, reversed
         sql = f"""SELECT seq, body FROM {self._names.messages} WHERE session_id = $1
                   ORDER BY seq DESC LIMIT $2"""
         rows = await self._run(lambda con: con.fetch(sql, session_id, n), retry=True)
         return self._decode(session_id, reversed(rows))
 
-    async def _cut(self, session_id: str, new_count: str, guard: str, arg: int) -> list[Any]:
-        """Lock the row, set message_count to ``new_count``, delete (and return) the rest."""
-        n = self._names
+    async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
+        # lock the row, set message_count, delete (and return) the rest
+        names = self._names
+        new_count = "greatest(message_count - $2, 0)" if pop else "$2"
+        guard = "message_count > 0" if pop else "message_count > $2"
         update = f"""
-            UPDATE {n.sessions} SET message_count = {new_count}, {self._touch_sql()},
+            UPDATE {names.sessions} SET message_count = {new_count}, {self._touch_sql()},
                 auto_title = CASE WHEN auto_title_seq >= {new_count}
                     THEN NULL ELSE auto_title END,
                 auto_title_seq = CASE WHEN auto_title_seq >= {new_count}
                     THEN NULL ELSE auto_title_seq END
             WHERE session_id = $1 AND {guard}
             RETURNING message_count"""
-        delete = f"""DELETE FROM {n.messages} WHERE session_id = $1 AND seq >= $2
+        delete = f"""DELETE FROM {names.messages} WHERE session_id = $1 AND seq >= $2
                      RETURNING seq, body"""
 
         async def op(con: Any) -> list[Any]:
-            keep = await con.fetchval(update, session_id, arg)
+            keep = await con.fetchval(update, session_id, n)
             if keep is None:
                 return []
             # a new statement, so it sees every append committed before the lock was ours
             rows = await con.fetch(delete, session_id, keep)
             return sorted(rows, key=lambda row: row["seq"])
 
-        return await self._run(op, transaction=True)
-
-    async def truncate(self, session_id: str, keep: int) -> None:
-        """Keep the oldest ``keep`` messages."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
-        await self._cut(session_id, "$2", "message_count > $2", keep)
-
-    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """Remove and return the newest ``n`` messages."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        if n == 0:
-            return []
-        rows = await self._cut(
-            session_id, "greatest(message_count - $2, 0)", "message_count > 0", n
-        )
-        return self._decode(session_id, rows)
+        rows = await self._run(op, transaction=True)
+        return self._decode(session_id, rows) if pop else []
 
     # -- session info ---------------------------------------------------------------------
 
-    async def get_info(self, session_id: str) -> SessionInfo | None:
-        """The session's row as a SessionInfo."""
+    async def _get_info(self, session_id: str) -> SessionInfo | None:
         sql = f"SELECT * FROM {self._names.sessions} WHERE session_id = $1"
         row = await self._run(lambda con: con.fetchrow(sql, session_id), retry=True)
         return None if row is None else self._info(row)
 
-    async def update_info(
-        self,
-        session_id: str,
-        *,
-        title: str | None = _UNSET,
-        user_id: str | None = _UNSET,
-        status: str = _UNSET,
-        metadata: Mapping[str, Any] = _UNSET,
-    ) -> SessionInfo:
-        """Set info fields in one UPSERT and return the info."""
-        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+    async def _update_info(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
+        # one UPSERT
         values: list[Any] = [session_id]
         for name, value in fields.items():
             if name == "metadata":
@@ -637,53 +580,34 @@ class PostgresStorage(ConversationStorage):
         row = await self._run(lambda con: con.fetchrow(sql, *values))
         return self._info(row)
 
-    async def find_sessions(
-        self,
-        *,
-        user_id: str | None = None,
-        status: str | None = None,
-        updated_before: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[SessionInfo]:
-        """Matching infos, newest first, filtered and limited by the server."""
+    async def _find(self, query: SessionQuery) -> list[SessionInfo]:
+        # filtered and limited by the server
         sql = f"""SELECT * FROM {self._names.sessions}
                   WHERE ($1::text IS NULL OR user_id = $1)
                     AND ($2::text IS NULL OR status = $2)
                     AND ($3::timestamptz IS NULL OR updated_at < $3)
                   ORDER BY touched DESC LIMIT $4"""
-        args = (None if user_id is None else _esc(user_id), status, updated_before, limit)
+        user_id = None if query.user_id is None else _esc(query.user_id)
+        args = (user_id, query.status, query.updated_before, query.limit)
         rows = await self._run(lambda con: con.fetch(sql, *args), retry=True)
         return [self._info(row) for row in rows]
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        """Unexpired state entries."""
+    async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         sql = f"""SELECT key, value, expires_at FROM {self._names.state} WHERE session_id = $1
                   AND (expires_at IS NULL OR expires_at > $2)"""
         rows = await self._run(lambda con: con.fetch(sql, session_id, time.time()), retry=True)
-        state: dict[str, StateEntry] = {}
-        for row in rows:
-            key = _unesc(row["key"])
-            try:
-                state[key] = state_entry(json.loads(row["value"]), row["expires_at"])
-            except ValueError as exc:
-                raise CorruptSessionError(
-                    f"state key {key!r} of session {session_id!r} in table "
-                    f"{self._names.state} at {self._shown} is damaged ({exc}); fix that row"
-                ) from None
-        return state
+        where = f"table {self._names.state} at {self._shown}"
+        return {
+            (key := _unesc(row["key"])): decode_state(
+                session_id, key, row["value"], row["expires_at"], where
+            )
+            for row in rows
+        }
 
-    async def set_state(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set state keys (dropping the session's expired ones) in one statement."""
-        entries = state_entries(values, ttl, expires_at)
+    async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
+        # one statement, which also drops the session's expired keys
         keys = [_esc(k) for k in entries]
         texts = [json.dumps(e["value"]) for e in entries.values()]
         expiry = [e["expires_at"] for e in entries.values()]
@@ -702,35 +626,20 @@ class PostgresStorage(ConversationStorage):
                 SET value = excluded.value, expires_at = excluded.expires_at"""
         await self._run(lambda con: con.execute(sql, session_id, keys, texts, expiry, time.time()))
 
-    async def _drop_state(self, session_id: str, keys: list[str] | None) -> None:
-        """Delete the given state keys (all if None); touch the session if any went."""
+    async def _drop_state(self, session_id: str, keys: Collection[str] | None) -> None:
         n = self._names
         which = "" if keys is None else "AND key = ANY($2::text[])"
         sql = f"""
             WITH gone AS (DELETE FROM {n.state} WHERE session_id = $1 {which} RETURNING 1)
             UPDATE {n.sessions} SET {self._touch_sql()}
             WHERE session_id = $1 AND EXISTS (SELECT 1 FROM gone)"""
-        args = [session_id] if keys is None else [session_id, keys]
+        args = [session_id] if keys is None else [session_id, [_esc(k) for k in keys]]
         await self._run(lambda con: con.execute(sql, *args))
 
-    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
-        """Remove state keys; absent keys are ignored."""
-        names = [_esc(k) for k in keys]
-        if names:
-            await self._drop_state(session_id, names)
-
-    async def clear_state(self, session_id: str) -> None:
-        """Remove every state key."""
-        await self._drop_state(session_id, None)
-
-    async def set_times(
-        self, session_id: str, *, created_at: datetime, updated_at: datetime
-    ) -> None:
-        """Set the session row's created_at and updated_at."""
+    async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
         sql = f"""UPDATE {self._names.sessions} SET created_at = $2, updated_at = $3
                   WHERE session_id = $1"""
-        created, updated = as_utc(created_at), as_utc(updated_at)
-        await self._run(lambda con: con.execute(sql, session_id, created, updated))
+        await self._run(lambda con: con.execute(sql, session_id, created_at, updated_at))
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -40,34 +40,31 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import BackendUnavailable, CorruptSessionError, InvalidMessage, StorageError
+from ..errors import BackendUnavailable, StorageError
 from ..messages import ChatMessage
-from ._urls import query_options, redact_url
-from .base import (
-    _UNSET,
-    ConversationStorage,
-    SessionInfo,
-    StateEntry,
-    as_utc,
-    info_fields,
-    info_matches,
-    state_entries,
-    state_entry,
-    title_from,
+from ._stored import (
+    corrupt,
+    decode_info,
+    decode_messages,
+    decode_state,
+    first_user,
+    from_micros,
+    to_micros,
 )
+from ._urls import import_optional, number_option, positive, query_options, redact_url
+from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "conversa:"
 DEFAULT_TIMEOUT = 5.0
 """Seconds to wait for a connection and for each reply; no Redis command should take longer."""
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FIND_CHUNK = 200
 
 # Shared by every write script. KEYS: 1 messages, 2 info, 3 state, 4 state expiry, 5 index,
@@ -142,7 +139,7 @@ return 1
 _POP = """
 local n = tonumber(ARGV[3])
 local len = redis.call('LLEN', KEYS[1])
-if n == 0 or len == 0 then return {} end
+if len == 0 then return {} end
 local keep = math.max(0, len - n)
 local items = redis.call('LRANGE', KEYS[1], keep, -1)
 cut(keep)
@@ -233,37 +230,13 @@ _WRITE_SCRIPTS = {
 }
 
 
-def _import_redis() -> Any:
-    try:
-        return importlib.import_module("redis.asyncio")
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"RedisStorage needs the redis package ({exc}); install it with: "
-            "pip install 'conversa-ai[redis]'"
-        ) from None
-
-
 def _title_args(messages: Sequence[ChatMessage]) -> list[str]:
     """ARGV 3-5 of append/save: where the first user message is and its default title."""
-    for i, m in enumerate(messages):
-        if m.role == "user":
-            title = title_from([m])
-            return [str(i), title or "", "0" if title is None else "1"]
-    return ["-1", "", "0"]
-
-
-def _from_us(value: str) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(value))
-
-
-def _micros(dt: datetime) -> int:
-    """A datetime as integer microseconds since the epoch (naive means UTC)."""
-    return (as_utc(dt) - _EPOCH) // timedelta(microseconds=1)
-
-
-def _expiry(text: str | None) -> float | None:
-    """A stored expiry (epoch seconds as text) as a float; ValueError if damaged."""
-    return None if text is None else float(text)
+    found = first_user(messages)
+    if found is None:
+        return ["-1", "", "0"]
+    i, title = found
+    return [str(i), title or "", "0" if title is None else "1"]
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
@@ -282,14 +255,13 @@ class RedisStorage(ConversationStorage):
         ttl: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        if ttl is not None and ttl <= 0:
-            raise StorageError("ttl must be a positive number of seconds, or None for no expiry")
-        if timeout <= 0:
-            raise StorageError("timeout must be a positive number of seconds")
+        if ttl is not None:
+            positive(ttl, "ttl", unit=" of seconds (or None for no expiry)")
+        positive(timeout, "timeout", unit=" of seconds")
         self._shown = redact_url(url)
         self._prefix = prefix
         self._ttl = str(ttl or 0)
-        module = _import_redis()
+        module = import_optional("redis.asyncio", "RedisStorage", "redis")
         retry_module = importlib.import_module("redis.asyncio.retry")
         backoff_module = importlib.import_module("redis.backoff")
         # No automatic retries: a write whose reply was lost would run twice.
@@ -315,13 +287,9 @@ class RedisStorage(ConversationStorage):
     def from_url(cls, url: str) -> RedisStorage:
         """Open ``redis://`` or ``rediss://`` with options ``prefix``, ``ttl`` and ``timeout``."""
         options = query_options(url, {"prefix", "ttl", "timeout"})
-        try:
-            ttl = int(options["ttl"]) if options.get("ttl") else None
-            timeout = float(options.get("timeout") or DEFAULT_TIMEOUT)
-        except ValueError:
-            raise StorageError(
-                f"ttl and timeout in {redact_url(url)!r} must be numbers of seconds"
-            ) from None
+        ttl = number_option(options, "ttl", int, None, url)
+        timeout = number_option(options, "timeout", float, DEFAULT_TIMEOUT, url)
+        assert timeout is not None
         return cls(url, prefix=options.get("prefix", DEFAULT_PREFIX), ttl=ttl, timeout=timeout)
 
     def __repr__(self) -> str:
@@ -370,13 +338,13 @@ class RedisStorage(ConversationStorage):
                 )
                 if retry and attempt == 0 and stale:
                     continue
-                raise self._unavailable(exc) from None
+                raise self._unavailable(exc) from exc
             except e.ResponseError as exc:
                 if "DB index" in str(exc) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                    raise self._unavailable(exc) from None
-                raise StorageError(f"Redis at {self._shown} rejected a command: {exc}") from None
+                    raise self._unavailable(exc) from exc
+                raise StorageError(f"Redis at {self._shown} rejected a command: {exc}") from exc
             except e.RedisError as exc:
-                raise StorageError(f"Redis at {self._shown} failed: {exc}") from None
+                raise StorageError(f"Redis at {self._shown} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _write(self, name: str, session_id: str, args: Sequence[str | int | float]) -> Any:
@@ -386,36 +354,33 @@ class RedisStorage(ConversationStorage):
         return await self._run(lambda: script(keys=keys, args=argv))
 
     def _decode(self, session_id: str, raw: Iterable[str], start: int = 0) -> list[ChatMessage]:
-        messages = []
-        for i, line in enumerate(raw, start):
-            try:
-                messages.append(ChatMessage.from_json(line))
-            except (ValueError, InvalidMessage) as exc:
-                raise CorruptSessionError(
-                    f"message {i} of session {session_id!r} in Redis key "
-                    f"{self._key('m', session_id)!r} at {self._shown} is damaged ({exc}); "
-                    "fix or delete it"
-                ) from None
-        return messages
+        key = self._key("m", session_id)
+
+        def place(i: int) -> str:
+            return self._place(f"message {i} of session {session_id!r}", key)
+
+        return decode_messages(enumerate(raw, start), place, "fix or delete it")
+
+    def _place(self, what: str, key: str) -> str:
+        return f"{what} in Redis key {key!r} at {self._shown}"
 
     def _info(self, session_id: str, h: Mapping[str, str], count: int) -> SessionInfo:
+        where = partial(self._place, "the info hash", self._key("i", session_id))
         try:
-            return SessionInfo(
-                session_id=session_id,
-                created_at=_from_us(h["created"]),
-                updated_at=_from_us(h["updated"]),
-                message_count=count,
-                title=h.get("title") or h.get("atitle") or None,
-                user_id=h.get("user_id"),
-                status=h.get("status", "active"),
-                metadata=json.loads(h.get("metadata", "{}")),
-            )
+            created, updated = from_micros(h["created"]), from_micros(h["updated"])
         except (KeyError, ValueError) as exc:
-            raise CorruptSessionError(
-                f"the info of session {session_id!r} in Redis key "
-                f"{self._key('i', session_id)!r} at {self._shown} is damaged ({exc!r}); "
-                "fix or delete it"
-            ) from None
+            raise corrupt(
+                f"the info of session {session_id!r} in {where()}", repr(exc), "fix or delete it"
+            ) from exc
+        return decode_info(
+            session_id,
+            h,
+            created_at=created,
+            updated_at=updated,
+            message_count=count,
+            default_title=h.get("atitle") or None,
+            where=where,
+        )
 
     # -- the core -------------------------------------------------------------------------
 
@@ -467,22 +432,17 @@ class RedisStorage(ConversationStorage):
 
     # -- history --------------------------------------------------------------------------
 
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add messages to the end: one script, one round trip."""
+    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        # one script, one round trip
         lines = [m.to_json() for m in messages]
         await self._write("append", session_id, [*_title_args(messages), *lines])
 
-    async def count(self, session_id: str) -> int:
-        """LLEN of the message list."""
+    async def _count(self, session_id: str) -> int:
         key = self._key("m", session_id)
         return int(await self._run(lambda: self._client.llen(key), retry=True))
 
-    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """The newest ``n`` messages: LRANGE -n -1 (with LLEN, for positions), one round trip."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        if n == 0:
-            return []
+    async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
+        # LRANGE -n -1 with LLEN (for positions), one round trip
         key = self._key("m", session_id)
 
         async def op() -> list[Any]:
@@ -494,20 +454,11 @@ class RedisStorage(ConversationStorage):
         length, raw = await self._run(op, retry=True)
         return self._decode(session_id, raw, int(length) - len(raw))
 
-    async def truncate(self, session_id: str, keep: int) -> None:
-        """Keep the oldest ``keep`` messages."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
-        await self._write("truncate", session_id, [keep])
-
-    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """Remove and return the newest ``n`` messages."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        if n == 0:
+    async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
+        if not pop:
+            await self._write("truncate", session_id, [n])
             return []
-        raw = await self._write("pop", session_id, [n])
-        return self._decode(session_id, raw)
+        return self._decode(session_id, await self._write("pop", session_id, [n]))
 
     # -- session info ---------------------------------------------------------------------
 
@@ -525,21 +476,11 @@ class RedisStorage(ConversationStorage):
             for sid, h, n in zip(ids, replies[::2], replies[1::2], strict=True)
         ]
 
-    async def get_info(self, session_id: str) -> SessionInfo | None:
-        """The session's info from its info hash, without reading the history."""
+    async def _get_info(self, session_id: str) -> SessionInfo | None:
+        # from the info hash, without reading the history
         return (await self._infos([session_id]))[0]
 
-    async def update_info(
-        self,
-        session_id: str,
-        *,
-        title: str | None = _UNSET,
-        user_id: str | None = _UNSET,
-        status: str = _UNSET,
-        metadata: Mapping[str, Any] = _UNSET,
-    ) -> SessionInfo:
-        """Set info fields and return the info."""
-        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+    async def _update_info(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
         args: list[str] = []
         for name, value in fields.items():
             if value is None:
@@ -550,74 +491,47 @@ class RedisStorage(ConversationStorage):
         flat, count = await self._write("update_info", session_id, args)
         return self._info(session_id, _pairs(flat), int(count))
 
-    async def find_sessions(
-        self,
-        *,
-        user_id: str | None = None,
-        status: str | None = None,
-        updated_before: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[SessionInfo]:
-        """Matching infos, newest first, read in pipelined chunks."""
+    async def _find(self, query: SessionQuery) -> list[SessionInfo]:
+        # infos read in pipelined chunks
         ids = await self.list_sessions()
         found: list[SessionInfo] = []
         for start in range(0, len(ids), _FIND_CHUNK):
             for info in await self._infos(ids[start : start + _FIND_CHUNK]):
-                if info is not None and info_matches(info, user_id, status, updated_before):
+                if info is not None and query.matches(info):
                     found.append(info)
-                    if limit is not None and len(found) >= limit:
+                    if len(found) == query.limit:
                         return found
         return found
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        """Unexpired state entries; expired keys are removed on the way."""
+    async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
+        # expired keys are removed on the way
         keys = [self._key("s", session_id), self._key("x", session_id)]
         args = [repr(time.time())]
         values, expiry = await self._run(lambda: self._get_state(keys=keys, args=args), retry=True)
         expires = _pairs(expiry)
-        state = {}
-        for key, text in _pairs(values).items():
-            try:
-                state[key] = state_entry(json.loads(text), _expiry(expires.get(key)))
-            except ValueError as exc:
-                raise CorruptSessionError(
-                    f"state key {key!r} of session {session_id!r} in Redis keys {keys!r} "
-                    f"at {self._shown} is damaged ({exc}); fix or delete it"
-                ) from None
-        return state
+        where = f"Redis keys {keys!r} at {self._shown}"
+        return {
+            key: decode_state(session_id, key, text, expires.get(key), where)
+            for key, text in _pairs(values).items()
+        }
 
-    async def set_state(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set state keys, to expire after ``ttl`` seconds or at ``expires_at``."""
+    async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         args: list[str] = []
-        for key, entry in state_entries(values, ttl, expires_at).items():
+        for key, entry in entries.items():
             expires = entry["expires_at"]
             args += [key, json.dumps(entry["value"]), "" if expires is None else repr(expires)]
         await self._write("set_state", session_id, args)
 
-    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
-        """Remove state keys; absent keys are ignored."""
-        names = list(keys)
-        if names:
-            await self._write("delete_state", session_id, names)
+    async def _drop_state(self, session_id: str, keys: Collection[str] | None) -> None:
+        if keys is None:
+            await self._write("clear_state", session_id, [])
+        else:
+            await self._write("delete_state", session_id, list(keys))
 
-    async def clear_state(self, session_id: str) -> None:
-        """Remove every state key."""
-        await self._write("clear_state", session_id, [])
-
-    async def set_times(
-        self, session_id: str, *, created_at: datetime, updated_at: datetime
-    ) -> None:
-        """Set the created and updated times in the session's info hash."""
-        times = [_micros(created_at), _micros(updated_at)]
+    async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
+        times = [to_micros(created_at), to_micros(updated_at)]
         await self._write("set_times", session_id, times)
 
     # -- lifecycle ------------------------------------------------------------------------

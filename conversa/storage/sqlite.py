@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from functools import partial
 from os import PathLike
 from pathlib import Path
@@ -28,22 +29,12 @@ from queue import SimpleQueue
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from ..errors import CorruptSessionError, StorageError, UnsupportedStorageURL
+from ..errors import StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
 from ._sqlite_migrations import FTS_TABLE, INDEX_AFTER_SQL, INDEXED_UPTO_SQL, migrate
-from ._urls import Durability, durability_option, query_options, redact_url
-from .base import (
-    _UNSET,
-    ConversationStorage,
-    SearchHit,
-    SessionInfo,
-    StateEntry,
-    info_fields,
-    state_entries,
-    state_entry,
-    title_from,
-    validate_session_id,
-)
+from ._stored import decode_info, decode_messages, decode_state, first_user, from_micros, to_micros
+from ._urls import Durability, Durable, durability_option, redact_url, url_durability
+from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
 
 BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
@@ -53,8 +44,6 @@ INDEX_BATCH = 2000
 """Messages a search indexes per write transaction while catching up (see m002)."""
 
 _SYNCHRONOUS = {"crash": "NORMAL", "power": "FULL"}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
 _INFO_COLUMNS = (
     "created_at, updated_at, message_count, title, first_user_text, user_id, status, metadata"
 )
@@ -63,7 +52,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class SqliteStorage(ConversationStorage):
+class SqliteStorage(Durable, ConversationStorage):
     """Sessions in one SQLite database file. URL: ``sqlite:///rel.db``, ``sqlite:////abs.db``.
 
     ``durability="crash"`` (synchronous=NORMAL): an acknowledged write survives the process
@@ -92,21 +81,15 @@ class SqliteStorage(ConversationStorage):
                 f"bad SQLite URL {redact_url(url)!r}: use sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (three slashes, then the path)"
             )
-        option = query_options(url, {"durability"}).get("durability", "crash")
-        return cls(unquote(parts.path[1:]), durability=durability_option(option, url))
+        return cls(unquote(parts.path[1:]), durability=url_durability(url))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self._path)!r}, durability={self._durability!r})"
 
     @property
     def path(self) -> Path:
         """The database file (absolute), or ``:memory:``."""
         return self._path
-
-    @property
-    def durability(self) -> Durability:
-        """'crash' or 'power': what an acknowledged write survives."""
-        return self._durability
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self._path)!r}, durability={self._durability!r})"
 
     # -- connection -----------------------------------------------------------------------
 
@@ -172,18 +155,15 @@ class SqliteStorage(ConversationStorage):
 
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history in one transaction."""
-        validate_session_id(session_id)
         rows = [m.to_json() for m in history]
-        await self._run(_save, session_id, rows, _first_user(history))
+        await self._run(_save, session_id, rows, first_user(history))
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, in order."""
-        validate_session_id(session_id)
         return await self._run(_load, session_id)
 
     async def delete(self, session_id: str) -> None:
         """Remove history, info and state of the session."""
-        validate_session_id(session_id)
         await self._run(_delete, session_id)
 
     async def list_sessions(self) -> list[str]:
@@ -192,100 +172,52 @@ class SqliteStorage(ConversationStorage):
 
     async def exists(self, session_id: str) -> bool:
         """Whether anything was written for the session."""
-        validate_session_id(session_id)
         return await self._run(_exists, session_id)
 
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add messages to the end in one transaction; cost independent of the history."""
-        validate_session_id(session_id)
+    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+        # one transaction; its cost is independent of the history
         rows = [m.to_json() for m in messages]
-        await self._run(_append, session_id, rows, _first_user(messages))
+        await self._run(_append, session_id, rows, first_user(messages))
 
-    async def count(self, session_id: str) -> int:
-        """The number of stored messages, from the sessions row."""
-        validate_session_id(session_id)
+    async def _count(self, session_id: str) -> int:
         return await self._run(_count, session_id)
 
-    async def tail(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """The newest ``n`` messages in order: one indexed read of those rows only."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
-        if n == 0:
-            return []
+    async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
         return await self._run(_tail, session_id, n)
 
-    async def truncate(self, session_id: str, keep: int) -> None:
-        """Keep only the oldest ``keep`` messages."""
-        if keep < 0:
-            raise ValueError("keep must be >= 0")
-        validate_session_id(session_id)
-        await self._run(_truncate, session_id, keep)
-
-    async def pop(self, session_id: str, n: int = 1) -> list[ChatMessage]:
-        """Remove and return the newest ``n`` messages."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        validate_session_id(session_id)
-        if n == 0:
-            return []
-        return await self._run(_pop, session_id, n)
+    async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
+        return await self._run(_cut, session_id, n, pop)
 
     # -- session info ---------------------------------------------------------------------
 
-    async def get_info(self, session_id: str) -> SessionInfo | None:
-        """The session's info from its sessions row, or None."""
-        validate_session_id(session_id)
+    async def _get_info(self, session_id: str) -> SessionInfo | None:
         return await self._run(_get_info, session_id)
 
-    async def update_info(
-        self,
-        session_id: str,
-        *,
-        title: str | None = _UNSET,
-        user_id: str | None = _UNSET,
-        status: str = _UNSET,
-        metadata: Mapping[str, Any] = _UNSET,
-    ) -> SessionInfo:
-        """Set the given info fields (creating the session if needed) and return the info."""
-        validate_session_id(session_id)
-        fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+    async def _update_info(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
         if "metadata" in fields:
-            fields["metadata"] = _dumps(fields["metadata"])
+            fields = {**fields, "metadata": _dumps(fields["metadata"])}
         return await self._run(_update_info, session_id, fields)
 
-    async def find_sessions(
-        self,
-        *,
-        user_id: str | None = None,
-        status: str | None = None,
-        updated_before: datetime | None = None,
-        limit: int | None = None,
-    ) -> list[SessionInfo]:
-        """Infos matching every given filter, newest first, selected in SQL."""
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
+    async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         where: list[str] = []
         params: list[Any] = []
-        if user_id is not None:
+        if query.user_id is not None:
             where.append("user_id = ?")
-            params.append(user_id)
-        if status is not None:
+            params.append(query.user_id)
+        if query.status is not None:
             where.append("status = ?")
-            params.append(status)
-        if updated_before is not None:
+            params.append(query.status)
+        if query.updated_before is not None:
             where.append("updated_at < ?")
-            params.append(_micros(updated_before))
+            params.append(to_micros(query.updated_before))
         sql = f"SELECT id, {_INFO_COLUMNS} FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY updated_at DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        sql += " ORDER BY updated_at DESC LIMIT ?"
+        params.append(-1 if query.limit is None else query.limit)
         return await self._run(_find_sessions, sql, params)
 
-    async def search(self, query: str, *, limit: int = 50) -> list[SearchHit]:
+    async def _search(self, query: str, limit: int | None) -> list[SearchHit]:
         """Messages containing every word of ``query``, newest session first, then in order.
 
         Uses the FTS5 index; messages appended since the last search are indexed first, in
@@ -298,48 +230,26 @@ class SqliteStorage(ConversationStorage):
         so every backend lists them alike. Without FTS5 in this SQLite, the scanning default
         search is used.
         """
-        if limit < 0:
-            raise ValueError("limit must be >= 0")
-        words = query.split()
-        if not words or limit == 0:
-            return []
         await self._connection()  # opening tells whether the index exists
         if not self._fts:
-            return await super().search(query, limit=limit)
-        return await self._run(_search, _fts_query(words), limit)
+            return await super()._search(query, limit)
+        match = _fts_query(query.split())
+        return await self._run(_search, match, -1 if limit is None else limit)
 
     # -- session state --------------------------------------------------------------------
 
-    async def get_state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        """The session's state: every key that has not expired, with its expiry."""
+    async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         return await self._run(_get_state, session_id)
 
-    async def set_state(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set state keys, to expire after ``ttl`` seconds or at ``expires_at``."""
-        entries = state_entries(values, ttl, expires_at)
+    async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         rows = [(k, _dumps(e["value"]), e["expires_at"]) for k, e in entries.items()]
         await self._run(_set_state, session_id, rows)
 
-    async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
-        """Remove state keys; absent keys are ignored."""
-        await self._run(_delete_state, session_id, list(keys))
+    async def _drop_state(self, session_id: str, keys: Collection[str] | None) -> None:
+        await self._run(_drop_state, session_id, None if keys is None else list(keys))
 
-    async def clear_state(self, session_id: str) -> None:
-        """Remove every state key of the session."""
-        await self._run(_clear_state, session_id)
-
-    async def set_times(
-        self, session_id: str, *, created_at: datetime, updated_at: datetime
-    ) -> None:
-        """Set the session row's created_at and updated_at."""
-        await self._run(_set_times, session_id, _micros(created_at), _micros(updated_at))
+    async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
+        await self._run(_set_times, session_id, to_micros(created_at), to_micros(updated_at))
 
 
 # -- the connection's thread -----------------------------------------------------------------
@@ -638,9 +548,9 @@ def _touch(conn: sqlite3.Connection, sid: str) -> None:
 
 
 def _save(
-    conn: sqlite3.Connection, sid: str, rows: list[str], first_user: tuple[int, str | None] | None
+    conn: sqlite3.Connection, sid: str, rows: list[str], first: tuple[int, str | None] | None
 ) -> None:
-    seq, text = first_user or (None, None)
+    seq, text = first or (None, None)
     with _write(conn):
         stamp, head = _head(conn, sid)
         if head is not None:
@@ -650,14 +560,14 @@ def _save(
 
 
 def _append(
-    conn: sqlite3.Connection, sid: str, rows: list[str], first_user: tuple[int, str | None] | None
+    conn: sqlite3.Connection, sid: str, rows: list[str], first: tuple[int, str | None] | None
 ) -> None:
     with _write(conn):
         stamp, head = _head(conn, sid)
         count, seq, text = head or _NEW_HEAD
         _insert(conn, sid, count, rows)
-        if seq is None and first_user is not None:
-            seq, text = count + first_user[0], first_user[1]
+        if seq is None and first is not None:
+            seq, text = count + first[0], first[1]
         _put(conn, sid, stamp, (count + len(rows), seq, text), exists=head is not None)
 
 
@@ -670,7 +580,7 @@ def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str]) -> 
 
 def _load(conn: sqlite3.Connection, sid: str) -> list[ChatMessage]:
     cur = conn.execute("SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq", (sid,))
-    return [_parse(sid, seq, data) for seq, data in cur]
+    return _parse_rows(conn, sid, cur)
 
 
 def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
@@ -678,7 +588,7 @@ def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
     cur = conn.execute(
         "SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (sid, n)
     )
-    return [_parse(sid, seq, data) for seq, data in cur][::-1]
+    return _parse_rows(conn, sid, cur)[::-1]
 
 
 def _search(conn: sqlite3.Connection, match: str, limit: int) -> list[SearchHit]:
@@ -691,7 +601,7 @@ def _search(conn: sqlite3.Connection, match: str, limit: int) -> list[SearchHit]
         f"WHERE {FTS_TABLE} MATCH ? ORDER BY s.updated_at DESC, m.seq LIMIT ?",
         (match, limit),
     )
-    return [SearchHit(sid, seq, _parse(sid, seq, data)) for sid, seq, data in cur]
+    return [SearchHit(sid, seq, _parse(conn, sid, seq, data)) for sid, seq, data in cur]
 
 
 def _index_new_messages(conn: sqlite3.Connection) -> None:
@@ -725,14 +635,23 @@ def _fts_query(words: Sequence[str]) -> str:
     return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
 
 
-def _parse(sid: str, seq: int, data: Any) -> ChatMessage:
-    try:
-        return ChatMessage.from_json(data)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CorruptSessionError(
-            f"session {sid!r}: the stored message at seq {seq} is damaged ({exc}); it was "
-            "left as it is: fix or remove that row of the messages table"
-        ) from exc
+def _parse(conn: sqlite3.Connection, sid: str, seq: int, data: Any) -> ChatMessage:
+    return _parse_rows(conn, sid, [(seq, data)])[0]
+
+
+def _parse_rows(
+    conn: sqlite3.Connection, sid: str, rows: Iterable[tuple[int, Any]]
+) -> list[ChatMessage]:
+    def place(seq: int) -> str:
+        return f"the message at seq {seq} of session {sid!r} in {_where(conn, 'messages')}"
+
+    return decode_messages(rows, place, "fix or remove that row")
+
+
+def _where(conn: sqlite3.Connection, table: str) -> str:
+    """The table and database file, for an error message (the file is looked up: rare)."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2] or ":memory:"
+    return f"table {table} of the SQLite database {path}"
 
 
 def _delete(conn: sqlite3.Connection, sid: str) -> None:
@@ -755,45 +674,34 @@ def _count(conn: sqlite3.Connection, sid: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _truncate(conn: sqlite3.Connection, sid: str, keep: int) -> None:
+def _cut(conn: sqlite3.Connection, sid: str, n: int, pop: bool) -> list[ChatMessage]:
+    """The ``_cut`` hook in one write transaction."""
     with _write(conn):
-        _cut(conn, sid, lambda count: keep, fetch=False)
-
-
-def _pop(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
-    with _write(conn):
-        return _cut(conn, sid, lambda count: max(0, count - n), fetch=True)
-
-
-def _cut(
-    conn: sqlite3.Connection, sid: str, keeping: Callable[[int], int], *, fetch: bool
-) -> list[ChatMessage]:
-    """Keep the oldest ``keeping(count)`` messages (in a write); return the rest if ``fetch``."""
-    stamp, head = _head(conn, sid)
-    if head is None:
-        return []
-    count, seq, text = head
-    keep = keeping(count)
-    if keep >= count:
-        return []
-    removed: list[ChatMessage] = []
-    if fetch:
-        cur = conn.execute(
-            "SELECT seq, data FROM messages WHERE session_id = ? AND seq >= ? ORDER BY seq",
-            (sid, keep),
-        )
-        removed = [_parse(sid, seq, data) for seq, data in cur]
-    conn.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (sid, keep))
-    if seq is not None and seq >= keep:
-        # the first user message went, and no user message comes before it: no default title
-        seq, text = None, None
-    _put(conn, sid, stamp, (keep, seq, text), exists=True)
-    return removed
+        stamp, head = _head(conn, sid)
+        if head is None:
+            return []
+        count, seq, text = head
+        keep = kept(count, n, pop=pop)
+        if keep >= count:
+            return []
+        removed: list[ChatMessage] = []
+        if pop:
+            cur = conn.execute(
+                "SELECT seq, data FROM messages WHERE session_id = ? AND seq >= ? ORDER BY seq",
+                (sid, keep),
+            )
+            removed = _parse_rows(conn, sid, cur)
+        conn.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (sid, keep))
+        if seq is not None and seq >= keep:
+            # the first user message went, and no user message comes before it: no default title
+            seq, text = None, None
+        _put(conn, sid, stamp, (keep, seq, text), exists=True)
+        return removed
 
 
 def _get_info(conn: sqlite3.Connection, sid: str) -> SessionInfo | None:
     row = conn.execute(f"SELECT {_INFO_COLUMNS} FROM sessions WHERE id = ?", (sid,)).fetchone()
-    return _info(sid, row) if row else None
+    return _info(conn, sid, row) if row else None
 
 
 def _update_info(conn: sqlite3.Connection, sid: str, fields: dict[str, Any]) -> SessionInfo:
@@ -809,29 +717,19 @@ def _update_info(conn: sqlite3.Connection, sid: str, fields: dict[str, Any]) -> 
 
 
 def _find_sessions(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[SessionInfo]:
-    return [_info(row[0], row[1:]) for row in conn.execute(sql, params)]
+    return [_info(conn, row[0], row[1:]) for row in conn.execute(sql, params)]
 
 
-def _info(sid: str, row: Sequence[Any]) -> SessionInfo:
+def _info(conn: sqlite3.Connection, sid: str, row: Sequence[Any]) -> SessionInfo:
     created, updated, count, title, default_title, user_id, status, metadata = row
-    try:
-        meta = json.loads(metadata)
-        if not isinstance(meta, dict):
-            raise ValueError(f"a JSON object was expected, not {metadata!r:.40}")
-    except ValueError as exc:
-        raise CorruptSessionError(
-            f"session {sid!r}: its stored metadata is damaged ({exc}); set it again with "
-            "update_info(metadata=...)"
-        ) from exc
-    return SessionInfo(
-        session_id=sid,
-        created_at=_EPOCH + created * _MICRO,
-        updated_at=_EPOCH + updated * _MICRO,
+    return decode_info(
+        sid,
+        {"title": title, "user_id": user_id, "status": status, "metadata": metadata},
+        created_at=from_micros(created),
+        updated_at=from_micros(updated),
         message_count=count,
-        title=title or default_title,
-        user_id=user_id,
-        status=status,
-        metadata=meta,
+        default_title=default_title,
+        where=lambda: _where(conn, "sessions"),
     )
 
 
@@ -842,16 +740,8 @@ def _get_state(conn: sqlite3.Connection, sid: str) -> dict[str, StateEntry]:
         "AND (expires_at IS NULL OR expires_at > ?)",
         (sid, now),
     )
-    state: dict[str, StateEntry] = {}
-    for key, value, expires_at in cur:
-        try:
-            state[key] = state_entry(json.loads(value), expires_at)
-        except ValueError as exc:
-            raise CorruptSessionError(
-                f"session {sid!r}: the stored value of state key {key!r} is damaged ({exc}); "
-                "set or delete that key"
-            ) from exc
-    return state
+    where = functools.partial(_where, conn, "state")
+    return {key: decode_state(sid, key, value, exp, where) for key, value, exp in cur}
 
 
 def _set_state(
@@ -870,11 +760,14 @@ def _set_state(
         )
 
 
-def _delete_state(conn: sqlite3.Connection, sid: str, keys: list[str]) -> None:
+def _drop_state(conn: sqlite3.Connection, sid: str, keys: list[str] | None) -> None:
     with _write(conn):
-        cur = conn.executemany(
-            "DELETE FROM state WHERE session_id = ? AND key = ?", [(sid, k) for k in keys]
-        )
+        if keys is None:
+            cur = conn.execute("DELETE FROM state WHERE session_id = ?", (sid,))
+        else:
+            cur = conn.executemany(
+                "DELETE FROM state WHERE session_id = ? AND key = ?", [(sid, k) for k in keys]
+            )
         if cur.rowcount > 0:
             _touch(conn, sid)
 
@@ -887,28 +780,7 @@ def _set_times(conn: sqlite3.Connection, sid: str, created: int, updated: int) -
         )
 
 
-def _clear_state(conn: sqlite3.Connection, sid: str) -> None:
-    with _write(conn):
-        if conn.execute("DELETE FROM state WHERE session_id = ?", (sid,)).rowcount > 0:
-            _touch(conn, sid)
-
-
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def _first_user(messages: Sequence[ChatMessage]) -> tuple[int, str | None] | None:
-    """The index of the first user message among ``messages`` and its default title."""
-    for i, m in enumerate(messages):
-        if m.role == "user":
-            return i, title_from((m,))
-    return None
-
-
-def _micros(dt: datetime) -> int:
-    """A datetime as integer microseconds since the epoch (naive means UTC)."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // _MICRO
 
 
 def _dumps(value: Any) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import StorageError
 from ..messages import ChatMessage
-from .base import ConversationStorage, StateEntry, title_from
+from ._stored import StateEntry, title_from
+from .base import ConversationStorage
 
 
 @dataclass(frozen=True, slots=True)

@@ -479,7 +479,7 @@ class StorageConformance:
         assert reset.title == "first question"
         assert reset.user_id == "alice"
         with pytest.raises(ValueError):
-            await storage.update_info(sid, status="sleeping")
+            await storage.update_info(sid, status="sleeping")  # not a SessionStatus
         with pytest.raises(ValueError):
             await storage.update_info(sid, metadata={"bad": object()})
 
@@ -508,6 +508,60 @@ class StorageConformance:
         stale = await storage.find_sessions(user_id=user, updated_before=cutoff)
         assert [i.session_id for i in stale] == [new]
         assert await storage.find_sessions(user_id=f"nobody-{uuid.uuid4().hex}") == []
+
+    # -- boundary values: one rule for every backend, applied by the ABC ------------------
+
+    async def test_limits_zero_negative_and_none(self, storage: ConversationStorage) -> None:
+        user, word = f"user-{uuid.uuid4().hex[:8]}", f"w{uuid.uuid4().hex[:10]}"
+        for _ in range(3):
+            sid = _sid()
+            await storage.update_info(sid, user_id=user)
+            await storage.append(sid, [_user(f"{word} one"), _user(f"{word} two")])
+        find, search = storage.find_sessions, storage.search
+        assert await find(user_id=user, limit=0) == []
+        assert len(await find(user_id=user, limit=None)) == 3
+        assert len(await find(user_id=user)) == 3
+        assert len(await find(user_id=user, limit=2)) == 2
+        assert len(await find(user_id=user, limit=99)) == 3
+        assert await search(word, limit=0) == []
+        assert len(await search(word, limit=None)) == 6
+        assert len(await search(word, limit=1)) == 1
+        assert len(await search(word, limit=99)) == 6
+        for bad in (-1, -50, 1.5, True):
+            with pytest.raises(ValueError, match="limit"):
+                await find(user_id=user, limit=bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="limit"):
+                await search(word, limit=bad)  # type: ignore[arg-type]
+
+    async def test_naive_updated_before_is_utc(self, storage: ConversationStorage) -> None:
+        user = f"user-{uuid.uuid4().hex[:8]}"
+        await storage.update_info(_sid(), user_id=user)
+        tomorrow = datetime.now(UTC).replace(tzinfo=None) + timedelta(days=1)
+        assert len(await storage.find_sessions(user_id=user, updated_before=tomorrow)) == 1
+        yesterday = tomorrow - timedelta(days=2)
+        assert await storage.find_sessions(user_id=user, updated_before=yesterday) == []
+
+    async def test_counts_zero_beyond_and_negative(self, storage: ConversationStorage) -> None:
+        sid, unknown = _sid(), _sid()
+        msgs = [_user(str(i)) for i in range(3)]
+        await storage.append(sid, msgs)
+        before = await storage.get_info(sid)
+        assert await storage.tail(sid, 0) == []
+        assert await storage.tail(sid, 10) == msgs
+        assert await storage.pop(sid, 0) == []
+        await storage.truncate(sid, 3)
+        await storage.truncate(sid, 10)
+        assert await storage.load(sid) == msgs
+        assert await storage.get_info(sid) == before  # nothing removed: not even updated_at moved
+        for n in (-1, -10, 1.5, True):
+            for call in (storage.tail, storage.pop, storage.truncate):
+                with pytest.raises(ValueError, match=r"(n|keep) must"):
+                    await call(sid, n)  # type: ignore[arg-type]
+        assert await storage.load(sid) == msgs
+        assert await storage.tail(unknown, 0) == await storage.pop(unknown, 0) == []
+        assert await storage.pop(unknown, 5) == await storage.tail(unknown, 5) == []
+        await storage.truncate(unknown, 0)
+        assert not await storage.exists(unknown)
 
     # -- session state -------------------------------------------------------------------
 
