@@ -43,7 +43,7 @@ class ServerBackendSuite:
     EXTRA: ClassVar[str]
     """The pip extra that installs the driver."""
     UNREACHABLE: ClassVar[tuple[tuple[str, str], ...]]
-    """Each way to miss the server, with a hint its error must give."""
+    """The ways to miss the server besides a wrong host or port, with a hint each error gives."""
     CUTS: ClassVar[tuple[tuple[str, str, bool], ...]]
     """Each write cut midway: operation, CutProxy mode, whether the write was applied."""
 
@@ -77,9 +77,11 @@ class ServerBackendSuite:
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Parametrize the tests whose cases differ by backend from the subclass's tables."""
+        missed = f"check that {self.NAME} is running and the host and port are right"
+        unreachable = [("wrong-host", missed), ("wrong-port", missed), *self.UNREACHABLE]
         cases: dict[str, tuple[str, Any]] = {
             "test_write_cut_midway_is_all_or_nothing": ("operation, mode, applied", self.CUTS),
-            "test_unreachable_is_one_clear_line": ("where, hint", self.UNREACHABLE),
+            "test_unreachable_is_one_clear_line": ("where, hint", unreachable),
         }
         if metafunc.function.__name__ in cases:
             metafunc.parametrize(*cases[metafunc.function.__name__])
