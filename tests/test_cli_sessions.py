@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from conversa.cli._app import cli
+from conversa.cli._export import parse_import
 from conversa.messages import ChatMessage
 from conversa.storage import ConversationStorage, open_storage
 
@@ -408,6 +409,21 @@ def test_export_and_import_keep_times_info_and_expiry(
     assert bad.exit_code == 1
     assert "state_expires_at['kept'] is not an ISO 8601 time" in bad.output
     assert "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ('[{"content": "no role"}]', (ValueError, TypeError, KeyError)),
+        ('{"messages": [], "state": {"k": 1}, "state_expires_at": {"k": "soon"}}', ValueError),
+        ('{"role": "user", "content": "hi"}\n{not json\n', json.JSONDecodeError),
+    ],
+)
+def test_import_errors_chain_their_cause(text: str, cause: type[Exception]) -> None:
+    """--debug shows why an export cannot be read: the error keeps its cause."""
+    with pytest.raises(ValueError, match=r"bad\.json") as info:
+        parse_import(text, "bad.json")
+    assert isinstance(info.value.__cause__, cause)
 
 
 def test_version_and_help_import_nothing_heavy(runner: CliRunner) -> None:
