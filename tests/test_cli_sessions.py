@@ -2,40 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _cli import run_storage
 from click.testing import CliRunner, Result
 
 from conversa.cli._app import cli
 from conversa.cli._export import parse_import
 from conversa.messages import ChatMessage
-from conversa.storage import ConversationStorage, open_storage
+from conversa.storage import ConversationStorage
 
 OLD = datetime.now(UTC) - timedelta(days=40)
 T = TypeVar("T")
-
-
-def run_storage(url: str, work: Callable[[ConversationStorage], Awaitable[T]]) -> T:
-    """Run ``work(storage)`` on a freshly opened storage and close it."""
-
-    async def main() -> T:
-        storage = open_storage(url)
-        try:
-            return await work(storage)
-        finally:
-            await storage.close()
-
-    return asyncio.run(main())
 
 
 def conversation(*texts: str, when: datetime | None = None) -> list[ChatMessage]:
