@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pexpect
 
@@ -103,6 +103,19 @@ def run_storage(url: str, work: Callable[[ConversationStorage], Awaitable[T]]) -
             return await work(storage)
 
     return asyncio.run(main())
+
+
+async def kept(storage: ConversationStorage, session_id: str) -> tuple[Any, ...]:
+    """What a copy must keep: history, info with its times, state with each key's expiry."""
+    info = await storage.get_info(session_id)
+    assert info is not None
+    entries = await storage.get_state_entries(session_id)
+    return (
+        [m.to_dict() for m in await storage.load(session_id)],
+        (info.title, info.user_id, info.status, info.metadata),
+        (info.created_at, info.updated_at),
+        {k: (e.value, e.expires_at) for k, e in entries.items()},
+    )
 
 
 def stored(env: dict[str, str], session_id: str = "alice") -> list[ChatMessage]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _cli import run_storage
+from _cli import kept, run_storage
 from click.testing import CliRunner, Result
 
 from conversa.cli._app import cli
@@ -330,20 +330,8 @@ def test_migrate_file_to_sqlite_and_back(runner: CliRunner, tmp_path: Path) -> N
 
 
 def fidelity(url: str, session_id: str) -> tuple[Any, ...]:
-    """What a copy must keep: history, info with its times, state with each key's expiry."""
-
-    async def read(storage: ConversationStorage) -> tuple[Any, ...]:
-        info = await storage.get_info(session_id)
-        assert info is not None
-        entries = await storage.get_state_entries(session_id)
-        return (
-            [m.to_dict() for m in await storage.load(session_id)],
-            (info.title, info.user_id, info.status, info.metadata),
-            (info.created_at, info.updated_at),
-            {k: (e.value, e.expires_at) for k, e in entries.items()},
-        )
-
-    return run_storage(url, read)
+    """What a copy must keep of the session (see _cli.kept)."""
+    return run_storage(url, lambda storage: kept(storage, session_id))
 
 
 @pytest.fixture
