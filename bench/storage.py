@@ -50,7 +50,6 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -163,11 +162,13 @@ class Store:
 
 
 class ConversaStore(Store):
+    """A conversa backend, opened from ``url``: a template that the run's Config fills in."""
+
     group = "conversa"
-    url_of: Callable[[Config], str]
+    url = ""
 
     async def open(self) -> None:
-        self.storage = open_storage(self.url_of(self.cfg))
+        self.storage = open_storage(self.url.format(cfg=self.cfg))
 
     async def build(self, sid: str, messages: list[ChatMessage]) -> None:
         await self.storage.save(sid, messages)
@@ -184,11 +185,8 @@ class ConversaStore(Store):
 
 class CMemory(ConversaStore):
     label = "conversa memory"
+    url = "memory://"
     multiprocess = False
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return "memory://"
 
     async def open(self) -> None:
         # one object per process; the benchmark keeps it alive between phases
@@ -199,52 +197,9 @@ class CMemory(ConversaStore):
         pass
 
 
-class CFile(ConversaStore):
-    label = "conversa file"
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return f"file://{cfg.tmp}/conversa-files"
-
-
-class CFilePower(ConversaStore):
-    label = "conversa file (power)"
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return f"file://{cfg.tmp}/conversa-files-power?durability=power"
-
-
-class CSqlite(ConversaStore):
-    label = "conversa sqlite"
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return f"sqlite:///{cfg.tmp}/conversa.db"
-
-
-class CSqlitePower(ConversaStore):
-    label = "conversa sqlite (power)"
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return f"sqlite:///{cfg.tmp}/conversa-power.db?durability=power"
-
-
-class CRedis(ConversaStore):
-    label = "conversa redis"
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return f"{REDIS_URL}?prefix={cfg.redis_prefix}"
-
-
-class CPostgres(ConversaStore):
-    label = "conversa postgres"
-
-    @staticmethod
-    def url_of(cfg: Config) -> str:
-        return f"{PG_DSN}?schema={cfg.pg_schema}"
+def conversa_store(label: str, url: str) -> type[ConversaStore]:
+    """The ConversaStore ``label`` at ``url`` (a template, see ConversaStore)."""
+    return type(label, (ConversaStore,), {"label": label, "url": url})
 
 
 class NaiveJson(Store):
@@ -526,12 +481,16 @@ class LangchainFile(Store):
 
 STORES: dict[str, type[Store]] = {
     "memory": CMemory,
-    "file": CFile,
-    "sqlite": CSqlite,
-    "redis": CRedis,
-    "postgres": CPostgres,
-    "file-power": CFilePower,
-    "sqlite-power": CSqlitePower,
+    "file": conversa_store("conversa file", "file://{cfg.tmp}/conversa-files"),
+    "sqlite": conversa_store("conversa sqlite", "sqlite:///{cfg.tmp}/conversa.db"),
+    "redis": conversa_store("conversa redis", REDIS_URL + "?prefix={cfg.redis_prefix}"),
+    "postgres": conversa_store("conversa postgres", PG_DSN + "?schema={cfg.pg_schema}"),
+    "file-power": conversa_store(
+        "conversa file (power)", "file://{cfg.tmp}/conversa-files-power?durability=power"
+    ),
+    "sqlite-power": conversa_store(
+        "conversa sqlite (power)", "sqlite:///{cfg.tmp}/conversa-power.db?durability=power"
+    ),
     "naive-json": NaiveJson,
     "raw-jsonl": RawJsonl,
     "raw-aiosqlite": RawAiosqlite,

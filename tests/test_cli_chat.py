@@ -8,108 +8,18 @@ the storage holds.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pexpect
-import pytest
+from _cli import PROMPT, conversa, quit_, say, spawn, stored
 
-from conversa.messages import ChatMessage
-from conversa.storage import open_storage
 from conversa.testing.replies import model_not_found, text, tool_call
 from conversa.testing.server import FakeOpenAIServer
-
-CONVERSA = str(Path(sys.executable).with_name("conversa"))
-TIMEOUT = 30
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY")
-PROMPT = "alice> "
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def env(tmp_path: Path, server: FakeOpenAIServer) -> dict[str, str]:
-    """The child's environment: only 127.0.0.1, everything else in tmp_path."""
-    return child_env(tmp_path, server)
-
-
-def child_env(tmp_path: Path, server: FakeOpenAIServer) -> dict[str, str]:
-    """The environment of a `conversa` child talking to ``server``, storing in tmp_path."""
-    home = tmp_path / "home"
-    home.mkdir()
-    base = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    for key in ("XDG_STATE_HOME", "CONVERSA_HISTORY", "CONVERSA_DEBUG", "OPENAI_API_KEY"):
-        base.pop(key, None)
-    base.update(
-        HOME=str(home),
-        TERM="xterm",
-        LOGNAME="alice",
-        USER="alice",
-        CONVERSA_STORAGE=str(tmp_path / "sessions"),
-        OPENAI_BASE_URL=server.base_url,
-        OPENAI_API_KEY="test-key",
-        CONVERSA_MODEL="fake-model",
-        NO_PROXY="127.0.0.1,localhost",
-        # a pty answers no cursor-position requests; don't wait for one
-        PROMPT_TOOLKIT_NO_CPR="1",
-    )
-    return base
-
-
-def spawn(env: dict[str, str], *args: str) -> pexpect.spawn:
-    """Start `conversa chat ARGS` in a pseudo-terminal."""
-    child = pexpect.spawn(
-        CONVERSA,
-        ["chat", *args],
-        env=env,
-        encoding="utf-8",
-        dimensions=(50, 200),
-        timeout=TIMEOUT,
-    )
-    return child
-
-
-def say(child: pexpect.spawn, line: str, *expected: str, prompt: str = PROMPT) -> str:
-    """Send a line, wait for each expected text in order and for the next prompt."""
-    child.sendline(line)
-    for pattern in expected:
-        child.expect_exact(pattern)
-    child.expect_exact(prompt)
-    return str(child.before)
-
-
-def quit_(child: pexpect.spawn) -> None:
-    """Ctrl-D, and the program ends cleanly."""
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-
-def stored(env: dict[str, str], session_id: str = "alice") -> list[ChatMessage]:
-    """What the storage holds for a session."""
-
-    async def load() -> list[ChatMessage]:
-        storage = open_storage(env["CONVERSA_STORAGE"])
-        try:
-            return await storage.load(session_id)
-        finally:
-            await storage.close()
-
-    return asyncio.run(load())
 
 
 def user_texts(request: dict[str, Any]) -> list[str]:
@@ -365,13 +275,8 @@ def test_commands_completion_paste_and_export(
 
 def test_piped_input_is_read_line_by_line(env: dict[str, str], server: FakeOpenAIServer) -> None:
     server.add_reply(text("**bold** answer"))
-    result = subprocess.run(
-        [CONVERSA, "chat", "scripted"],
-        input="first question\n/count\n/nosuch\nsecond question\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    result = conversa(
+        env, "chat", "scripted", stdin="first question\n/count\n/nosuch\nsecond question\n"
     )
     assert result.returncode == 0, result.stderr
     # answers and command results on stdout as plain text; notes and errors on stderr
@@ -390,21 +295,13 @@ def test_piped_input_is_read_line_by_line(env: dict[str, str], server: FakeOpenA
 def test_ask_prints_the_answer_and_fails_clearly(
     env: dict[str, str], server: FakeOpenAIServer
 ) -> None:
-    ok = subprocess.run(
-        [CONVERSA, "ask", "what is up?", "--session", "asked"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    ok = conversa(env, "ask", "what is up?", "--session", "asked")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "echo: what is up?\n"
     assert [m.text for m in stored(env, "asked")] == ["what is up?", "echo: what is up?"]
 
     server.add_reply(model_not_found())
-    failed = subprocess.run(
-        [CONVERSA, "ask", "hello"], env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
+    failed = conversa(env, "ask", "hello")
     assert failed.returncode == 1
     assert failed.stderr.startswith("error: ") and "fake-model" in failed.stderr
     assert "Traceback" not in failed.stderr

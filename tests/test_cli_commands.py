@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,6 @@ def test_model_options_arrive_as_one_agent_options() -> None:
     )
     assert result.exit_code == 0, result.output
     assert seen == [AgentOptions(model="m", tool_names="calculator", react_mode="text")]
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from _cli import kept
 from _services import require_server
 from click.testing import CliRunner
 
@@ -54,25 +55,12 @@ def servers() -> Iterator[tuple[str, str]]:
 
 
 async def _snapshot(url: str) -> dict[str, Any]:
-    storage = open_storage(url)
-    try:
-        out: dict[str, Any] = {}
-        for sid in await storage.list_sessions():
-            info = await storage.get_info(sid)
-            assert info is not None
-            out[sid] = (
-                [m.to_dict() for m in await storage.load(sid)],
-                {
-                    k: (e.value, e.expires_at)
-                    for k, e in (await storage.get_state_entries(sid)).items()
-                },
-                (info.title, info.user_id, info.status, info.metadata),
-                (info.created_at, info.updated_at),
-            )
+    async with open_storage(url) as storage:
+        out: dict[str, Any] = {
+            sid: await kept(storage, sid) for sid in await storage.list_sessions()
+        }
         out["__order__"] = await storage.list_sessions()
         return out
-    finally:
-        await storage.close()
 
 
 async def _fill(url: str) -> None:

@@ -7,18 +7,15 @@ pipes) against the FakeOpenAIServer on 127.0.0.1, with the sessions and HOME in 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
-from test_cli_chat import CONVERSA, PROMPT, PROXY_VARIABLES, TIMEOUT, quit_, say, spawn
+from _cli import CONVERSA, PROMPT, TIMEOUT, conversa, quit_, run_storage, say, spawn
 
 from conversa import UnsupportedStorageURL, open_storage
 from conversa._redact import redact_text, redact_url
@@ -38,48 +35,6 @@ def assert_inert(output: str | bytes) -> None:
     assert "clip\\x1b]52;c;aGVsbG8=\\x07" in shown
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def env(tmp_path: Path, server: FakeOpenAIServer) -> dict[str, str]:
-    """As in test_cli_chat: only 127.0.0.1, everything else in tmp_path."""
-    home = tmp_path / "home"
-    home.mkdir()
-    base = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    for key in ("XDG_STATE_HOME", "CONVERSA_HISTORY", "CONVERSA_DEBUG"):
-        base.pop(key, None)
-    base.update(
-        HOME=str(home),
-        TERM="xterm",
-        LOGNAME="alice",
-        USER="alice",
-        CONVERSA_STORAGE=str(tmp_path / "sessions"),
-        OPENAI_BASE_URL=server.base_url,
-        OPENAI_API_KEY="test-key",
-        CONVERSA_MODEL="fake-model",
-        NO_PROXY="127.0.0.1,localhost",
-        PROMPT_TOOLKIT_NO_CPR="1",
-    )
-    return base
-
-
-def conversa(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """Run `conversa ARGS` with pipes (umask 022, as on most machines)."""
-    return subprocess.run(
-        [CONVERSA, *args],
-        input=stdin,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        umask=0o022,
-    )
-
-
 def in_terminal(env: dict[str, str], *args: str) -> str:
     """Run `conversa ARGS` in a pseudo-terminal to its end; everything it wrote."""
     child = pexpect.spawn(CONVERSA, list(args), env=env, encoding="utf-8", timeout=TIMEOUT)
@@ -90,14 +45,7 @@ def in_terminal(env: dict[str, str], *args: str) -> str:
 
 
 def store(env: dict[str, str], session_id: str, *messages: ChatMessage) -> None:
-    async def append() -> None:
-        storage = open_storage(env["CONVERSA_STORAGE"])
-        try:
-            await storage.append(session_id, list(messages))
-        finally:
-            await storage.close()
-
-    asyncio.run(append())
+    run_storage(env["CONVERSA_STORAGE"], lambda storage: storage.append(session_id, list(messages)))
 
 
 def mode(path: Path) -> int:

@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _cli import kept, run_storage
 from click.testing import CliRunner, Result
 
 from conversa.cli._app import cli
+from conversa.cli._export import parse_import
 from conversa.messages import ChatMessage
-from conversa.storage import ConversationStorage, open_storage
+from conversa.storage import ConversationStorage
 
 OLD = datetime.now(UTC) - timedelta(days=40)
 T = TypeVar("T")
-
-
-def run_storage(url: str, work: Callable[[ConversationStorage], Awaitable[T]]) -> T:
-    """Run ``work(storage)`` on a freshly opened storage and close it."""
-
-    async def main() -> T:
-        storage = open_storage(url)
-        try:
-            return await work(storage)
-        finally:
-            await storage.close()
-
-    return asyncio.run(main())
 
 
 def conversation(*texts: str, when: datetime | None = None) -> list[ChatMessage]:
@@ -342,20 +330,8 @@ def test_migrate_file_to_sqlite_and_back(runner: CliRunner, tmp_path: Path) -> N
 
 
 def fidelity(url: str, session_id: str) -> tuple[Any, ...]:
-    """What a copy must keep: history, info with its times, state with each key's expiry."""
-
-    async def read(storage: ConversationStorage) -> tuple[Any, ...]:
-        info = await storage.get_info(session_id)
-        assert info is not None
-        entries = await storage.get_state_entries(session_id)
-        return (
-            [m.to_dict() for m in await storage.load(session_id)],
-            (info.title, info.user_id, info.status, info.metadata),
-            (info.created_at, info.updated_at),
-            {k: (e.value, e.expires_at) for k, e in entries.items()},
-        )
-
-    return run_storage(url, read)
+    """What a copy must keep of the session (see _cli.kept)."""
+    return run_storage(url, lambda storage: kept(storage, session_id))
 
 
 @pytest.fixture
@@ -408,6 +384,21 @@ def test_export_and_import_keep_times_info_and_expiry(
     assert bad.exit_code == 1
     assert "state_expires_at['kept'] is not an ISO 8601 time" in bad.output
     assert "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ('[{"content": "no role"}]', (ValueError, TypeError, KeyError)),
+        ('{"messages": [], "state": {"k": 1}, "state_expires_at": {"k": "soon"}}', ValueError),
+        ('{"role": "user", "content": "hi"}\n{not json\n', json.JSONDecodeError),
+    ],
+)
+def test_import_errors_chain_their_cause(text: str, cause: type[Exception]) -> None:
+    """--debug shows why an export cannot be read: the error keeps its cause."""
+    with pytest.raises(ValueError, match=r"bad\.json") as info:
+        parse_import(text, "bad.json")
+    assert isinstance(info.value.__cause__, cause)
 
 
 def test_version_and_help_import_nothing_heavy(runner: CliRunner) -> None:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -29,12 +28,6 @@ from conversa.testing.replies import (
 )
 from conversa.testing.scripted import ScriptedModel
 from conversa.testing.server import FakeOpenAIServer
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
 
 
 def post(server: FakeOpenAIServer, body: dict[str, Any]) -> httpx.Response:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _closing import opened
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,6 +33,8 @@ from conversa.testing.scripted import ScriptedModel
 from conversa.testing.server import FakeOpenAIServer
 from conversa.text_protocol import parse_text_reply
 
+pytestmark = pytest.mark.usefixtures("close_opened")
+
 
 @tool
 def add(a: int, b: int) -> int:
@@ -40,28 +42,12 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as srv:
-        yield srv
-
-
-_open: list[Session] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_sessions() -> AsyncIterator[None]:
-    yield
-    while _open:
-        await _open.pop().close()
-
-
 async def session_for(server: FakeOpenAIServer, url: str = "memory://") -> Session:
     model = OpenAIChatModel(
         "fake-model", base_url=server.base_url, api_key="sk-test-0123456789", max_retries=0
     )
     session = await create_session("s", url, model=model, tools=[add])
-    _open.append(session)
+    opened(session)
     return session
 
 
@@ -209,7 +195,7 @@ async def test_a_model_whose_message_cannot_be_stored_ends_the_turn_with_an_erro
     # a ChatModel of the user's own that builds an invalid assistant message
     model = ScriptedModel([Reply(tool_calls=(ToolCall("call_1", None),))])  # type: ignore[arg-type]
     session = await create_session("s", "memory://", model=model, tools=[add])
-    _open.append(session)
+    opened(session)
     result = await session.send_message("hi")
     assert result.stop_reason == "error"
     assert "not a valid message" in (result.error or "")

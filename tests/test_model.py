@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from _closing import opened
 
 from conversa.cli._runner import print_traceback
 from conversa.errors import ModelError, ModelNotConfigured, ToolsUnsupported
@@ -44,6 +45,8 @@ from conversa.testing.replies import (
 from conversa.testing.scripted import ScriptedModel
 from conversa.testing.server import FakeOpenAIServer
 
+pytestmark = pytest.mark.usefixtures("close_opened")
+
 KEY = "sk-test-secret-0123456789"
 USER = [{"role": "user", "content": "hello"}]
 TOOLS = [
@@ -60,32 +63,15 @@ ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CONVERSA_MODEL")
 
 
 @pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 
-_OPEN_MODELS: list[OpenAIChatModel] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_models() -> AsyncIterator[None]:
-    yield
-    while _OPEN_MODELS:
-        await _OPEN_MODELS.pop().aclose()
-
-
 def track(model: ChatModel) -> OpenAIChatModel:
     assert isinstance(model, OpenAIChatModel)
-    _OPEN_MODELS.append(model)
-    return model
+    return opened(model)
 
 
 def make_model(server: FakeOpenAIServer, **kw: Any) -> OpenAIChatModel:

@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import struct
-import sys
-import traceback
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from _services import CutProxy, blackhole, check_writers, require_server, run_writers, unused_port
+from _server_suite import ServerBackendSuite
+from _services import CutProxy, require_server
 from _services import with_url as _with_url
 from _wait import wait_for
 
 from conversa import (
-    BackendUnavailable,
     ChatMessage,
     CorruptSessionError,
     StorageError,
@@ -35,7 +33,6 @@ from conversa import (
     open_storage,
 )
 from conversa.storage import ConversationStorage, PostgresStorage
-from conversa.storage._urls import redact_url
 from conversa.testing.conformance import StorageConformance
 
 URL = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -44,11 +41,8 @@ HOST, PORT = _PARTS.hostname or "127.0.0.1", _PARTS.port or 5432
 DATABASE = _PARTS.path.lstrip("/")
 
 
-def with_url(
-    url: str = URL, netloc: str | None = None, path: str | None = None, **opts: Any
-) -> str:
-    """``url`` (default: this module's server) with another host part, database or options."""
-    return _with_url(url, netloc, path, **opts)
+with_url = partial(_with_url, URL)
+"""This module's server URL with another host part, database or options."""
 
 
 require_server("PostgreSQL", URL, "CONVERSA_TEST_POSTGRES_URL", 5432)
@@ -187,92 +181,6 @@ async def test_damaged_row_is_reported(store: PostgresStorage, admin: Any, schem
         await store.load("s")
 
 
-async def test_tail_reads_only_the_newest(store: PostgresStorage, admin: Any, schema: str) -> None:
-    """With an early row damaged in the server, load fails but tail of the newest works."""
-    msgs = [ChatMessage.user(str(i)) for i in range(6)]
-    await store.append("s", msgs[:1])
-    await store.append("s", msgs[1:])
-    await admin.execute(f"UPDATE \"{schema}\".conversa_messages SET body = '{{oops' WHERE seq = 1")
-    with pytest.raises(CorruptSessionError):
-        await store.load("s")
-    assert await store.tail("s") == msgs[5:]
-    assert await store.tail("s", 4) == msgs[2:]
-    with pytest.raises(CorruptSessionError, match=r"message 1 of session 's'.*damaged"):
-        await store.tail("s", 5)
-    assert await store.tail("unknown", 3) == []
-    assert await store.count("s") == 6
-
-
-# -- many processes -----------------------------------------------------------------------
-
-
-async def test_four_processes_append_to_one_session(store: PostgresStorage, schema: str) -> None:
-    await run_writers(with_url(schema=schema), ["shared"] * 4, 250)
-    check_writers(await store.load("shared"), [0, 1, 2, 3], 250)
-    assert await store.count("shared") == 1000
-
-
-async def test_four_processes_append_to_four_sessions(store: PostgresStorage, schema: str) -> None:
-    sessions = [f"own-{w}" for w in range(4)]
-    await run_writers(with_url(schema=schema), sessions, 250)
-    for w, sid in enumerate(sessions):
-        check_writers(await store.load(sid), [w], 250)
-        assert await store.count(sid) == 250
-    assert sorted(await store.list_sessions()) == sessions
-
-
-# -- the server goes away -----------------------------------------------------------------
-
-
-@pytest.fixture
-async def proxy() -> AsyncIterator[CutProxy]:
-    p = CutProxy(HOST, PORT)
-    await p.start()
-    yield p
-    await p.stop()
-
-
-def proxied(proxy: CutProxy, schema: str) -> PostgresStorage:
-    netloc = _PARTS.netloc.rsplit("@", 1)[0] + "@" if "@" in _PARTS.netloc else ""
-    storage = open_storage(with_url(netloc=f"{netloc}127.0.0.1:{proxy.port}", schema=schema))
-    assert isinstance(storage, PostgresStorage)
-    return storage
-
-
-@pytest.mark.parametrize(
-    ("operation", "mode", "applied"),
-    [
-        ("append", "half", False),  # the statement never arrived whole
-        ("append", "after", True),  # it ran and committed; only the reply was lost
-        ("save", "half", False),
-        ("save", "after", False),  # the INSERT ran, COMMIT never came: rolled back whole
-    ],
-)
-async def test_write_cut_midway_is_all_or_nothing(
-    proxy: CutProxy, schema: str, store: PostgresStorage, operation: str, mode: str, applied: bool
-) -> None:
-    storage = proxied(proxy, schema)
-    try:
-        first = [ChatMessage.user("before"), ChatMessage.assistant("reply")]
-        await storage.append("s", first)
-        batch = [ChatMessage.user(f"CUT-{uuid.uuid4().hex} {i}") for i in range(3)]
-        proxy.trigger, proxy.mode = batch[0].text.encode(), mode
-        with pytest.raises(BackendUnavailable, match=r"PostgreSQL at postgresql://"):
-            if operation == "append":
-                await storage.append("s", batch)
-            else:
-                await storage.save("s", batch)
-        assert proxy.trigger is None, "the proxy never saw the write"
-        expected = (first + batch if operation == "append" else batch) if applied else first
-        assert await store.load("s") == expected
-        assert await store.count("s") == len(expected)
-        # the next operation reconnects by itself
-        await storage.append("s", [ChatMessage.assistant("after")])
-        assert [m.text for m in await storage.load("s")][-1] == "after"
-    finally:
-        await storage.close()
-
-
 async def terminate_backends_of(admin: Any, name: str) -> int:
     """pg_terminate_backend every connection of application ``name``; wait until all are gone."""
     sql = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
@@ -294,36 +202,6 @@ async def test_terminated_backend_then_next_operation_reconnects(admin: Any, sch
         assert await terminate_backends_of(admin, name) >= 1
         assert [m.text for m in await storage.load("s")] == ["one", "two"]
         assert await terminate_backends_of(admin, name) >= 1
-    finally:
-        await storage.close()
-
-
-async def test_reads_survive_dropped_connections(proxy: CutProxy, schema: str) -> None:
-    storage = proxied(proxy, schema)
-    try:
-        await storage.append("s", [ChatMessage.user("one")])
-        proxy.drop_all()
-        # a read right after the drop: retried on a fresh connection
-        assert [m.text for m in await storage.load("s")] == ["one"]
-        proxy.drop_all()
-        assert await storage.count("s") == 1
-    finally:
-        await storage.close()
-
-
-async def test_server_gone_then_back(proxy: CutProxy, schema: str) -> None:
-    storage = proxied(proxy, schema)
-    try:
-        await storage.append("s", [ChatMessage.user("one")])
-        port = proxy.port
-        await proxy.stop()
-        with pytest.raises(BackendUnavailable, match="PostgreSQL at"):
-            await storage.append("s", [ChatMessage.user("lost")])
-        with pytest.raises(BackendUnavailable, match="check that PostgreSQL is running"):
-            await storage.load("s")
-        await proxy.start(port)
-        await storage.append("s", [ChatMessage.user("two")])
-        assert [m.text for m in await storage.load("s")] == ["one", "two"]
     finally:
         await storage.close()
 
@@ -385,92 +263,69 @@ async def refusing() -> AsyncIterator[int]:
     await server.stop()
 
 
-@pytest.mark.parametrize(
-    ("where", "hint"),
-    [
-        ("wrong-host", "check that PostgreSQL is running and the host and port are right"),
-        ("wrong-port", "check that PostgreSQL is running and the host and port are right"),
+class TestPostgresServer(ServerBackendSuite):
+    NAME, URL, SPACE_OPTION = "PostgreSQL", URL, "schema"
+    DRIVER_MODULES, EXTRA = ("asyncpg",), "postgres"
+    UNREACHABLE = (
         ("missing-db", "create the database (createdb NAME) or fix its name in the URL"),
         ("wrong-user", "the server refused the login: check the user name"),
         ("wrong-password", "the server refused the password: check the user name and password"),
         ("no-answer", "no answer within 0.5s"),
-    ],
-)
-async def test_unreachable_is_one_clear_line(
-    where: str, hint: str, schema: str, refusing: int
-) -> None:
-    hole = blackhole()
-    url = {
-        "wrong-host": with_url(netloc=f"postgres@127.0.0.2:{PORT}", schema=schema),
-        "wrong-port": with_url(netloc=f"postgres@127.0.0.1:{unused_port()}", schema=schema),
-        "missing-db": with_url(path=f"/nosuchdb_{RUN}", schema=schema),
-        "wrong-user": with_url(netloc=f"nosuchrole_{RUN}@{HOST}:{PORT}", schema=schema),
-        "wrong-password": with_url(netloc=f"postgres:bad@127.0.0.1:{refusing}", schema=schema),
-        "no-answer": with_url(netloc=f"postgres@127.0.0.1:{hole.getsockname()[1]}", timeout=0.5),
-    }[where]
-    storage = open_storage(url)
-    try:
-        with pytest.raises(BackendUnavailable) as info:
-            await storage.append("s", [ChatMessage.user("x")])
-        message = str(info.value)
-        assert "\n" not in message
-        assert hint in message
-        assert redact_url(url) in message
-    finally:
-        await storage.close()
-        hole.close()
-
-
-@pytest.fixture
-async def role(admin: Any, schema: str) -> AsyncIterator[tuple[str, str]]:
-    """A temporary login role with a password, owning this test's schema; dropped afterwards."""
-    name, password = f"conversa_test_{RUN}", f"s3cret-{uuid.uuid4().hex}"
-    await admin.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")
-    await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{name}"')
-    try:
-        yield name, password
-    finally:
-        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await admin.execute(f'DROP ROLE "{name}"')
-
-
-async def test_credentials_never_leak(
-    role: tuple[str, str], schema: str, refusing: int, caplog: pytest.LogCaptureFixture
-) -> None:
-    user, password = role
-    caplog.set_level(logging.DEBUG)
-    good = with_url(netloc=f"{user}:{password}@{HOST}:{PORT}", schema=schema)
-    storage = open_storage(good)
-    assert password not in repr(storage) and "***" in repr(storage)
-    await storage.append("s", [ChatMessage.user("authorised")])
-    assert await storage.count("s") == 1
-    await storage.close()
-
-    seen: list[str] = []
-    for url, hint in [
-        (with_url(netloc=f"{user}:{password}@127.0.0.1:{refusing}", schema=schema), "password"),
-        (with_url(netloc=f"{user}:{password}@127.0.0.1:{unused_port()}", schema=schema), "port"),
-        (with_url(netloc=f"{user}:{password}@{HOST}:{PORT}", path=f"/nosuchdb_{RUN}"), "createdb"),
-    ]:
-        storage = open_storage(url)
-        with pytest.raises(BackendUnavailable) as info:
-            await storage.load("s")
-        assert hint in str(info.value)
-        seen += [repr(storage), *traceback.format_exception(info.value)]
-        await storage.close()
-    seen.append(caplog.text)
-    assert not [text for text in seen if password in text]
-
-
-async def test_missing_dependency_message() -> None:
-    code = (
-        "import sys; sys.modules['asyncpg'] = None\n"
-        "from conversa import open_storage, BackendUnavailable\n"
-        "try:\n    open_storage('postgresql://postgres@127.0.0.1:5432/test')\n"
-        "except BackendUnavailable as e:\n    print(e)\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    CUTS = (
+        ("append", "half", False),  # the statement never arrived whole
+        ("append", "after", True),  # it ran and committed; only the reply was lost
+        ("save", "half", False),
+        ("save", "after", False),  # the INSERT ran, COMMIT never came: rolled back whole
     )
-    out, _ = await proc.communicate()
-    assert "pip install 'conversa-ai[postgres]'" in out.decode()
+
+    @pytest.fixture
+    def space(self, schema: str) -> str:
+        return schema
+
+    async def damage_message(self, admin: Any, space: str, session_id: str, n: int) -> None:
+        sql = f"UPDATE \"{space}\".conversa_messages SET body = '{{oops' WHERE seq = {n}"
+        await admin.execute(sql)
+
+    @pytest.fixture
+    def unreachable_urls(self, schema: str, refusing: int) -> dict[str, str]:
+        return {
+            "missing-db": self.url(schema, path=f"/nosuchdb_{RUN}"),
+            "wrong-user": self.url(schema, netloc=f"nosuchrole_{RUN}@{HOST}:{PORT}"),
+            "wrong-password": self.url(schema, netloc=f"postgres:bad@127.0.0.1:{refusing}"),
+        }
+
+    @pytest.fixture
+    async def login(self, admin: Any, schema: str) -> AsyncIterator[tuple[str, str]]:
+        """A temporary login role with a password, owning this test's schema; dropped afterwards."""
+        name, password = f"conversa_test_{RUN}", f"s3cret-{uuid.uuid4().hex}"
+        await admin.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")
+        await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{name}"')
+        try:
+            yield name, password
+        finally:
+            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            await admin.execute(f'DROP ROLE "{name}"')
+
+    @pytest.fixture
+    def wrong_logins(
+        self, login: tuple[str, str], schema: str, refusing: int
+    ) -> list[tuple[str, str]]:
+        user, password = login
+        netloc = f"{user}:{password}@{HOST}:{PORT}"
+        return [
+            (self.url(schema, netloc=f"{user}:{password}@127.0.0.1:{refusing}"), "password"),
+            (self.url(None, netloc=netloc, path=f"/nosuchdb_{RUN}"), "createdb"),
+        ]
+
+    async def test_reads_survive_dropped_connections(self, proxy: CutProxy, schema: str) -> None:
+        storage = open_storage(self.proxied(proxy, schema))
+        try:
+            await storage.append("s", [ChatMessage.user("one")])
+            proxy.drop_all()
+            # a read right after the drop: retried on a fresh connection
+            assert [m.text for m in await storage.load("s")] == ["one"]
+            proxy.drop_all()
+            assert await storage.count("s") == 1
+        finally:
+            await storage.close()

@@ -7,39 +7,24 @@ as a user would see it (and count how often a word is in it).
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pyte
-import pytest
+from _cli import CONVERSA, TIMEOUT, conversa, run_storage, stored
 from _wait import wait_until
-from test_cli_chat import CONVERSA, TIMEOUT, child_env, stored
 
 from conversa.messages import ChatMessage
-from conversa.storage import open_storage
 from conversa.testing.replies import model_not_found, rate_limited, text
 from conversa.testing.server import FakeOpenAIServer
 
 ROWS, COLUMNS = 45, 100
 PROMPT = b"alice> "
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def env(tmp_path: Path, server: FakeOpenAIServer) -> dict[str, str]:
-    return child_env(tmp_path, server)
 
 
 class Terminal:
@@ -92,15 +77,7 @@ def piped(
     env: dict[str, str], lines: str, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`conversa chat` with ``lines`` on a pipe (no terminal)."""
-    return subprocess.run(
-        [CONVERSA, "chat"],
-        input=lines,
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    return conversa(env, "chat", stdin=lines, cwd=cwd)
 
 
 def word_counts(text_: str) -> Counter[str]:
@@ -288,16 +265,8 @@ def test_export_asks_before_overwriting(env: dict[str, str], tmp_path: Path) -> 
 
 
 def test_count_says_unknown_when_the_server_reported_no_usage(env: dict[str, str]) -> None:
-    async def seed() -> None:
-        storage = open_storage(env["CONVERSA_STORAGE"])
-        try:
-            await storage.append(
-                "alice", [ChatMessage.user("imported"), ChatMessage.assistant("no usage here")]
-            )
-        finally:
-            await storage.close()
-
-    asyncio.run(seed())
+    seed = [ChatMessage.user("imported"), ChatMessage.assistant("no usage here")]
+    run_storage(env["CONVERSA_STORAGE"], lambda storage: storage.append("alice", seed))
     unknown = piped(env, "/count\n")
     assert "tokens used: unknown (the server reported no usage)" in unknown.stdout
     mixed = piped(env, "more\n/count\n")

@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _closing import opened
 from _wait import wait_for
 
 from conversa import OpenAIChatModel, Session, TextDelta, create_session, tool
@@ -27,6 +27,8 @@ from conversa.testing.replies import (
     tool_call,
 )
 from conversa.testing.server import FakeOpenAIServer
+
+pytestmark = pytest.mark.usefixtures("close_opened")
 
 CHILD = str(Path(__file__).with_name("turn_child.py"))
 
@@ -48,12 +50,6 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as srv:
-        yield srv
-
-
 def model_for(server: FakeOpenAIServer, **kw: Any) -> OpenAIChatModel:
     kw.setdefault("max_retries", 2)
     kw.setdefault("retry_backoff", 0.01)
@@ -61,21 +57,10 @@ def model_for(server: FakeOpenAIServer, **kw: Any) -> OpenAIChatModel:
     return OpenAIChatModel("fake-model", base_url=server.base_url, api_key="test", **kw)
 
 
-_open: list[Session] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_sessions() -> AsyncIterator[None]:
-    """Close every session a test opened, so no storage thread outlives the event loop."""
-    yield
-    while _open:
-        await _open.pop().close()
-
-
 async def session_for(server: FakeOpenAIServer, url: str, sid: str = "s", **kw: Any) -> Session:
     kw.setdefault("tools", [hang, add])
     session = await create_session(sid, url, model=model_for(server), **kw)
-    _open.append(session)
+    opened(session)
     return session
 
 

@@ -143,7 +143,7 @@ def parse_import(text: str, source: str) -> Imported:
         try:
             messages.append(ChatMessage.from_dict(item))
         except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{source}: message {index} cannot be read: {exc}") from None
+            raise ValueError(f"{source}: message {index} cannot be read: {exc}") from exc
     state = dict(state) if isinstance(state, dict) else {}
     expires = {
         k: _moment(v, f"state_expires_at[{k!r}]", source)
@@ -177,8 +177,8 @@ def _moment(value: Any, what: str, source: str) -> datetime:
     """An ISO 8601 time from an export (naive means UTC); ValueError names the field."""
     try:
         moment = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{source}: {what} is not an ISO 8601 time: {value!r:.60}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {what} is not an ISO 8601 time: {value!r:.60}") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -189,5 +189,5 @@ def _json_lines(text: str, source: str) -> list[Any]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{source} is not JSON (line {number}: {exc.msg})") from None
+                raise ValueError(f"{source} is not JSON (line {number}: {exc.msg})") from exc
     return items
