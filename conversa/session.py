@@ -56,7 +56,7 @@ class Session:
         request_interceptors: Sequence[RequestInterceptor] = (),
         response_interceptors: Sequence[ResponseInterceptor] = (),
     ) -> None:
-        from .tools import ToolRegistry
+        from .tools._registry import ToolRegistry
 
         if react_mode not in REACT_MODES:
             raise ValueError(f"react_mode must be one of auto, tools, text; not {react_mode!r}")

@@ -130,10 +130,14 @@ class PromptHistory:
         return [interrupted_result(cid) for cid in self._pending]
 
     def prompt(self) -> tuple[list[dict[str, Any]], int | None]:
-        """The wire messages the model may see (a fresh list, repaired if needed), and the
-        index among them of the user's newest message (observations do not count)."""
+        """The wire messages the model may see (repaired if needed), and the index among them
+        of the user's newest message (observations do not count).
+
+        A healthy history gives its own list, not a copy: so a turn costs the same on a long
+        history. Callers must not change it (copy it first, as the request interceptors get).
+        """
         if not self._damaged and not self._pending:
-            return list(self.wire), newest_user_index(self.messages)
+            return self.wire, newest_user_index(self.messages)
         fixed = repair(self.messages).messages
         return [m.to_openai() for m in fixed], newest_user_index(fixed)
 
