@@ -154,7 +154,7 @@ def newest_user_index(messages: Sequence[ChatMessage]) -> int | None:
 Window = tuple[int, Callable[[dict[str, Any]], int]]
 """A context window: its token budget and the counter of one wire message's tokens."""
 
-_FIRST_TAIL = 64  # messages read first when resuming with a window; grown 4x at a time
+_FIRST_TAIL = 64  # the fewest messages read when resuming with a window, or reading more
 
 
 def _is_turn_start(message: ChatMessage) -> bool:
@@ -210,7 +210,7 @@ class Transcript:
         if window is None:
             self._install(await self.storage.load(self.session_id), 0)
             return
-        first = min(count, max(_FIRST_TAIL, window[0] // 32))
+        first = min(count, max(_FIRST_TAIL, window[0] // 64))
         newest = await self.storage.tail(self.session_id, first) if first else []
         self._install(newest, count - len(newest))
         await self._fit(window)
@@ -245,7 +245,7 @@ class Transcript:
             if window is None:
                 await self.load_all()
                 return
-            cut = self._turn_that_fills(window)
+            cut, tokens = self._turn_that_fills(window)
             if cut is not None:
                 if cut:
                     messages, wire = self.cache.messages[cut:], self.cache.wire[cut:]
@@ -254,19 +254,23 @@ class Transcript:
                     self.base += cut
                 self._window = window
                 return
-            await self._grow(max(_FIRST_TAIL, 4 * len(self.cache)))
+            # read as many more as the messages so far say the window needs, and some
+            cached = len(self.cache)
+            needed = window[0] * cached // max(tokens, 1) * 3 // 2 if cached else 0
+            await self._grow(max(_FIRST_TAIL, 2 * cached, needed))
 
-    def _turn_that_fills(self, window: Window) -> int | None:
+    def _turn_that_fills(self, window: Window) -> tuple[int | None, int]:
         """The newest cached start of a user turn from which the cache costs more than the
-        budget: trimming never reaches past it. None if there is none."""
+        budget (trimming never reaches past it; None if there is none), and the tokens of the
+        messages looked at."""
         budget, counter = window
         tokens = 0
         messages, wire = self.cache.messages, self.cache.wire
         for i in range(len(messages) - 1, -1, -1):
             tokens += self.cache.cost(wire[i], counter)
             if tokens > budget and _is_turn_start(messages[i]):
-                return i
-        return None
+                return i, tokens
+        return None, tokens
 
     async def newest_user_index(self) -> int | None:
         """The index in the whole history of the user's newest message (reading further back
