@@ -178,7 +178,7 @@ class _Turn:
     @property
     def stored(self) -> list[ChatMessage]:
         """The messages stored since the turn began."""
-        return self.transcript.messages[self._start :]
+        return self.transcript.since(self._start)
 
     async def store(self, *messages: ChatMessage) -> None:
         await self.transcript.append(messages)

@@ -42,16 +42,20 @@ async def build_request(
         system_lines.append(describe_tools_for_text_protocol(schemas))
     if limit_note:
         system_lines.append(LIMIT_NOTE)
-    wire, user_index = history.prompt()
+    wire, user_index = history.prompt()  # the history's own list: never changed here
+    parts = options.user_parts() if options.user_parts is not None else []
     interceptors = options.request_interceptors
+    anchor = None  # the user's newest message with its parts: it always stays in the prompt
+    keep = user_index
     if interceptors:
         # interceptors may edit messages in place; the cached wire forms must not change
         wire = [dict(m) for m in wire]
-    anchor = None  # the user's newest message: it always stays in the prompt
-    if user_index is not None:
-        if options.user_parts is not None:
-            attach_user_parts(wire, user_index, options.user_parts())
-        anchor = wire[user_index]
+        if user_index is not None:
+            if parts:
+                attach_user_parts(wire, user_index, parts)
+            anchor = wire[user_index]
+    elif user_index is not None and parts:
+        anchor = with_user_parts(wire[user_index], parts)
     request = ModelRequest(
         messages=wire, tools=schemas if (schemas and with_tools and not text_protocol) else None
     )
@@ -60,7 +64,10 @@ async def build_request(
         request = changed if isinstance(changed, ModelRequest) else request
     system_lines.extend(request.extra_system)
     system = [{"role": "system", "content": "\n\n".join(system_lines)}] if system_lines else []
-    keep = next((i for i, m in enumerate(request.messages) if m is anchor), None)
+    if interceptors:
+        # where the anchor went: near the end, unless an interceptor moved or dropped it
+        keep = _newest(request.messages, lambda m: m is anchor) if anchor is not None else None
+        anchor = None
     count = options.token_counter
     request.messages = trim(
         system,
@@ -68,6 +75,7 @@ async def build_request(
         options.context_window,
         lambda message: history.cost(message, count),
         keep=keep,
+        anchor=anchor,
     )
     return request
 
@@ -76,12 +84,15 @@ def attach_user_parts(
     wire: list[dict[str, Any]], index: int, parts: Sequence[dict[str, Any]]
 ) -> None:
     """Add content parts to the wire message at ``index`` (replaced by a new dict)."""
-    if not parts:
-        return
-    content = wire[index]["content"]
+    if parts:
+        wire[index] = with_user_parts(wire[index], parts)
+
+
+def with_user_parts(message: dict[str, Any], parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of the wire message with content parts added (the cached one stays as it is)."""
+    content = message["content"]
     base = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    # a new dict: the cached wire form of the stored message must stay as it is
-    wire[index] = {**wire[index], "content": [*base, *parts]}
+    return {**message, "content": [*base, *parts]}
 
 
 def estimate_tokens(message: dict[str, Any]) -> int:
@@ -116,18 +127,33 @@ class PromptOptions:
     """Content parts attached to the user's newest message, asked for at each model call."""
 
 
-def _units(messages: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Split into [start, end) units that must stay together: a tool call with its results."""
-    units: list[tuple[int, int]] = []
-    i = 0
-    while i < len(messages):
-        j = i + 1
-        if messages[i].get("tool_calls"):
-            while j < len(messages) and messages[j].get("role") == "tool":
-                j += 1
-        units.append((i, j))
-        i = j
-    return units
+def _newest(
+    messages: Sequence[dict[str, Any]], test: Callable[[dict[str, Any]], bool]
+) -> int | None:
+    """The index of the newest message that passes ``test`` (searched from the end)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if test(messages[i]):
+            return i
+    return None
+
+
+def _unit_start(messages: Sequence[dict[str, Any]], k: int) -> int:
+    """Where the unit holding message ``k`` starts: a tool call's results go with the call."""
+    if messages[k].get("role") != "tool":
+        return k
+    i = k
+    while i > 0 and messages[i - 1].get("role") == "tool":
+        i -= 1
+    return i - 1 if i > 0 and messages[i - 1].get("tool_calls") else k
+
+
+def _unit_end(messages: Sequence[dict[str, Any]], start: int) -> int:
+    """Where the unit starting at ``start`` ends (exclusive)."""
+    end = start + 1
+    if messages[start].get("tool_calls"):
+        while end < len(messages) and messages[end].get("role") == "tool":
+            end += 1
+    return end
 
 
 def trim(
@@ -137,36 +163,44 @@ def trim(
     count: TokenCounter = estimate_tokens,
     *,
     keep: int | None = None,
+    anchor: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The system messages plus the newest messages that fit in ``budget`` tokens.
 
     Tool calls are never split from their results, and the message at index ``keep`` (by
-    default the newest user message) is always kept, even when it alone exceeds the budget.
+    default the newest user message) is always kept, even when it alone exceeds the budget;
+    ``anchor``, if given, is sent (and counted) in its place. Only the messages that are kept
+    (and the first one that does not fit) are looked at, so the cost does not grow with the
+    history. Without a budget, system, anchor or copy, the result is ``messages`` itself.
     """
     if budget is None:
-        return system + messages
+        if not system and anchor is None:
+            return messages
+        out = system + messages
+        if anchor is not None and keep is not None:
+            out[len(system) + keep] = anchor
+        return out
+    if keep is None and anchor is None:
+        keep = _newest(messages, lambda m: m.get("role") == "user")
+
+    def cost(k: int) -> int:
+        return count(anchor) if k == keep and anchor is not None else count(messages[k])
+
     left = budget - sum(count(m) for m in system)
-    units = _units(messages)
-    cost = [sum(count(messages[k]) for k in range(a, b)) for a, b in units]
-    if keep is None:
-        keep = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    newest_user = None  # the unit that holds message `keep`
-    if keep is not None:
-        newest_user = next(u for u, (a, b) in enumerate(units) if a <= keep < b)
-    chosen: set[int] = set()
-    u = len(units) - 1
-    while u >= 0 and u != newest_user and cost[u] <= left:
-        chosen.add(u)
-        left -= cost[u]
-        u -= 1
-    if newest_user is not None:
-        chosen.add(newest_user)
-        left -= cost[newest_user]
-        if u == newest_user:  # everything newer fitted: go on into older history
-            u -= 1
-            while u >= 0 and cost[u] <= left:
-                chosen.add(u)
-                left -= cost[u]
-                u -= 1
-    kept = [messages[k] for u, (a, b) in enumerate(units) if u in chosen for k in range(a, b)]
+    forced = _unit_start(messages, keep) if keep is not None else None  # kept come what may
+    start = len(messages)  # messages[start:] are kept
+    while start > 0:
+        first = _unit_start(messages, start - 1)
+        unit = cost(first) if first == start - 1 else sum(map(cost, range(first, start)))
+        if first == forced:
+            forced = None
+        elif unit > left:
+            break
+        left -= unit
+        start = first
+    kept = messages[forced : _unit_end(messages, forced)] if forced is not None else []
+    kept += messages[start:]
+    if anchor is not None and keep is not None:
+        at = keep - forced if forced is not None else len(kept) - (len(messages) - keep)
+        kept[at] = anchor
     return system + kept

@@ -26,7 +26,7 @@ from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
 from .state import SessionState
 from .storage import ConversationStorage, open_storage, validate_session_id
-from .transcript import Transcript, newest_user_index
+from .transcript import Transcript, Window
 
 if TYPE_CHECKING:
     from .tools import Tool, ToolRegistry
@@ -56,7 +56,7 @@ class Session:
         request_interceptors: Sequence[RequestInterceptor] = (),
         response_interceptors: Sequence[ResponseInterceptor] = (),
     ) -> None:
-        from .tools import ToolRegistry
+        from .tools._registry import ToolRegistry
 
         if react_mode not in REACT_MODES:
             raise ValueError(f"react_mode must be one of auto, tools, text; not {react_mode!r}")
@@ -116,17 +116,41 @@ class Session:
 
     @property
     def history(self) -> list[ChatMessage]:
-        """The stored history as of the last sync (a copy)."""
+        """The stored history as of the last sync (a copy).
+
+        A session opened with a context_window reads only the newest messages its prompt can
+        hold; until ``load_history()`` has read the rest, this raises ConversaError rather
+        than give a part as the whole.
+        """
+        if self._transcript.base:
+            raise ConversaError(
+                f"session {self.session_id!r}: only its newest messages are loaded (a "
+                "context_window bounds what is read); `await session.load_history()` reads "
+                "them all"
+            )
         return list(self._transcript.messages)
+
+    async def load_history(self) -> list[ChatMessage]:
+        """The whole stored history, read from storage if only its newest part was (a copy)."""
+        async with self._lock:
+            await self._transcript.refresh(self._window())
+            await self._transcript.load_all()
+            return list(self._transcript.messages)
 
     def message_count(self) -> int:
         """Every stored message: system, user, assistant and tool."""
         return len(self._transcript)
 
+    def _window(self) -> Window | None:
+        """What the prompt can hold: the budget and how tokens are counted (None: no limit)."""
+        if self.context_window is None:
+            return None
+        return (self.context_window, self.token_counter)
+
     async def refresh(self) -> None:
         """Catch up with what other processes stored; loads the history only if it changed."""
         async with self._lock:
-            await self._transcript.refresh()
+            await self._transcript.refresh(self._window())
 
     async def clear_history(self) -> None:
         """Delete every message of this session (its state and info stay)."""
@@ -136,8 +160,8 @@ class Session:
     async def undo(self) -> list[ChatMessage]:
         """Remove the last user message and everything after it; returns what was removed."""
         async with self._lock:
-            await self._transcript.refresh()
-            index = newest_user_index(self._transcript.messages)
+            await self._transcript.refresh(self._window())
+            index = await self._transcript.newest_user_index()
             if index is None:
                 return []
             return await self._transcript.truncate(index)
@@ -180,13 +204,13 @@ class Session:
                 raise ValueError(f"send a user message, not a {message.role} message")
         async with self._lock:
             transcript = self._transcript
-            await transcript.refresh()
+            await transcript.refresh(self._window())
             await self.state.reload()
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
             await transcript.answer_dangling_calls()
             if message is None:
-                index = newest_user_index(transcript.messages)
+                index = await transcript.newest_user_index()
                 if index is None:
                     raise ConversaError("there is no user message to retry; send one first")
                 await transcript.truncate(index + 1)

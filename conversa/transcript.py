@@ -130,10 +130,14 @@ class PromptHistory:
         return [interrupted_result(cid) for cid in self._pending]
 
     def prompt(self) -> tuple[list[dict[str, Any]], int | None]:
-        """The wire messages the model may see (a fresh list, repaired if needed), and the
-        index among them of the user's newest message (observations do not count)."""
+        """The wire messages the model may see (repaired if needed), and the index among them
+        of the user's newest message (observations do not count).
+
+        A healthy history gives its own list, not a copy: so a turn costs the same on a long
+        history. Callers must not change it (copy it first, as the request interceptors get).
+        """
         if not self._damaged and not self._pending:
-            return list(self.wire), newest_user_index(self.messages)
+            return self.wire, newest_user_index(self.messages)
         fixed = repair(self.messages).messages
         return [m.to_openai() for m in fixed], newest_user_index(fixed)
 
@@ -147,11 +151,25 @@ def newest_user_index(messages: Sequence[ChatMessage]) -> int | None:
     return None
 
 
+Window = tuple[int, Callable[[dict[str, Any]], int]]
+"""A context window: its token budget and the counter of one wire message's tokens."""
+
+_FIRST_TAIL = 64  # the fewest messages read when resuming with a window, or reading more
+
+
+def _is_turn_start(message: ChatMessage) -> bool:
+    """A message the user wrote: a turn starts there, and no tool call spans it."""
+    return message.role == "user" and not message.metadata.get("observation")
+
+
 class Transcript:
     """One session's history as stored, with the cache a turn works from.
 
     Every change goes to storage first and to the cache only once storage has it, so the cache
-    is always what storage holds (as of the last ``refresh``).
+    is always what storage holds (as of the last ``refresh``). With a context window, only the
+    newest part is read: enough to fill the window, from the start of a user turn on (so tool
+    calls keep their results); ``base`` counts the older messages, read by ``load_all`` or
+    when undo/retry need to go further back.
     """
 
     def __init__(self, storage: ConversationStorage, session_id: str) -> None:
@@ -159,23 +177,111 @@ class Transcript:
         self.session_id = session_id
         self.cache = PromptHistory()
         """The cached history in wire form; read it, change it only through the transcript."""
+        self.base = 0
+        """Stored messages older than the cache (not read yet)."""
+        self._window: Window | None = None  # what the cache is known to fill, when base > 0
 
     @property
     def messages(self) -> list[ChatMessage]:
-        """The cached messages (the cache's own list: do not change it)."""
+        """The cached messages, the newest ``len(self) - base`` (the cache's own list: do not
+        change it)."""
         return self.cache.messages
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return self.base + len(self.cache)
 
-    async def refresh(self) -> None:
-        """Catch up with what other processes stored; loads the history only if it changed."""
+    def since(self, count: int) -> list[ChatMessage]:
+        """The messages stored after the first ``count`` (which must be cached)."""
+        return self.cache.messages[count - self.base :]
+
+    async def refresh(self, window: Window | None = None) -> None:
+        """Catch up with what other processes stored; reads the history only if it changed.
+
+        Without a window the whole history is read; with one, what the prompt can hold.
+        """
         count = await self.storage.count(self.session_id)
-        if count == len(self.cache):
-            newest = await self.storage.tail(self.session_id, 1) if count else []
-            if not newest or newest[0].id == self.cache.messages[-1].id:
+        if count == len(self) and await self._newest_is_cached(count):
+            if self.base and window is None:
+                await self.load_all()
+            elif self.base and window != self._window:
+                await self._fit(window)
+            return
+        self._window = None
+        if window is None:
+            self._install(await self.storage.load(self.session_id), 0)
+            return
+        first = min(count, max(_FIRST_TAIL, window[0] // 64))
+        newest = await self.storage.tail(self.session_id, first) if first else []
+        self._install(newest, count - len(newest))
+        await self._fit(window)
+
+    async def _newest_is_cached(self, count: int) -> bool:
+        if not count:
+            return True
+        if not self.cache.messages:
+            return False
+        newest = await self.storage.tail(self.session_id, 1)
+        return bool(newest) and newest[0].id == self.cache.messages[-1].id
+
+    def _install(self, messages: Sequence[ChatMessage], base: int) -> None:
+        self.cache = PromptHistory(messages)
+        self.base = base
+
+    async def load_all(self) -> None:
+        """Read the messages older than the cache too (the whole history)."""
+        if self.base:
+            self._install(await self.storage.load(self.session_id), 0)
+
+    async def _grow(self, n: int) -> None:
+        """Cache at least the newest ``n`` messages (as of the last refresh)."""
+        total = len(self)
+        newest = await self.storage.tail(self.session_id, min(n, total))
+        self._install(newest, total - len(newest))
+
+    async def _fit(self, window: Window | None) -> None:
+        """Read older messages until the cache fills ``window`` from the start of a turn,
+        and drop what is older than that start."""
+        while self.base:
+            if window is None:
+                await self.load_all()
                 return
-        self.cache = PromptHistory(await self.storage.load(self.session_id))
+            cut, tokens = self._turn_that_fills(window)
+            if cut is not None:
+                if cut:
+                    messages, wire = self.cache.messages[cut:], self.cache.wire[cut:]
+                    self.cache = PromptHistory()
+                    self.cache.extend(messages, wire)
+                    self.base += cut
+                self._window = window
+                return
+            # read as many more as the messages so far say the window needs, and some
+            cached = len(self.cache)
+            needed = window[0] * cached // max(tokens, 1) * 3 // 2 if cached else 0
+            await self._grow(max(_FIRST_TAIL, 2 * cached, needed))
+
+    def _turn_that_fills(self, window: Window) -> tuple[int | None, int]:
+        """The newest cached start of a user turn from which the cache costs more than the
+        budget (trimming never reaches past it; None if there is none), and the tokens of the
+        messages looked at."""
+        budget, counter = window
+        tokens = 0
+        messages, wire = self.cache.messages, self.cache.wire
+        for i in range(len(messages) - 1, -1, -1):
+            tokens += self.cache.cost(wire[i], counter)
+            if tokens > budget and _is_turn_start(messages[i]):
+                return i, tokens
+        return None, tokens
+
+    async def newest_user_index(self) -> int | None:
+        """The index in the whole history of the user's newest message (reading further back
+        if the cache has none)."""
+        while True:
+            index = newest_user_index(self.cache.messages)
+            if index is not None:
+                return self.base + index
+            if not self.base:
+                return None
+            await self._grow(max(_FIRST_TAIL, 4 * len(self.cache)))
 
     async def append(self, messages: Sequence[ChatMessage]) -> None:
         """Store messages and take them into the cache, even if cancelled meanwhile.
@@ -196,15 +302,19 @@ class Transcript:
 
     async def truncate(self, keep: int) -> list[ChatMessage]:
         """Keep the oldest ``keep`` messages; returns the ones removed."""
+        if keep < self.base:
+            await self._grow(len(self) - keep)
         await self.storage.truncate(self.session_id, keep)
-        removed = self.cache.messages[keep:]
-        self.cache.truncate(keep)
+        removed = self.cache.messages[keep - self.base :]
+        self.cache.truncate(keep - self.base)
+        if self.base:  # fewer messages may no longer fill the window
+            await self._fit(self._window)
         return removed
 
     async def clear(self) -> None:
         """Delete every message."""
         await self.storage.save(self.session_id, [])
-        self.cache = PromptHistory()
+        self._install([], 0)
 
     async def answer_dangling_calls(self) -> None:
         """Store interrupted results for tool calls left unanswered at the end."""

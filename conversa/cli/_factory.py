@@ -33,9 +33,11 @@ class AgentOptions:
 
 def load_tools(names: str | None, *, allow_private_fetch: bool = False) -> list[Tool]:
     """The built-in tools named in a comma-separated list ('all' for every one)."""
+    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
+    if not wanted:
+        return []  # without importing the tools (pydantic, the built-ins)
     from ..tools import builtin_tools, get_builtin
 
-    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
     if wanted == ["all"]:
         return list(builtin_tools(allow_private_fetch=allow_private_fetch).values())
     return [get_builtin(name, allow_private_fetch=allow_private_fetch) for name in wanted]

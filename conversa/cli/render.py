@@ -6,14 +6,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.live import Live
-from rich.markdown import Markdown
-from rich.markup import escape
-from rich.pretty import Pretty
-from rich.segment import Segment
-from rich.spinner import Spinner
-from rich.table import Table
+# Only what the first prompt needs is imported here; Markdown (markdown-it, pygments), Live and
+# the rest are imported when a turn or a command first shows something with them.
+from rich.console import Console
 from rich.text import Text
 
 from ..events import ToolDone, ToolRunning
@@ -22,6 +17,10 @@ from ._format import message_lines, terminal_text, tool_call_line, tool_result_l
 from ._output import Output, TurnView
 
 if TYPE_CHECKING:
+    from rich.console import ConsoleOptions, RenderResult
+    from rich.live import Live
+    from rich.markdown import Markdown
+
     from ..events import TurnEvent
     from ..messages import ChatMessage
 
@@ -35,6 +34,8 @@ def markdown(text: str) -> Markdown:
     Markdown joins a paragraph's lines into one; a line that ends in two spaces is a hard
     break, so every line that another line follows gets them, outside fenced code.
     """
+    from rich.markdown import Markdown
+
     lines = text.split("\n")
     fence: str | None = None
     for number, line in enumerate(lines[:-1]):
@@ -61,6 +62,8 @@ class _Tail:
         self.renderable = renderable
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.segment import Segment
+
         lines = console.render_lines(self.renderable, options, pad=False)
         room = max(1, options.size.height - 1)
         new_line = Segment.line()
@@ -106,6 +109,8 @@ class RichTurn(TurnView):
         self.resume()
 
     def _show(self, renderable: Any) -> None:
+        from rich.live import Live
+
         if self.live is None:
             # transient: the live area is replaced by the final render, which may be taller
             self.live = Live(
@@ -126,6 +131,9 @@ class RichTurn(TurnView):
 
     def event(self, event: TurnEvent) -> None:
         """Show one event of the turn."""
+        from rich.markup import escape
+        from rich.spinner import Spinner
+
         if isinstance(event, TextDelta):
             self.segment += terminal_text(event.text)
             self.answered = self.answered or bool(event.text.strip())
@@ -154,6 +162,8 @@ class RichTurn(TurnView):
 
     def resume(self) -> None:
         """Show the spinner."""
+        from rich.spinner import Spinner
+
         self._show(Spinner("dots", text=self.label, style="cyan"))
 
     def close(self, *, interrupted: bool = False) -> None:
@@ -192,6 +202,8 @@ class RichOutput(Output):
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table."""
+        from rich.table import Table
+
         table = Table(*headers, box=None, header_style="bold", pad_edge=False)
         for row in rows:
             table.add_row(*(Text(terminal_text(c)) for c in row))
@@ -199,6 +211,8 @@ class RichOutput(Output):
 
     def data(self, value: Any) -> None:
         """Pretty-printed data."""
+        from rich.pretty import Pretty
+
         self.console.print(Pretty(value, expand_all=True))
 
     def transcript(self, messages: Sequence[ChatMessage], start: int = 0) -> None:

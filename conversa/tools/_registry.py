@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ToolError
-from ._tool import Tool, tool
+
+if TYPE_CHECKING:
+    from ._tool import Tool
 
 
 class ToolRegistry:
@@ -19,6 +21,8 @@ class ToolRegistry:
 
     def add(self, item: Tool | Callable[..., Any]) -> Tool:
         """Add a tool (or a function, wrapped with @tool); a second tool of one name is an error."""
+        from ._tool import Tool, tool  # here: an empty registry needs no pydantic
+
         new = item if isinstance(item, Tool) else tool(item)
         if new.name in self._tools:
             raise ToolError(
@@ -46,6 +50,8 @@ class ToolRegistry:
         return len(self._tools)
 
     def __contains__(self, item: object) -> bool:
+        from ._tool import Tool
+
         if isinstance(item, Tool):
             return self._tools.get(item.name) is item
         return isinstance(item, str) and item in self._tools

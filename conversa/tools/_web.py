@@ -7,13 +7,15 @@ import codecs
 import ipaddress
 import socket
 import zlib
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 from pydantic import Field
 
 from ..errors import ToolError
 from ._tool import Tool
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_MAX_BYTES = 20_000
 DEFAULT_TIMEOUT = 20.0
@@ -46,6 +48,8 @@ def fetch_url_tool(
         session: Any = None,
     ) -> str:
         """Fetch a web page or API response with HTTP GET; returns status, content type and text."""
+        import httpx  # on first use: its import pulls in click, rich and pygments
+
         target = _check_url(url)
         approved_hosts = {target.host}  # the user approved the call, so its host
         redirected = False
@@ -78,6 +82,8 @@ def fetch_url_tool(
 
 
 def _check_url(url: str) -> httpx.URL:
+    import httpx
+
     try:
         parsed = httpx.URL(url.strip())
     except httpx.InvalidURL as exc:
@@ -131,6 +137,8 @@ async def _get(
     # server name keep the name, so virtual hosts and certificates work as usual.
     headers = {"Host": target.netloc.decode("ascii"), "Accept-Encoding": "gzip, deflate"}
     extensions = {"sni_hostname": target.raw_host.decode("ascii")}
+    import httpx
+
     # No proxies from the environment: the address checked must be the one connected to.
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
         request = client.build_request(

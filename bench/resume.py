@@ -1,0 +1,100 @@
+"""Resuming a long session with a context_window: create_session + the first turn's prompt.
+
+    python bench/resume.py [--runs 5] [--window 8000] [--backends memory,file,sqlite]
+
+A session of 100 and one of 100,000 messages are stored first (one save()); then, in a fresh
+storage object each run (as a new process would have; memory:// keeps its one object),
+``create_session(..., context_window=W)`` and one ``send_message`` with an instant model are
+timed. The storage object is opened outside the timing. Target: the 100,000-message resume
+at most 2x the 100-message one (ratio of medians, one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from storage import make_messages
+from turn import InstantModel, urls
+
+from conversa import create_session
+from conversa.storage import ConversationStorage, open_storage
+
+SIZES = (100, 100_000)
+RATIO = 2.0
+
+
+async def seed(storage: ConversationStorage) -> None:
+    for size in SIZES:
+        await storage.save(f"resume-{size}", make_messages(size, seed=3))
+
+
+async def resume(url: str, size: int, window: int, memory: ConversationStorage | None) -> float:
+    """Seconds for create_session + the first turn, in a fresh storage object."""
+    storage = memory or open_storage(url)
+    started = time.perf_counter()
+    session = await create_session(
+        f"resume-{size}", storage, model=InstantModel(), context_window=window
+    )
+    result = await session.send_message("and now?")
+    elapsed = time.perf_counter() - started
+    assert result.success and session.message_count() == size + 2, result
+    await storage.truncate(f"resume-{size}", size)  # the next run resumes the same history
+    if memory is None:
+        await storage.close()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--window", type=int, default=8000)
+    parser.add_argument("--backends", default="memory,file,sqlite")
+    args = parser.parse_args()
+    print(
+        f"conversa resume benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  "
+        f"Python {platform.python_version()}  {os.cpu_count()} CPUs  "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}  window {args.window}"
+    )
+    tmp = tempfile.mkdtemp(prefix="conversa-resume-")
+    ok = True
+    try:
+        for name in args.backends.split(","):
+            url = urls(tmp)[name]
+            store = open_storage(url)
+            asyncio.run(seed(store))
+            memory = store if name == "memory" else None
+            if memory is None:
+                asyncio.run(store.close())
+            medians = {}
+            for size in SIZES:
+                # warm-up: OS cache, first imports
+                asyncio.run(resume(url, size, args.window, memory))
+                runs = [
+                    asyncio.run(resume(url, size, args.window, memory)) for _ in range(args.runs)
+                ]
+                medians[size] = statistics.median(runs) * 1000
+            q = medians[SIZES[-1]] / medians[SIZES[0]]
+            met = q <= RATIO
+            ok = ok and met
+            print(
+                f"  [{'met' if met else 'MISSED'}] {name}: resume@100000 / resume@100 <= {RATIO}: "
+                f"{medians[SIZES[-1]]:.1f} / {medians[SIZES[0]]:.1f} ms = {q:.2f}"
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
