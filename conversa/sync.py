@@ -47,8 +47,8 @@ class SyncSession:
 
     @property
     def history(self) -> list[ChatMessage]:
-        """The stored history as of the last sync."""
-        return self.session.history
+        """The whole stored history (read from storage if only its newest part was loaded)."""
+        return self._run(self.session.load_history())
 
     @property
     def state(self) -> SyncState:

@@ -7,11 +7,19 @@ import random
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conversa import ChatMessage, ConversaError, InMemoryStorage, ToolCall, create_session
+from conversa import (
+    ChatMessage,
+    ConversaError,
+    InMemoryStorage,
+    ToolCall,
+    create_session,
+    create_session_sync,
+)
 from conversa.context import estimate_tokens, trim
 from conversa.testing.scripted import ScriptedModel
 from conversa.transcript import INTERRUPTED_RESULT
@@ -294,3 +302,17 @@ def test_the_chat_prompt_needs_no_tools_markdown_or_http() -> None:
         "assert 'rich.markdown' not in sys.modules and 'rich.live' not in sys.modules\n"
     )
     assert loaded_after(code) == ["rich"]
+
+
+def test_sync_session_history_reads_everything_of_a_windowed_session(tmp_path: Path) -> None:
+    """SyncSession.history blocks to read the rest, where Session.history would refuse."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    history = [ChatMessage.user(f"q{i} " + "x" * 400) for i in range(200)]
+    first = create_session_sync("long", url, model=ScriptedModel())
+    first._run(first.session.storage.save("long", history))
+    first.close()
+    windowed = create_session_sync("long", url, model=ScriptedModel(), context_window=500)
+    try:
+        assert [m.text for m in windowed.history] == [m.text for m in history]
+    finally:
+        windowed.close()
