@@ -73,6 +73,23 @@ class _Tail:
             yield from line
 
 
+class _LiveAnswer:
+    """The answer streamed so far, parsed as Markdown when the live area redraws.
+
+    The live area redraws at most refresh_per_second; parsing at every delta instead would
+    cost a parse of the whole answer per delta, quadratic in a long answer.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._parsed: tuple[str, Markdown] | None = None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self._parsed is None or self._parsed[0] != self.text:
+            self._parsed = (self.text, markdown(self.text))
+        yield _Tail(self._parsed[1])
+
+
 def _stop_echo() -> Callable[[], None]:
     """Stop the terminal echoing keys while a turn is shown; returns what restores it.
 
@@ -102,6 +119,7 @@ class RichTurn(TurnView):
         self.console = console
         self._restore_echo = _stop_echo() if console.is_terminal else lambda: None
         self.segment = ""
+        self._answer = _LiveAnswer()
         self.answered = False
         """Text of the current model call arrived (an interrupted turn keeps it)."""
         self.live: Live | None = None
@@ -128,6 +146,7 @@ class RichTurn(TurnView):
         if self.segment.strip():
             self.console.print(markdown(self.segment))
         self.segment = ""
+        self._answer = _LiveAnswer()
 
     def event(self, event: TurnEvent) -> None:
         """Show one event of the turn."""
@@ -137,7 +156,8 @@ class RichTurn(TurnView):
         if isinstance(event, TextDelta):
             self.segment += terminal_text(event.text)
             self.answered = self.answered or bool(event.text.strip())
-            self._show(_Tail(markdown(self.segment)))
+            self._answer.text = self.segment
+            self._show(self._answer)
         elif isinstance(event, ToolCallStarted) and not self.segment:
             self.label = f"calling {event.name}…"
             self._show(Spinner("dots", text=self.label, style="cyan"))
