@@ -15,13 +15,14 @@ import sqlite3
 from collections.abc import Callable
 
 from ..errors import StorageError
+from ._search import index_text, stored_text
 
 Migration = Callable[[sqlite3.Connection], None]
 
 # Names this schema creates; a database with any of them but no user_version is someone else's.
 OWN_TABLES: frozenset[str] = frozenset(("sessions", "messages", "state"))
 FTS_TABLE = "messages_fts"
-"""The full-text index of m002 (absent when SQLite lacks FTS5)."""
+"""The full-text index of m002, rebuilt by m003 (absent when SQLite lacks FTS5)."""
 
 
 def m001_initial(conn: sqlite3.Connection) -> None:
@@ -157,7 +158,64 @@ def m002_full_text_search(conn: sqlite3.Connection) -> None:
     conn.execute(INDEX_AFTER_SQL, (0, -1))  # LIMIT -1: no limit
 
 
-MIGRATIONS: tuple[Migration, ...] = (m001_initial, m002_full_text_search)
+INDEX_ROW_SQL = (
+    f"INSERT INTO {FTS_TABLE} (rowid, text) "
+    "SELECT id, ? FROM messages WHERE session_id = ? AND seq = ?"
+)
+"""Index one message row (parameters: its index_text, session id and seq)."""
+
+
+def m003_index_at_write_time(conn: sqlite3.Connection) -> None:
+    """Rebuild the index of m002 to hold ``_search.index_text`` and be kept current by writes.
+
+    The text indexed is the message's distinct folded words (conversa.storage._search), which
+    the ``ascii`` tokenizer splits exactly as that module does, so SQLite matches like every
+    other backend. SqliteStorage inserts a message's words in the transaction that inserts the
+    message (append and save), so a search never has indexing to catch up on. The delete
+    trigger stays; a row edited by hand is re-indexed from its raw text (its words not folded:
+    such a row is found by its lower-case, unaccented words), and every hit is checked against
+    the rule anyway.
+
+    Without FTS5 (m002 created nothing) nothing is created here either.
+    """
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (FTS_TABLE,)).fetchone()
+    if found is None:
+        return
+    conn.execute(f"DROP TRIGGER {FTS_TABLE}_delete")
+    conn.execute(f"DROP TRIGGER {FTS_TABLE}_update")
+    conn.execute(f"DROP TABLE {FTS_TABLE}")
+    conn.execute(
+        f"CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5("
+        "text, tokenize = 'ascii', detail = none, columnsize = 0)"
+    )
+    conn.execute(
+        f"""
+        CREATE TRIGGER {FTS_TABLE}_delete AFTER DELETE ON messages BEGIN
+            DELETE FROM {FTS_TABLE} WHERE rowid = old.id;
+        END
+        """
+    )
+    conn.execute(
+        f"""
+        CREATE TRIGGER {FTS_TABLE}_update AFTER UPDATE OF data ON messages BEGIN
+            DELETE FROM {FTS_TABLE} WHERE rowid = old.id;
+            INSERT INTO {FTS_TABLE} (rowid, text)
+            VALUES (new.id, lower({MESSAGE_TEXT_SQL.format(d="new.data")}));
+        END
+        """
+    )
+    rows = conn.execute("SELECT id, data FROM messages")
+    conn.executemany(
+        f"INSERT INTO {FTS_TABLE} (rowid, text) VALUES (?, ?)",
+        ((row_id, index_text(stored_text(data))) for row_id, data in rows),
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    m001_initial,
+    m002_full_text_search,
+    m003_index_at_write_time,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
