@@ -1,0 +1,171 @@
+"""Search indexes: current right after a write, migrated from older schemas, bounded by the limit.
+
+The matching rule itself is checked on every backend by the conformance suite
+(test_search_matches_words_and_prefixes); these tests look at the indexes behind it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conversa import ChatMessage
+from conversa.storage import _sqlite_migrations as migrations
+from conversa.storage import sqlite as sqlite_module
+from conversa.storage._search import index_text, matches, query_terms, words
+from conversa.storage.sqlite import SqliteStorage
+
+
+def _user(text: str) -> ChatMessage:
+    return ChatMessage.user(text)
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def _counts(path: Path) -> tuple[int, int]:
+    """(messages, indexed rows)."""
+    with _raw(path) as conn:
+        messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        indexed = conn.execute(f"SELECT count(*) FROM {migrations.FTS_TABLE}").fetchone()[0]
+    return int(messages), int(indexed)
+
+
+async def _trace(store: SqliteStorage, fn: Callable[[str], Any] | None) -> None:
+    await store._run(lambda conn: conn.set_trace_callback(fn))
+
+
+# -- the shared rule ------------------------------------------------------------------------
+
+
+def test_words_fold_case_and_accents_and_split_on_non_letters() -> None:
+    assert words("Crème BRÛLÉE, foo_bar-baz 東京タワー x2") == [
+        "creme",
+        "brulee",
+        "foo",
+        "bar",
+        "baz",
+        "東京タワー",
+        "x2",
+    ]
+    assert words("한국어") == ["한국어"]  # Hangul is recomposed after the accents go
+    assert query_terms("a A a b") == ["a", "b"]
+    assert index_text("b a b A") == "b a"
+    assert matches(["depl"], "Deployment done") and not matches(["ploy"], "deployment")
+
+
+def test_index_text_is_bounded() -> None:
+    text = " ".join(f"w{i}" for i in range(100_000))
+    out = index_text(text)
+    assert 0 < len(out) <= 256 * 1024 and text.startswith(out)
+
+
+# -- SQLite: the index is written with the messages -----------------------------------------
+
+
+async def test_sqlite_index_is_current_after_append(tmp_path: Path) -> None:
+    """An append indexes its messages; the next search finds them and writes nothing."""
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user(f"n{i} Word") for i in range(10)])
+        assert _counts(path) == (10, 10)
+        await store.save("t", [_user("saved word")])
+        assert _counts(path) == (11, 11)
+        statements: list[str] = []
+        await _trace(store, statements.append)
+        hits = await store.search("word")
+        await _trace(store, None)
+        assert [(h.session_id, h.position) for h in hits] == [("t", 0)] + [
+            ("s", i) for i in range(10)
+        ]
+        assert not any(s.startswith(("BEGIN", "INSERT", "-- INSERT")) for s in statements)
+
+
+async def test_sqlite_version_2_database_is_indexed_on_upgrade(tmp_path: Path) -> None:
+    """A database of the lazy index (schema 2), with unindexed rows, is indexed by m003."""
+    path = tmp_path / "v2.db"
+    with _raw(path) as conn:
+        migrations.m001_initial(conn)
+        conn.execute(
+            "INSERT INTO sessions (id, created_at, updated_at, message_count) "
+            "VALUES ('a', 1, 1, 3), ('b', 2, 2, 1)"
+        )
+        insert = "INSERT INTO messages (session_id, seq, data) VALUES (?, ?, ?)"
+        conn.execute(insert, ("a", 0, _user("Café indexed by m002").to_json()))
+        migrations.m002_full_text_search(conn)
+        # appended after m002 by the old code: not indexed until a search caught up
+        conn.execute(insert, ("a", 1, _user("lazy CAFÉ row").to_json()))
+        conn.execute(insert, ("a", 2, "{damaged"))
+        conn.execute(insert, ("b", 0, _user("other café").to_json()))
+        conn.execute("PRAGMA user_version = 2")
+    async with SqliteStorage(path) as store:
+        assert await store.count("a") == 3  # opens it: m003 runs
+        assert _counts(path) == (4, 4)
+        statements: list[str] = []
+        await _trace(store, statements.append)
+        hits = await store.search("cafe")
+        await _trace(store, None)
+        assert [(h.session_id, h.position) for h in hits] == [("b", 0), ("a", 0), ("a", 1)]
+        assert not any(s.startswith(("BEGIN", "INSERT")) for s in statements)
+        await store.append("a", [_user("new café")])
+        assert [h.position for h in await store.search("café") if h.session_id == "a"] == [
+            0,
+            1,
+            3,
+        ]
+    with _raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+async def test_sqlite_hand_edited_row_is_reindexed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        await store.append("s", [_user("original words")])
+        with _raw(path) as conn:
+            conn.execute("UPDATE messages SET data = ?", (_user("Repaired words").to_json(),))
+        assert [h.message.text for h in await store.search("repaired")] == ["Repaired words"]
+        assert await store.search("original") == []
+
+
+async def _vm_steps(store: SqliteStorage, query: str, limit: int) -> tuple[int, int]:
+    """(SQLite VM steps / 100, hits) of one search: work done, not time."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    await store._run(lambda conn: conn.set_progress_handler(count, 100))
+    try:
+        hits = await store.search(query, limit=limit)
+    finally:
+        await store._run(lambda conn: conn.set_progress_handler(None, 0))
+    return steps[0], len(hits)
+
+
+async def test_sqlite_common_word_stops_at_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A word in every session costs the same with 4x the sessions: no sort of every match."""
+    monkeypatch.setattr(sqlite_module, "SORT_AT_MOST", 20, raising=False)
+    async with SqliteStorage(tmp_path / "s.db") as store:
+
+        async def grow(upto: int) -> None:
+            have = len(await store.list_sessions())
+            for i in range(have, upto):
+                await store.save(f"s{i:04}", [_user(f"common thing n{i}x"), _user("filler")])
+
+        await grow(100)
+        small, hits = await _vm_steps(store, "common", 5)
+        assert hits == 5
+        await grow(400)
+        large, hits = await _vm_steps(store, "common", 5)
+        assert hits == 5
+        assert large <= small * 1.5 + 5, (small, large)
+        # a rare word still comes straight from the index
+        assert [h.session_id for h in await store.search("thing n17x")] == ["s0017"]
