@@ -41,8 +41,8 @@ BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
 LOW_SPACE = 1 << 20
 """Free bytes below which a SQLite I/O error is reported as a full disk (see _full_disk)."""
-SORT_AT_MOST = 1000
-"""Index hits a search sorts by session; with more, it walks the sessions newest first."""
+SORT_AT_MOST = 5000
+"""Index hits a search sorts by session; with more, it reads the sessions newest first."""
 
 _SYNCHRONOUS = {"crash": "NORMAL", "power": "FULL"}
 _INFO_COLUMNS = (
@@ -225,8 +225,8 @@ class SqliteStorage(Durable, ConversationStorage):
 
         Hits come in the order of the default search (sessions most recently updated first,
         then by position), not by bm25. A word with few hits (up to SORT_AT_MOST) is looked up
-        and its hits sorted; a common one walks the sessions newest first, probing the index
-        for each message, and stops at the limit. Every hit is checked with the shared rule.
+        and its hits sorted; a more common one reads the sessions newest first and stops at
+        the limit. Every hit is checked with the shared rule.
         Without FTS5 in this SQLite, the scanning default search is used.
         """
         await self._connection()  # opening tells whether the index exists
@@ -616,15 +616,15 @@ def _search(conn: sqlite3.Connection, terms: list[str], limit: int | None) -> li
             "JOIN messages AS m ON m.id = f.rowid JOIN sessions AS s ON s.id = m.session_id "
             f"WHERE {FTS_TABLE} MATCH ? ORDER BY s.updated_at DESC, m.seq"
         )
-    else:  # CROSS JOIN keeps this nesting: sessions newest first, each message probed
-        sql = (
+        cur = conn.execute(sql, (match,))
+    else:  # so common that the newest sessions hold enough: read them in order, stop early
+        # (probing the index per message would read the word's whole doclist each time)
+        cur = conn.execute(
             "SELECT m.session_id, m.seq, m.data FROM sessions AS s "
-            "CROSS JOIN messages AS m ON m.session_id = s.id "
-            f"CROSS JOIN {FTS_TABLE} AS f ON f.rowid = m.id "
-            f"WHERE {FTS_TABLE} MATCH ? ORDER BY s.updated_at DESC, m.seq"
+            "CROSS JOIN messages AS m ON m.session_id = s.id ORDER BY s.updated_at DESC, m.seq"
         )
     hits: list[SearchHit] = []
-    for sid, seq, data in conn.execute(sql, (match,)):
+    for sid, seq, data in cur:
         message = _parse(conn, sid, seq, data)
         if matches(terms, message.text):
             hits.append(SearchHit(sid, seq, message))
