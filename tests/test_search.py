@@ -1,4 +1,4 @@
-"""Search indexes: current right after a write, migrated from older schemas, bounded by the limit.
+"""Search indexes: kept current in small batches, migrated from older schemas, bounded by the limit.
 
 The matching rule itself is checked on every backend by the conformance suite
 (test_search_matches_words_and_prefixes); these tests look at the indexes behind it.
@@ -65,25 +65,65 @@ def test_index_text_is_bounded() -> None:
     assert 0 < len(out) <= 256 * 1024 and text.startswith(out)
 
 
-# -- SQLite: the index is written with the messages -----------------------------------------
+# -- SQLite: the index is kept current in small batches ---------------------------------------
 
 
-async def test_sqlite_index_is_current_after_append(tmp_path: Path) -> None:
-    """An append indexes its messages; the next search finds them and writes nothing."""
+def _pending(path: Path) -> int:
+    """Message rows above the highest indexed id: what the next search would index."""
+    with _raw(path) as conn:
+        upto = conn.execute(migrations.INDEXED_UPTO_SQL).fetchone()
+        sql = "SELECT count(*) FROM messages WHERE id > ?"
+        return int(conn.execute(sql, (upto[0] if upto else 0,)).fetchone()[0])
+
+
+async def test_sqlite_search_after_any_writes_indexes_less_than_a_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes index in batches of INDEX_BATCH rows; a search indexes only the remainder."""
+    batch = 8
+    monkeypatch.setattr(sqlite_module, "INDEX_BATCH", batch)
     path = tmp_path / "s.db"
     async with SqliteStorage(path) as store:
-        await store.append("s", [_user(f"n{i} Word") for i in range(10)])
-        assert _counts(path) == (10, 10)
-        await store.save("t", [_user("saved word")])
-        assert _counts(path) == (11, 11)
+        writes: list[Callable[[int], Any]] = [
+            lambda i: store.append(f"s{i % 3}", [_user(f"word n{i}")]),
+            lambda i: store.append(f"s{i % 3}", [_user(f"word a{i}"), _user(f"b{i} word")]),
+            lambda i: store.save(f"t{i % 2}", [_user(f"word t{i}")] * (i % 13)),
+            lambda i: store.pop(f"s{i % 3}"),
+            lambda i: store.delete("t1"),
+        ]
+        most = 0
+        for i in range(120):
+            await writes[i % len(writes) if i % 7 else 0](i)
+            pending = _pending(path)
+            most = max(most, pending)
+            assert pending < batch, (i, pending)
+            if i % 10 == 9:  # every hit is found, and the search indexed just the remainder
+                messages = _counts(path)[0]
+                found = await store.search("word", limit=None)
+                assert len(found) == messages and _pending(path) == 0
+        assert most > 0  # appends do leave rows for a batch or a search to index
         statements: list[str] = []
         await _trace(store, statements.append)
-        hits = await store.search("word")
+        await store.search("word")
         await _trace(store, None)
-        assert [(h.session_id, h.position) for h in hits] == [("t", 0)] + [
-            ("s", i) for i in range(10)
-        ]
-        assert not any(s.startswith(("BEGIN", "INSERT", "-- INSERT")) for s in statements)
+        assert _pending(path) == 0
+        assert not any(s.startswith("BEGIN") for s in statements)  # nothing left: no write
+
+
+async def test_sqlite_append_mostly_leaves_the_index_alone(tmp_path: Path) -> None:
+    """Only an append whose row id reaches a multiple of INDEX_BATCH writes to the index."""
+    path = tmp_path / "s.db"
+    async with SqliteStorage(path) as store:
+        statements: list[str] = []
+        await _trace(store, statements.append)
+        for i in range(1, sqlite_module.INDEX_BATCH):
+            await store.append("s", [_user(f"word {i}")])
+        await _trace(store, None)
+        assert not any(migrations.FTS_TABLE in s or s.startswith("-- ") for s in statements)
+        assert _pending(path) == sqlite_module.INDEX_BATCH - 1
+        await store.append("s", [_user("the batch")])  # row id INDEX_BATCH: the batch
+        assert _counts(path) == (sqlite_module.INDEX_BATCH, sqlite_module.INDEX_BATCH)
+        assert [h.position for h in await store.search("batch")] == [sqlite_module.INDEX_BATCH - 1]
 
 
 async def test_sqlite_version_2_database_is_indexed_on_upgrade(tmp_path: Path) -> None:
@@ -123,12 +163,19 @@ async def test_sqlite_version_2_database_is_indexed_on_upgrade(tmp_path: Path) -
 
 
 async def test_sqlite_hand_edited_row_is_reindexed(tmp_path: Path) -> None:
+    """Edited by hand before or after it is indexed, a row is found by its new words."""
     path = tmp_path / "s.db"
     async with SqliteStorage(path) as store:
-        await store.append("s", [_user("original words")])
+        await store.append("s", [_user("original words"), _user("second")])
+        assert len(await store.search("original")) == 1  # indexes both rows
         with _raw(path) as conn:
-            conn.execute("UPDATE messages SET data = ?", (_user("Repaired words").to_json(),))
-        assert [h.message.text for h in await store.search("repaired")] == ["Repaired words"]
+            conn.execute("UPDATE messages SET data = ? WHERE seq = 1", (_user("Edited").to_json(),))
+        assert [h.position for h in await store.search("edited")] == [1]
+        await store.append("s", [_user("original words")])  # not indexed yet
+        with _raw(path) as conn:
+            sql = "UPDATE messages SET data = ? WHERE seq != 1"
+            conn.execute(sql, (_user("Repaired words").to_json(),))
+        assert [h.position for h in await store.search("repaired")] == [0, 2]
         assert await store.search("original") == []
 
 

@@ -31,8 +31,14 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
-from ._search import fts5_query, index_text, matches
-from ._sqlite_migrations import FTS_TABLE, INDEX_ROW_SQL, migrate
+from ._search import fts5_query, matches
+from ._sqlite_migrations import (
+    FTS_TABLE,
+    INDEX_BATCH,
+    INDEXED_UPTO_SQL,
+    index_pending,
+    migrate,
+)
 from ._stored import decode_info, decode_messages, decode_state, first_user, from_micros, to_micros
 from ._urls import Durability, Durable, durability_option, redact_url, url_durability
 from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
@@ -157,8 +163,7 @@ class SqliteStorage(Durable, ConversationStorage):
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history in one transaction."""
         rows = [m.to_json() for m in history]
-        words = await self._index_words(history)
-        await self._run(_save, session_id, rows, first_user(history), words)
+        await self._run(_save, session_id, rows, first_user(history), await self._indexed())
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, in order."""
@@ -179,8 +184,7 @@ class SqliteStorage(Durable, ConversationStorage):
     async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
         # one transaction; its cost is independent of the history
         rows = [m.to_json() for m in messages]
-        words = await self._index_words(messages)
-        await self._run(_append, session_id, rows, first_user(messages), words)
+        await self._run(_append, session_id, rows, first_user(messages), await self._indexed())
 
     async def _count(self, session_id: str) -> int:
         return await self._run(_count, session_id)
@@ -221,7 +225,7 @@ class SqliteStorage(Durable, ConversationStorage):
         return await self._run(_find_sessions, sql, params)
 
     async def _search(self, terms: list[str], limit: int | None) -> list[SearchHit]:
-        """Matches through the FTS5 index, which every write keeps current (see m003).
+        """Matches through the FTS5 index, after indexing what writes left (see m003).
 
         Hits come in the order of the default search (sessions most recently updated first,
         then by position), not by bm25. A word with few hits (up to SORT_AT_MOST) is looked up
@@ -229,15 +233,14 @@ class SqliteStorage(Durable, ConversationStorage):
         the limit. Every hit is checked with the shared rule.
         Without FTS5 in this SQLite, the scanning default search is used.
         """
-        await self._connection()  # opening tells whether the index exists
-        if not self._fts:
+        if not await self._indexed():
             return await super()._search(terms, limit)
         return await self._run(_search, terms, limit)
 
-    async def _index_words(self, messages: Sequence[ChatMessage]) -> list[str] | None:
-        """What the index stores for each message (None: this database has no index)."""
+    async def _indexed(self) -> bool:
+        """Whether the database has the FTS5 index (opening it tells)."""
         await self._connection()
-        return [index_text(m.text) for m in messages] if self._fts else None
+        return self._fts
 
     # -- session state --------------------------------------------------------------------
 
@@ -555,14 +558,14 @@ def _save(
     sid: str,
     rows: list[str],
     first: tuple[int, str | None] | None,
-    words: list[str] | None,
+    indexed: bool,
 ) -> None:
     seq, text = first or (None, None)
     with _write(conn):
         stamp, head = _head(conn, sid)
         if head is not None:
             conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
-        _insert(conn, sid, 0, rows, words)
+        _insert(conn, sid, 0, rows, indexed)
         _put(conn, sid, stamp, (len(rows), seq, text), exists=head is not None)
 
 
@@ -571,26 +574,28 @@ def _append(
     sid: str,
     rows: list[str],
     first: tuple[int, str | None] | None,
-    words: list[str] | None,
+    indexed: bool,
 ) -> None:
     with _write(conn):
         stamp, head = _head(conn, sid)
         count, seq, text = head or _NEW_HEAD
-        _insert(conn, sid, count, rows, words)
+        _insert(conn, sid, count, rows, indexed)
         if seq is None and first is not None:
             seq, text = count + first[0], first[1]
         _put(conn, sid, stamp, (count + len(rows), seq, text), exists=head is not None)
 
 
-def _insert(
-    conn: sqlite3.Connection, sid: str, start: int, rows: list[str], words: list[str] | None
-) -> None:
+def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str], indexed: bool) -> None:
     conn.executemany(
         "INSERT INTO messages (session_id, seq, data) VALUES (?, ?, ?)",
         [(sid, start + i, data) for i, data in enumerate(rows)],
     )
-    if words is not None:  # the index, in the same transaction: current once this commits
-        conn.executemany(INDEX_ROW_SQL, [(w, sid, start + i) for i, w in enumerate(words)])
+    if indexed and rows:
+        # the new ids are consecutive (each max(id) + 1 under this write lock); one divisible
+        # by INDEX_BATCH indexes the batch (see m003): an append mostly leaves the index alone
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        if last // INDEX_BATCH > (last - len(rows)) // INDEX_BATCH:
+            index_pending(conn)
 
 
 def _load(conn: sqlite3.Connection, sid: str) -> list[ChatMessage]:
@@ -607,6 +612,7 @@ def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
 
 
 def _search(conn: sqlite3.Connection, terms: list[str], limit: int | None) -> list[SearchHit]:
+    _index_remainder(conn)
     match = fts5_query(terms)
     # FTS_TABLE is our own constant; the user's text only ever reaches SQLite as a parameter
     few = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
@@ -631,6 +637,18 @@ def _search(conn: sqlite3.Connection, terms: list[str], limit: int | None) -> li
             if len(hits) == limit:
                 break
     return hits
+
+
+def _index_remainder(conn: sqlite3.Connection) -> None:
+    """Index the rows writes left unindexed (fewer than INDEX_BATCH, see m003).
+
+    Reads first, so a search with nothing to index takes no write lock.
+    """
+    upto = conn.execute(INDEXED_UPTO_SQL).fetchone()
+    pending = "SELECT 1 FROM messages WHERE id > ? LIMIT 1"
+    if conn.execute(pending, (upto[0] if upto else 0,)).fetchone() is not None:
+        with _write(conn):
+            index_pending(conn)  # it reads the highest indexed id again, under the lock
 
 
 def _parse(conn: sqlite3.Connection, sid: str, seq: int, data: Any) -> ChatMessage:
