@@ -6,6 +6,7 @@ The matching rule itself is checked on every backend by the conformance suite
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,8 @@ def test_words_fold_case_and_accents_and_split_on_non_letters() -> None:
         "東京タワー",
         "x2",
     ]
+    ascii_text = "".join(f"{chr(c)}a{c}" for c in range(128))
+    assert words(ascii_text) == re.findall(r"[^\W_]+", ascii_text.lower())  # the fast path
     assert words("한국어") == ["한국어"]  # Hangul is recomposed after the accents go
     assert query_terms("a A a b") == ["a", "b"]
     assert index_text("b a b A") == "b a"

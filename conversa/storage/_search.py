@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from typing import Any
 
 _WORD = re.compile(r"[^\W_]+")
+# ASCII letters and digits kept, every other ASCII byte a space: _WORD's split, ~10x faster
+_ASCII_SPACES = bytes(c if chr(c).isalnum() else 32 for c in range(128)) + bytes(range(128, 256))
 
 INDEX_TEXT_MAX = 256 * 1024
 """Characters of ``index_text`` kept per message (its distinct words; PostgreSQL limits a
@@ -40,7 +42,10 @@ def fold(text: str) -> str:
 
 def words(text: str) -> list[str]:
     """The folded words of ``text``, in order."""
-    return _WORD.findall(fold(text))
+    folded = fold(text)
+    if folded.isascii():
+        return folded.encode().translate(_ASCII_SPACES).decode().split()
+    return _WORD.findall(folded)
 
 
 def query_terms(query: str) -> list[str]:
