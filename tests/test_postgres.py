@@ -33,6 +33,7 @@ from conversa import (
     open_storage,
 )
 from conversa.storage import ConversationStorage, PostgresStorage
+from conversa.storage.postgres import MIGRATIONS
 from conversa.testing.conformance import StorageConformance
 
 URL = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -110,7 +111,7 @@ async def test_tables_created_once_and_versioned(schema: str, admin: Any) -> Non
         )
         assert sorted(await stores[0].list_sessions()) == ["s0", "s1", "s2", "s3"]
         version = await admin.fetchval(f'SELECT version FROM "{schema}".conversa_schema_version')
-        assert version == 1
+        assert version == len(MIGRATIONS)
         tables = await admin.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema
         )

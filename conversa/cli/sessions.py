@@ -173,7 +173,7 @@ def prune(
 @common_options
 @click.pass_context
 def search(ctx: click.Context, text: str, limit: int, storage: str | None, debug: bool) -> None:
-    """Find messages containing TEXT across all sessions."""
+    """Find messages with every word of TEXT (or a word starting with it), newest first."""
     from ._format import snippet
 
     hits = with_storage(ctx, storage, lambda s: s.search(text, limit=limit))

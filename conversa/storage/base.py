@@ -62,6 +62,7 @@ from typing import Any, Self, TypeVar, cast, get_args
 
 from ..errors import InvalidSessionId, StateValueError
 from ..messages import ChatMessage, _as_utc
+from ._search import matches, query_terms
 from ._stored import (
     SearchHit,
     SessionInfo,
@@ -287,13 +288,13 @@ class ConversationStorage(ABC):
     async def search(self, query: str, *, limit: int | None = 50) -> list[SearchHit]:
         """Messages that match ``query``, newest session first, then in order.
 
-        The default matches the text as a substring, ignoring case; backends with a full-text
-        index (SQLite FTS5) match words and their prefixes instead.
+        Every backend matches alike (conversa.storage._search): each word of the query must be
+        a word of the message or the start of one, ignoring case and accents.
         """
         if limit is not None and not _at_least_zero(limit, "limit"):
             return []
-        text = query.strip()
-        return await self._search(text, limit) if text else []
+        terms = query_terms(query)
+        return await self._search(terms, limit) if terms else []
 
     # -- session state --------------------------------------------------------------------
 
@@ -440,13 +441,15 @@ class ConversationStorage(ABC):
         found.sort(key=lambda i: i.updated_at, reverse=True)
         return found[: query.limit]
 
-    async def _search(self, query: str, limit: int | None) -> list[SearchHit]:
-        """Messages containing ``query`` (stripped, not empty), at most ``limit`` (>= 1)."""
-        needle = query.casefold()
+    async def _search(self, terms: list[str], limit: int | None) -> list[SearchHit]:
+        """Messages matching every term (``query_terms``, not empty), at most ``limit`` (>= 1).
+
+        The default scans the sessions newest first and stops at the limit.
+        """
         hits: list[SearchHit] = []
         for sid in await self.list_sessions():
             for i, m in enumerate(await self.load(sid)):
-                if needle in m.text.casefold():
+                if matches(terms, m.text):
                     hits.append(SearchHit(sid, i, m))
                     if len(hits) == limit:
                         return hits

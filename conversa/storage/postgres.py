@@ -55,9 +55,10 @@ from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, StorageConfigError, StorageError
 from ..messages import ChatMessage
+from ._search import index_text, matches, stored_text, tsquery
 from ._stored import decode_info, decode_messages, decode_state, first_user
 from ._urls import import_optional, number_option, positive, query_options, redact_url
-from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
+from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
 
@@ -96,6 +97,11 @@ def _body(message: ChatMessage) -> str:
     except UnicodeEncodeError:
         return json.dumps(message.to_dict(), separators=(",", ":"))
     return text
+
+
+def _words(messages: Sequence[ChatMessage]) -> list[str]:
+    """What the search index stores for each message (NUL is no word character)."""
+    return [index_text(m.text) for m in messages]
 
 
 def _first_user(messages: Sequence[ChatMessage]) -> tuple[int | None, str | None]:
@@ -183,7 +189,24 @@ async def _migration_1(con: Any, n: _Names) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[Any, _Names], Awaitable[None]]] = [_migration_1]
+async def _migration_2(con: Any, n: _Names) -> None:
+    """Full-text search: ``words`` (``_search.index_text`` of each message, written with it)
+    and a GIN index over its ``simple`` tsvector (no stemming, no stop words: the words are
+    already folded by conversa). Rows already stored are filled here, in Python, by the same
+    function that fills new ones."""
+    await con.execute(f"ALTER TABLE {n.messages} ADD COLUMN words text NOT NULL DEFAULT ''")
+    rows = await con.fetch(f"SELECT session_id, seq, body FROM {n.messages}")
+    await con.executemany(
+        f"UPDATE {n.messages} SET words = $3 WHERE session_id = $1 AND seq = $2",
+        [(r["session_id"], r["seq"], index_text(stored_text(r["body"]))) for r in rows],
+    )
+    await con.execute(
+        f'CREATE INDEX "{n.prefix}messages_words" ON {n.messages} '
+        "USING gin (to_tsvector('simple', words))"
+    )
+
+
+MIGRATIONS: list[Callable[[Any, _Names], Awaitable[None]]] = [_migration_1, _migration_2]
 """Migration i + 1 is MIGRATIONS[i]; append new ones, never change old ones."""
 
 
@@ -432,6 +455,7 @@ class PostgresStorage(ConversationStorage):
         pos, title = _first_user(history)
         roles = [m.role for m in history]
         bodies = [_body(m) for m in history]
+        words = _words(history)
         # the UPSERT locks the row first, so no append slips in between DELETE and INSERT
         upsert = f"""
             INSERT INTO {n.sessions} AS s
@@ -446,12 +470,14 @@ class PostgresStorage(ConversationStorage):
             await con.execute(upsert, session_id, len(history), title, pos)
             await con.execute(f"DELETE FROM {n.messages} WHERE session_id = $1", session_id)
             await con.execute(
-                f"""INSERT INTO {n.messages} (session_id, seq, role, body)
-                SELECT $1, m.ord - 1, m.role, m.body
-                FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS m(role, body, ord)""",
+                f"""INSERT INTO {n.messages} (session_id, seq, role, body, words)
+                SELECT $1, m.ord - 1, m.role, m.body, m.words
+                FROM unnest($2::text[], $3::text[], $4::text[])
+                    WITH ORDINALITY AS m(role, body, words, ord)""",
                 session_id,
                 roles,
                 bodies,
+                words,
             )
 
         await self._run(op, transaction=True)
@@ -489,6 +515,7 @@ class PostgresStorage(ConversationStorage):
         pos, title = _first_user(messages)
         roles = [m.role for m in messages]
         bodies = [_body(m) for m in messages]
+        words = _words(messages)
         # The UPSERT takes the session row's lock, so concurrent appends get disjoint seqs.
         sql = f"""
             WITH s AS (
@@ -505,11 +532,14 @@ class PostgresStorage(ConversationStorage):
                         THEN s.message_count + $4 ELSE s.auto_title_seq END
                 RETURNING message_count
             )
-            INSERT INTO {n.messages} (session_id, seq, role, body)
-            SELECT $1, s.message_count - $2 + m.ord - 1, m.role, m.body
-            FROM s, unnest($5::text[], $6::text[]) WITH ORDINALITY AS m(role, body, ord)"""
+            INSERT INTO {n.messages} (session_id, seq, role, body, words)
+            SELECT $1, s.message_count - $2 + m.ord - 1, m.role, m.body, m.words
+            FROM s, unnest($5::text[], $6::text[], $7::text[])
+                WITH ORDINALITY AS m(role, body, words, ord)"""
         await self._run(
-            lambda con: con.execute(sql, session_id, len(messages), title, pos, roles, bodies)
+            lambda con: con.execute(
+                sql, session_id, len(messages), title, pos, roles, bodies, words
+            )
         )
 
     async def _count(self, session_id: str) -> int:
@@ -593,6 +623,33 @@ class PostgresStorage(ConversationStorage):
         return [self._info(row) for row in rows]
 
     # -- session state --------------------------------------------------------------------
+
+    async def _search(self, terms: list[str], limit: int | None) -> list[SearchHit]:
+        """Matches through the GIN index on ``words``, newest session first, then in order.
+
+        The planner picks the index for a rare word and the walk of sessions by ``touched``
+        for a common one, which stops at the limit; hits stream through a cursor and each is
+        checked with the shared rule (conversa.storage._search).
+        """
+        n = self._names
+        sql = f"""SELECT m.session_id, m.seq, m.body FROM {n.messages} AS m
+            JOIN {n.sessions} AS s ON s.session_id = m.session_id
+            WHERE to_tsvector('simple', m.words) @@ to_tsquery('simple', $1)
+            ORDER BY s.touched DESC, m.seq"""
+
+        async def op(con: Any) -> list[SearchHit]:
+            hits: list[SearchHit] = []
+            batch = 50 if limit is None else min(limit, 500)
+            async for row in con.cursor(sql, tsquery(terms), prefetch=batch):
+                sid = row["session_id"]
+                message = self._decode(sid, [row])[0]
+                if matches(terms, message.text):
+                    hits.append(SearchHit(sid, row["seq"], message))
+                    if len(hits) == limit:
+                        break
+            return hits
+
+        return await self._run(op, retry=True, transaction=True)
 
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         sql = f"""SELECT key, value, expires_at FROM {self._names.state} WHERE session_id = $1

@@ -31,7 +31,14 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
-from ._sqlite_migrations import FTS_TABLE, INDEX_AFTER_SQL, INDEXED_UPTO_SQL, migrate
+from ._search import fts5_query, matches
+from ._sqlite_migrations import (
+    FTS_TABLE,
+    INDEX_BATCH,
+    INDEXED_UPTO_SQL,
+    index_pending,
+    migrate,
+)
 from ._stored import decode_info, decode_messages, decode_state, first_user, from_micros, to_micros
 from ._urls import Durability, Durable, durability_option, redact_url, url_durability
 from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
@@ -40,8 +47,8 @@ BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
 LOW_SPACE = 1 << 20
 """Free bytes below which a SQLite I/O error is reported as a full disk (see _full_disk)."""
-INDEX_BATCH = 2000
-"""Messages a search indexes per write transaction while catching up (see m002)."""
+SORT_AT_MOST = 5000
+"""Index hits a search sorts by session; with more, it reads the sessions newest first."""
 
 _SYNCHRONOUS = {"crash": "NORMAL", "power": "FULL"}
 _INFO_COLUMNS = (
@@ -70,7 +77,7 @@ class SqliteStorage(Durable, ConversationStorage):
         self._worker: _Worker | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
-        self._fts = False  # set on opening: whether the database has the m002 FTS5 index
+        self._fts = False  # set on opening: whether the database has the FTS5 index (m003)
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStorage:
@@ -156,7 +163,7 @@ class SqliteStorage(Durable, ConversationStorage):
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history in one transaction."""
         rows = [m.to_json() for m in history]
-        await self._run(_save, session_id, rows, first_user(history))
+        await self._run(_save, session_id, rows, first_user(history), await self._indexed())
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, in order."""
@@ -177,7 +184,7 @@ class SqliteStorage(Durable, ConversationStorage):
     async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
         # one transaction; its cost is independent of the history
         rows = [m.to_json() for m in messages]
-        await self._run(_append, session_id, rows, first_user(messages))
+        await self._run(_append, session_id, rows, first_user(messages), await self._indexed())
 
     async def _count(self, session_id: str) -> int:
         return await self._run(_count, session_id)
@@ -217,24 +224,23 @@ class SqliteStorage(Durable, ConversationStorage):
         params.append(-1 if query.limit is None else query.limit)
         return await self._run(_find_sessions, sql, params)
 
-    async def _search(self, query: str, limit: int | None) -> list[SearchHit]:
-        """Messages containing every word of ``query``, newest session first, then in order.
+    async def _search(self, terms: list[str], limit: int | None) -> list[SearchHit]:
+        """Matches through the FTS5 index, after indexing what writes left (see m003).
 
-        Uses the FTS5 index; messages appended since the last search are indexed first, in
-        batches of INDEX_BATCH, each its own short write transaction (see m002 for why).
-        Each whitespace-separated word must occur as a word or the start of one (``deploy``
-        finds "deployment"), ignoring case and accents. The words are quoted, so FTS syntax
-        (``"``, ``*``, ``AND``, ``NEAR``, parentheses, ``-``) is plain text; a word with no
-        letters or digits is ignored (alone, it finds nothing). Hits are ordered like the
-        default search (sessions most recently updated first, then by position), not by bm25,
-        so every backend lists them alike. Without FTS5 in this SQLite, the scanning default
-        search is used.
+        Hits come in the order of the default search (sessions most recently updated first,
+        then by position), not by bm25. A word with few hits (up to SORT_AT_MOST) is looked up
+        and its hits sorted; a more common one reads the sessions newest first and stops at
+        the limit. Every hit is checked with the shared rule.
+        Without FTS5 in this SQLite, the scanning default search is used.
         """
-        await self._connection()  # opening tells whether the index exists
-        if not self._fts:
-            return await super()._search(query, limit)
-        match = _fts_query(query.split())
-        return await self._run(_search, match, -1 if limit is None else limit)
+        if not await self._indexed():
+            return await super()._search(terms, limit)
+        return await self._run(_search, terms, limit)
+
+    async def _indexed(self) -> bool:
+        """Whether the database has the FTS5 index (opening it tells)."""
+        await self._connection()
+        return self._fts
 
     # -- session state --------------------------------------------------------------------
 
@@ -548,34 +554,48 @@ def _touch(conn: sqlite3.Connection, sid: str) -> None:
 
 
 def _save(
-    conn: sqlite3.Connection, sid: str, rows: list[str], first: tuple[int, str | None] | None
+    conn: sqlite3.Connection,
+    sid: str,
+    rows: list[str],
+    first: tuple[int, str | None] | None,
+    indexed: bool,
 ) -> None:
     seq, text = first or (None, None)
     with _write(conn):
         stamp, head = _head(conn, sid)
         if head is not None:
             conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
-        _insert(conn, sid, 0, rows)
+        _insert(conn, sid, 0, rows, indexed)
         _put(conn, sid, stamp, (len(rows), seq, text), exists=head is not None)
 
 
 def _append(
-    conn: sqlite3.Connection, sid: str, rows: list[str], first: tuple[int, str | None] | None
+    conn: sqlite3.Connection,
+    sid: str,
+    rows: list[str],
+    first: tuple[int, str | None] | None,
+    indexed: bool,
 ) -> None:
     with _write(conn):
         stamp, head = _head(conn, sid)
         count, seq, text = head or _NEW_HEAD
-        _insert(conn, sid, count, rows)
+        _insert(conn, sid, count, rows, indexed)
         if seq is None and first is not None:
             seq, text = count + first[0], first[1]
         _put(conn, sid, stamp, (count + len(rows), seq, text), exists=head is not None)
 
 
-def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str]) -> None:
+def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str], indexed: bool) -> None:
     conn.executemany(
         "INSERT INTO messages (session_id, seq, data) VALUES (?, ?, ?)",
         [(sid, start + i, data) for i, data in enumerate(rows)],
     )
+    if indexed and rows:
+        # the new ids are consecutive (each max(id) + 1 under this write lock); one divisible
+        # by INDEX_BATCH indexes the batch (see m003): an append mostly leaves the index alone
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        if last // INDEX_BATCH > (last - len(rows)) // INDEX_BATCH:
+            index_pending(conn)
 
 
 def _load(conn: sqlite3.Connection, sid: str) -> list[ChatMessage]:
@@ -591,48 +611,44 @@ def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
     return _parse_rows(conn, sid, cur)[::-1]
 
 
-def _search(conn: sqlite3.Connection, match: str, limit: int) -> list[SearchHit]:
-    _index_new_messages(conn)
+def _search(conn: sqlite3.Connection, terms: list[str], limit: int | None) -> list[SearchHit]:
+    _index_remainder(conn)
+    match = fts5_query(terms)
     # FTS_TABLE is our own constant; the user's text only ever reaches SQLite as a parameter
-    cur = conn.execute(
-        f"SELECT m.session_id, m.seq, m.data FROM {FTS_TABLE} AS f "
-        "JOIN messages AS m ON m.id = f.rowid "
-        "JOIN sessions AS s ON s.id = m.session_id "
-        f"WHERE {FTS_TABLE} MATCH ? ORDER BY s.updated_at DESC, m.seq LIMIT ?",
-        (match, limit),
-    )
-    return [SearchHit(sid, seq, _parse(conn, sid, seq, data)) for sid, seq, data in cur]
+    few = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
+    if conn.execute(few, (match, SORT_AT_MOST + 1)).fetchone()[0] <= SORT_AT_MOST:
+        sql = (
+            f"SELECT m.session_id, m.seq, m.data FROM {FTS_TABLE} AS f "
+            "JOIN messages AS m ON m.id = f.rowid JOIN sessions AS s ON s.id = m.session_id "
+            f"WHERE {FTS_TABLE} MATCH ? ORDER BY s.updated_at DESC, m.seq"
+        )
+        cur = conn.execute(sql, (match,))
+    else:  # so common that the newest sessions hold enough: read them in order, stop early
+        # (probing the index per message would read the word's whole doclist each time)
+        cur = conn.execute(
+            "SELECT m.session_id, m.seq, m.data FROM sessions AS s "
+            "CROSS JOIN messages AS m ON m.session_id = s.id ORDER BY s.updated_at DESC, m.seq"
+        )
+    hits: list[SearchHit] = []
+    for sid, seq, data in cur:
+        message = _parse(conn, sid, seq, data)
+        if matches(terms, message.text):
+            hits.append(SearchHit(sid, seq, message))
+            if len(hits) == limit:
+                break
+    return hits
 
 
-def _index_new_messages(conn: sqlite3.Connection) -> None:
-    """Index the messages above the highest indexed id (see m002), INDEX_BATCH per transaction.
+def _index_remainder(conn: sqlite3.Connection) -> None:
+    """Index the rows writes left unindexed (fewer than INDEX_BATCH, see m003).
 
-    Reads first, so a search with nothing new to index takes no write lock.
+    Reads first, so a search with nothing to index takes no write lock.
     """
-    while _unindexed(conn) is not None:
+    upto = conn.execute(INDEXED_UPTO_SQL).fetchone()
+    pending = "SELECT 1 FROM messages WHERE id > ? LIMIT 1"
+    if conn.execute(pending, (upto[0] if upto else 0,)).fetchone() is not None:
         with _write(conn):
-            # again under the lock: another connection may have indexed them meanwhile
-            upto = _unindexed(conn)
-            if upto is not None:
-                conn.execute(INDEX_AFTER_SQL, (upto, INDEX_BATCH))
-
-
-def _unindexed(conn: sqlite3.Connection) -> int | None:
-    """The highest indexed message id (0 for none) if some message above it is unindexed."""
-    row = conn.execute(INDEXED_UPTO_SQL).fetchone()
-    upto = int(row[0]) if row else 0
-    pending = conn.execute("SELECT 1 FROM messages WHERE id > ? LIMIT 1", (upto,)).fetchone()
-    return None if pending is None else upto
-
-
-def _fts_query(words: Sequence[str]) -> str:
-    """An FTS5 query requiring every word, each as a quoted phrase matched as a prefix.
-
-    Inside double quotes FTS5 syntax is plain text (a quote is written twice), so no input can
-    raise a syntax error; "foo-bar" becomes the phrase "foo bar", and a word with no token
-    characters (say "-") is an empty phrase, which FTS5 drops.
-    """
-    return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+            index_pending(conn)  # it reads the highest indexed id again, under the lock
 
 
 def _parse(conn: sqlite3.Connection, sid: str, seq: int, data: Any) -> ChatMessage:

@@ -257,6 +257,39 @@ class StorageConformance:
         assert [(h.session_id, h.position) for h in await storage.search(word)] == [(new, 1)]
         assert await storage.search("   ") == []
 
+    async def test_search_matches_words_and_prefixes(self, storage: ConversationStorage) -> None:
+        """One rule on every backend: each query word is a word or the start of one."""
+        tag = f"k{uuid.uuid4().hex[:10]}"
+        sid = _sid()
+        texts = [
+            f"{tag} The Deployment failed",
+            f"{tag} un café, s'il vous plaît",
+            f"{tag} Straße und Strasse",
+            f"{tag} 東京タワー に行く",
+            f"{tag} foo-bar/baz_qux (x.y)",
+            f"{tag} redeploy later",
+        ]
+        await storage.append(sid, [_user(t) for t in texts])
+
+        async def found(query: str) -> list[int]:
+            return [h.position for h in await storage.search(f"{tag} {query}")]
+
+        assert await found("deployment") == [0]  # a word
+        assert await found("deploy") == [0]  # the start of a word; "redeploy" does not match
+        assert await found("ploy") == []  # the inside of a word never matches
+        assert await found("DEPLOYMENT FAIL") == [0]  # case ignored, every word required
+        assert await found("deployment later") == []
+        assert await found("cafe") == await found("CAFÉ") == [1]  # accents ignored
+        assert await found("plait") == [1] and await found("s") == [1, 2]  # s'il: "s", "il"
+        assert await found("straße") == [2] and await found("strass") == [2]  # ß is not ss
+        assert await found("東京") == [3] and await found("タワー") == []  # one word per run
+        assert await found("foo bar") == await found("foo-bar") == [4]  # punctuation splits
+        assert await found("baz") == await found("qux") == await found("y") == [4]
+        assert await found("baz_qux") == [4]  # "_" splits too
+        assert await found("!!") == [0, 1, 2, 3, 4, 5]  # no word: only the tag counts
+        assert await storage.search("!! ?") == []  # a query without words finds nothing
+        assert await storage.search(f"{tag}x") == []
+
     async def test_append_empty_is_harmless(self, storage: ConversationStorage) -> None:
         sid = _sid()
         await storage.append(sid, [_user("a")])
