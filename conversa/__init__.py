@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .errors import InvalidSessionId as InvalidSessionId
     from .errors import ModelError as ModelError
     from .errors import ModelNotConfigured as ModelNotConfigured
+    from .errors import SessionBusy as SessionBusy
     from .errors import StateValueError as StateValueError
     from .errors import StorageConfigError as StorageConfigError
     from .errors import StorageError as StorageError
@@ -101,6 +102,7 @@ _EXPORTS: dict[str, str] = {
     "Role": ".messages",
     "SearchHit": ".storage.base",
     "Session": ".session",
+    "SessionBusy": ".errors",
     "SessionInfo": ".storage",
     "SessionState": ".state",
     "StateEntry": ".storage.base",

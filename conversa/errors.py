@@ -11,6 +11,10 @@ class InvalidMessage(ConversaError, ValueError):
     """A ChatMessage was built from values that break the message rules."""
 
 
+class SessionBusy(ConversaError):
+    """The session is in use elsewhere: another turn holds its lease past the wait."""
+
+
 class StorageError(ConversaError):
     """A storage backend could not do what was asked."""
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +26,14 @@ from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
 from .state import SessionState
 from .storage import ConversationStorage, open_storage, validate_session_id
+from .storage._lease import DEFAULT_WAIT, check_wait
 from .transcript import Transcript, Window
 
 if TYPE_CHECKING:
     from .tools import Tool, ToolRegistry
 
+DEFAULT_TURN_WAIT = DEFAULT_WAIT
+"""Seconds a change waits for another process's turn on the session (then SessionBusy)."""
 USER_PART_PREFIX = "__user_part_"  # internal state keys start with __
 REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
@@ -55,6 +58,7 @@ class Session:
         token_counter: TokenCounter = estimate_tokens,
         request_interceptors: Sequence[RequestInterceptor] = (),
         response_interceptors: Sequence[ResponseInterceptor] = (),
+        turn_wait: float | None = DEFAULT_TURN_WAIT,
     ) -> None:
         from .tools._registry import ToolRegistry
 
@@ -77,12 +81,14 @@ class Session:
         self.token_counter = token_counter
         self.request_interceptors = list(request_interceptors)
         self.response_interceptors = list(response_interceptors)
+        self.turn_wait = check_wait(turn_wait)
         self.state = SessionState(storage, session_id)
         self._model_spec = model
         self._model: ChatModel | None = model if not isinstance(model, (str, type(None))) else None
         self._protocol = ToolProtocol(text=react_mode == "text")
         self._transcript = Transcript(storage, self.session_id)
         self._lock = asyncio.Lock()
+        self._waiting = False
         self._owns_storage = False
         self._turn_task: asyncio.Task[Any] | None = None
         self._cancel = CancelFlag()
@@ -154,17 +160,35 @@ class Session:
 
     async def clear_history(self) -> None:
         """Delete every message of this session (its state and info stay)."""
-        async with self._lock:
+        async with self._lock, self._leased():
             await self._transcript.clear()
 
     async def undo(self) -> list[ChatMessage]:
         """Remove the last user message and everything after it; returns what was removed."""
-        async with self._lock:
+        async with self._lock, self._leased():
             await self._transcript.refresh(self._window())
             index = await self._transcript.newest_user_index()
             if index is None:
                 return []
             return await self._transcript.truncate(index)
+
+    # -- the lease: one change of the history at a time, across processes --------------
+
+    @property
+    def waiting_for_lease(self) -> bool:
+        """Whether a change is waiting for another turn on this session (elsewhere) to end."""
+        return self._waiting
+
+    @asynccontextmanager
+    async def _leased(self) -> AsyncIterator[None]:
+        """Hold the session's lease, waiting up to ``turn_wait`` (then SessionBusy)."""
+        self._waiting = True
+        try:
+            async with self.storage.lease(self.session_id, wait=self.turn_wait):
+                self._waiting = False
+                yield
+        finally:
+            self._waiting = False
 
     # -- turns ------------------------------------------------------------------------
 
@@ -202,7 +226,7 @@ class Session:
             message = content if isinstance(content, ChatMessage) else ChatMessage.user(content)
             if message.role != "user":
                 raise ValueError(f"send a user message, not a {message.role} message")
-        async with self._lock:
+        async with self._lock, self._leased():
             transcript = self._transcript
             await transcript.refresh(self._window())
             await self.state.reload()
@@ -327,6 +351,7 @@ async def create_session(
     token_counter: TokenCounter = estimate_tokens,
     request_interceptors: Sequence[RequestInterceptor] = (),
     response_interceptors: Sequence[ResponseInterceptor] = (),
+    turn_wait: float | None = DEFAULT_TURN_WAIT,
 ) -> Session:
     """Open the session ``session_id`` in ``storage`` (a URL, a path or a storage object).
 
@@ -335,8 +360,10 @@ async def create_session(
     ``tools`` the callable tools, ``system_prompt``, ``max_iterations`` per turn,
     ``react_mode`` ("auto", "tools" or "text"), ``context_window`` (tokens; None: no trimming),
     ``approve(name, arguments)`` for tools that need approval, ``user_id`` recorded in the
-    session's info, ``on_limit`` ("stop" or "generate"), ``token_counter`` and the request and
-    response interceptors.
+    session's info, ``on_limit`` ("stop" or "generate"), ``token_counter``, the request and
+    response interceptors, and ``turn_wait``: seconds a change of the history (a turn, undo,
+    clear) waits while another turn on the session holds its lease, then SessionBusy (None:
+    no limit).
     """
     store = open_storage(storage)
     session = Session(
@@ -354,10 +381,12 @@ async def create_session(
         token_counter=token_counter,
         request_interceptors=request_interceptors,
         response_interceptors=response_interceptors,
+        turn_wait=turn_wait,
     )
     session._owns_storage = store is not storage
     if not await store.exists(session_id):
-        await store.append(session_id, [])  # unlike save, never erases what another wrote
+        async with session._leased():
+            await store.append(session_id, [])  # unlike save, never erases what another wrote
     await session.refresh()
     await session.state.reload()
     if session.user_id is not None:

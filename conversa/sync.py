@@ -20,7 +20,7 @@ from .events import (
 )
 from .messages import ChatMessage, Content
 from .model import ChatModel
-from .session import Session, create_session
+from .session import DEFAULT_TURN_WAIT, Session, create_session
 from .storage import ConversationStorage
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ def create_session_sync(
     token_counter: TokenCounter = estimate_tokens,
     request_interceptors: Sequence[RequestInterceptor] = (),
     response_interceptors: Sequence[ResponseInterceptor] = (),
+    turn_wait: float | None = DEFAULT_TURN_WAIT,
 ) -> SyncSession:
     """create_session for code without an event loop (same arguments); close() it when done."""
     try:
@@ -230,6 +231,7 @@ def create_session_sync(
                 token_counter=token_counter,
                 request_interceptors=request_interceptors,
                 response_interceptors=response_interceptors,
+                turn_wait=turn_wait,
             )
         )
     except BaseException:

@@ -90,7 +90,9 @@ def test_url_forms_and_repr() -> None:
     assert isinstance(open_storage("rediss://127.0.0.1:6379/0"), RedisStorage)
     shown = repr(open_storage(with_url(prefix="app1:", ttl=60)))
     assert "prefix='app1:'" in shown and "RedisStorage(" in shown
-    with pytest.raises(UnsupportedStorageURL, match="known options: prefix, timeout, ttl"):
+    with pytest.raises(
+        UnsupportedStorageURL, match="known options: lease_ttl, prefix, timeout, ttl"
+    ):
         open_storage(with_url(prefx="typo"))
     with pytest.raises(StorageError, match="number"):
         open_storage(with_url(ttl="soon"))

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ._output import Output, TurnView
 
 APPROVAL_ANSWERS = {"y": True, "yes": True, "n": False, "no": False, "a": None, "always": None}
+WAITING_NOTE_AFTER = 1.0
+"""Seconds a turn waits for the session's lease before the REPL says so."""
 YES_NO = {"y": True, "yes": True, "n": False, "no": False}
 
 
@@ -160,6 +162,7 @@ class Repl:
         view = self._view = self.out.turn()
         task = self._turn_task = asyncio.create_task(show_events(events, view))
         restore = self._catch_sigint()
+        note = asyncio.get_running_loop().call_later(WAITING_NOTE_AFTER, self._say_waiting)
         try:
             result = await task
         except asyncio.CancelledError:
@@ -174,6 +177,7 @@ class Repl:
             self.report(exc)
             return None
         finally:
+            note.cancel()
             restore()
             self._view = self._turn_task = None
         view.close()
@@ -181,6 +185,18 @@ class Repl:
             self.failed_turns += 1
             explain_failure(self.out, result, debug=self.debug)
         return result
+
+    def _say_waiting(self) -> None:
+        """Say why the turn has not started: another process's turn holds the session."""
+        view = self._view
+        if view is None or not self.session.waiting_for_lease:
+            return
+        view.pause()
+        self.out.note(
+            f"waiting for session {self.session.session_id} (in use by another process); "
+            "Ctrl-C stops waiting"
+        )
+        view.resume()
 
     def interrupt(self) -> None:
         """Cancel the running turn (Ctrl-C)."""

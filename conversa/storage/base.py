@@ -23,6 +23,11 @@ The contract (conversa.testing.conformance.StorageConformance checks all of it):
   one raises ValueError.
 * Session state: JSON values under string keys, each with an optional expiry (``ttl=`` seconds
   or an absolute ``expires_at=``); an expired key reads as absent.
+* ``lease(sid, wait=, ttl=)`` holds an exclusive lease on one session (one turn at a time): it
+  waits up to ``wait`` seconds for another holder, then raises SessionBusy, and is released on
+  exit, on an exception and on cancellation. The bundled backends make it exclusive across
+  processes and release it when the holder dies; the default (an asyncio lock per session in
+  the storage object) is exclusive within one process only.
 * Every public method that takes a session id validates it first (``validate_session_id``).
 
 The shape: the public methods of this class own the rules. Each checks its arguments once
@@ -30,8 +35,8 @@ The shape: the public methods of this class own the rules. Each checks its argum
 calls one small hook that only stores or reads: ``_append``, ``_count``, ``_tail``, ``_cut``
 (truncate and pop), ``_get_info``, ``_update_info``, ``_find``, ``_search``,
 ``_state_entries``, ``_set_state``, ``_drop_state`` (delete_state and clear_state),
-``_set_times``. A hook is called with valid arguments only and never repeats a rule; backends
-override hooks, not the public methods.
+``_set_times``, ``_lease``. A hook is called with valid arguments only and never repeats a
+rule; backends override hooks, not the public methods.
 
 The five core methods (``save``, ``load``, ``delete``, ``list_sessions``, ``exists``) are the
 exception: they are the abstract public names a backend implements, so that a third-party
@@ -55,6 +60,7 @@ import unicodedata
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -62,6 +68,7 @@ from typing import Any, Self, TypeVar, cast, get_args
 
 from ..errors import InvalidSessionId, StateValueError
 from ..messages import ChatMessage, _as_utc
+from ._lease import DEFAULT_WAIT, Waiting, check_ttl, check_wait, local_lease
 from ._search import matches, query_terms
 from ._stored import (
     SearchHit,
@@ -345,6 +352,22 @@ class ConversationStorage(ABC):
         validate_session_id(session_id)
         await self._set_times(session_id, _as_utc(created_at), _as_utc(updated_at))
 
+    # -- the session lease ----------------------------------------------------------------
+
+    def lease(
+        self, session_id: str, *, wait: float | None = DEFAULT_WAIT, ttl: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold an exclusive lease on the session: ``async with storage.lease(sid): ...``.
+
+        Waits up to ``wait`` seconds (None: no limit, 0: one try) for another holder, then
+        raises SessionBusy. ``ttl`` is how long a lease outlives a holder that died without
+        releasing it, where the backend needs one (Redis); None takes the backend's default.
+        The bundled backends are exclusive across processes; a backend that does not override
+        ``_lease`` is exclusive within this process only (an asyncio lock per session).
+        """
+        validate_session_id(session_id)
+        return self._lease(Waiting.start(session_id, check_wait(wait)), check_ttl(ttl))
+
     # -- the meta pair: a JSON dict per session for info and state -----------------------
 
     async def load_meta(self, session_id: str) -> dict[str, Any] | None:
@@ -475,6 +498,13 @@ class ConversationStorage(ABC):
         meta["created_at"] = created_at.timestamp()
         meta["updated_at"] = updated_at.timestamp()
         await self.save_meta(session_id, meta)
+
+    def _lease(self, waiting: Waiting, ttl: float | None) -> AbstractAsyncContextManager[None]:
+        """Hold the lease of ``waiting.session_id`` until the deadline of ``waiting``.
+
+        This default is exclusive within this process only: an asyncio lock per session.
+        """
+        return local_lease(self, waiting)
 
     async def _edit_meta(
         self, session_id: str, change: Callable[[dict[str, Any]], bool], *, create: bool

@@ -47,7 +47,15 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -60,6 +68,7 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
+from ._lease import Waiting, file_lease, local_lease
 from ._stored import (
     corrupt,
     decode_info,
@@ -89,6 +98,9 @@ __all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
 HISTORY_SUFFIX = ".jsonl"
 META_SUFFIX = ".meta.json"
 TEMP_SUFFIX = ".tmp"
+LEASE_DIR = ".leases"
+"""Holds one empty lock file per session ever leased (``STEM.lock``), never removed."""
+LEASE_SUFFIX = ".lock"
 MAX_STEM_BYTES = 200
 """Longer encoded ids get a shortened, hashed file name (file names stop at 255 bytes)."""
 _HASHED_PREFIX_BYTES = 120
@@ -1083,3 +1095,13 @@ class FileSystemStorage(Durable, ConversationStorage):
             meta["created_at"] = created.astimezone(UTC).isoformat()
             self._write_meta(meta_path, meta, stamp)
             os.utime(fd, ns=(stamp, stamp))
+
+    # -- the session lease ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, waiting: Waiting, ttl: float | None) -> AsyncIterator[None]:
+        # an OS file lock on .leases/STEM.lock: the kernel releases it when the holder dies
+        stem = session_file_stem(waiting.session_id)
+        path = os.path.join(self._dir, LEASE_DIR, stem + LEASE_SUFFIX)
+        async with local_lease(self, waiting), file_lease(path, waiting):
+            yield

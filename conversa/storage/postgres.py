@@ -36,6 +36,11 @@ fails before COMMIT is rolled back by the server, so a write either failed whole
 whole. Reads are retried once on a fresh connection; the pool replaces connections the server
 closed, so the next operation reconnects by itself.
 
+The session lease: a session-level advisory lock (``pg_try_advisory_lock`` on a 64-bit hash of
+the namespace and the session id) on a connection of its own, outside the pool, so that a turn
+holding it never takes a connection its writes need. The server releases it when that
+connection drops, so a holder that dies (or whose backend is terminated) loses it at once.
+
 Durability: an append that returned is committed (with PostgreSQL's default
 ``synchronous_commit``, flushed to the WAL on disk).
 """
@@ -44,17 +49,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import BackendUnavailable, StorageConfigError, StorageError
+from ..errors import BackendUnavailable, SessionBusy, StorageConfigError, StorageError
 from ..messages import ChatMessage
+from ._lease import Waiting, local_lease, poll
 from ._search import index_text, matches, stored_text, tsquery
 from ._stored import decode_info, decode_messages, decode_state, first_user
 from ._urls import import_optional, number_option, positive, query_options, redact_url
@@ -268,6 +275,8 @@ class PostgresStorage(ConversationStorage):
         self._application_name = application_name
         self._pool: Any = None
         self._pool_lock: asyncio.Lock | None = None
+        self._lease_idle: list[Any] = []
+        """Connections of released leases, kept (up to pool_size) for the next lease."""
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStorage:
@@ -698,10 +707,78 @@ class PostgresStorage(ConversationStorage):
                   WHERE session_id = $1"""
         await self._run(lambda con: con.execute(sql, session_id, created_at, updated_at))
 
+    # -- the session lease ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, waiting: Waiting, ttl: float | None) -> AsyncIterator[None]:
+        # a session-level advisory lock on a connection of its own: it dies with the connection
+        digest = hashlib.sha256(f"{self._names.schema}.{self._names.prefix}\0".encode())
+        digest.update(waiting.session_id.encode("utf-8", "surrogatepass"))
+        key = int.from_bytes(digest.digest()[:8], "big", signed=True)
+        async with local_lease(self, waiting):
+            con = await self._locked_connection(key, waiting)
+            try:
+                yield
+            finally:
+                # shielded: a holder cancelled meanwhile still gives the lock back
+                await asyncio.shield(self._unlock(con, key))
+
+    async def _locked_connection(self, key: int, waiting: Waiting) -> Any:
+        """A lease connection that holds the advisory lock ``key``, taken before the deadline."""
+        pg = self._pg
+        reused = bool(self._lease_idle)
+        con = self._lease_idle.pop() if reused else await self._lease_connect()
+        while True:
+
+            async def take(con: Any = con) -> bool:
+                return bool(await con.fetchval("SELECT pg_try_advisory_lock($1)", key))
+
+            try:
+                await poll(take, waiting)
+                return con
+            except SessionBusy:
+                self._lease_idle.append(con)  # its last try failed: it holds nothing
+                raise
+            except (OSError, pg.PostgresError, pg.InterfaceError) as exc:
+                con.terminate()
+                if reused and self._is_lost(exc):  # an idle connection whose backend went
+                    reused, con = False, await self._lease_connect()
+                    continue
+                raise self._error(exc) from exc
+            except BaseException:
+                con.terminate()  # a try whose answer never came may hold the lock
+                raise
+
+    async def _lease_connect(self) -> Any:
+        try:
+            await self._get_pool()  # the tables exist and the server answers, or a clear error
+            return await self._pg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                server_settings={"application_name": self._application_name},
+            )
+        except (OSError, TimeoutError, self._pg.PostgresError, self._pg.InterfaceError) as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _unlock(self, con: Any, key: int) -> None:
+        """Release the advisory lock and keep the connection, or drop it (which releases too)."""
+        try:
+            await con.fetchval("SELECT pg_advisory_unlock($1)", key)
+        except Exception:
+            con.terminate()
+            return
+        if len(self._lease_idle) < self._pool_size:
+            self._lease_idle.append(con)
+        else:
+            await con.close()
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the idle lease connections."""
+        idle, self._lease_idle = self._lease_idle, []
+        for con in idle:
+            con.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

@@ -14,6 +14,9 @@ Keys, with ``P`` the prefix (default ``conversa:``) and ``ID`` the session id, v
 * ``P s:ID`` (hash): session state, key -> JSON value.
 * ``P x:ID`` (hash): state expiry, key -> epoch seconds, for keys set to expire. Redis 7.0 has
   no per-field expiry, so expired keys read as absent and the next get_state removes them.
+* ``P l:ID`` (string): the session lease, a random token of its holder, set with ``NX PX``,
+  renewed while held and removed only by the holder (compare-and-delete); a holder that dies
+  loses it after ``lease_ttl`` seconds (``?lease_ttl=``, default 30).
 
 The kind of a key comes before the id, so no id can name another session's key, and nothing
 is written outside the prefix: several apps share one server by using different prefixes.
@@ -23,6 +26,10 @@ another client's commands; it also moves ``updated``, the index and, with ``?ttl
 the expiry of all the session's keys (a session unwritten for that long vanishes; its index
 entry is dropped by the next ``list_sessions``). Reads are one command or one MULTI/EXEC.
 An append is one round trip whose cost grows with the messages appended only.
+
+Cancellation: redis-py 8 on Python 3.11 can swallow the CancelledError of a cancelled command
+(it returns or fails instead); ``_run`` notices the cancel request and raises it, so a cancelled
+operation, lease wait or renewal always stops.
 
 Failures: a lost connection or a timeout raises BackendUnavailable. A write is never retried
 (its reply may be what was lost, and a retry would duplicate messages), so it either failed
@@ -37,10 +44,22 @@ different slots).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import json
+import logging
+import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -48,6 +67,7 @@ from urllib.parse import urlsplit
 
 from ..errors import BackendUnavailable, StorageError
 from ..messages import ChatMessage
+from ._lease import Waiting, local_lease, poll
 from ._stored import (
     corrupt,
     decode_info,
@@ -61,11 +81,25 @@ from ._urls import import_optional, number_option, positive, query_options, reda
 from .base import ConversationStorage, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "conversa:"
 DEFAULT_TIMEOUT = 5.0
 """Seconds to wait for a connection and for each reply; no Redis command should take longer."""
 _FIND_CHUNK = 200
+DEFAULT_LEASE_TTL = 30.0
+"""Seconds a lease outlives a holder that died; a live holder renews it every third of it."""
+
+# KEYS: 1 the lease. ARGV: 1 the holder's token, 2 the ttl in milliseconds.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS: 1 the lease. ARGV: 1 the holder's token.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 # Shared by every write script. KEYS: 1 messages, 2 info, 3 state, 4 state expiry, 5 index,
 # 6 clock. ARGV: 1 session id, 2 ttl in seconds (0: none), then the script's own arguments.
@@ -254,10 +288,13 @@ class RedisStorage(ConversationStorage):
         prefix: str = DEFAULT_PREFIX,
         ttl: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
     ) -> None:
         if ttl is not None:
             positive(ttl, "ttl", unit=" of seconds (or None for no expiry)")
         positive(timeout, "timeout", unit=" of seconds")
+        positive(lease_ttl, "lease_ttl", unit=" of seconds")
+        self._lease_ttl = float(lease_ttl)
         self._shown = redact_url(url)
         self._prefix = prefix
         self._ttl = str(ttl or 0)
@@ -281,16 +318,26 @@ class RedisStorage(ConversationStorage):
         }
         self._get_state = self._client.register_script(_GET_STATE)
         self._prune = self._client.register_script(_PRUNE)
+        self._renew_lease = self._client.register_script(_RENEW_LEASE)
+        self._release_lease = self._client.register_script(_RELEASE_LEASE)
         self._exc = importlib.import_module("redis.exceptions")
 
     @classmethod
     def from_url(cls, url: str) -> RedisStorage:
-        """Open ``redis://`` or ``rediss://`` with options ``prefix``, ``ttl`` and ``timeout``."""
-        options = query_options(url, {"prefix", "ttl", "timeout"})
+        """Open ``redis://`` or ``rediss://`` with options ``prefix``, ``ttl``, ``timeout`` and
+        ``lease_ttl``."""
+        options = query_options(url, {"prefix", "ttl", "timeout", "lease_ttl"})
         ttl = number_option(options, "ttl", int, None, url)
         timeout = number_option(options, "timeout", float, DEFAULT_TIMEOUT, url)
-        assert timeout is not None
-        return cls(url, prefix=options.get("prefix", DEFAULT_PREFIX), ttl=ttl, timeout=timeout)
+        lease_ttl = number_option(options, "lease_ttl", float, DEFAULT_LEASE_TTL, url)
+        assert timeout is not None and lease_ttl is not None
+        return cls(
+            url,
+            prefix=options.get("prefix", DEFAULT_PREFIX),
+            ttl=ttl,
+            timeout=timeout,
+            lease_ttl=lease_ttl,
+        )
 
     def __repr__(self) -> str:
         return f"RedisStorage({self._shown!r}, prefix={self._prefix!r})"
@@ -328,10 +375,13 @@ class RedisStorage(ConversationStorage):
     async def _run(self, op: Callable[[], Awaitable[T]], *, retry: bool = False) -> T:
         """Run one server call, turning redis errors into conversa errors."""
         e = self._exc
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         for attempt in (0, 1):
             try:
-                return await op()
+                result = await op()
             except (e.ConnectionError, e.TimeoutError, OSError) as exc:
+                _raise_if_cancelled(task, cancels, exc)
                 # a dropped connection is worth one more try; a timeout or a refusal is not
                 stale = isinstance(exc, e.ConnectionError) and not isinstance(
                     exc, e.AuthenticationError
@@ -340,11 +390,15 @@ class RedisStorage(ConversationStorage):
                     continue
                 raise self._unavailable(exc) from exc
             except e.ResponseError as exc:
+                _raise_if_cancelled(task, cancels, exc)
                 if "DB index" in str(exc) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                     raise self._unavailable(exc) from exc
                 raise StorageError(f"Redis at {self._shown} rejected a command: {exc}") from exc
             except e.RedisError as exc:
+                _raise_if_cancelled(task, cancels, exc)
                 raise StorageError(f"Redis at {self._shown} failed: {exc}") from exc
+            _raise_if_cancelled(task, cancels)
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _write(self, name: str, session_id: str, args: Sequence[str | int | float]) -> Any:
@@ -534,8 +588,63 @@ class RedisStorage(ConversationStorage):
         times = [to_micros(created_at), to_micros(updated_at)]
         await self._write("set_times", session_id, times)
 
+    # -- the session lease ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, waiting: Waiting, ttl: float | None) -> AsyncIterator[None]:
+        # SET NX PX with a token of ours, renewed while held, removed by compare-and-delete
+        key, token = self._key("l", waiting.session_id), secrets.token_hex(16)
+        millis = max(1, round((ttl or self._lease_ttl) * 1000))
+
+        async def take() -> bool:
+            return bool(await self._run(lambda: self._client.set(key, token, nx=True, px=millis)))
+
+        async with local_lease(self, waiting):
+            await poll(take, waiting)
+            renewer = asyncio.create_task(self._keep_lease(key, token, millis))
+            try:
+                yield
+            finally:
+                renewer.cancel()
+                # shielded: a holder cancelled meanwhile still gives the lease back
+                await asyncio.shield(self._give_back(renewer, key, token))
+
+    async def _keep_lease(self, key: str, token: str, millis: int) -> None:
+        """Renew the lease every third of its ttl until cancelled."""
+        renew = partial(self._renew_lease, keys=[key], args=[token, millis])
+        while True:
+            await asyncio.sleep(millis / 3000)
+            try:
+                renewed = await self._run(renew)
+            except StorageError as exc:
+                log.warning("could not renew the session lease %s: %s", key, exc)
+                continue
+            if not renewed:
+                log.warning("the session lease %s expired before it was renewed", key)
+                return
+
+    async def _give_back(self, renewer: asyncio.Task[None], key: str, token: str) -> None:
+        """Stop renewing, then delete the lease if it still is ours."""
+        await asyncio.wait([renewer])
+        try:
+            await self._run(lambda: self._release_lease(keys=[key], args=[token]))
+        except StorageError as exc:  # it expires after its ttl anyway
+            log.warning("could not release the session lease %s: %s", key, exc)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+
+def _raise_if_cancelled(
+    task: asyncio.Task[Any] | None, cancels: int, exc: BaseException | None = None
+) -> None:
+    """Raise CancelledError if ``task`` was cancelled since it had ``cancels`` requests.
+
+    redis-py can swallow a cancellation (returning, or failing with another error): the cancel
+    request is still counted on the task, and is raised here instead of being lost.
+    """
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError() from exc

@@ -13,13 +13,14 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
@@ -31,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import StorageError, UnsupportedStorageURL
 from ..messages import ChatMessage
+from ._lease import Waiting, file_lease, local_lease
 from ._search import fts5_query, matches
 from ._sqlite_migrations import (
     FTS_TABLE,
@@ -256,6 +258,21 @@ class SqliteStorage(Durable, ConversationStorage):
 
     async def _set_times(self, session_id: str, created_at: datetime, updated_at: datetime) -> None:
         await self._run(_set_times, session_id, to_micros(created_at), to_micros(updated_at))
+
+    # -- the session lease ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, waiting: Waiting, ttl: float | None) -> AsyncIterator[None]:
+        # An OS file lock on DB.leases/HASH.lock, released by the kernel when the holder
+        # dies (a lock row would outlive it). A :memory: database lives in this process only.
+        async with local_lease(self, waiting):
+            if self._memory:
+                yield
+                return
+            digest = hashlib.sha256(waiting.session_id.encode("utf-8")).hexdigest()[:40]
+            path = f"{self._path}.leases{os.sep}{digest}.lock"
+            async with file_lease(path, waiting):
+                yield
 
 
 # -- the connection's thread -----------------------------------------------------------------

@@ -14,11 +14,20 @@ fresh, empty backend::
             await store.close()
 
 The suite needs pytest, pytest-asyncio and hypothesis (``pip install 'conversa-ai[dev]'``).
+
+The lease tests are also available alone, as ``LeaseConformance`` (StorageConformance includes
+them). A backend shared by processes also defines a ``lease_url`` fixture: the URL of the same
+store for ``open_storage`` in a child process, which takes the lease and is killed; another
+holder must then get it (for a backend with a lease ttl, within that ttl: the child asks for
+``LEASE_CHILD_TTL`` seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,7 +37,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..errors import InvalidSessionId, StorageError
+from ..errors import InvalidSessionId, SessionBusy, StorageError
 from ..messages import ChatMessage, Role, ToolCall
 from ..storage.base import ConversationStorage
 
@@ -136,10 +145,51 @@ def _dated(text: str, minutes: int = 0) -> ChatMessage:
     return ChatMessage(role="user", content=text, created_at=_LONG_AGO + timedelta(minutes=minutes))
 
 
-class StorageConformance:
-    """The contract of ConversationStorage as tests; subclass it and define ``storage``."""
+LEASE_CHILD_TTL = 1.0
+"""The lease ttl (seconds) the killed child of the dead-holder test asks for."""
+_BOUND = 30.0
+"""Seconds any wait of the lease tests may take before the test fails (never reached if well)."""
 
-    # marked, so the suite runs in pytest-asyncio's default strict mode, not only in auto mode
+_LEASE_CHILD = """
+import asyncio, sys
+from conversa import open_storage
+
+async def main(url, sid, ttl):
+    store = open_storage(url)
+    async with store.lease(sid, ttl=ttl, wait=30):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+"""
+
+
+async def _holding(storage: ConversationStorage, sid: str) -> tuple[asyncio.Task[None], Any]:
+    """A task that holds the lease of ``sid`` until cancelled or its event is set."""
+    held, done = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with storage.lease(sid, wait=_BOUND):
+            held.set()
+            await done.wait()
+
+    task = asyncio.create_task(hold())
+    await asyncio.wait_for(held.wait(), _BOUND)
+    return task, done
+
+
+async def _free(storage: ConversationStorage, sid: str) -> bool:
+    """Whether the lease of ``sid`` can be taken at once (and give it back)."""
+    try:
+        async with storage.lease(sid, wait=0):
+            return True
+    except SessionBusy:
+        return False
+
+
+class LeaseConformance:
+    """The session lease as tests: subclass it (or StorageConformance), define ``storage``."""
+
     pytestmark = pytest.mark.asyncio
 
     @pytest.fixture
@@ -147,6 +197,132 @@ class StorageConformance:
         """Override: yield a fresh, empty backend and close it afterwards."""
         raise NotImplementedError("define a `storage` fixture in your StorageConformance subclass")
         yield  # pragma: no cover
+
+    @pytest.fixture
+    def lease_url(self) -> str | None:
+        """Override for a backend shared by processes: the URL of the store ``storage`` uses."""
+        return None
+
+    async def test_lease_is_exclusive_per_session(self, storage: ConversationStorage) -> None:
+        sid, other = _sid(), _sid()
+        task, done = await _holding(storage, sid)
+        assert not await _free(storage, sid)
+        assert await _free(storage, other)  # another session is not held up
+        done.set()
+        await asyncio.wait_for(task, _BOUND)
+        assert await _free(storage, sid)
+        assert not await storage.exists(sid)  # a lease is not a write
+
+    async def test_lease_released_on_exit_exception_and_cancel(
+        self, storage: ConversationStorage
+    ) -> None:
+        sid = _sid()
+        async with storage.lease(sid):
+            pass
+        assert await _free(storage, sid)
+        with pytest.raises(KeyError):
+            async with storage.lease(sid):
+                raise KeyError("boom")
+        assert await _free(storage, sid)
+        task, _ = await _holding(storage, sid)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, _BOUND)
+        assert await _free(storage, sid)
+
+    async def test_lease_waits_for_the_holder(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        task, done = await _holding(storage, sid)
+        entered = asyncio.Event()
+
+        async def waiter() -> None:
+            async with storage.lease(sid, wait=_BOUND):
+                entered.set()
+
+        waiting = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)  # give the waiter a chance to (wrongly) get in
+        assert not entered.is_set()
+        done.set()
+        await asyncio.wait_for(waiting, _BOUND)
+        assert entered.is_set()
+        await task
+
+    async def test_lease_raises_session_busy_after_wait(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        task, done = await _holding(storage, sid)
+        started = time.monotonic()
+        with pytest.raises(SessionBusy, match="in use elsewhere"):
+            async with storage.lease(sid, wait=0.2):
+                pass  # pragma: no cover
+        assert time.monotonic() - started >= 0.2
+        done.set()
+        await task
+        assert await _free(storage, sid)  # the failed wait left nothing behind
+
+    async def test_cancelled_lease_wait_stops(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        task, done = await _holding(storage, sid)
+        waiters: list[asyncio.Task[None]] = []
+        for _ in range(10):  # a cancel may land in any step of a wait
+            waiting = asyncio.create_task(_free_after(storage, sid))
+            await asyncio.sleep(0.005 * len(waiters))
+            waiting.cancel()
+            waiters.append(waiting)
+        results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), _BOUND)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        done.set()
+        await task
+        assert await _free(storage, sid)
+
+    async def test_lease_arguments_are_checked(self, storage: ConversationStorage) -> None:
+        with pytest.raises(InvalidSessionId):
+            storage.lease("")
+        for wait in (-1, float("nan"), "1", True):
+            with pytest.raises(ValueError, match="wait"):
+                storage.lease("s", wait=wait)  # type: ignore[arg-type]
+        for ttl in (0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="ttl"):
+                storage.lease("s", ttl=ttl)
+        async with storage.lease("s", wait=None, ttl=5):
+            pass
+
+    async def test_dead_holders_lease_is_taken_over(
+        self, storage: ConversationStorage, lease_url: str | None
+    ) -> None:
+        if lease_url is None:
+            return  # a lease of this process only dies with its holder (the cancel test)
+        sid = _sid()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _LEASE_CHILD,
+            lease_url,
+            sid,
+            str(LEASE_CHILD_TTL),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert child.stdout is not None
+            line = await asyncio.wait_for(child.stdout.readline(), _BOUND)
+            assert line.strip() == b"held"
+            assert not await _free(storage, sid)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            await child.wait()
+        async with storage.lease(sid, wait=_BOUND):
+            pass
+
+
+async def _free_after(storage: ConversationStorage, sid: str) -> None:
+    async with storage.lease(sid, wait=_BOUND):
+        raise AssertionError("the lease was held by another task")  # pragma: no cover
+
+
+class StorageConformance(LeaseConformance):
+    """The contract of ConversationStorage as tests; subclass it and define ``storage``."""
+
+    # marked, so the suite runs in pytest-asyncio's default strict mode, not only in auto mode
+    pytestmark = pytest.mark.asyncio
 
     # -- round trips ---------------------------------------------------------------------
 
