@@ -61,6 +61,11 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+def _sessions_files(directory: str | Path) -> list[str]:
+    """The names in a session directory but the index of sessions (``.conversa-index*``)."""
+    return [n for n in os.listdir(directory) if not n.startswith(".conversa-index")]
+
+
 def _user(text: str) -> ChatMessage:
     return ChatMessage.user(text)
 
@@ -83,7 +88,7 @@ def _user(text: str) -> ChatMessage:
 )
 async def test_readable_file_names(store: FileSystemStorage, session_id: str, name: str) -> None:
     await store.append(session_id, [_user("hi")])
-    assert sorted(os.listdir(store.directory)) == sorted([name, name[:-6] + ".meta.json"])
+    assert sorted(_sessions_files(store.directory)) == sorted([name, name[:-6] + ".meta.json"])
     line = (Path(store.directory) / name).read_text(encoding="utf-8")
     assert json.loads(line)["content"] == "hi"
     assert await store.list_sessions() == [session_id]
@@ -124,14 +129,14 @@ async def test_evil_ids_stay_inside_the_directory(tmp_path: Path, evil: str) -> 
     assert created, "nothing was written"
     assert all(p == "outer" or p.startswith(("outer/sessions/", "outer/sessions")) for p in created)
     assert all(os.sep not in p for p in os.listdir(root / "sessions"))
-    assert set(os.listdir(root / "sessions")) <= {
+    assert set(_sessions_files(root / "sessions")) <= {
         f"{session_file_stem(evil)}.jsonl",
         f"{session_file_stem(evil)}.meta.json",
     }
     assert await store.list_sessions() == [evil]
     assert [m.text for m in await store.load(evil)] == ["y"]
     await store.delete(evil)
-    assert os.listdir(root / "sessions") == []
+    assert _sessions_files(root / "sessions") == []
 
 
 @pytest.mark.parametrize(
@@ -192,7 +197,7 @@ async def test_any_valid_id_roundtrips_through_the_directory(
     await store.append(session_id, [_user("hello")])
     assert await store.list_sessions() == [session_id]
     assert await store.count(session_id) == 1
-    assert len(os.listdir(store.directory)) == 2
+    assert len(_sessions_files(store.directory)) == 2
 
 
 def test_long_ids_get_distinct_hashed_names() -> None:
@@ -279,7 +284,7 @@ async def test_directory_created_lazily_with_private_modes(tmp_path: Path) -> No
     await store.set_state("u", {"k": 1})
     assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
     files = os.listdir(store.directory)
-    assert len(files) == 6
+    assert len(files) == 7  # three sessions' history and meta, and the index's log
     for name in files:
         mode = stat.S_IMODE(os.stat(os.path.join(store.directory, name)).st_mode)
         assert mode == 0o600, (name, oct(mode))

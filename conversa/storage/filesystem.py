@@ -60,6 +60,7 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
+from ._file_index import Entry, SessionIndex
 from ._stored import (
     corrupt,
     decode_info,
@@ -392,6 +393,20 @@ def _torn_warning(path: str, size: int) -> str:
     )
 
 
+def _stem_of(path: str) -> str:
+    """The file stem of a session's history file."""
+    return os.path.basename(path)[: -len(HISTORY_SUFFIX)]
+
+
+def _agrees(entry: Entry, info: SessionInfo | None) -> bool:
+    """Whether a session's files say what its index entry says."""
+    return (
+        info is not None
+        and (info.user_id, info.status) == (entry.user_id, entry.status)
+        and to_micros(info.updated_at) == max(entry.stamp // 1000, to_micros(info.created_at))
+    )
+
+
 def _warn_skipped(damaged: Iterable[str]) -> None:
     for error in damaged:
         warnings.warn(f"left out a damaged session: {error}", stacklevel=3)
@@ -417,6 +432,8 @@ class FileSystemStorage(Durable, ConversationStorage):
         # checked to be a stored message, so a read or append checks only what is newer.
         self._checked: dict[str, tuple[tuple[int, int], int, bytes, int]] = {}
         self._swept = False
+        self._index = SessionIndex(self._dir, self._index_rows, session_id_from_stem)
+        self._rebuilds = threading.local()  # .damaged: the listing a rebuild reports to
 
     @classmethod
     def from_url(cls, url: str) -> FileSystemStorage:
@@ -494,7 +511,8 @@ class FileSystemStorage(Durable, ConversationStorage):
                     held.st_ino,
                     held.st_dev,
                 ):
-                    yield fd
+                    with self._index.writing() if write else contextlib.nullcontext():
+                        yield fd
                     return
             finally:
                 os.close(fd)
@@ -640,6 +658,7 @@ class FileSystemStorage(Durable, ConversationStorage):
             ending = b"\n" if end and not last.endswith(b"\n") else b""
             data = ending + data
             stamp = _stamp()
+            self._index.note(_stem_of(path), stamp, session_id)
             if size == 0:
                 self._ensure_meta(session_id, meta_path, stamp)
             if data:
@@ -720,6 +739,7 @@ class FileSystemStorage(Durable, ConversationStorage):
     ) -> None:
         with self._locked(path, write=True, create=True):
             stamp = _stamp()
+            self._index.note(_stem_of(path), stamp, session_id)
             self._ensure_meta(session_id, meta_path, stamp)
             # Last: once replaced, other writers lock the new file, not the one we hold.
             st = self._replace(path, data, stamp)
@@ -765,6 +785,7 @@ class FileSystemStorage(Durable, ConversationStorage):
                 os.unlink(meta_path)
             if fd is not None:
                 os.unlink(path)
+                self._index.note_deleted(_stem_of(path))
         if self._fsync and os.path.isdir(self._dir):
             _fsync_dir(self._dir)
 
@@ -844,7 +865,9 @@ class FileSystemStorage(Durable, ConversationStorage):
                 return []
             # Trailing spaces mark lines inside one append; a kept last line must not have one.
             rest = "".join(line.rstrip(" ") + "\n" for line in lines[:keep]).encode("utf-8")
-            st = self._replace(path, rest, _stamp())
+            stamp = _stamp()
+            self._index.note(_stem_of(path), stamp)
+            st = self._replace(path, rest, stamp)
             self._remember_bytes(path, st, rest, keep)
             return messages[keep:] if pop else []
 
@@ -1024,6 +1047,8 @@ class FileSystemStorage(Durable, ConversationStorage):
                         meta["created_at"] = first.isoformat()
             if change(meta):
                 meta["session_id"] = session_id
+                info = (meta.get("user_id"), meta.get("status") or "active")
+                self._index.note(_stem_of(path), stamp, session_id, info)
                 self._write_meta(meta_path, meta, stamp)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
@@ -1035,20 +1060,60 @@ class FileSystemStorage(Durable, ConversationStorage):
         return found
 
     def _find_sync(self, query: SessionQuery, damaged: list[str]) -> list[SessionInfo]:
+        # From the index, newest first: only the sessions returned (and those the filters
+        # drop) are read. A session whose files disagree with the index, with no write since
+        # to explain it, means the index is stale: rebuilt from the files, then asked again.
+        self._rebuilds.damaged = damaged
+        try:
+            for check in (True, True, False):
+                found = self._find_indexed(query, damaged, check=check)
+                if found is not None:
+                    return found
+                self._index.rebuild()
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._rebuilds.damaged = None
+
+    def _find_indexed(
+        self, query: SessionQuery, damaged: list[str], *, check: bool
+    ) -> list[SessionInfo] | None:
+        """The infos ``query`` matches, from the index; None if the index is stale."""
+        before = None if query.updated_before is None else to_micros(query.updated_before) * 1000
+        rows = self._index.rows(query.user_id, any_user=query.user_id is None, before=before)
         found: list[SessionInfo] = []
-        for _, session_id, stem in self._scan(damaged):
+        for stem, entry in rows:
             if len(found) == query.limit:
                 break
+            if None not in (entry.status, query.status) and entry.status != query.status:
+                continue
             path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
             meta_path = os.path.join(self._dir, stem + META_SUFFIX)
             try:
-                info = self._info_sync(session_id, path, meta_path, query)
+                info = self._info_sync(entry.session_id, path, meta_path, None)
             except CorruptSessionError as exc:
                 damaged.append(str(exc))
                 continue
-            if info is not None:
+            if check and not _agrees(entry, info) and self._index.current(stem) == entry:
+                return None
+            if info is not None and query.matches(info):
                 found.append(info)
         return found
+
+    def _index_rows(self) -> list[tuple[str, Entry]]:
+        """What the index holds, read from the session files (to build it)."""
+        damaged: list[str] = []
+        rows: list[tuple[str, Entry]] = []
+        for updated, session_id, stem in self._scan(damaged):
+            try:
+                meta = self._read_meta(os.path.join(self._dir, stem + META_SUFFIX)) or {}
+                user_id, status = meta.get("user_id"), meta.get("status") or "active"
+            except CorruptSessionError:  # reported by the listing that reads it
+                user_id, status = None, None
+            rows.append((stem, Entry(updated, session_id, user_id, status)))
+        listing = getattr(self._rebuilds, "damaged", None)
+        if listing is not None:
+            listing.extend(d for d in damaged if d not in listing)
+        return rows
 
     # -- session state --------------------------------------------------------------------
 
@@ -1081,5 +1146,6 @@ class FileSystemStorage(Durable, ConversationStorage):
                 return
             meta = self._read_meta(meta_path) or self._new_meta(session_id, stamp)
             meta["created_at"] = created.astimezone(UTC).isoformat()
+            self._index.note(_stem_of(path), stamp, session_id)
             self._write_meta(meta_path, meta, stamp)
             os.utime(fd, ns=(stamp, stamp))
