@@ -138,12 +138,10 @@ class SessionIndex:
 
     # -- the readers' side ----------------------------------------------------------------
 
-    def rows(
-        self, user_id: str | None = None, *, any_user: bool = True, before: int | None = None
-    ) -> list[Row]:
+    def rows(self, user_id: str | None = None, *, any_user: bool = True) -> list[Row]:
         """(stem, entry) of every indexed session, newest first: all of them (``any_user``)
-        or those of ``user_id`` and those whose user is unknown; only those updated before
-        ``before`` (ns) if given. A copy: later writes do not change it.
+        or those of ``user_id`` and those whose user is unknown. A copy: later writes do not
+        change it.
         """
         self._refresh()
         with self._mutex:
@@ -151,10 +149,8 @@ class SessionIndex:
                 keys: Iterable[Key] = self._order
             else:
                 keys = heapq.merge(self._by_user.get(user_id, []), self._unknown)
-            keys = list(keys)
             entries = self._entries
-            start = 0 if before is None else bisect.bisect_right(keys, (-before, "\U0010ffff"))
-            return [(stem, entries[stem]) for _, stem in keys[start:]]
+            return [(stem, entries[stem]) for _, stem in keys]
 
     def current(self, stem: str) -> Entry | None:
         """The entry of ``stem`` after reading what the log gained."""

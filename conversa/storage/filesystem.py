@@ -1063,6 +1063,8 @@ class FileSystemStorage(Durable, ConversationStorage):
         # From the index, newest first: only the sessions returned (and those the filters
         # drop) are read. A session whose files disagree with the index, with no write since
         # to explain it, means the index is stale: rebuilt from the files, then asked again.
+        if not os.path.isdir(self._dir):
+            return []
         self._rebuilds.damaged = damaged
         try:
             for check in (True, True, False):
@@ -1071,15 +1073,35 @@ class FileSystemStorage(Durable, ConversationStorage):
                     return found
                 self._index.rebuild()
             raise AssertionError("unreachable")  # pragma: no cover
+        except PermissionError:  # a directory this user may read but not write: no index
+            return self._find_scanned(query, damaged)
         finally:
             self._rebuilds.damaged = None
+
+    def _find_scanned(self, query: SessionQuery, damaged: list[str]) -> list[SessionInfo]:
+        """The infos ``query`` matches, reading every session's files."""
+        found: list[SessionInfo] = []
+        for _, session_id, stem in self._scan(damaged):
+            if len(found) == query.limit:
+                break
+            path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+            meta_path = os.path.join(self._dir, stem + META_SUFFIX)
+            try:
+                info = self._info_sync(session_id, path, meta_path, query)
+            except CorruptSessionError as exc:
+                damaged.append(str(exc))
+                continue
+            if info is not None:
+                found.append(info)
+        return found
 
     def _find_indexed(
         self, query: SessionQuery, damaged: list[str], *, check: bool
     ) -> list[SessionInfo] | None:
         """The infos ``query`` matches, from the index; None if the index is stale."""
-        before = None if query.updated_before is None else to_micros(query.updated_before) * 1000
-        rows = self._index.rows(query.user_id, any_user=query.user_id is None, before=before)
+        # updated_before is checked on each session read: a damaged one is reported whatever
+        # its time, as every listing does
+        rows = self._index.rows(query.user_id, any_user=query.user_id is None)
         found: list[SessionInfo] = []
         for stem, entry in rows:
             if len(found) == query.limit:
