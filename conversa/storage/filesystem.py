@@ -393,6 +393,35 @@ def _torn_warning(path: str, size: int) -> str:
     )
 
 
+class _StreamedLines:
+    """The lines (numbered from 1) of a history file's first ``end`` bytes, read in chunks.
+
+    Afterwards ``ended`` tells whether the last line ends with "\\n", and if not, ``last`` is
+    the offset where it starts.
+    """
+
+    def __init__(self, fd: int, end: int) -> None:
+        self._fd, self._end = fd, end
+        self.last, self.ended = 0, True
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        fd, end = self._fd, self._end
+        offset, number, rest = 0, 0, b""
+        while offset < end:
+            chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+            if not chunk:  # cannot happen: these bytes never change; do not loop forever
+                raise OSError(f"short read at offset {offset}")
+            offset += len(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                number += 1
+                yield number, line
+        if rest:
+            self.last, self.ended = end - len(rest), False
+            yield number + 1, rest
+
+
 def _stem_of(path: str) -> str:
     """The file stem of a session's history file."""
     return os.path.basename(path)[: -len(HISTORY_SUFFIX)]
@@ -758,10 +787,27 @@ class FileSystemStorage(Durable, ConversationStorage):
             if fd is None:
                 return [], 0
             st = os.fstat(fd)
-            data = _read_all(fd)
-        messages, _, torn = self._parse_all(data, path)
-        self._remember_bytes(path, st, data[: len(data) - torn], len(messages))
-        return messages, torn
+            end = _complete_end_of_fd(fd, st.st_size)
+            # The bytes before `end` never change: files are appended to or replaced whole.
+            # So they are parsed after the lock is let go, read in chunks: a load holds
+            # the messages and one chunk, never the whole file beside them.
+            own = os.dup(fd)
+        try:
+            lines = _StreamedLines(own, end)
+            try:
+                messages = decode_messages(lines, lambda n: _line_place(path, n)(), _FIX_LINE)
+            except CorruptSessionError:
+                self._checked.pop(path, None)  # damaged in place: every read must find it
+                raise
+            # An unended last line (a hand edit) is checked again next time: it may grow.
+            resume, checked = end, len(messages)
+            if not lines.ended:
+                resume, checked = lines.last, checked - 1
+            fingerprint = os.pread(own, _MARK_BYTES, 0) + _before(own, resume)
+        finally:
+            os.close(own)
+        self._remember(path, st, resume, fingerprint, checked)
+        return messages, st.st_size - end
 
     def _parse_all(self, data: bytes, path: str) -> tuple[list[ChatMessage], list[str], int]:
         """The messages and lines of a whole history file, and the bytes of a torn end."""
