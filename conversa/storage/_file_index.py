@@ -138,19 +138,22 @@ class SessionIndex:
 
     # -- the readers' side ----------------------------------------------------------------
 
-    def rows(self, user_id: str | None = None, *, any_user: bool = True) -> list[Row]:
-        """(stem, entry) of every indexed session, newest first: all of them (``any_user``)
-        or those of ``user_id`` and those whose user is unknown. A copy: later writes do not
-        change it.
+    def rows(self, user_id: str | None = None, *, any_user: bool = True) -> Iterator[Row]:
+        """(stem, entry) of the indexed sessions, newest first, as of this call: all of them
+        (``any_user``) or those of ``user_id`` and those whose user is unknown. Lazy, so a
+        listing pays for the rows it takes.
         """
         self._refresh()
-        with self._mutex:
-            if any_user:
-                keys: Iterable[Key] = self._order
-            else:
-                keys = heapq.merge(self._by_user.get(user_id, []), self._unknown)
+        with self._mutex:  # copies of lists of keys are cheap (no new objects)
             entries = self._entries
-            return [(stem, entries[stem]) for _, stem in keys]
+            if any_user:
+                keys: Iterable[Key] = self._order[:]
+            else:
+                keys = heapq.merge(self._by_user.get(user_id, [])[:], self._unknown[:])
+        for _, stem in keys:
+            entry = entries.get(stem)
+            if entry is not None:  # None: deleted since
+                yield stem, entry
 
     def current(self, stem: str) -> Entry | None:
         """The entry of ``stem`` after reading what the log gained."""
