@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
 
-from storage import PG_DSN, REDIS_URL, make_messages  # noqa: E402
+from storage import PG_DSN, REDIS_URL, make_messages
 
-from conversa import ChatMessage  # noqa: E402
-from conversa.storage import ConversationStorage, open_storage  # noqa: E402
+from conversa import ChatMessage
+from conversa.storage import ConversationStorage, open_storage
 
 USERS = 10
 """Sessions belong to USERS users in turn: a user has a tenth of the store."""
@@ -77,28 +77,41 @@ async def fill(store: ConversationStorage, start: int, stop: int) -> None:
     await asyncio.gather(*(one(i) for i in range(start, stop)))
 
 
-async def listing(backend: str, runs: int, sizes: tuple[int, int]) -> dict[str, Any]:
+OPS: dict[str, Callable[[ConversationStorage], Awaitable[Any]]] = {
+    "find(limit=20)": lambda s: s.find_sessions(limit=20),
+    "find(user_id, limit=20)": lambda s: s.find_sessions(user_id="user-3", limit=20),
+    "list page": lambda s: s.find_sessions(limit=21),  # what `conversa sessions list` asks
+}
+
+
+async def listing(backend: str, runs: int, sizes: tuple[int, int]) -> dict[int, dict[str, float]]:
+    """Median ms of each op on a store of each size; the stores are measured in turns, so
+    that noise from the rest of the machine hits both alike.
+    """
     tmp = tempfile.mkdtemp(prefix="conversa-bench-scale-")
-    tag = uuid.uuid4().hex[:8]
-    store = open_storage(url_of(backend, tmp, tag))
-    out: dict[str, Any] = {}
+    tags = {size: uuid.uuid4().hex[:8] for size in sizes}
+    stores = {size: open_storage(url_of(backend, f"{tmp}/{size}", tags[size])) for size in sizes}
+    times: dict[int, dict[str, list[float]]] = {size: {op: [] for op in OPS} for size in sizes}
     try:
-        done = 0
-        for size in sizes:
-            await fill(store, done, size)
-            done = size
-            out[size] = {
-                "find(limit=20)": await median_ms(lambda: store.find_sessions(limit=20), runs),
-                "find(user_id, limit=20)": await median_ms(
-                    lambda: store.find_sessions(user_id="user-3", limit=20), runs
-                ),
-                "list page": await median_ms(lambda: store.find_sessions(limit=21), runs),
-            }
+        for size, store in stores.items():
+            os.makedirs(f"{tmp}/{size}", exist_ok=True)
+            await fill(store, 0, size)
+            for op in OPS.values():
+                await op(store)  # warm-up: caches, connections, a first index build
+        for _ in range(runs):
+            for size, store in stores.items():
+                for name, op in OPS.items():
+                    start = time.perf_counter()
+                    await op(store)
+                    times[size][name].append((time.perf_counter() - start) * 1000)
     finally:
-        await cleanup(store, backend, tag)
-        await store.close()
+        for size, store in stores.items():
+            await cleanup(store, backend, tags[size])
+            await store.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return {
+        size: {op: statistics.median(t) for op, t in ops.items()} for size, ops in times.items()
+    }
 
 
 async def cleanup(store: ConversationStorage, backend: str, tag: str) -> None:
@@ -215,7 +228,7 @@ async def main() -> int:
     args = parser.parse_args()
     backends = (args.only or "memory,file,sqlite,redis,postgres").split(",")
     sizes = (100, 1_000) if args.quick else (1_000, 10_000)
-    runs = 5 if args.quick else 15
+    runs = 5 if args.quick else 31
     missed = []
     if not args.skip_listing:
         print(f"listing, median ms of {runs} ({sizes[0]:,} -> {sizes[1]:,} sessions)")
