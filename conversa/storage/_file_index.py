@@ -100,12 +100,12 @@ class SessionIndex:
         fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            self._held.fd = fd
+            outer, self._held.fd = getattr(self._held, "fd", None), fd
             try:
                 yield
             finally:
-                self._held.fd = None
-            size = os.fstat(fd).st_size
+                self._held.fd = outer
+            size = os.lseek(fd, 0, os.SEEK_END)
         finally:
             os.close(fd)
         if size > _WRITER_COMPACT_BYTES:
@@ -133,8 +133,7 @@ class SessionIndex:
     def _write(self, record: dict[str, Any]) -> None:
         fd = getattr(self._held, "fd", None)
         assert fd is not None, "index records are written inside writing()"
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-        os.write(fd, line.encode("utf-8", "surrogatepass"))
+        os.write(fd, (json.dumps(record) + "\n").encode())  # ASCII: non-ASCII is escaped
 
     # -- the readers' side ----------------------------------------------------------------
 
