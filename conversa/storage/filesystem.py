@@ -6,6 +6,8 @@ Layout of the directory (created on the first write, mode 0700)::
     user-123.meta.json          created_at, app-set info (title, user_id, status, metadata),
                                 state entries and the real session id
     .user-123.jsonl.*.tmp       a rewrite in progress (save, truncate, pop, meta updates)
+    .conversa-index(.log)       the index of sessions find_sessions reads (see _file_index):
+                                derived from the files, rebuilt whenever missing or stale
 
 Every write holds ``flock(LOCK_EX)`` on the session's ``.jsonl`` file; reads hold ``LOCK_SH`` only
 while they read the bytes. Rewrites replace the file with ``os.replace``, so a writer that waited
@@ -25,6 +27,10 @@ Each storage object checks every line once and later only what was appended sinc
 append stays O(1)); a file edited in place since, keeping its size and ends, is caught by the
 next load.
 Listings (list_sessions, find_sessions) leave a damaged session out with a warning.
+find_sessions reads only the sessions it returns (and those its filters drop), in the order of
+the index; list_sessions scans the directory. A session changed behind conversa's back shows
+in find_sessions once the index notices (a session it returns disagrees with its files), or
+after the index files are deleted.
 
 A rewrite killed mid-way leaves its temp file behind; the first write of each storage object
 removes those of every session whose lock no writer holds.
