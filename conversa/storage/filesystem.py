@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -104,6 +105,9 @@ _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 _CHUNK = 1 << 20
 _TAIL_BLOCK = 1 << 16
 """tail() reads the file backwards in blocks of this many bytes."""
+
+_READ_ONLY = frozenset((errno.EACCES, errno.EPERM, errno.EROFS))
+"""Why an index cannot be written in a directory that can still be listed."""
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -1125,8 +1129,10 @@ class FileSystemStorage(Durable, ConversationStorage):
                     return found
                 self._index.rebuild()
             raise AssertionError("unreachable")  # pragma: no cover
-        except PermissionError:  # a directory this user may read but not write: no index
-            return self._find_scanned(query, damaged)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY:
+                raise
+            return self._find_scanned(query, damaged)  # a directory we may only read: no index
         finally:
             self._rebuilds.damaged = None
 
