@@ -13,6 +13,8 @@ from .errors import InvalidMessage
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: frozenset[str] = frozenset(("system", "user", "assistant", "tool"))
+_ROLE_NAMES = {role: role for role in ROLES}
+"""One string per role, shared by every decoded message (a long history holds fewer)."""
 Content = str | list[dict[str, Any]] | None
 _decode_json = json.JSONDecoder().raw_decode
 
@@ -188,7 +190,8 @@ class ChatMessage:
         set_role, set_content, set_name, set_calls, set_call_id, set_id, set_at, set_meta = (
             _SLOT_SETTERS
         )
-        set_role(message, data["role"])
+        role = data["role"]
+        set_role(message, _ROLE_NAMES.get(role, role) if isinstance(role, str) else role)
         set_content(message, data.get("content"))
         set_name(message, data.get("name"))
         calls = data.get("tool_calls")

@@ -258,7 +258,8 @@ def test_prune_deletes_the_old_sessions_but_a_damaged_one(
     assert done.stderr.startswith("warning: left out a damaged session") and str(broken) in (
         done.stderr
     )
-    assert sorted(p.name for p in Path(url).iterdir()) == [  # the damaged one: never unseen
+    sessions_files = (p.name for p in Path(url).iterdir() if p.name[0] != ".")  # not the index
+    assert sorted(sessions_files) == [  # the damaged one: never unseen
         "broken.jsonl",
         "broken.meta.json",
         "new.jsonl",
@@ -429,3 +430,24 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(runner: CliRunner) ->
     assert debug.exit_code == 1
     assert "Traceback (most recent call last)" in debug.output
     assert "UnsupportedStorageURL" in debug.output
+
+
+def test_list_shows_a_page_by_default(runner: CliRunner, url: str) -> None:
+    async def fill(storage: ConversationStorage) -> None:
+        for i in range(23):
+            await storage.append(f"s{i:02d}", conversation(f"q{i}"))
+
+    run_storage(url, fill)
+    page = invoke(runner, url, "sessions", "list")
+    assert page.exit_code == 0, page.output
+    shown = [f"s{i:02d}" for i in range(23) if f"s{i:02d}" in page.stdout]
+    assert shown == [f"s{i:02d}" for i in range(3, 23)]  # the newest 20
+    assert "there are more" in page.stderr and "--all" in page.stderr  # a note, not a row
+    every = invoke(runner, url, "sessions", "list", "--all")
+    assert all(f"s{i:02d}" in every.stdout for i in range(23))
+    assert "there are more" not in every.output
+    few = json.loads(invoke(runner, url, "sessions", "list", "--json", "--limit", "2").stdout)
+    assert [r["session_id"] for r in few] == ["s22", "s21"]
+    exact = invoke(runner, url, "sessions", "list", "--limit", "23")
+    assert "s00" in exact.stdout and "there are more" not in exact.output
+    assert invoke(runner, url, "sessions", "list", "--limit", "0").exit_code == 2

@@ -27,6 +27,7 @@ from conversa import (
     UnsupportedStorageURL,
     open_storage,
 )
+from conversa.storage.base import SessionQuery
 from conversa.storage.filesystem import (
     FileSystemStorage,
     session_file_stem,
@@ -61,6 +62,11 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+def _sessions_files(directory: str | Path) -> list[str]:
+    """The names in a session directory but the index of sessions (``.conversa-index*``)."""
+    return [n for n in os.listdir(directory) if not n.startswith(".conversa-index")]
+
+
 def _user(text: str) -> ChatMessage:
     return ChatMessage.user(text)
 
@@ -83,7 +89,7 @@ def _user(text: str) -> ChatMessage:
 )
 async def test_readable_file_names(store: FileSystemStorage, session_id: str, name: str) -> None:
     await store.append(session_id, [_user("hi")])
-    assert sorted(os.listdir(store.directory)) == sorted([name, name[:-6] + ".meta.json"])
+    assert sorted(_sessions_files(store.directory)) == sorted([name, name[:-6] + ".meta.json"])
     line = (Path(store.directory) / name).read_text(encoding="utf-8")
     assert json.loads(line)["content"] == "hi"
     assert await store.list_sessions() == [session_id]
@@ -124,14 +130,14 @@ async def test_evil_ids_stay_inside_the_directory(tmp_path: Path, evil: str) -> 
     assert created, "nothing was written"
     assert all(p == "outer" or p.startswith(("outer/sessions/", "outer/sessions")) for p in created)
     assert all(os.sep not in p for p in os.listdir(root / "sessions"))
-    assert set(os.listdir(root / "sessions")) <= {
+    assert set(_sessions_files(root / "sessions")) <= {
         f"{session_file_stem(evil)}.jsonl",
         f"{session_file_stem(evil)}.meta.json",
     }
     assert await store.list_sessions() == [evil]
     assert [m.text for m in await store.load(evil)] == ["y"]
     await store.delete(evil)
-    assert os.listdir(root / "sessions") == []
+    assert _sessions_files(root / "sessions") == []
 
 
 @pytest.mark.parametrize(
@@ -192,7 +198,7 @@ async def test_any_valid_id_roundtrips_through_the_directory(
     await store.append(session_id, [_user("hello")])
     assert await store.list_sessions() == [session_id]
     assert await store.count(session_id) == 1
-    assert len(os.listdir(store.directory)) == 2
+    assert len(_sessions_files(store.directory)) == 2
 
 
 def test_long_ids_get_distinct_hashed_names() -> None:
@@ -279,7 +285,7 @@ async def test_directory_created_lazily_with_private_modes(tmp_path: Path) -> No
     await store.set_state("u", {"k": 1})
     assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
     files = os.listdir(store.directory)
-    assert len(files) == 6
+    assert len(files) == 7  # three sessions' history and meta, and the index's log
     for name in files:
         mode = stat.S_IMODE(os.stat(os.path.join(store.directory, name)).st_mode)
         assert mode == 0o600, (name, oct(mode))
@@ -887,3 +893,165 @@ async def test_count_stays_right_while_other_writers_change_the_file(tmp_path: P
         assert await reader.count("s") == 6
         info = await reader.get_info("s")
         assert info is not None and info.message_count == 6
+
+
+# -- the index of sessions: listings read only what they return (issue 11) ------------------
+
+
+async def _fill(store: FileSystemStorage, n: int, users: int = 4) -> None:
+    for i in range(n):
+        await store.append(f"s{i:04d}", [_user(f"q{i}")])
+        await store.update_info(f"s{i:04d}", user_id=f"u{i % users}")
+
+
+def _count_session_files(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The session files (history or meta) opened or stat'ed from now on, and directory scans."""
+    touched: set[str] = set()
+    real_open, real_stat, real_scandir = os.open, os.stat, os.scandir
+
+    def note(path: object) -> None:
+        name = os.path.basename(os.fspath(path))  # type: ignore[arg-type]
+        if name.endswith((".jsonl", ".meta.json")):
+            touched.add(name.split(".")[0])
+
+    def counting_open(path: str, *args: object, **kw: object) -> int:
+        note(path)
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    def counting_stat(path: object, *args: object, **kw: object) -> os.stat_result:
+        if not isinstance(path, int):
+            note(path)
+        return real_stat(path, *args, **kw)  # type: ignore[arg-type]
+
+    def counting_scandir(path: object = ".") -> object:
+        touched.add("<scandir>")
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "stat", counting_stat)
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    return touched
+
+
+@pytest.mark.parametrize("total", [40, 240])
+async def test_find_sessions_reads_only_the_sessions_it_returns(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch, total: int
+) -> None:
+    await _fill(store, total)
+    assert len(await store.find_sessions(limit=1)) == 1  # the first listing builds the index
+    fresh = FileSystemStorage(store.directory)  # and another process's object reads it
+    for storage in (store, fresh):
+        touched = _count_session_files(monkeypatch)
+        found = await storage.find_sessions(limit=5)
+        mine = await storage.find_sessions(user_id="u1", limit=5)
+        monkeypatch.undo()
+        assert [i.session_id for i in found] == [
+            f"s{i:04d}" for i in range(total - 1, total - 6, -1)
+        ]
+        assert [i.session_id for i in mine] == [f"s{i:04d}" for i in range(total - 3, 0, -4)][:5]
+        # the newest five, the user's five, and nothing else: no directory scan
+        assert "<scandir>" not in touched
+        assert len(touched) <= 10, sorted(touched)
+
+
+async def test_index_is_rebuilt_when_deleted(store: FileSystemStorage) -> None:
+    await _fill(store, 12)
+    expected = await store.find_sessions()
+    for name in os.listdir(store.directory):
+        if name.startswith(".conversa-index"):
+            os.unlink(os.path.join(store.directory, name))
+    assert await store.find_sessions() == expected  # the same object, its state now gone
+    for name in os.listdir(store.directory):
+        if name.startswith(".conversa-index"):
+            os.unlink(os.path.join(store.directory, name))
+    await store.append("s0003", [_user("again")])  # a writer recreates the log alone
+    assert [
+        i.session_id for i in await FileSystemStorage(store.directory).find_sessions(limit=2)
+    ] == [
+        "s0003",
+        "s0011",
+    ]
+
+
+async def test_index_is_rebuilt_when_a_session_changed_behind_its_back(
+    store: FileSystemStorage,
+) -> None:
+    await _fill(store, 6)
+    assert (await store.find_sessions(limit=1))[0].session_id == "s0005"
+    # another program (or an older conversa) moves s0005 to user "x" without the index
+    meta = Path(store.directory) / "s0005.meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "user_id": "x"}))
+    assert [i.session_id for i in await store.find_sessions(user_id="x")] == []  # not yet seen
+    assert [i.user_id for i in await store.find_sessions(limit=1)] == ["x"]  # seen: rebuilt
+    assert [i.session_id for i in await store.find_sessions(user_id="x")] == ["s0005"]
+    assert "s0005" not in [i.session_id for i in await store.find_sessions(user_id="u1")]
+
+
+async def test_index_is_rebuilt_after_a_torn_log_line(store: FileSystemStorage) -> None:
+    await _fill(store, 3)
+    await store.find_sessions()
+    with open(Path(store.directory) / ".conversa-index.log", "ab") as log:
+        log.write(b'{"s":"s00')  # a writer killed in the middle of its line
+    await store.update_info("s0000", user_id="late")  # the next line is glued onto it
+    fresh = FileSystemStorage(store.directory)
+    assert [i.session_id for i in await fresh.find_sessions(user_id="late")] == ["s0000"]
+    assert [i.session_id for i in await store.find_sessions(user_id="late")] == ["s0000"]
+
+
+_INDEX_WRITER = """
+import asyncio, sys
+from conversa import ChatMessage
+from conversa.storage import _file_index
+from conversa.storage.filesystem import FileSystemStorage
+
+# fold the log often, so that folds race with the other writers
+_file_index.COMPACT_BYTES, _file_index._WRITER_COMPACT_BYTES = 2000, 4000
+
+async def main(directory, me, rounds):
+    store = FileSystemStorage(directory)
+    for n in range(rounds):
+        sid = f"{me}-{n % 5}"
+        await store.append(sid, [ChatMessage.user(f"{me}:{n}")])
+        await store.update_info(sid, user_id=f"user-{n % 3}", status="active")
+        await store.append("shared", [ChatMessage.user(f"{me}:{n}")])
+        if n % 7 == 6:
+            await store.delete(f"{me}-{n % 5}")
+        if n % 10 == 0:
+            await store.find_sessions(limit=3)  # readers fold the log now and then
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_concurrent_writers_keep_the_index_consistent(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    await store.append("before", [_user("x")])
+    await store.find_sessions()  # the index exists before the writers start
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _INDEX_WRITER, store.directory, f"w{i}", "40"],
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    fresh = FileSystemStorage(store.directory)
+
+    def no_rebuild(*args: object) -> None:
+        raise AssertionError("the index had to be rebuilt")
+
+    monkeypatch.setattr(fresh._index, "_rebuild", no_rebuild)
+    monkeypatch.setattr(store._index, "_rebuild", no_rebuild)
+    truth = fresh._find_scanned(SessionQuery(), [])  # every session's files, read
+    assert {"before", "shared", "w0-0", "w3-4"} <= {i.session_id for i in truth}
+    for storage in (fresh, store):
+        assert await storage.find_sessions() == truth
+        for user in ("user-0", "user-1", "user-2"):
+            mine = [i for i in truth if i.user_id == user]
+            assert await storage.find_sessions(user_id=user) == mine

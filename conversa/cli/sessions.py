@@ -34,15 +34,43 @@ def sessions() -> None:
     """Manage stored sessions: list, show, export, import, delete, prune, search, migrate."""
 
 
+PAGE = 20
+"""`sessions list` shows this many sessions unless told otherwise."""
+
+
 @sessions.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=PAGE,
+    show_default=True,
+    help="Show the N most recently updated sessions.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Show every session (overrides --limit).")
 @common_options
 @click.pass_context
-def list_(ctx: click.Context, as_json: bool, storage: str | None, debug: bool) -> None:
-    """List sessions, most recently updated first."""
+def list_(
+    ctx: click.Context,
+    as_json: bool,
+    limit: int,
+    show_all: bool,
+    storage: str | None,
+    debug: bool,
+) -> None:
+    """List sessions, most recently updated first (the newest 20 unless --limit or --all)."""
     from ._format import ago, shorten
 
-    infos = with_storage(ctx, storage, lambda s: s.find_sessions())
+    # One more than shown tells whether there are more, without counting the store.
+    wanted = None if show_all else limit + 1
+    infos = with_storage(ctx, storage, lambda s: s.find_sessions(limit=wanted))
+    more = wanted is not None and len(infos) > limit
+    if more:
+        del infos[limit:]
+    hint = (
+        f"showing the {limit} most recently updated sessions; there are more "
+        "(--all shows every one, --limit N the newest N)"
+    )
     if as_json:
         rows = [
             {
@@ -57,6 +85,8 @@ def list_(ctx: click.Context, as_json: bool, storage: str | None, debug: bool) -
             for i in infos
         ]
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        if more:
+            click.echo(f"note: {hint}", err=True)
         return
     out = output()
     if not infos:
@@ -69,6 +99,8 @@ def list_(ctx: click.Context, as_json: bool, storage: str | None, debug: bool) -
             for i in infos
         ],
     )
+    if more:
+        out.note(hint)
 
 
 @sessions.command()

@@ -6,6 +6,8 @@ Layout of the directory (created on the first write, mode 0700)::
     user-123.meta.json          created_at, app-set info (title, user_id, status, metadata),
                                 state entries and the real session id
     .user-123.jsonl.*.tmp       a rewrite in progress (save, truncate, pop, meta updates)
+    .conversa-index(.log)       the index of sessions find_sessions reads (see _file_index):
+                                derived from the files, rebuilt whenever missing or stale
 
 Every write holds ``flock(LOCK_EX)`` on the session's ``.jsonl`` file; reads hold ``LOCK_SH`` only
 while they read the bytes. Rewrites replace the file with ``os.replace``, so a writer that waited
@@ -25,6 +27,10 @@ Each storage object checks every line once and later only what was appended sinc
 append stays O(1)); a file edited in place since, keeping its size and ends, is caught by the
 next load.
 Listings (list_sessions, find_sessions) leave a damaged session out with a warning.
+find_sessions reads only the sessions it returns (and those its filters drop), in the order of
+the index; list_sessions scans the directory. A session changed behind conversa's back shows
+in find_sessions once the index notices (a session it returns disagrees with its files), or
+after the index files are deleted.
 
 A rewrite killed mid-way leaves its temp file behind; the first write of each storage object
 removes those of every session whose lock no writer holds.
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -68,6 +75,7 @@ from ..errors import (
     UnsupportedStorageURL,
 )
 from ..messages import ChatMessage
+from ._file_index import Entry, SessionIndex
 from ._lease import Waiting, file_lease, local_lease
 from ._stored import (
     corrupt,
@@ -109,6 +117,9 @@ _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 _CHUNK = 1 << 20
 _TAIL_BLOCK = 1 << 16
 """tail() reads the file backwards in blocks of this many bytes."""
+
+_READ_ONLY = frozenset((errno.EACCES, errno.EPERM, errno.EROFS))
+"""Why an index cannot be written in a directory that can still be listed."""
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -404,6 +415,49 @@ def _torn_warning(path: str, size: int) -> str:
     )
 
 
+class _StreamedLines:
+    """The lines (numbered from 1) of a history file's first ``end`` bytes, read in chunks.
+
+    Afterwards ``ended`` tells whether the last line ends with "\\n", and if not, ``last`` is
+    the offset where it starts.
+    """
+
+    def __init__(self, fd: int, end: int) -> None:
+        self._fd, self._end = fd, end
+        self.last, self.ended = 0, True
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        fd, end = self._fd, self._end
+        offset, number, rest = 0, 0, b""
+        while offset < end:
+            chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+            if not chunk:  # cannot happen: these bytes never change; do not loop forever
+                raise OSError(f"short read at offset {offset}")
+            offset += len(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                number += 1
+                yield number, line
+        if rest:
+            self.last, self.ended = end - len(rest), False
+            yield number + 1, rest
+
+
+def _stem_of(path: str) -> str:
+    """The file stem of a session's history file."""
+    return os.path.basename(path)[: -len(HISTORY_SUFFIX)]
+
+
+def _agrees(entry: Entry, info: SessionInfo | None) -> bool:
+    """Whether a session's files say what its index entry says."""
+    return (
+        info is not None
+        and (info.user_id, info.status) == (entry.user_id, entry.status)
+        and to_micros(info.updated_at) == max(entry.stamp // 1000, to_micros(info.created_at))
+    )
+
+
 def _warn_skipped(damaged: Iterable[str]) -> None:
     for error in damaged:
         warnings.warn(f"left out a damaged session: {error}", stacklevel=3)
@@ -429,6 +483,8 @@ class FileSystemStorage(Durable, ConversationStorage):
         # checked to be a stored message, so a read or append checks only what is newer.
         self._checked: dict[str, tuple[tuple[int, int], int, bytes, int]] = {}
         self._swept = False
+        self._index = SessionIndex(self._dir, self._index_rows, session_id_from_stem)
+        self._rebuilds = threading.local()  # .damaged: the listing a rebuild reports to
 
     @classmethod
     def from_url(cls, url: str) -> FileSystemStorage:
@@ -506,7 +562,8 @@ class FileSystemStorage(Durable, ConversationStorage):
                     held.st_ino,
                     held.st_dev,
                 ):
-                    yield fd
+                    with self._index.writing() if write else contextlib.nullcontext():
+                        yield fd
                     return
             finally:
                 os.close(fd)
@@ -652,6 +709,7 @@ class FileSystemStorage(Durable, ConversationStorage):
             ending = b"\n" if end and not last.endswith(b"\n") else b""
             data = ending + data
             stamp = _stamp()
+            self._index.note(_stem_of(path), stamp, session_id)
             if size == 0:
                 self._ensure_meta(session_id, meta_path, stamp)
             if data:
@@ -732,6 +790,7 @@ class FileSystemStorage(Durable, ConversationStorage):
     ) -> None:
         with self._locked(path, write=True, create=True):
             stamp = _stamp()
+            self._index.note(_stem_of(path), stamp, session_id)
             self._ensure_meta(session_id, meta_path, stamp)
             # Last: once replaced, other writers lock the new file, not the one we hold.
             st = self._replace(path, data, stamp)
@@ -750,10 +809,27 @@ class FileSystemStorage(Durable, ConversationStorage):
             if fd is None:
                 return [], 0
             st = os.fstat(fd)
-            data = _read_all(fd)
-        messages, _, torn = self._parse_all(data, path)
-        self._remember_bytes(path, st, data[: len(data) - torn], len(messages))
-        return messages, torn
+            end = _complete_end_of_fd(fd, st.st_size)
+            # The bytes before `end` never change: files are appended to or replaced whole.
+            # So they are parsed after the lock is let go, read in chunks: a load holds
+            # the messages and one chunk, never the whole file beside them.
+            own = os.dup(fd)
+        try:
+            lines = _StreamedLines(own, end)
+            try:
+                messages = decode_messages(lines, lambda n: _line_place(path, n)(), _FIX_LINE)
+            except CorruptSessionError:
+                self._checked.pop(path, None)  # damaged in place: every read must find it
+                raise
+            # An unended last line (a hand edit) is checked again next time: it may grow.
+            resume, checked = end, len(messages)
+            if not lines.ended:
+                resume, checked = lines.last, checked - 1
+            fingerprint = os.pread(own, _MARK_BYTES, 0) + _before(own, resume)
+        finally:
+            os.close(own)
+        self._remember(path, st, resume, fingerprint, checked)
+        return messages, st.st_size - end
 
     def _parse_all(self, data: bytes, path: str) -> tuple[list[ChatMessage], list[str], int]:
         """The messages and lines of a whole history file, and the bytes of a torn end."""
@@ -777,6 +853,7 @@ class FileSystemStorage(Durable, ConversationStorage):
                 os.unlink(meta_path)
             if fd is not None:
                 os.unlink(path)
+                self._index.note_deleted(_stem_of(path))
         if self._fsync and os.path.isdir(self._dir):
             _fsync_dir(self._dir)
 
@@ -856,7 +933,9 @@ class FileSystemStorage(Durable, ConversationStorage):
                 return []
             # Trailing spaces mark lines inside one append; a kept last line must not have one.
             rest = "".join(line.rstrip(" ") + "\n" for line in lines[:keep]).encode("utf-8")
-            st = self._replace(path, rest, _stamp())
+            stamp = _stamp()
+            self._index.note(_stem_of(path), stamp)
+            st = self._replace(path, rest, stamp)
             self._remember_bytes(path, st, rest, keep)
             return messages[keep:] if pop else []
 
@@ -1036,6 +1115,8 @@ class FileSystemStorage(Durable, ConversationStorage):
                         meta["created_at"] = first.isoformat()
             if change(meta):
                 meta["session_id"] = session_id
+                info = (meta.get("user_id"), meta.get("status") or "active")
+                self._index.note(_stem_of(path), stamp, session_id, info)
                 self._write_meta(meta_path, meta, stamp)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
@@ -1047,6 +1128,28 @@ class FileSystemStorage(Durable, ConversationStorage):
         return found
 
     def _find_sync(self, query: SessionQuery, damaged: list[str]) -> list[SessionInfo]:
+        # From the index, newest first: only the sessions returned (and those the filters
+        # drop) are read. A session whose files disagree with the index, with no write since
+        # to explain it, means the index is stale: rebuilt from the files, then asked again.
+        if not os.path.isdir(self._dir):
+            return []
+        self._rebuilds.damaged = damaged
+        try:
+            for check in (True, True, False):
+                found = self._find_indexed(query, damaged, check=check)
+                if found is not None:
+                    return found
+                self._index.rebuild()
+            raise AssertionError("unreachable")  # pragma: no cover
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY:
+                raise
+            return self._find_scanned(query, damaged)  # a directory we may only read: no index
+        finally:
+            self._rebuilds.damaged = None
+
+    def _find_scanned(self, query: SessionQuery, damaged: list[str]) -> list[SessionInfo]:
+        """The infos ``query`` matches, reading every session's files."""
         found: list[SessionInfo] = []
         for _, session_id, stem in self._scan(damaged):
             if len(found) == query.limit:
@@ -1061,6 +1164,48 @@ class FileSystemStorage(Durable, ConversationStorage):
             if info is not None:
                 found.append(info)
         return found
+
+    def _find_indexed(
+        self, query: SessionQuery, damaged: list[str], *, check: bool
+    ) -> list[SessionInfo] | None:
+        """The infos ``query`` matches, from the index; None if the index is stale."""
+        # updated_before is checked on each session read: a damaged one is reported whatever
+        # its time, as every listing does
+        rows = self._index.rows(query.user_id, any_user=query.user_id is None)
+        found: list[SessionInfo] = []
+        for stem, entry in rows:
+            if len(found) == query.limit:
+                break
+            if None not in (entry.status, query.status) and entry.status != query.status:
+                continue
+            path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+            meta_path = os.path.join(self._dir, stem + META_SUFFIX)
+            try:
+                info = self._info_sync(entry.session_id, path, meta_path, None)
+            except CorruptSessionError as exc:
+                damaged.append(str(exc))
+                continue
+            if check and not _agrees(entry, info) and self._index.current(stem) == entry:
+                return None
+            if info is not None and query.matches(info):
+                found.append(info)
+        return found
+
+    def _index_rows(self) -> list[tuple[str, Entry]]:
+        """What the index holds, read from the session files (to build it)."""
+        damaged: list[str] = []
+        rows: list[tuple[str, Entry]] = []
+        for updated, session_id, stem in self._scan(damaged):
+            try:
+                meta = self._read_meta(os.path.join(self._dir, stem + META_SUFFIX)) or {}
+                user_id, status = meta.get("user_id"), meta.get("status") or "active"
+            except CorruptSessionError:  # reported by the listing that reads it
+                user_id, status = None, None
+            rows.append((stem, Entry(updated, session_id, user_id, status)))
+        listing = getattr(self._rebuilds, "damaged", None)
+        if listing is not None:
+            listing.extend(d for d in damaged if d not in listing)
+        return rows
 
     # -- session state --------------------------------------------------------------------
 
@@ -1093,6 +1238,7 @@ class FileSystemStorage(Durable, ConversationStorage):
                 return
             meta = self._read_meta(meta_path) or self._new_meta(session_id, stamp)
             meta["created_at"] = created.astimezone(UTC).isoformat()
+            self._index.note(_stem_of(path), stamp, session_id)
             self._write_meta(meta_path, meta, stamp)
             os.utime(fd, ns=(stamp, stamp))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ _FIELDS = tuple(ChatMessage.__dataclass_fields__)
 class _Session:
     created_at: float
     updated_at: float = 0.0
-    order: int = 0
     messages: list[ChatMessage] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -55,7 +53,6 @@ class InMemoryStorage(ConversationStorage):
 
     def __init__(self) -> None:
         self._sessions: dict[str, _Session] = {}
-        self._clock = itertools.count(1)
 
     @classmethod
     def from_url(cls, url: str) -> InMemoryStorage:
@@ -66,11 +63,10 @@ class InMemoryStorage(ConversationStorage):
 
     def _touch(self, session_id: str) -> _Session:
         now = time.time()
-        s = self._sessions.get(session_id)
-        if s is None:
-            s = self._sessions[session_id] = _Session(created_at=now)
+        # Re-inserted last: the dict's order is the order of writes, so listings need no sort.
+        s = self._sessions.pop(session_id, None) or _Session(created_at=now)
+        self._sessions[session_id] = s
         s.updated_at = now
-        s.order = next(self._clock)
         return s
 
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
@@ -89,10 +85,7 @@ class InMemoryStorage(ConversationStorage):
 
     async def list_sessions(self) -> list[str]:
         """Session ids, most recently updated first."""
-        return [
-            sid
-            for sid, _ in sorted(self._sessions.items(), key=lambda kv: kv[1].order, reverse=True)
-        ]
+        return list(reversed(self._sessions))
 
     async def exists(self, session_id: str) -> bool:
         """Whether the session exists."""
@@ -142,8 +135,8 @@ class InMemoryStorage(ConversationStorage):
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         found = []
-        for sid in await self.list_sessions():
-            info = self._info(sid, self._sessions[sid])
+        for sid, s in reversed(self._sessions.items()):
+            info = self._info(sid, s)
             if query.matches(info):
                 found.append(info)
                 if len(found) == query.limit:

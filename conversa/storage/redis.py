@@ -104,12 +104,18 @@ return 0
 # Shared by every write script. KEYS: 1 messages, 2 info, 3 state, 4 state expiry, 5 index,
 # 6 clock. ARGV: 1 session id, 2 ttl in seconds (0: none), then the script's own arguments.
 _LUA_COMMON = """
+local function user_index(user)
+  return string.sub(KEYS[5], 1, -9) .. 'u:' .. user  -- KEYS[5] is the prefix .. 'sessions'
+end
 local function touch()
   local t = redis.call('TIME')
   local now = t[1] .. string.sub('00000' .. t[2], -6)
   redis.call('HSETNX', KEYS[2], 'created', now)
   redis.call('HSET', KEYS[2], 'updated', now)
-  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), ARGV[1])
+  local clock = redis.call('INCR', KEYS[6])
+  redis.call('ZADD', KEYS[5], clock, ARGV[1])
+  local user = redis.call('HGET', KEYS[2], 'user_id')
+  if user then redis.call('ZADD', user_index(user), clock, ARGV[1]) end
   local ttl = tonumber(ARGV[2])
   if ttl > 0 then
     for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
@@ -183,12 +189,16 @@ return items
 
 # ARGV 3...: triples (op 's' set or 'd' delete, field, value).
 _UPDATE_INFO = """
+local old_user = redis.call('HGET', KEYS[2], 'user_id')
 for i = 3, #ARGV, 3 do
   if ARGV[i] == 's' then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
   else
     redis.call('HDEL', KEYS[2], ARGV[i + 1])
   end
+end
+if old_user and old_user ~= redis.call('HGET', KEYS[2], 'user_id') then
+  redis.call('ZREM', user_index(old_user), ARGV[1])
 end
 touch()
 return {redis.call('HGETALL', KEYS[2]), redis.call('LLEN', KEYS[1])}
@@ -248,6 +258,15 @@ return 1
 # KEYS: 1 index, 2 info. ARGV 1: session id. Drops the entry of a session that expired.
 _PRUNE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# KEYS: 1 a user's index, 2 info. ARGV 1: session id, 2: user id. Drops the entry of a session
+# that expired, was deleted or now belongs to another user.
+_PRUNE_USER = """
+if redis.call('HGET', KEYS[2], 'user_id') ~= ARGV[2] then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
 return 0
 """
 
@@ -320,6 +339,8 @@ class RedisStorage(ConversationStorage):
         self._prune = self._client.register_script(_PRUNE)
         self._renew_lease = self._client.register_script(_RENEW_LEASE)
         self._release_lease = self._client.register_script(_RELEASE_LEASE)
+        self._prune_user = self._client.register_script(_PRUNE_USER)
+        self._users_indexed = False
         self._exc = importlib.import_module("redis.exceptions")
 
     @classmethod
@@ -546,16 +567,69 @@ class RedisStorage(ConversationStorage):
         return self._info(session_id, _pairs(flat), int(count))
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
-        # infos read in pipelined chunks
-        ids = await self.list_sessions()
+        # Pages of the sorted set, newest first (a user's own set with a user_id): the cost
+        # grows with the sessions read, not with the store. The cursor is the write counter,
+        # so entries pruned or moved on the way shift nothing.
+        if query.user_id is None:
+            index = f"{self._prefix}sessions"
+        else:
+            await self._index_users()
+            index = self._key("u", query.user_id)
         found: list[SessionInfo] = []
-        for start in range(0, len(ids), _FIND_CHUNK):
-            for info in await self._infos(ids[start : start + _FIND_CHUNK]):
-                if info is not None and query.matches(info):
+        top = "+inf"
+        chunk = min(query.limit or _FIND_CHUNK, _FIND_CHUNK)
+        while True:
+            page: list[tuple[str, float]] = await self._run(
+                partial(self._client.zrevrangebyscore, index, top, "-inf", 0, chunk, True),
+                retry=True,
+            )
+            if not page:
+                return found
+            ids = [sid for sid, _ in page]
+            for sid, info in zip(ids, await self._infos(ids), strict=True):
+                if info is None or (query.user_id is not None and info.user_id != query.user_id):
+                    await self._drop_entry(index, sid, query.user_id)
+                elif query.matches(info):
                     found.append(info)
                     if len(found) == query.limit:
                         return found
-        return found
+            top = f"({int(page[-1][1])}"
+            chunk = _FIND_CHUNK
+
+    async def _drop_entry(self, index: str, session_id: str, user_id: str | None) -> None:
+        """Remove a stale entry of the sessions index (or of ``user_id``'s index)."""
+        keys, args = [index, self._key("i", session_id)], [session_id]
+        if user_id is None:
+            await self._run(partial(self._prune, keys=keys, args=args), retry=True)
+        else:
+            args.append(user_id)
+            await self._run(partial(self._prune_user, keys=keys, args=args), retry=True)
+
+    async def _index_users(self) -> None:
+        """Build the per-user indexes once, for sessions written before they existed."""
+        if self._users_indexed:
+            return
+        flag, index = f"{self._prefix}users-indexed", f"{self._prefix}sessions"
+        if not await self._run(partial(self._client.exists, flag), retry=True):
+            start, read = 0, partial(self._client.zrange, index, withscores=True)
+            while page := await self._run(
+                partial(read, start, start + _FIND_CHUNK - 1), retry=True
+            ):
+                await self._run(partial(self._index_page, page), retry=True)
+                start += len(page)
+            await self._run(partial(self._client.set, flag, "1"), retry=True)
+        self._users_indexed = True
+
+    async def _index_page(self, page: Sequence[tuple[str, float]]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for sid, _ in page:
+                pipe.hget(self._key("i", sid), "user_id")
+            users = await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for (sid, score), user in zip(page, users, strict=True):
+                if user is not None:  # GT: a write since has the newer score
+                    pipe.zadd(self._key("u", user), {sid: score}, gt=True)
+            await pipe.execute()
 
     # -- session state --------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ holder must then get it (for a backend with a lease ttl, within that ttl: the ch
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -890,3 +891,30 @@ class StorageConformance(LeaseConformance):
     async def test_async_context_manager(self, storage: ConversationStorage) -> None:
         async with storage as same:
             assert same is storage
+
+    # -- decoding (issue 11) ---------------------------------------------------------------
+
+    async def test_big_numbers_load_exactly(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        exact = {"big": 2**80 + 1, "neg": -(10**30) - 7, "float": 0.1, "nested": [[2**64]]}
+        messages = [_user(f"m{i}").replace(metadata={**exact, "i": i}) for i in range(300)]
+        await storage.save(sid, messages)
+        await storage.append(sid, [_user("last").replace(metadata=exact)])
+        loaded = await storage.load(sid)
+        assert [m.metadata for m in loaded] == [m.metadata for m in messages] + [exact]
+        assert type(loaded[0].metadata["big"]) is int
+        assert loaded[-1].metadata["nested"] == [[18446744073709551616]]
+
+    async def test_loads_leave_the_cycle_collector_as_they_found_it(
+        self, storage: ConversationStorage
+    ) -> None:
+        sid = _sid()
+        await storage.save(sid, [_user(f"m{i}") for i in range(50)])
+        was = gc.isenabled()
+        try:
+            for state in (True, False):
+                (gc.enable if state else gc.disable)()
+                await asyncio.gather(*(storage.load(sid) for _ in range(4)))
+                assert gc.isenabled() is state
+        finally:
+            (gc.enable if was else gc.disable)()
