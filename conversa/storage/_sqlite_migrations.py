@@ -139,22 +139,7 @@ def m002_full_text_search(conn: sqlite3.Connection) -> None:
         if "fts5" not in str(exc):
             raise
         return  # this SQLite has no FTS5: a failed statement leaves the transaction intact
-    conn.execute(
-        f"""
-        CREATE TRIGGER {FTS_TABLE}_delete AFTER DELETE ON messages BEGIN
-            DELETE FROM {FTS_TABLE} WHERE rowid = old.id;
-        END
-        """
-    )
-    # only a row already indexed is updated: one above the indexed ids is indexed later, as is
-    conn.execute(
-        f"""
-        CREATE TRIGGER {FTS_TABLE}_update AFTER UPDATE OF data ON messages BEGIN
-            UPDATE {FTS_TABLE} SET text = {MESSAGE_TEXT_SQL.format(d="new.data")}
-            WHERE rowid = old.id;
-        END
-        """
-    )
+    _index_triggers(conn, MESSAGE_TEXT_SQL.format(d="new.data"))
     conn.execute(INDEX_AFTER_SQL, (0, -1))  # LIMIT -1: no limit
 
 
@@ -202,6 +187,14 @@ def m003_index_folded_words(conn: sqlite3.Connection) -> None:
         f"CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5("
         "text, tokenize = 'ascii', detail = none, columnsize = 0)"
     )
+    _index_triggers(conn, f"lower({MESSAGE_TEXT_SQL.format(d='new.data')})")
+    index_pending(conn)
+
+
+def _index_triggers(conn: sqlite3.Connection, text_sql: str) -> None:
+    """The triggers that keep the FTS index free of stale text, ``text_sql`` being the text
+    an edited row is indexed with; only a row already indexed is updated (one above the
+    highest indexed id is indexed later, as it is then)."""
     conn.execute(
         f"""
         CREATE TRIGGER {FTS_TABLE}_delete AFTER DELETE ON messages BEGIN
@@ -209,16 +202,14 @@ def m003_index_folded_words(conn: sqlite3.Connection) -> None:
         END
         """
     )
-    # only an indexed row: one above the highest indexed id is indexed later, as it is then
     conn.execute(
         f"""
         CREATE TRIGGER {FTS_TABLE}_update AFTER UPDATE OF data ON messages BEGIN
-            UPDATE {FTS_TABLE} SET text = lower({MESSAGE_TEXT_SQL.format(d="new.data")})
+            UPDATE {FTS_TABLE} SET text = {text_sql}
             WHERE rowid = old.id;
         END
         """
     )
-    index_pending(conn)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
