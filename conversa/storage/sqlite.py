@@ -165,7 +165,9 @@ class SqliteStorage(Durable, ConversationStorage):
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history in one transaction."""
         rows = [m.to_json() for m in history]
-        await self._run(_save, session_id, rows, first_user(history), await self._indexed())
+        await self._run(
+            _store, session_id, rows, first_user(history), await self._indexed(), replace=True
+        )
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, in order."""
@@ -186,7 +188,9 @@ class SqliteStorage(Durable, ConversationStorage):
     async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
         # one transaction; its cost is independent of the history
         rows = [m.to_json() for m in messages]
-        await self._run(_append, session_id, rows, first_user(messages), await self._indexed())
+        await self._run(
+            _store, session_id, rows, first_user(messages), await self._indexed(), replace=False
+        )
 
     async def _count(self, session_id: str) -> int:
         return await self._run(_count, session_id)
@@ -570,32 +574,21 @@ def _touch(conn: sqlite3.Connection, sid: str) -> None:
     _put(conn, sid, stamp, head or _NEW_HEAD, exists=head is not None)
 
 
-def _save(
+def _store(
     conn: sqlite3.Connection,
     sid: str,
     rows: list[str],
     first: tuple[int, str | None] | None,
     indexed: bool,
+    *,
+    replace: bool,
 ) -> None:
-    seq, text = first or (None, None)
+    """Write ``rows`` after the session's messages, or instead of them, in one transaction."""
     with _write(conn):
         stamp, head = _head(conn, sid)
-        if head is not None:
+        if replace and head is not None:
             conn.execute("DELETE FROM messages WHERE session_id = ?", (sid,))
-        _insert(conn, sid, 0, rows, indexed)
-        _put(conn, sid, stamp, (len(rows), seq, text), exists=head is not None)
-
-
-def _append(
-    conn: sqlite3.Connection,
-    sid: str,
-    rows: list[str],
-    first: tuple[int, str | None] | None,
-    indexed: bool,
-) -> None:
-    with _write(conn):
-        stamp, head = _head(conn, sid)
-        count, seq, text = head or _NEW_HEAD
+        count, seq, text = _NEW_HEAD if replace else head or _NEW_HEAD
         _insert(conn, sid, count, rows, indexed)
         if seq is None and first is not None:
             seq, text = count + first[0], first[1]
