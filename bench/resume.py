@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from storage import make_messages
-from turn import InstantModel, urls
+from turn import InstantModel, target, urls
 
 from conversa import create_session
 from conversa.storage import ConversationStorage, open_storage
@@ -85,12 +85,9 @@ def main() -> int:
                 ]
                 medians[size] = statistics.median(runs) * 1000
             q = medians[SIZES[-1]] / medians[SIZES[0]]
-            met = q <= RATIO
-            ok = ok and met
-            print(
-                f"  [{'met' if met else 'MISSED'}] {name}: resume@100000 / resume@100 <= {RATIO}: "
-                f"{medians[SIZES[-1]]:.1f} / {medians[SIZES[0]]:.1f} ms = {q:.2f}"
-            )
+            big, small = medians[SIZES[-1]], medians[SIZES[0]]
+            text = f"{name}: resume@100000 / resume@100 <= {RATIO}: {big:.1f} / {small:.1f} ms"
+            ok = target(q <= RATIO, f"{text} = {q:.2f}") and ok
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1

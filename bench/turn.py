@@ -176,21 +176,21 @@ def main() -> int:
             for size, limit in RATIOS.items():
                 big = medians[name, size]
                 q = big / small
-                met = q <= limit
-                ok = ok and met
-                print(
-                    f"  [{'met' if met else 'MISSED'}] {name}: turn@{size} / turn@10 <= {limit}: "
-                    f"{big:.3f} / {small:.3f} ms = {q:.2f}"
-                )
+                text = f"{name}: turn@{size} / turn@10 <= {limit}: {big:.3f} / {small:.3f} ms"
+                ok = target(q <= limit, f"{text} = {q:.2f}") and ok
         worst = max(medians["sqlite", s] for s in SIZES)
-        met = worst < TARGET_MS
-        ok = ok and met
-        print(
-            f"  [{'met' if met else 'MISSED'}] sqlite: turn < {TARGET_MS} ms: worst {worst:.3f} ms"
+        ok = (
+            target(worst < TARGET_MS, f"sqlite: turn < {TARGET_MS} ms: worst {worst:.3f} ms") and ok
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
+
+
+def target(met: bool, text: str) -> bool:
+    """Print one target's line, marked met or MISSED; returns ``met``."""
+    print(f"  [{'met' if met else 'MISSED'}] {text}")
+    return met
 
 
 if __name__ == "__main__":
