@@ -89,8 +89,8 @@ async def local_lease(storage: object, waiting: Waiting) -> AsyncIterator[None]:
             try:
                 async with asyncio.timeout(waiting.left()):
                     await lock.acquire()
-            except TimeoutError:
-                raise waiting.busy() from None
+            except TimeoutError as exc:
+                raise waiting.busy() from exc
         else:
             await lock.acquire()  # free: returns at once
         try:
