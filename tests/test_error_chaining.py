@@ -1,4 +1,4 @@
-"""Errors keep their cause: conversa never raises ``from None`` (it hides the cause from --debug)."""
+"""Errors keep their cause: conversa never raises `from None`, which hides it from --debug."""
 
 from __future__ import annotations
 
