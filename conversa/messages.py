@@ -29,7 +29,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _as_utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     """``moment`` in UTC; a naive datetime is taken to be UTC already."""
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
@@ -88,7 +88,7 @@ class ChatMessage:
             object.__setattr__(self, "tool_calls", calls)
         if not isinstance(self.created_at, datetime):
             raise InvalidMessage("created_at must be a datetime")
-        object.__setattr__(self, "created_at", _as_utc(self.created_at))
+        object.__setattr__(self, "created_at", as_utc(self.created_at))
         if not isinstance(self.metadata, dict):
             raise InvalidMessage("metadata must be a dict")
         self._check_rules(deep=True)
@@ -200,7 +200,7 @@ class ChatMessage:
         set_id(message, data["id"] if "id" in data else new_message_id())
         stamp = data.get("created_at")
         try:
-            set_at(message, _as_utc(datetime.fromisoformat(stamp)) if stamp else utcnow())
+            set_at(message, as_utc(datetime.fromisoformat(stamp)) if stamp else utcnow())
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"bad created_at {stamp!r}") from exc
         metadata = data.get("metadata")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TextIO, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -21,7 +20,8 @@ T = TypeVar("T")
 def with_storage(
     ctx: click.Context, storage: str | None, work: Callable[[ConversationStorage], Awaitable[T]]
 ) -> T:
-    """Open the storage, run ``work`` on it, close it; errors and warnings become one line."""
+    """Open the storage, run ``work`` on it, close it; errors and warnings become one line
+    (``run`` shows the storage's warnings, such as a damaged session left out, as lines)."""
     from ._runner import run
 
     url = storage_url(ctx, storage)
@@ -35,22 +35,7 @@ def with_storage(
         finally:
             await store.close()
 
-    with warnings.catch_warnings():
-        # The storage's warnings (a damaged session left out of a listing, a torn last line)
-        # are for the user: one line each on stderr, not Python's file:line form.
-        warnings.showwarning = _warning_line
-        return run(ctx, main)
-
-
-def _warning_line(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    click.echo(f"warning: {message}", err=True)
+    return run(ctx, main)
 
 
 def output() -> Output:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from ..errors import CorruptSessionError
-from ..messages import ChatMessage, _as_utc
+from ..messages import ChatMessage, as_utc
 
 TITLE_LENGTH = 60
 SessionStatus = Literal["active", "completed", "abandoned"]
@@ -224,11 +224,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
 
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive datetime is taken as UTC, as ChatMessage does."""
-    return _as_utc(moment)
-
-
 def from_ts(value: float) -> datetime:
     """Epoch seconds as an aware UTC datetime."""
     return datetime.fromtimestamp(value, UTC)
@@ -236,7 +231,7 @@ def from_ts(value: float) -> datetime:
 
 def to_micros(moment: datetime) -> int:
     """A datetime as integer microseconds since the epoch (naive means UTC), exactly."""
-    return (_as_utc(moment) - _EPOCH) // _MICRO
+    return (as_utc(moment) - _EPOCH) // _MICRO
 
 
 def from_micros(value: int | str) -> datetime:

@@ -67,7 +67,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast, get_args
 
 from ..errors import InvalidSessionId, StateValueError
-from ..messages import ChatMessage, _as_utc
+from ..messages import ChatMessage, as_utc
 from ._lease import DEFAULT_WAIT, Waiting, check_ttl, check_wait, local_lease
 from ._search import matches, query_terms
 from ._stored import (
@@ -289,7 +289,7 @@ class ConversationStorage(ABC):
         """Infos of the sessions that match every given filter, newest first."""
         if limit is not None and not _at_least_zero(limit, "limit"):
             return []
-        before = None if updated_before is None else _as_utc(updated_before)
+        before = None if updated_before is None else as_utc(updated_before)
         return await self._find(SessionQuery(user_id, status, before, limit))
 
     async def search(self, query: str, *, limit: int | None = 50) -> list[SearchHit]:
@@ -350,7 +350,7 @@ class ConversationStorage(ABC):
         ``updated_at`` as usual.
         """
         validate_session_id(session_id)
-        await self._set_times(session_id, _as_utc(created_at), _as_utc(updated_at))
+        await self._set_times(session_id, as_utc(created_at), as_utc(updated_at))
 
     # -- the session lease ----------------------------------------------------------------
 
@@ -613,7 +613,7 @@ def expiry_of(ttl: float | None, expires_at: datetime | None, now: float) -> flo
     if expires_at is not None:
         if not isinstance(expires_at, datetime):
             raise StateValueError(f"expires_at must be a datetime, not {type(expires_at).__name__}")
-        return _as_utc(expires_at).timestamp()
+        return as_utc(expires_at).timestamp()
     return None
 
 
