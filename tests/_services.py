@@ -114,7 +114,8 @@ class CutProxy:
     Arm it with ``trigger``: the next client chunk containing those bytes is either half
     forwarded and the link cut ("half": the server sees a broken request), or forwarded whole
     and the link cut when the server's reply arrives ("after": the server did the work, the
-    client never hears of it).
+    client never hears of it). With ``linger`` a server that hangs up is not passed on: the
+    client gets the server's last words but its socket stays open, as when a FIN is late.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -122,6 +123,7 @@ class CutProxy:
         self.port = 0
         self.trigger: bytes | None = None
         self.mode = "half"
+        self.linger = False
         self._server: asyncio.Server | None = None
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
 
@@ -176,6 +178,8 @@ class CutProxy:
                     return
                 c_write.write(data)
                 await c_write.drain()
+            if self.linger:
+                await c_write.wait_closed()
 
         async def pump(direction: Callable[[], Any]) -> None:
             try:

@@ -319,6 +319,26 @@ class TestPostgresServer(ServerBackendSuite):
             (self.url(None, netloc=netloc, path=f"/nosuchdb_{RUN}"), "createdb"),
         ]
 
+    async def test_a_lost_connection_retires_its_pool_siblings(
+        self, proxy: CutProxy, schema: str, admin: Any
+    ) -> None:
+        # Every backend of a full pool is terminated and the client hears the FATAL but not
+        # the hang-up: each sibling still looks alive, so a retry that took one would fail.
+        name = f"conversa-test-{schema}"
+        url = self.url(schema, netloc=f"127.0.0.1:{proxy.port}", application_name=name, pool_size=4)
+        storage = open_storage(url)
+        try:
+            await storage.append("s", [ChatMessage.user("one")])
+            await asyncio.gather(*(storage.load("s") for _ in range(8)))
+            proxy.linger = True
+            assert await terminate_backends_of(admin, name) >= 2
+            for _ in range(3):
+                assert [m.text for m in await storage.load("s")] == ["one"]
+        finally:
+            proxy.linger = False
+            proxy.drop_all()
+            await storage.close()
+
     async def test_reads_survive_dropped_connections(self, proxy: CutProxy, schema: str) -> None:
         storage = open_storage(self.proxied(proxy, schema))
         try:

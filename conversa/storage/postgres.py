@@ -392,6 +392,7 @@ class PostgresStorage(ConversationStorage):
         pg = self._pg
         for attempt in (0, 1):
             began = False
+            pool: Any = None
             try:
                 pool = await self._get_pool()
                 async with pool.acquire() as con:
@@ -420,6 +421,11 @@ class PostgresStorage(ConversationStorage):
                     retry or (transaction and not began) or isinstance(exc, pg.InternalClientError)
                 )
                 if attempt == 0 and safe and self._is_lost(exc):
+                    # One lost backend usually means the server dropped them all (a restart, an
+                    # admin's terminate); the pool would hand out a sibling that looks alive but
+                    # is not, so every pooled connection is replaced before the retry.
+                    if pool is not None:
+                        await pool.expire_connections()
                     continue
                 raise self._error(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
