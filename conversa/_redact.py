@@ -23,11 +23,15 @@ _FIELD = re.compile(rf"(?i)(?<![\w.-])({_SECRET_NAME}=)[^&#\s'\",;]+")
 _QUOTED_FIELD = re.compile(rf"(?i)([\"']{_SECRET_NAME}[\"']\s*:\s*([\"']))(?:(?!\2).)+")
 _AUTHORIZATION = re.compile(r"(?i)(\bauthorization\s*[:=]\s*[\"']?(?:\w+\s+)?)[^\s\"',}]+")
 _BEARER = re.compile(r"(?i)(\bbearer\s+)[\w.~+/=-]+")
+_TOKEN_USER_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+"""Schemes whose bare user info is by convention a token (``https://TOKEN@host``); a database
+URL's bare user info is a user name, which stays."""
 _URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password and any secret-named query value replaced by ***."""
+    """``url`` with its password (or a web URL's bare token user) and any secret-named query
+    value replaced by ***."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -36,6 +40,8 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if at and ":" in userinfo:
         netloc = f"{userinfo.split(':', 1)[0]}:{HIDDEN}@{host}"
+    elif at and parts.scheme.lower() in _TOKEN_USER_SCHEMES:
+        netloc = f"{HIDDEN}@{host}"
     query = _FIELD.sub(rf"\1{HIDDEN}", parts.query)
     if (netloc, query) == (parts.netloc, parts.query):
         return url  # nothing hidden: the URL exactly as given

@@ -90,6 +90,10 @@ def test_approval_question_never_cuts_the_target() -> None:
 
 def test_terminal_text_escapes_controls_and_keeps_layout() -> None:
     assert terminal_text("a\tb\nc\r\n\x1b[2J\x9b1m\x7f") == "a\tb\nc\n\\x1b[2J\\x9b1m\\x7f"
+    # bidi overrides and isolates are shown, so no text reads as what it is not
+    assert terminal_text("rm \u202eftp.exe \u2066x\u2069") == "rm \\u202eftp.exe \\u2066x\\u2069"
+    assert approval_question("read_file", {"path": "a\u202etxt.exe"}).count("\\u202e") == 1
+    assert terminal_text("שלום \u200f world") == "שלום \u200f world"  # marks stay: they only hint
 
 
 def test_ask_does_not_pass_control_sequences(env: dict[str, str], server: FakeOpenAIServer) -> None:
@@ -185,6 +189,12 @@ def test_a_key_or_token_the_server_echoes_is_hidden(
 
 def test_redaction_finds_credentials_by_position() -> None:
     assert redact_url("http://bob:pw@host/v1") == "http://bob:***@host/v1"
+    # a web URL's bare user info is a token by convention; a database URL's is a user name
+    assert redact_url("https://ghp_abc123@github.com/x.git") == "https://***@github.com/x.git"
+    assert redact_text("see https://tok@h/v1 now") == "see https://***@h/v1 now"
+    assert (
+        redact_url("postgresql://postgres@127.0.0.1/test") == "postgresql://postgres@127.0.0.1/test"
+    )
     assert redact_url("redis://:p@ss@h/0?prefix=a&password=pw") == (
         "redis://:***@h/0?prefix=a&password=***"
     )

@@ -23,6 +23,9 @@ _CONTROLS: dict[int, str | None] = {
     c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)
 }
 _CONTROLS[0x0D] = None
+# Bidirectional embeddings, overrides and isolates reorder what follows them on screen, so an
+# approval question could show one file name or URL and run another ("Trojan Source").
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 _TERMINAL_SAFE = str.maketrans(_CONTROLS)
 
 
