@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .errors import UnsupportedStorageURL as UnsupportedStorageURL
     from .events import AgentResult as AgentResult
     from .events import Approver as Approver
+    from .events import InterceptedResponse as InterceptedResponse
     from .events import ModelRequest as ModelRequest
     from .events import OnLimit as OnLimit
     from .events import ReactMode as ReactMode
@@ -92,6 +93,7 @@ _EXPORTS: dict[str, str] = {
     "ModelError": ".errors",
     "ModelNotConfigured": ".errors",
     "ModelRequest": ".events",
+    "InterceptedResponse": ".events",
     "ModelResponse": ".model",
     "OnLimit": ".events",
     "OpenAIChatModel": ".model",

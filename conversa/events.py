@@ -5,13 +5,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .messages import ChatMessage, ToolCall
 from .model import ModelResponse, TextDelta, ToolCallStarted, Usage
-
-if TYPE_CHECKING:
-    from .session import Session
 
 StopReason = Literal["final_answer", "max_iterations", "cancelled", "error"]
 ReactMode = Literal["auto", "tools", "text"]
@@ -79,14 +76,57 @@ class ModelRequest:
     tools: list[dict[str, Any]] | None
     extra_system: list[str] = field(default_factory=list)
     """Lines appended to the system prompt for this call only."""
+    session: Any = None
+    """The Session the request is for (set before the interceptors see it)."""
+
+    def add_system_context(self, text: str) -> None:
+        """Append ``text`` to the system prompt of this call (DCAF's name)."""
+        self.extra_system.append(text)
+
+    def get_latest_user_message(self) -> str:
+        """The text of the newest user message ("" if there is none)."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return content
+                parts = content if isinstance(content, list) else []
+                return "\n".join(
+                    str(p.get("text", ""))
+                    for p in parts
+                    if isinstance(p, dict) and p.get("type") == "text"
+                )
+        return ""
 
 
-RequestInterceptor = Callable[
-    [ModelRequest, "Session"], ModelRequest | Awaitable[ModelRequest | None] | None
-]
-ResponseInterceptor = Callable[
-    [ModelResponse, "Session"], ModelResponse | Awaitable[ModelResponse | None] | None
-]
+@dataclass(slots=True)
+class InterceptedResponse:
+    """The model's answer as a one-argument response interceptor gets it (DCAF's shape).
+
+    ``text`` may be changed; the stored assistant message then carries the new text.
+    """
+
+    text: str
+    tool_calls: list[dict[str, Any]]
+    usage: Usage
+    session: Any
+    raw: ModelResponse
+    """The response as the model gave it."""
+
+    def has_tool_calls(self) -> bool:
+        """Whether the model asked for tools."""
+        return bool(self.tool_calls)
+
+    def get_text_length(self) -> int:
+        """The length of ``text``."""
+        return len(self.text)
+
+
+RequestInterceptor = Callable[..., ModelRequest | Awaitable[ModelRequest | None] | None]
+"""``(request, session)`` or, DCAF's shape, ``(request)`` with ``request.session``."""
+ResponseInterceptor = Callable[..., Any]
+"""``(response, session)`` on the ModelResponse, returning it (changed) or None; or, DCAF's
+shape, ``(response)`` on an InterceptedResponse, returning it, a ModelResponse or None."""
 Approver = Callable[[str, dict[str, Any]], bool | Awaitable[bool]]
 
 

@@ -9,7 +9,15 @@ from contextlib import aclosing, asynccontextmanager
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
-from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
+from .agent import (
+    CancelFlag,
+    ToolProtocol,
+    TurnSetup,
+    adapt_request_interceptors,
+    adapt_response_interceptors,
+    restore_journaled_result,
+    run_turn,
+)
 from .context import PromptOptions, TokenCounter, estimate_tokens
 from .errors import ConversaError
 from .events import (
@@ -24,7 +32,7 @@ from .events import (
 )
 from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
-from .state import SessionState
+from .state import SessionState, SessionValues
 from .storage import ConversationStorage, open_storage, validate_session_id
 from .storage._lease import DEFAULT_WAIT, check_wait
 from .transcript import Transcript, Window
@@ -38,8 +46,12 @@ USER_PART_PREFIX = "__user_part_"  # internal state keys start with __
 REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
 
-class Session:
-    """A conversation: its stored history, its state, and the agent that answers in it."""
+class Session(SessionValues):
+    """A conversation: its stored history, its state, and the agent that answers in it.
+
+    ``session.get/set/delete/has/update`` and ``session["k"]`` are DCAF's sync shape of
+    ``session.state`` (see SessionState for when such changes are stored).
+    """
 
     def __init__(
         self,
@@ -230,6 +242,7 @@ class Session:
             transcript = self._transcript
             await transcript.refresh(self._window())
             await self.state.reload()
+            await restore_journaled_result(transcript, self.state)
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
             await transcript.answer_dangling_calls()
@@ -271,17 +284,22 @@ class Session:
                 system_prompt=self.system_prompt,
                 context_window=self.context_window,
                 token_counter=self.token_counter,
-                request_interceptors=self.request_interceptors,
+                request_interceptors=adapt_request_interceptors(
+                    self.request_interceptors, self.state
+                ),
                 user_parts=self._user_parts,
             ),
             approve=self.approve,
             react_mode=self.react_mode,
             max_iterations=self.max_iterations if max_iterations is None else max_iterations,
             on_limit=self.on_limit,
-            response_interceptors=self.response_interceptors,
+            response_interceptors=adapt_response_interceptors(
+                self.response_interceptors, self.state
+            ),
             protocol=self._protocol,
             cancel=self._cancel,
             context=self,
+            state=self.state,
         )
 
     # -- user parts: content attached to every user message sent to the model ---------
@@ -313,9 +331,12 @@ class Session:
             await self.state.delete(key)
 
     async def close(self) -> None:
-        """Close the storage if create_session opened it from a URL or path."""
-        if self._owns_storage:
-            await self.storage.close()
+        """Store pending sync state changes; close the storage if create_session opened it."""
+        try:
+            await self.state.flush()
+        finally:
+            if self._owns_storage:
+                await self.storage.close()
 
     async def __aenter__(self) -> Session:
         return self

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
-from .storage.base import ConversationStorage, copy_json, expiry_of, from_ts
+from .errors import StateValueError
+from .storage.base import (
+    ConversationStorage,
+    StateEntry,
+    copy_json,
+    expiry_of,
+    from_ts,
+    state_entries,
+)
 
 T = TypeVar("T")
 
@@ -29,8 +40,49 @@ def is_internal(key: str) -> bool:
     return key.startswith(INTERNAL_PREFIX)
 
 
+_Op = tuple[Any, float | None] | None
+"""A sync change of one key: (value, expiry in epoch seconds or None), or None for a removal."""
+
+
+class StateChanges:
+    """The changes one tool run or interceptor call made through the sync API.
+
+    They are kept apart from the state until ``SessionState.commit`` stores them, in one
+    write, when the call has returned; a call that failed or timed out has them dropped.
+    """
+
+    __slots__ = ("closed", "ops", "state")
+
+    def __init__(self, state: SessionState) -> None:
+        self.state = state
+        self.ops: dict[str, _Op] = {}
+        self.closed = False
+        """Set once the changes are stored or dropped: later writes (an abandoned thread's)
+        raise instead of being lost without a word."""
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+
+_SCOPE: ContextVar[StateChanges | None] = ContextVar("conversa_state_changes", default=None)
+
+JOURNAL_KEY = "__tool_result_journal"
+"""Internal key written with a tool's state changes: the result that goes with them, so that a
+crash between the two writes can store the result on the next turn instead of losing it."""
+
+
 class SessionState:
-    """A session's key-value state: reads come from a cache, writes go straight to storage.
+    """A session's key-value state: reads come from a cache, writes go to storage.
+
+    Two ways to write. The async API (``await state.set(...)``, ``update``, ``delete``,
+    ``clear``) stores the change before it returns. The sync API (``state["k"] = v``,
+    ``del state["k"]``, and ``state.sync.set/delete/update/clear``) works where ``await``
+    cannot, in a sync tool running in its thread or a sync interceptor: the changes a tool or
+    interceptor makes this way are stored, in one write, when it returns (for a tool, before
+    its result, and together with a journal of that result: a crash keeps both or neither).
+    A tool that raises or times out has its sync changes dropped. Outside a tool or an
+    interceptor, sync changes apply to this object at once and are stored by ``flush()``, by
+    the next async write, at the start of the next turn or when the session is closed.
 
     Keys starting with "__" are internal (user parts, the CLI's settings): get, set, has and
     delete reach them, but keys, items, to_dict, clear and from_dict leave them out, so a
@@ -53,22 +105,48 @@ class SessionState:
         self._values: dict[str, Any] = {}
         self._expires: dict[str, float] = {}
         self._modified = False
+        # sync writes come from tool threads too: the cache and the pending changes are
+        # changed under this lock
+        self._lock = threading.RLock()
+        self._pending = StateChanges(self)  # sync changes made outside a tool or interceptor
 
     async def reload(self) -> None:
-        """Read the state from storage again (a turn does this before it starts)."""
+        """Read the state from storage again (a turn does this before it starts); pending
+        sync changes are stored first, so a reload never loses them."""
+        await self.flush()
         entries = await self._storage.get_state_entries(self._session_id)
-        self._values = {k: e.value for k, e in entries.items()}
-        self._expires = {
-            k: e.expires_at.timestamp() for k, e in entries.items() if e.expires_at is not None
-        }
-        self._modified = False
+        with self._lock:
+            self._values = {k: e.value for k, e in entries.items()}
+            self._expires = {
+                k: e.expires_at.timestamp() for k, e in entries.items() if e.expires_at is not None
+            }
+            self._modified = False
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _scope(self) -> StateChanges | None:
+        """The changes of the tool or interceptor running in this context, if they are ours."""
+        scope = _SCOPE.get()
+        return scope if scope is not None and scope.state is self else None
 
     def _live(self, key: str) -> bool:
-        expires = self._expires.get(key)
-        if expires is not None and expires <= self._clock():
-            self._values.pop(key, None)
-            del self._expires[key]
-        return key in self._values
+        with self._lock:
+            expires = self._expires.get(key)
+            if expires is not None and expires <= self._clock():
+                self._values.pop(key, None)
+                del self._expires[key]
+            return key in self._values
+
+    def _find(self, key: str) -> tuple[bool, Any]:
+        """(found, value) as this context sees it: its own unstored changes over the cache."""
+        scope = self._scope()
+        if scope is not None and key in scope.ops:
+            op = scope.ops[key]
+            if op is None or (op[1] is not None and op[1] <= self._clock()):
+                return False, None
+            return True, op[0]
+        with self._lock:
+            return (True, self._values[key]) if self._live(key) else (False, None)
 
     @overload
     def get(self, key: str, default: Any = None) -> Any: ...
@@ -77,14 +155,54 @@ class SessionState:
 
     def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
         """The value of ``key`` (``default`` if absent), validated into ``as_type`` if given."""
-        if not self._live(key):
+        found, value = self._find(key)
+        if not found:
             return default
-        value = copy_json(self._values[key])
+        value = copy_json(value)
         if as_type is None:
             return value
         from pydantic import TypeAdapter
 
         return TypeAdapter(as_type).validate_python(value)
+
+    def __getitem__(self, key: str) -> Any:
+        found, value = self._find(key)
+        if not found:
+            raise KeyError(key)
+        return copy_json(value)
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is set and not expired."""
+        return self._find(key)[0]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._find(key)[0]
+
+    def keys(self, *, internal: bool = False) -> list[str]:
+        """The live keys (with ``internal=True`` also those starting with "__")."""
+        scope = self._scope()
+        with self._lock:
+            names = list(self._values)
+        if scope is not None:
+            names += [k for k in list(scope.ops) if k not in names]
+        return [k for k in names if (internal or not is_internal(k)) and self._find(k)[0]]
+
+    def items(self, *, internal: bool = False) -> list[tuple[str, Any]]:
+        """The live (key, value) pairs, the values as copies."""
+        found = ((k, self._find(k)) for k in self.keys(internal=internal))
+        return [(k, copy_json(value)) for k, (ok, value) in found if ok]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A copy of the live state, without internal keys."""
+        return dict(self.items())
+
+    # -- the async API: stored before it returns -------------------------------------------
 
     async def set(
         self,
@@ -111,31 +229,43 @@ class SessionState:
         # storage gets the moment, so this cache and every process agree on when it is
         moment = None if expires is None else from_ts(expires)
         plain = {k: _to_json_value(v) for k, v in values.items()}
+        await self.flush()  # sync changes made before this one are stored before it
         await self._storage.set_state(self._session_id, plain, expires_at=moment)
-        self._values.update(plain)
-        for key in plain:
-            if moment is None:
-                self._expires.pop(key, None)
-            else:
-                self._expires[key] = moment.timestamp()
-        self._modified = True
+        with self._lock:
+            self._values.update(plain)
+            for key in plain:
+                if moment is None:
+                    self._expires.pop(key, None)
+                else:
+                    self._expires[key] = moment.timestamp()
+            self._modified = True
+        self._superseded(plain)
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""
+        await self.flush()
         await self._storage.delete_state(self._session_id, [key])
-        self._values.pop(key, None)
-        self._expires.pop(key, None)
-        self._modified = True
+        with self._lock:
+            self._values.pop(key, None)
+            self._expires.pop(key, None)
+            self._modified = True
+        self._superseded([key])
 
     async def clear(self) -> None:
         """Remove every key that is not internal."""
-        keys = self.keys()
+        await self.flush()
+        scope = self._scope()
+        with self._lock:
+            keys = [k for k in list(self._values) if not is_internal(k) and self._live(k)]
         if keys:
             await self._storage.delete_state(self._session_id, keys)
-        for key in keys:
-            self._values.pop(key, None)
-            self._expires.pop(key, None)
-        self._modified = True
+        with self._lock:
+            for key in keys:
+                self._values.pop(key, None)
+                self._expires.pop(key, None)
+            self._modified = True
+        if scope is not None:
+            self._superseded([k for k in scope.ops if not is_internal(k)])
 
     async def from_dict(self, values: Mapping[str, Any]) -> None:
         """Replace the state (but its internal keys) with ``values``."""
@@ -143,30 +273,131 @@ class SessionState:
         if values:
             await self.update(values)
 
-    def has(self, key: str) -> bool:
-        """Whether ``key`` is set and not expired."""
-        return self._live(key)
+    def _superseded(self, keys: Any) -> None:
+        """An async write wins over the sync changes this context made earlier to its keys."""
+        scope = self._scope()
+        if scope is not None:
+            for key in keys:
+                scope.ops.pop(key, None)
 
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._live(key)
+    # -- the sync API: stored when the tool or interceptor returns -------------------------
 
-    def keys(self, *, internal: bool = False) -> list[str]:
-        """The live keys (with ``internal=True`` also those starting with "__")."""
-        return [k for k in list(self._values) if (internal or not is_internal(k)) and self._live(k)]
+    @property
+    def sync(self) -> SyncState:
+        """This state's sync API: get/set/delete/update/clear without ``await``."""
+        return SyncState(self)
 
-    def items(self, *, internal: bool = False) -> list[tuple[str, Any]]:
-        """The live (key, value) pairs, the values as copies."""
-        return [(k, copy_json(self._values[k])) for k in self.keys(internal=internal)]
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set_sync({key: value})
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
+    def __delitem__(self, key: str) -> None:
+        if not self.has(key):
+            raise KeyError(key)
+        self.delete_sync([key])
 
-    def __len__(self) -> int:
-        return len(self.keys())
+    def set_sync(
+        self,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Set keys without ``await`` (see the class: when the change is stored)."""
+        expires = expiry_of(ttl, expires_at, self._clock())
+        plain = {k: _to_json_value(v) for k, v in values.items()}
+        state_entries(plain)  # a bad key or value fails here, in the caller, not at the store
+        self._record({k: (v, expires) for k, v in plain.items()})
 
-    def to_dict(self) -> dict[str, Any]:
-        """A copy of the live state, without internal keys."""
-        return dict(self.items())
+    def delete_sync(self, keys: Any) -> None:
+        """Remove keys without ``await``; absent keys are ignored."""
+        self._record(dict.fromkeys(keys))
+
+    def clear_sync(self) -> None:
+        """Remove every key that is not internal, without ``await``."""
+        self.delete_sync(self.keys())
+
+    def _record(self, ops: dict[str, _Op]) -> None:
+        scope = self._scope()
+        if scope is not None:
+            if scope.closed:
+                raise StateValueError(
+                    "this tool or interceptor call is over (it failed or timed out): "
+                    "its state changes are no longer stored"
+                )
+            scope.ops.update(ops)
+            return
+        with self._lock:
+            self._apply(ops)
+            self._pending.ops.update(ops)
+
+    def _apply(self, ops: Mapping[str, _Op]) -> None:
+        """Put stored (or, outside a scope, pending) changes into the cache."""
+        for key, op in ops.items():
+            if op is None:
+                self._values.pop(key, None)
+                self._expires.pop(key, None)
+                continue
+            self._values[key] = op[0]
+            if op[1] is None:
+                self._expires.pop(key, None)
+            else:
+                self._expires[key] = op[1]
+        self._modified = True
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether sync changes made outside a tool or interceptor still wait for flush()."""
+        return bool(self._pending.ops)
+
+    async def flush(self) -> None:
+        """Store the sync changes made outside a tool or interceptor (one write)."""
+        with self._lock:
+            ops, self._pending.ops = self._pending.ops, {}
+        if not ops:
+            return
+        try:
+            await self._storage.change_state(self._session_id, _entries(ops))
+        except BaseException:
+            with self._lock:  # not stored: keep them for the next try, newer changes first
+                self._pending.ops = {**ops, **self._pending.ops}
+            raise
+
+    # -- the scope of one tool run or interceptor call ------------------------------------
+
+    @contextmanager
+    def collect(self) -> Iterator[StateChanges]:
+        """Collect the sync changes made in this context (a tool run, an interceptor call).
+
+        The changes are not stored on exit: ``commit`` stores them, ``discard`` drops them.
+        """
+        changes = StateChanges(self)
+        token = _SCOPE.set(changes)
+        try:
+            yield changes
+        finally:
+            _SCOPE.reset(token)
+
+    async def commit(self, changes: StateChanges, *, journal: Any = None) -> None:
+        """Store collected changes in one write (with ``journal`` under JOURNAL_KEY)."""
+        changes.closed = True
+        ops = dict(changes.ops)
+        if not ops:
+            return
+        entries = _entries(ops)
+        if journal is not None:
+            entries[JOURNAL_KEY] = StateEntry(journal)
+        await self.flush()
+        await self._storage.change_state(self._session_id, entries)
+        with self._lock:
+            self._apply(ops)
+            if journal is not None:
+                self._apply({JOURNAL_KEY: (copy_json(journal), None)})
+
+    @staticmethod
+    def discard(changes: StateChanges) -> None:
+        """Drop collected changes (their call failed); later writes to them raise."""
+        changes.closed = True
+        changes.ops.clear()
 
     @property
     def is_modified(self) -> bool:
@@ -180,3 +411,136 @@ class SessionState:
 
     def __repr__(self) -> str:
         return f"SessionState({self.to_dict()!r})"
+
+
+def _entries(ops: Mapping[str, _Op]) -> dict[str, StateEntry | None]:
+    return {
+        k: None if op is None else StateEntry(op[0], None if op[1] is None else from_ts(op[1]))
+        for k, op in ops.items()
+    }
+
+
+class SyncState:
+    """The sync API of a SessionState (``state.sync``): the async names without ``await``.
+
+    Where and when its changes are stored is said on SessionState.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: SessionState) -> None:
+        self._state = state
+
+    @overload
+    def get(self, key: str, default: Any = None) -> Any: ...
+    @overload
+    def get(self, key: str, default: Any = None, *, as_type: type[T]) -> T: ...
+
+    def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
+        """The value of ``key`` (``default`` if absent), validated into ``as_type`` if given."""
+        return self._state.get(key, default, as_type=as_type)
+
+    def set(
+        self, key: str, value: Any, *, ttl: float | None = None, expires_at: datetime | None = None
+    ) -> None:
+        """Set ``key`` to a copy of ``value``, optionally expiring (``ttl`` or ``expires_at``)."""
+        self._state.set_sync({key: value}, ttl=ttl, expires_at=expires_at)
+
+    def update(
+        self,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Set several keys, with one expiry for all."""
+        self._state.set_sync(values, ttl=ttl, expires_at=expires_at)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are ignored."""
+        self._state.delete_sync([key])
+
+    def clear(self) -> None:
+        """Remove every key that is not internal."""
+        self._state.clear_sync()
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is set and not expired."""
+        return self._state.has(key)
+
+    def keys(self) -> list[str]:
+        """The live keys but the internal ones."""
+        return self._state.keys()
+
+    def items(self) -> list[tuple[str, Any]]:
+        """The live (key, value) pairs but the internal ones."""
+        return self._state.items()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A copy of the live state, without internal keys."""
+        return self._state.to_dict()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._state[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+class SessionValues:
+    """DCAF's session shape on a Session: ``session.get/set/delete/has/update`` and
+    ``session["k"]``, all sync (they are ``session.state.sync``'s)."""
+
+    state: SessionState
+
+    def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
+        """The state's value of ``key`` (``default`` if absent), as ``as_type`` if given."""
+        return self.state.get(key, default, as_type=as_type)
+
+    def set(
+        self, key: str, value: Any, *, ttl: float | None = None, expires_at: datetime | None = None
+    ) -> None:
+        """Set a state key without ``await`` (stored as SessionState says)."""
+        self.state.set_sync({key: value}, ttl=ttl, expires_at=expires_at)
+
+    def update(
+        self,
+        values: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Set several state keys without ``await``."""
+        self.state.set_sync(values, ttl=ttl, expires_at=expires_at)
+
+    def delete(self, key: str) -> None:
+        """Remove a state key without ``await``; absent keys are ignored."""
+        self.state.delete_sync([key])
+
+    def has(self, key: str) -> bool:
+        """Whether the state has ``key``."""
+        return self.state.has(key)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.state[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.state

@@ -89,6 +89,61 @@ def test_tools_agent(server: FakeOpenAIServer, tmp_path: Path) -> None:
     assert "success=True iterations=4" in out
 
 
+def test_shopping_cart_four_turns_as_in_dcafs_lifecycle_table(
+    server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """DCAF's session-lifecycle table, turn by turn: the sync tools' session changes are
+    stored with their results and are there in the next turn (and in the file)."""
+    server.add_reply(
+        tool_call("add_to_cart", {"item": "Widget", "quantity": 2}),
+        text("Added 2x Widget. Cart has 2 items."),
+        tool_call("add_to_cart", {"item": "Gadget", "quantity": 3}),
+        text("Added 3x Gadget. Cart has 5 items."),
+        tool_call("checkout", {}),
+        text("Order placed! 5 items shipped."),
+        tool_call("view_cart", {}),
+        text("Your cart is empty."),
+    )
+    out = run(server, tmp_path, str(EXAMPLES / "shopping_cart.py"))
+    turns = out.split("Turn ")[1:]
+    assert len(turns) == 4, out
+    widget = "{'item': 'Widget', 'quantity': 2}"
+    gadget = "{'item': 'Gadget', 'quantity': 3}"
+    assert "Session Before: {}" in turns[0]
+    assert "-> 'Added 2x Widget. Cart now has 2 items.'" in turns[0]
+    assert f"Session After: {{'cart': [{widget}]}}" in turns[0]
+    assert f"Session Before: {{'cart': [{widget}]}}" in turns[1]
+    assert "-> 'Added 3x Gadget. Cart now has 5 items.'" in turns[1]
+    assert f"Session After: {{'cart': [{widget}, {gadget}]}}" in turns[1]
+    assert "approve checkout({})? yes" in turns[2]
+    assert "-> 'Order placed! 5 items will be shipped.'" in turns[2]
+    assert "Session After: {}" in turns[2]
+    assert "Session Before: {}" in turns[3]
+    assert "-> 'Your cart is empty.'" in turns[3]
+    assert "Response: 'Your cart is empty.'" in turns[3]
+    # what the model got back in turn 2 is what the tool said in turn 1, from storage
+    sent = server.requests[2]["messages"]
+    assert any(m.get("content") == "Added 2x Widget. Cart now has 2 items." for m in sent)
+
+    # a new process sees what the tools stored: the state after checkout, every result
+    check = textwrap.dedent(
+        """
+        import asyncio
+        from conversa import create_session
+
+        async def main():
+            session = await create_session("shopper-1", "sqlite:///sessions.db")
+            tools = [m.text for m in session.history if m.role == "tool"]
+            print(session.state.to_dict(), tools)
+            await session.close()
+
+        asyncio.run(main())
+        """
+    )
+    out = run(server, tmp_path, "-c", check)
+    assert out.startswith("{} ['Added 2x Widget. Cart now has 2 items.', 'Added 3x Gadget."), out
+
+
 # -- the README's Python code blocks ------------------------------------------------------------
 #
 # Every ```python block of README.md runs as it is, pasted into a fresh temporary directory,

@@ -533,65 +533,6 @@ async def _data(session: Any, **arguments: Any) -> dict[str, Any]:
     return result
 
 
-async def test_session_data_every_action() -> None:
-    session = FakeSession()
-    assert session_data.wants_session
-    assert await _data(session, action="set", key="city", value="Paris") == {
-        "status": "success",
-        "action": "set",
-        "key": "city",
-        "value": "Paris",
-    }
-    await _data(session, action="set", key="prefs", value={"units": "metric"})
-    assert session.data == {"city": "Paris", "prefs": {"units": "metric"}}
-    assert await _data(session, action="get", key="prefs") == {
-        "status": "success",
-        "action": "get",
-        "key": "prefs",
-        "found": True,
-        "value": {"units": "metric"},
-    }
-    assert await _data(session, action="get", key="missing") == {
-        "status": "success",
-        "action": "get",
-        "key": "missing",
-        "found": False,
-        "value": None,
-    }
-    assert await _data(session, action="list") == {
-        "status": "success",
-        "action": "list",
-        "keys": ["city", "prefs"],
-    }
-    deleted = await _data(session, action="delete", key="city")
-    assert deleted["status"] == "success" and deleted["deleted"] is True
-    assert "city" not in session.data
-    assert (await _data(session, action="delete", key="city"))["deleted"] is False
-    cleared = await _data(session, action="clear")
-    assert cleared["status"] == "success" and cleared["action"] == "clear"
-    assert session.data == {}
-    assert (await _data(session, action="list"))["keys"] == []
-
-
-@pytest.mark.parametrize(
-    ("arguments", "message"),
-    [
-        ({}, "missing 'action'"),
-        ({"action": "explode"}, "unknown action 'explode'"),
-        ({"action": "set", "value": 1}, "needs a 'key'"),
-        ({"action": "get"}, "needs a 'key'"),
-        ({"action": "delete"}, "needs a 'key'"),
-        ({"action": "set", "key": "k"}, "needs a 'value'"),
-    ],
-)
-async def test_session_data_errors(arguments: dict[str, Any], message: str) -> None:
-    session = FakeSession()
-    result = await _data(session, **arguments)
-    assert result["status"] == "error"
-    assert message in result["message"]
-    assert session.data == {}
-
-
 async def test_session_data_without_a_session() -> None:
     result = json.loads(await session_data.run({"action": "list"}))
     assert result["status"] == "error" and "session" in result["message"]

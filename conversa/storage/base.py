@@ -329,6 +329,24 @@ class ConversationStorage(ABC):
         validate_session_id(session_id)
         await self._set_state(session_id, state_entries(values, ttl, expires_at))
 
+    async def change_state(self, session_id: str, changes: Mapping[str, StateEntry | None]) -> None:
+        """Set keys (a StateEntry, each with its own expiry) and remove keys (None) in one
+        write: a crash keeps all of the change or none of it.
+        """
+        validate_session_id(session_id)
+        entries: dict[str, dict[str, Any]] = {}
+        for key, entry in changes.items():
+            if entry is None:
+                # a removal is an entry expired since 1970: it reads as absent at once and the
+                # next write drops it, and it goes in the same single hook call as the sets
+                state_entries({key: None})  # the key is checked like any other
+                entries[key] = {"value": None, "expires_at": 0.0}
+            else:
+                moment = None if entry.expires_at is None else as_utc(entry.expires_at)
+                entries.update(state_entries({key: entry.value}, expires_at=moment))
+        if entries:
+            await self._set_state(session_id, entries)
+
     async def delete_state(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove keys from the session's state; absent keys are ignored."""
         validate_session_id(session_id)
