@@ -343,19 +343,3 @@ async def test_a_journal_that_does_not_fit_the_history_is_dropped(tmp_path: Path
         await restore_journaled_result(transcript, state)
         assert len(await storage.load("s")) == 2 and not state.has(JOURNAL_KEY)
     await storage.close()
-
-
-@pytest.mark.parametrize("scheme", ["memory", "file", "sqlite"])
-async def test_change_state_sets_and_removes_in_one_call(scheme: str, tmp_path: Path) -> None:
-    from conversa import StateEntry
-
-    url = {"memory": "memory://", "file": f"file://{tmp_path}", "sqlite": ""}[scheme]
-    storage = open_storage(url or f"sqlite:///{tmp_path / 's.db'}")
-    await storage.set_state("s", {"a": 1, "b": 2})
-    await storage.change_state("s", {"a": None, "c": StateEntry([3]), "never": None})
-    assert await storage.get_state("s") == {"b": 2, "c": [3]}
-    await storage.change_state("s", {"a": StateEntry("again")})  # a removed key can come back
-    assert await storage.get_state("s") == {"a": "again", "b": 2, "c": [3]}
-    with pytest.raises(StateValueError):
-        await storage.change_state("s", {"": StateEntry(1)})
-    await storage.close()

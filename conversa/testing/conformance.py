@@ -38,8 +38,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..errors import InvalidSessionId, SessionBusy, StorageError
+from ..errors import InvalidSessionId, SessionBusy, StateValueError, StorageError
 from ..messages import ChatMessage, Role, ToolCall
+from ..storage._stored import StateEntry
 from ..storage.base import ConversationStorage
 
 # -- strategies: arbitrary valid messages ------------------------------------------------
@@ -789,6 +790,27 @@ class StorageConformance(LeaseConformance):
         state = await storage.get_state(other)
         state["a"] = "mutated"
         assert await storage.get_state(other) == {"a": "other"}
+
+    async def test_change_state_sets_and_removes_in_one_call(
+        self, storage: ConversationStorage
+    ) -> None:
+        sid = _sid()
+        await storage.set_state(sid, {"a": 1, "b": 2})
+        later = datetime.now(UTC) + timedelta(hours=1)
+        await storage.change_state(
+            sid, {"a": None, "c": StateEntry([3]), "d": StateEntry("x", later), "never": None}
+        )
+        assert await storage.get_state(sid) == {"b": 2, "c": [3], "d": "x"}
+        entries = await storage.get_state_entries(sid)
+        assert entries["d"].expires_at is not None
+        assert abs((entries["d"].expires_at - later).total_seconds()) < 0.01
+        assert "a" not in entries and "never" not in entries
+        await storage.change_state(sid, {"a": StateEntry("again")})  # a removed key comes back
+        assert await storage.get_state(sid) == {"a": "again", "b": 2, "c": [3], "d": "x"}
+        await storage.change_state(sid, {})  # nothing to change: no write, no error
+        with pytest.raises(StateValueError):
+            await storage.change_state(sid, {"": StateEntry(1)})
+        assert await storage.get_state(sid) == {"a": "again", "b": 2, "c": [3], "d": "x"}
 
     @_HYPOTHESIS
     @given(values=st.dictionaries(st.text(min_size=1, max_size=30), json_values, max_size=5))
