@@ -9,6 +9,7 @@ from contextlib import aclosing, asynccontextmanager
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
+from ._state_views import KeyValueAccess
 from .agent import (
     CancelFlag,
     ToolProtocol,
@@ -32,7 +33,7 @@ from .events import (
 )
 from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
-from .state import SessionState, SessionValues
+from .state import SessionState
 from .storage import ConversationStorage, open_storage, validate_session_id
 from .storage._lease import DEFAULT_WAIT, check_wait
 from .transcript import Transcript, Window
@@ -46,7 +47,7 @@ USER_PART_PREFIX = "__user_part_"  # internal state keys start with __
 REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
 
-class Session(SessionValues):
+class Session(KeyValueAccess):
     """A conversation: its stored history, its state, and the agent that answers in it.
 
     ``session.get/set/delete/has/update`` and ``session["k"]`` are DCAF's sync shape of
@@ -106,6 +107,9 @@ class Session(SessionValues):
         self._cancel = CancelFlag()
 
     # -- model ------------------------------------------------------------------------
+
+    def _target(self) -> SessionState:
+        return self.state  # the state that session.get/set/... reach
 
     @property
     def model(self) -> ChatModel:

@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
+from ._state_views import StateView
 from .errors import StateValueError
 from .storage.base import (
     ConversationStorage,
@@ -283,9 +284,9 @@ class SessionState:
     # -- the sync API: stored when the tool or interceptor returns -------------------------
 
     @property
-    def sync(self) -> SyncState:
+    def sync(self) -> StateView:
         """This state's sync API: get/set/delete/update/clear without ``await``."""
-        return SyncState(self)
+        return StateView(self)
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.set_sync({key: value})
@@ -418,129 +419,3 @@ def _entries(ops: Mapping[str, _Op]) -> dict[str, StateEntry | None]:
         k: None if op is None else StateEntry(op[0], None if op[1] is None else from_ts(op[1]))
         for k, op in ops.items()
     }
-
-
-class SyncState:
-    """The sync API of a SessionState (``state.sync``): the async names without ``await``.
-
-    Where and when its changes are stored is said on SessionState.
-    """
-
-    __slots__ = ("_state",)
-
-    def __init__(self, state: SessionState) -> None:
-        self._state = state
-
-    @overload
-    def get(self, key: str, default: Any = None) -> Any: ...
-    @overload
-    def get(self, key: str, default: Any = None, *, as_type: type[T]) -> T: ...
-
-    def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
-        """The value of ``key`` (``default`` if absent), validated into ``as_type`` if given."""
-        return self._state.get(key, default, as_type=as_type)
-
-    def set(
-        self, key: str, value: Any, *, ttl: float | None = None, expires_at: datetime | None = None
-    ) -> None:
-        """Set ``key`` to a copy of ``value``, optionally expiring (``ttl`` or ``expires_at``)."""
-        self._state.set_sync({key: value}, ttl=ttl, expires_at=expires_at)
-
-    def update(
-        self,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set several keys, with one expiry for all."""
-        self._state.set_sync(values, ttl=ttl, expires_at=expires_at)
-
-    def delete(self, key: str) -> None:
-        """Remove ``key``; absent keys are ignored."""
-        self._state.delete_sync([key])
-
-    def clear(self) -> None:
-        """Remove every key that is not internal."""
-        self._state.clear_sync()
-
-    def has(self, key: str) -> bool:
-        """Whether ``key`` is set and not expired."""
-        return self._state.has(key)
-
-    def keys(self) -> list[str]:
-        """The live keys but the internal ones."""
-        return self._state.keys()
-
-    def items(self) -> list[tuple[str, Any]]:
-        """The live (key, value) pairs but the internal ones."""
-        return self._state.items()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A copy of the live state, without internal keys."""
-        return self._state.to_dict()
-
-    def __getitem__(self, key: str) -> Any:
-        return self._state[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._state[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self._state[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._state
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._state)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-
-class SessionValues:
-    """DCAF's session shape on a Session: ``session.get/set/delete/has/update`` and
-    ``session["k"]``, all sync (they are ``session.state.sync``'s)."""
-
-    state: SessionState
-
-    def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
-        """The state's value of ``key`` (``default`` if absent), as ``as_type`` if given."""
-        return self.state.get(key, default, as_type=as_type)
-
-    def set(
-        self, key: str, value: Any, *, ttl: float | None = None, expires_at: datetime | None = None
-    ) -> None:
-        """Set a state key without ``await`` (stored as SessionState says)."""
-        self.state.set_sync({key: value}, ttl=ttl, expires_at=expires_at)
-
-    def update(
-        self,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Set several state keys without ``await``."""
-        self.state.set_sync(values, ttl=ttl, expires_at=expires_at)
-
-    def delete(self, key: str) -> None:
-        """Remove a state key without ``await``; absent keys are ignored."""
-        self.state.delete_sync([key])
-
-    def has(self, key: str) -> bool:
-        """Whether the state has ``key``."""
-        return self.state.has(key)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.state[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.state[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.state[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.state

@@ -8,6 +8,7 @@ from datetime import datetime
 from os import PathLike
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._state_views import StateView
 from .context import TokenCounter, estimate_tokens
 from .errors import ConversaError
 from .events import (
@@ -115,41 +116,23 @@ class SyncSession:
         self.close()
 
 
-class SyncState:
-    """SessionState with blocking writes."""
+class SyncState(StateView):
+    """SessionState with blocking writes: each is stored before it returns."""
+
+    __slots__ = ("_owner",)
 
     def __init__(self, owner: SyncSession) -> None:
+        super().__init__(owner.session.state)
         self._owner = owner
-        self._state = owner.session.state
 
-    def get(self, key: str, default: Any = None, *, as_type: Any = None) -> Any:
-        """The value of ``key`` or ``default``."""
-        return self._state.get(key, default, as_type=as_type)
-
-    def set(
-        self,
-        key: str,
-        value: Any,
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
+    def _store(
+        self, values: Mapping[str, Any], ttl: float | None, expires_at: datetime | None
     ) -> None:
-        """Store a value, optionally expiring after ``ttl`` seconds or at ``expires_at``."""
-        self._owner._run(self._state.set(key, value, ttl=ttl, expires_at=expires_at))
-
-    def delete(self, key: str) -> None:
-        """Remove a key."""
-        self._owner._run(self._state.delete(key))
-
-    def update(
-        self,
-        values: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> None:
-        """Store several keys at once."""
         self._owner._run(self._state.update(values, ttl=ttl, expires_at=expires_at))
+
+    def _remove(self, keys: list[str]) -> None:
+        for key in keys:
+            self._owner._run(self._state.delete(key))
 
     def clear(self) -> None:
         """Remove every key that is not internal."""
@@ -158,22 +141,6 @@ class SyncState:
     def from_dict(self, values: Mapping[str, Any]) -> None:
         """Replace the state (but its internal keys) with ``values``."""
         self._owner._run(self._state.from_dict(values))
-
-    def has(self, key: str) -> bool:
-        """Whether ``key`` is set."""
-        return self._state.has(key)
-
-    def keys(self) -> list[str]:
-        """The live keys."""
-        return self._state.keys()
-
-    def items(self) -> list[tuple[str, Any]]:
-        """The live (key, value) pairs."""
-        return self._state.items()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A copy of the state."""
-        return self._state.to_dict()
 
     @property
     def is_modified(self) -> bool:
