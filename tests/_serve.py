@@ -74,7 +74,9 @@ class ServeProcess:
         self.stop()
 
 
-def run_serve(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_serve(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`conversa serve ...` expected to exit by itself (a refusal)."""
     return subprocess.run(
         [CONVERSA, "serve", "--port", "0", *args],

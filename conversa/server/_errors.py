@@ -21,6 +21,7 @@ from ..errors import (
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("conversa.server")
 
@@ -93,7 +94,39 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    app.add_exception_handler(Exception, on_error)
+    # Starlette re-raises what its Exception handler answered (a traceback in the log, a
+    # reset connection): the known errors get handlers, anything else the middleware below.
+    for kind in (ApiError, ConversaError, ValueError):
+        app.add_exception_handler(kind, on_error)
+    app.add_middleware(CatchAll)
+
+
+class CatchAll:
+    """Answer an unexpected exception as a 500 ``{"error": ...}``, logged as one line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            status, message = describe(exc)
+            if started:
+                return  # too late for a status: the response just ends
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
 
 
 def validation_message(errors: object) -> str:
