@@ -192,7 +192,9 @@ class DcafTurn:
 
     async def _stop_for_approval(self, request: ModelRequest, session: Session) -> None:
         """Before the next model call: stop the turn if the client has calls to approve."""
-        if self.pending and session.cancel():
+        # _asked is filled by the approver in the turn's task; pending may be filled later,
+        # by a stream's consumer
+        if (self._asked or self.pending) and session.cancel():
             await asyncio.sleep(0)  # the cancel lands here; the turn ends as cancelled
 
     def observe(self, event: TurnEvent) -> list[dict[str, Any]]:
