@@ -166,9 +166,12 @@ def main() -> None:
     def get_value(w: int, i: int) -> tuple[str, str, Any]:
         return "GET", f"/v1/sessions/bench/values/{KEY}", None
 
+    case = [""]  # each case its own threads: a longer history costs every turn more
+
     def post_turn(w: int, i: int) -> tuple[str, str, Any]:
         # a thread per worker: turns on one thread wait for each other (the lease)
-        return "POST", f"/v1/threads/t-{run}-{w}/messages", {"content": f"question {i}"}
+        path = f"/v1/threads/t-{run}-{case[0]}-{w}/messages"
+        return "POST", path, {"content": f"question {i}"}
 
     print(
         f"conversa serve bench: {args.requests} requests, {args.concurrency} at a time, "
@@ -182,6 +185,7 @@ def main() -> None:
             urls = [url for _, url in procs]
             try:
                 for name, make in (("GET value", get_value), ("turn", post_turn)):
+                    case[0] = f"{kind}{instances}"
                     asyncio.run(load(urls, min(200, args.requests), args.concurrency, make))
                     row = asyncio.run(load(urls, args.requests, args.concurrency, make))
                     rows[(kind, name, instances)] = row
