@@ -309,7 +309,11 @@ class Session(KeyValueAccess):
     # -- user parts: content attached to every user message sent to the model ---------
 
     def _user_parts(self) -> list[dict[str, Any]]:
-        return [v for k, v in self.state.items(internal=True) if k.startswith(USER_PART_PREFIX)]
+        return [
+            content_part(v)
+            for k, v in self.state.items(internal=True)
+            if k.startswith(USER_PART_PREFIX)
+        ]
 
     async def set_user_part_text(self, name: str, text: str) -> None:
         """Attach a text part to the user's messages until it is deleted."""
@@ -350,6 +354,24 @@ class Session(KeyValueAccess):
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id!r}: {len(self._transcript)} messages>"
+
+
+def content_part(value: Any) -> Any:
+    """A stored user part as a content part of the model's message.
+
+    Parts set by ``set_user_part_*`` are stored in that form already; those Distri's client
+    writes (through ``conversa serve``) are ``{"part_type": "text" | "image", "data": ...}``.
+    """
+    if not isinstance(value, dict) or "part_type" not in value:
+        return value
+    data = value.get("data")
+    if value["part_type"] == "text":
+        return {"type": "text", "text": str(data)}
+    if isinstance(data, dict) and data.get("type") == "url":
+        return {"type": "image_url", "image_url": {"url": str(data.get("url"))}}
+    data = data if isinstance(data, dict) else {}
+    mime = data.get("mime_type") or "image/png"
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data.get('bytes')}"}}
 
 
 async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:

@@ -7,6 +7,7 @@ import click
 from ._options import DEBUG_HELP, STORAGE_HELP, AppConfig
 from .ask import ask
 from .chat import chat
+from .serve import serve
 from .sessions import sessions
 
 
@@ -29,3 +30,4 @@ def cli(ctx: click.Context, storage: str | None, debug: bool) -> None:
 cli.add_command(chat)
 cli.add_command(ask)
 cli.add_command(sessions)
+cli.add_command(serve)
