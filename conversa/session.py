@@ -234,8 +234,25 @@ class Session(KeyValueAccess):
         """retry(), streamed."""
         return self._turn(None, max_iterations, stream=True)
 
+    async def resume(self, *, max_iterations: int | None = None) -> AgentResult:
+        """Run the agent on from the stored history, without a new user message: after tool
+        results were stored by other means (an approval answered out of band, as DCAF's
+        clients do), the model sees them and goes on."""
+        return await _drain(self._turn(None, max_iterations, stream=False, resume=True))
+
+    def stream_resume(
+        self, *, max_iterations: int | None = None
+    ) -> AsyncGenerator[TurnEvent, None]:
+        """resume(), streamed."""
+        return self._turn(None, max_iterations, stream=True, resume=True)
+
     async def _turn(
-        self, content: Content | ChatMessage | None, max_iterations: int | None, *, stream: bool
+        self,
+        content: Content | ChatMessage | None,
+        max_iterations: int | None,
+        *,
+        stream: bool,
+        resume: bool = False,
     ) -> AsyncGenerator[TurnEvent, None]:
         message = None
         if content is not None:
@@ -250,7 +267,7 @@ class Session(KeyValueAccess):
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
             await transcript.answer_dangling_calls()
-            if message is None:
+            if message is None and not resume:
                 index = await transcript.newest_user_index()
                 if index is None:
                     raise ConversaError("there is no user message to retry; send one first")

@@ -294,6 +294,22 @@ async def test_retry_replaces_the_last_answer() -> None:
     assert [m.text for m in await session.storage.load("s")] == ["one", "first", "two", "b"]
 
 
+async def test_resume_answers_tool_results_stored_out_of_band() -> None:
+    model = ScriptedModel(["it is 3", "still 3"])
+    session = await new(model)
+    call = ChatMessage.assistant("", [ToolCall("c1", "add", '{"a": 1, "b": 2}')])
+    await session.storage.append("s", [ChatMessage.user("1+2?"), call])
+    await session.storage.append("s", [ChatMessage.tool("c1", "3", name="add")])
+    result = await session.resume()
+    assert result.result == "it is 3"
+    # the model saw the stored results, and no new user message was added or dropped
+    assert [m["role"] for m in model.requests[0].messages][-3:] == ["user", "assistant", "tool"]
+    assert roles(session) == ["user", "assistant", "tool", "assistant"]
+    events = [e async for e in session.stream_resume()]
+    assert events[-1].result.result == "still 3"
+    assert roles(session) == ["user", "assistant", "tool", "assistant", "assistant"]
+
+
 async def test_undo_removes_last_exchange() -> None:
     session = await new(ScriptedModel([tool_call("add", {"a": 1, "b": 2}), "3", "x"]))
     await session.send_message("first")

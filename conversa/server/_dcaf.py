@@ -24,7 +24,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..agent import run_turn
 from ..errors import ToolError
 from ..events import AgentResult, ModelRequest, ToolDone, TurnDone, maybe_await
 from ..messages import ChatMessage, ToolCall
@@ -95,7 +94,7 @@ class DcafTurn:
 
     # -- setting up ---------------------------------------------------------------------
 
-    async def start(self, *, stream: bool) -> AsyncGenerator[TurnEvent, None]:
+    async def start(self) -> AsyncGenerator[TurnEvent, None]:
         """Build the session from the request, run the approved calls; the turn's events."""
         messages = self.body.messages
         last = messages[-1]
@@ -140,7 +139,7 @@ class DcafTurn:
         await storage.append(SESSION_ID, history)
         results = [await self._answer(session, c) for c in answers]
         await storage.append(SESSION_ID, results)
-        return _continue(session, stream=stream)
+        return session.stream_resume()
 
     def _answers(self, last: DcafMessage) -> list[_Call]:
         """The calls the client sent back, checked."""
@@ -304,24 +303,6 @@ def _input(call: ToolCall) -> Any:
         return call.arguments
 
 
-async def _continue(session: Session, *, stream: bool) -> AsyncGenerator[TurnEvent, None]:
-    """Run the loop on from the stored history (the answered calls), without a new message.
-
-    Session has no public way to do this (a retry would drop the answers), so this reaches
-    into it; the storage is this request's own, so no lease is needed.
-    """
-    async with session._lock:
-        await session._transcript.refresh(None)
-        session._turn_task, session._cancel.requested = asyncio.current_task(), False
-        try:
-            turn = run_turn(session._transcript, None, session._setup(None), stream=stream)
-            async with aclosing(turn) as events:
-                async for event in events:
-                    yield event
-        finally:
-            session._turn_task = None
-
-
 def router(service: Service) -> APIRouter:
     """The /api/chat and /api/chat-stream endpoints."""
     api = APIRouter(tags=["DCAF HelpDesk"])
@@ -331,7 +312,7 @@ def router(service: Service) -> APIRouter:
         """One turn; the answer is an assistant message with the updated session."""
         body = await read_model(request, DcafRequest, service.max_body)
         turn = DcafTurn(service, body)
-        events = await turn.start(stream=False)
+        events = await turn.start()
         result = None
         async with aclosing(events) as stream:
             async for event in stream:
@@ -346,7 +327,7 @@ def router(service: Service) -> APIRouter:
         """The same turn as NDJSON, one object per line."""
         body = await read_model(request, DcafRequest, service.max_body)
         turn = DcafTurn(service, body)
-        events = await turn.start(stream=True)
+        events = await turn.start()
         turn._prelude = list(turn.executed)
         assert turn.session is not None
         run = TurnRun(turn.session, events)

@@ -77,9 +77,9 @@ class TurnRun:
         task = self._task
         if task.done():
             return
-        if self.session._turn_task is task:  # the turn itself runs: end it with its result
-            self.session.cancel()
-        else:  # still waiting for the lease or the history: nothing is stored yet
+        # the turn itself runs: end it with its result; else it still waits for the lease or
+        # the history and nothing is stored yet
+        if not self.session.cancel():
             task.cancel()
         # drain, so a turn blocked on a full queue can finish
         drain = asyncio.create_task(self._drain())
