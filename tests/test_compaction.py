@@ -373,3 +373,46 @@ async def test_without_reported_usage_the_estimator_is_used_and_said(
     assert "reports no usage" in status.estimate
     history = await session.load_history()
     assert status.tokens == sum(estimate_tokens(m.to_openai()) for m in history)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+async def stored_chat(env: dict[str, str], server: FakeOpenAIServer, turns: int) -> None:
+    """A session "alice" of ``turns`` long turns, in the storage the CLI children use."""
+    server.default_reply = responder()
+    session = await create_session("alice", env["CONVERSA_STORAGE"], model=model_for(server))
+    await chat(session, range(turns))
+    await session.close()
+
+
+async def test_sessions_compact_show_and_list(
+    env: dict[str, str], server: FakeOpenAIServer
+) -> None:
+    from _cli import conversa
+
+    await stored_chat(env, server, 6)
+    done = conversa(env, "sessions", "compact", "alice", "--context-window", "1500")
+    assert done.returncode == 0, done.stderr
+    assert "summarized" in done.stderr + done.stdout
+    assert "model sees:" in done.stderr + done.stdout
+    history = await open_storage(env["CONVERSA_STORAGE"]).load("alice")
+    assert len(summaries(history)) == 1 and len(history) == 6 * 2 + 2 * 2 + 1  # 2 tool turns
+    shown = conversa(env, "sessions", "show", "alice")
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout + shown.stderr
+    assert "summary of" in text and "model sees:" in text and "model call" in text
+    listed = conversa(env, "sessions", "list", "--json")
+    rows = json.loads(listed.stdout)
+    usage = rows[0]["usage"]
+    assert usage["calls"] == len(server.requests) and usage["prompt_tokens"] > 0
+
+
+async def test_repl_compact_and_count(env: dict[str, str], server: FakeOpenAIServer) -> None:
+    from _cli import quit_, say, spawn
+
+    await stored_chat(env, server, 6)
+    child = spawn(env, "--context-window", "1500")
+    say(child, "/compact", "summarized")
+    say(child, "/count", "model sees:")
+    quit_(child)
