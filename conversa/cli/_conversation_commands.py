@@ -48,11 +48,10 @@ async def _count(repl: Repl, argument: Argument) -> None:
     counts = role_counts(history)
     roles = ", ".join(f"{role} {n}" for role, n in sorted(counts.items()))
     repl.out.info(plural(len(history), "message") + (f" ({roles})" if roles else ""))
+    repl.out.info(f"tokens used: {_tokens_text(history)}")
     info = await repl.storage.get_info(repl.session.session_id)
-    if info is not None and info.usage.calls:
-        repl.out.info(f"tokens used: {usage_text(info.usage)}")
-    else:
-        repl.out.info(f"tokens used: {_tokens_text(history)}")
+    if info is not None and info.usage.calls:  # what the turns recorded, summaries included
+        repl.out.info(f"session totals: {usage_text(info.usage)}")
     repl.out.info(await seen_text(repl.session))
 
 
