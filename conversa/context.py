@@ -321,5 +321,5 @@ def context_status(
         tokens=options.calibration.estimate(prompt_estimate(kept, history, count)),
         context_window=window,
         compaction=compaction is not None,
-        estimate=options.calibration.source,
+        estimate=options.calibration.source if window is not None else "estimated (no window)",
     )
