@@ -2,6 +2,7 @@
 
     python bench/turn.py [--turns 200] [--profile sqlite:100000] [--context-window N]
                          [--model instant|scripted]
+    python bench/turn.py --compaction [--turns 100]
 
 The model answers at once (it echoes the user's text), so what is timed is conversa's own
 work per turn: refresh from storage, append the user message, build and trim the prompt,
@@ -15,6 +16,12 @@ shallow copy of every request (its own cost, O(history) per call, not conversa's
 Targets: under 2 ms per turn with SQLite; the 1,000-message turn at most 1.3x the 10-message
 turn; the 100,000-message turn at most 1.5x the 10-message turn. --profile BACKEND:SIZE
 prints a cProfile of the turns of that case (sorted by own time and by cumulative time).
+
+--compaction times the turn of a compacted session (a summary record stored 20 messages
+before the end, as compaction leaves it) with compaction on and off, at 100 and 10,000 stored
+messages, context_window 64,000 (no summary falls due). Targets: with compaction on, the
+10,000-message turn at most 1.3x the 100-message turn, and each within 1 ms of the same turn
+with compaction off. On and off are run alternately, in one process, so load is shared.
 """
 
 from __future__ import annotations
@@ -130,13 +137,94 @@ async def run_case(
     return samples
 
 
+COMPACTION_SIZES = (100, 10_000)
+COMPACTION_WINDOW = 64_000
+
+
+def compacted_history(size: int) -> list[Any]:
+    """``size`` messages plus a summary record covering all but the newest 20 of them."""
+    from conversa.compaction import SummaryRange, summary_record
+
+    history = make_messages(size, seed=7)
+    covers = SummaryRange(history[0].id, history[-21].id, size - 20)
+    record = summary_record(
+        "The user and the assistant talked about many things. " * 20,
+        covers,
+        model="instant",
+        tokens_before=60_000,
+        tokens_after=3_000,
+        usage=Usage(60_000, 300),
+    )
+    return [*history, record]
+
+
+async def compaction_case(url: str, size: int, turns: int, *, compaction: bool) -> list[float]:
+    """Per-turn seconds in a compacted session of ``size`` messages (compaction on or off)."""
+    storage = open_storage(url)
+    sid = f"compact-{size}-{compaction}"
+    await storage.save(sid, compacted_history(size))
+    model = InstantModel()
+    session = await create_session(
+        sid, storage, model=model, context_window=COMPACTION_WINDOW, compaction=compaction
+    )
+    texts = [m.text for m in make_messages(2 * (turns + 10), seed=8) if m.role == "user"]
+    samples = []
+    for i, text in enumerate(texts[: turns + 10]):
+        started = time.perf_counter()
+        result = await session.send_message(text)
+        elapsed = time.perf_counter() - started
+        assert result.success and not result.warnings, result
+        if i >= 10:  # after the warm-up
+            samples.append(elapsed)
+    stored = await storage.load(sid)
+    assert sum(1 for m in stored if m.role == "system") == 1, "a summary fell due"
+    await session.close()
+    await storage.close()
+    return samples
+
+
+def compaction_main(turns: int) -> bool:
+    """The --compaction benchmark; whether every target was met."""
+    tmp = tempfile.mkdtemp(prefix="conversa-compact-")
+    ok = True
+    try:
+        print(
+            f"\nmedian ms per turn in a compacted session ({turns} turns, after 10 warm-up "
+            f"turns; context_window {COMPACTION_WINDOW}, no summary due)"
+        )
+        print(f"{'backend':<10} {'size':>7} {'off':>9} {'on':>9} {'on-off':>9}")
+        for name, url in urls(tmp).items():
+            on_ms = {}
+            for size in COMPACTION_SIZES:
+                runs: dict[bool, list[float]] = {True: [], False: []}
+                for _ in range(3):  # alternate, so load hits both alike
+                    for mode in (False, True):
+                        runs[mode] += asyncio.run(
+                            compaction_case(url, size, turns // 3, compaction=mode)
+                        )
+                off = statistics.median(runs[False]) * 1000
+                on = statistics.median(runs[True]) * 1000
+                on_ms[size] = on
+                print(f"{name:<10} {size:>7} {off:9.3f} {on:9.3f} {on - off:9.3f}")
+                ok = target(on - off < 1.0, f"{name}@{size}: on - off < 1 ms") and ok
+            q = on_ms[COMPACTION_SIZES[1]] / on_ms[COMPACTION_SIZES[0]]
+            ok = target(q <= 1.3, f"{name}: on@10000 / on@100 <= 1.3: {q:.2f}") and ok
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--profile", help="BACKEND:SIZE to profile, e.g. sqlite:100000")
     parser.add_argument("--context-window", type=int, help="tokens; default: none (no trim)")
     parser.add_argument("--model", choices=("instant", "scripted"), default="instant")
+    parser.add_argument("--compaction", action="store_true", help="the compaction benchmark")
     args = parser.parse_args()
+    if args.compaction:
+        print(f"conversa compaction turn benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+        return 0 if compaction_main(args.turns) else 1
     options = {"scripted": args.model == "scripted", "context_window": args.context_window}
     print(
         f"conversa turn benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  "

@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_public_api.py
     # checks that these imports, _EXPORTS and __all__ name the same things
+    from .compaction import DEFAULT_SUMMARY_PROMPT as DEFAULT_SUMMARY_PROMPT
+    from .compaction import Compaction as Compaction
+    from .compaction import CompactionResult as CompactionResult
+    from .context import ContextStatus as ContextStatus
     from .context import TokenCounter as TokenCounter
     from .context import estimate_tokens as estimate_tokens
     from .errors import BackendUnavailable as BackendUnavailable
@@ -60,6 +64,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .storage import ConversationStorage as ConversationStorage
     from .storage import InMemoryStorage as InMemoryStorage
     from .storage import SessionInfo as SessionInfo
+    from .storage import UsageTotals as UsageTotals
     from .storage import open_storage as open_storage
     from .storage.base import SearchHit as SearchHit
     from .storage.base import StateEntry as StateEntry
@@ -93,6 +98,10 @@ _EXPORTS: dict[str, str] = {
     "ModelError": ".errors",
     "ModelNotConfigured": ".errors",
     "ModelRequest": ".events",
+    "Compaction": ".compaction",
+    "CompactionResult": ".compaction",
+    "ContextStatus": ".context",
+    "DEFAULT_SUMMARY_PROMPT": ".compaction",
     "InterceptedResponse": ".events",
     "ModelResponse": ".model",
     "OnLimit": ".events",
@@ -130,6 +139,7 @@ _EXPORTS: dict[str, str] = {
     "TurnEvent": ".events",
     "UnsupportedStorageURL": ".errors",
     "Usage": ".model",
+    "UsageTotals": ".storage",
     "create_session": ".session",
     "create_session_sync": ".sync",
     "estimate_tokens": ".context",

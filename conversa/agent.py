@@ -20,7 +20,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import PromptOptions, build_request
+from .compaction import compact_transcript, compaction_due
+from .context import PromptOptions, build_request, prompt_estimate
 from .errors import InvalidMessage, ModelError, ToolError, ToolsUnsupported
 from .events import (
     AgentResult,
@@ -349,7 +350,11 @@ class _Turn:
         self.stream = stream
         self.iterations = 0
         self.usage = Usage()
+        self.calls = 0  # model calls that answered, the summary call included
+        self.recorded = (Usage(), 0)  # what the session's totals already hold of this turn
         self.steps: list[Step] = []
+        self.warnings: list[str] = []
+        self.compaction_failed = False  # tried and failed this turn: retried next turn
         self._start = len(transcript)
 
     @property
@@ -359,6 +364,19 @@ class _Turn:
 
     async def store(self, *messages: ChatMessage) -> None:
         await self.transcript.append(messages)
+
+    async def record_usage(self) -> None:
+        """Add what this turn used since the last record to the session's stored totals."""
+        done_usage, done_calls = self.recorded
+        calls = self.calls - done_calls
+        if calls <= 0:
+            return
+        usage = Usage(
+            self.usage.prompt_tokens - done_usage.prompt_tokens,
+            self.usage.completion_tokens - done_usage.completion_tokens,
+        )
+        self.recorded = (self.usage, self.calls)
+        await self.transcript.add_usage(usage, calls)
 
     def result(
         self,
@@ -380,6 +398,7 @@ class _Turn:
                 error=error,
                 messages=self.stored,
                 exception=exception,
+                warnings=list(self.warnings),
             )
         )
 
@@ -391,10 +410,27 @@ async def run_turn(
     *,
     stream: bool,
 ) -> AsyncGenerator[TurnEvent, None]:
-    """Run one turn: store the user message (None: answer the stored one), then model and tools."""
+    """Run one turn: store the user message (None: answer the stored one), then model and tools.
+
+    What the turn's model calls used is added to the session's stored totals before its
+    result is given (or as it fails).
+    """
     if setup.max_iterations < 1:
         raise ValueError("max_iterations must be at least 1")
     turn = _Turn(transcript, setup, stream)
+    try:
+        async with aclosing(_run(turn, user_message)) as events:
+            async for event in events:
+                if isinstance(event, TurnDone):
+                    await turn.record_usage()
+                yield event
+    except Exception:
+        await turn.record_usage()
+        raise
+
+
+async def _run(turn: _Turn, user_message: ChatMessage | None) -> AsyncGenerator[TurnEvent, None]:
+    setup = turn.setup
     if user_message is not None:
         await turn.store(user_message)
     try:
@@ -454,8 +490,10 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
     The call counts as an iteration once the model has answered.
     """
     setup = turn.setup
+    await _compact_if_due(turn)
+    history = turn.transcript.cache
     request = await build_request(
-        turn.transcript.cache,
+        history,
         setup.prompt,
         setup.tools.openai_schemas() if len(setup.tools) else [],
         text_protocol=setup.protocol.text,
@@ -463,6 +501,10 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
         limit_note=not tools,
         context=setup.context,
     )
+    options = setup.prompt
+    sent = None
+    if options.context_window is not None:
+        sent = prompt_estimate(request.messages, history, options.token_counter)
     partial: list[str] = []
     model = await setup.model()
     try:
@@ -494,12 +536,37 @@ async def _call_model(turn: _Turn, *, tools: bool) -> AsyncGenerator[Any, None]:
             await turn.store(ChatMessage.assistant("".join(partial), metadata=meta))
         raise
     turn.iterations += 1
+    turn.calls += 1
+    if sent is not None:
+        unreported = options.calibration.unreported
+        options.calibration.observe(sent, response.usage.prompt_tokens)
+        if options.calibration.unreported and not unreported:
+            log.warning("the server reports no token usage: prompt sizes are estimates only")
     for interceptor in setup.response_interceptors:
         changed = await maybe_await(interceptor(response, setup.context))
         response = changed if changed is not None else response
     turn.usage = turn.usage + response.usage
     await turn.store(response.message)
     yield response
+
+
+async def _compact_if_due(turn: _Turn) -> None:
+    """Summarize the oldest messages first if the prompt would exceed the threshold.
+
+    A failure is a warning: this turn goes on with trimming and tries no more; the next
+    turn tries again.
+    """
+    options = turn.setup.prompt
+    if turn.compaction_failed or not compaction_due(turn.transcript.cache, options):
+        return
+    outcome = await compact_transcript(turn.transcript, options, await turn.setup.model())
+    turn.usage = turn.usage + outcome.usage
+    turn.calls += outcome.calls
+    if outcome.failed:
+        turn.compaction_failed = True
+        warning = f"compaction failed, the prompt was trimmed instead: {outcome.reason}"
+        turn.warnings.append(warning)
+        log.warning("%s", warning)
 
 
 async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEvent, None]:

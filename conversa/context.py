@@ -4,12 +4,16 @@ a token budget, the user parts, and the request interceptors."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from .compaction import SUMMARY_INTRO, Compaction
 from .events import ModelRequest, RequestInterceptor, maybe_await
 from .text_protocol import describe_tools_for_text_protocol
 from .transcript import PromptHistory
+
+if TYPE_CHECKING:
+    from .transcript import Transcript
 
 TokenCounter = Callable[[dict[str, Any]], int]
 """Counts the tokens of one message in wire form."""
@@ -38,6 +42,9 @@ async def build_request(
     text protocol); ``context`` is what the request interceptors get as their second argument.
     """
     system_lines = [options.system_prompt] if options.system_prompt else []
+    summary = history.summary_text
+    if summary:
+        system_lines.append(f"{SUMMARY_INTRO}\n{summary}")
     if text_protocol and schemas and with_tools:
         system_lines.append(describe_tools_for_text_protocol(schemas))
     if limit_note:
@@ -69,15 +76,76 @@ async def build_request(
         keep = _newest(request.messages, lambda m: m is anchor) if anchor is not None else None
         anchor = None
     count = options.token_counter
+    window = options.context_window
+    if window is not None:
+        # the server's count of the last prompt corrects the estimate (see Calibration)
+        window -= options.calibration.margin
     request.messages = trim(
         system,
         request.messages,
-        options.context_window,
+        window,
         lambda message: history.cost(message, count),
         keep=keep,
         anchor=anchor,
     )
     return request
+
+
+def prompt_estimate(
+    messages: Sequence[dict[str, Any]], history: PromptHistory, count: TokenCounter
+) -> int:
+    """The estimated tokens of a prompt (each history message counted once, then cached)."""
+    return sum(history.cost(m, count) for m in messages)
+
+
+@dataclass(slots=True)
+class Calibration:
+    """What the server said the last prompt cost, against what it was estimated to cost.
+
+    The reported ``prompt_tokens`` is the exact size of what was sent; the next estimate is
+    that figure plus the estimate of only what changed since (``offset`` = reported minus
+    estimated, added to every estimate). Kept by the session across its turns.
+    """
+
+    offset: int = 0
+    reported: int | None = None
+    """The prompt tokens the server reported for the last call (None: none yet)."""
+    estimated: int | None = None
+    """What that prompt was estimated at."""
+    unreported: bool = False
+    """The last call's server reported no usage: estimates are the estimator's alone."""
+
+    def observe(self, estimated: int, reported: int) -> None:
+        """Take in one model call: the prompt's estimate and what the server reported."""
+        self.estimated = estimated
+        if reported > 0:
+            self.offset, self.reported, self.unreported = reported - estimated, reported, False
+        else:
+            self.offset, self.reported, self.unreported = 0, None, True
+
+    def estimate(self, estimated: int) -> int:
+        """A prompt's calibrated size from its estimate."""
+        return estimated + self.offset
+
+    @property
+    def margin(self) -> int:
+        """What trimming and compaction add to an estimate: the offset when the server counts
+        more than the estimator, else nothing (a prompt too big is an error from the API; one
+        a little smaller than it could be is not)."""
+        return max(0, self.offset)
+
+    def limit(self, estimated: int) -> int:
+        """A prompt's size as trimming and compaction judge it: never below the estimate."""
+        return estimated + self.margin
+
+    @property
+    def source(self) -> str:
+        """How estimates are made, in words."""
+        if self.unreported:
+            return "estimated (the server reports no usage)"
+        if self.reported is None:
+            return "estimated (no model call yet to calibrate by)"
+        return "calibrated by the server's reported usage"
 
 
 def attach_user_parts(
@@ -125,6 +193,10 @@ class PromptOptions:
     request_interceptors: Sequence[RequestInterceptor] = ()
     user_parts: Callable[[], list[dict[str, Any]]] | None = None
     """Content parts attached to the user's newest message, asked for at each model call."""
+    calibration: Calibration = field(default_factory=lambda: Calibration())
+    """The correction of estimates by reported usage (shared across a session's turns)."""
+    compaction: Compaction | None = None
+    """When and how to summarize the oldest messages (None: trim only)."""
 
 
 def _newest(
@@ -204,3 +276,50 @@ def trim(
         at = keep - forced if forced is not None else len(kept) - (len(messages) - keep)
         kept[at] = anchor
     return system + kept
+
+
+@dataclass(frozen=True, slots=True)
+class ContextStatus:
+    """How much of a session's history the model sees in its next prompt."""
+
+    messages: int
+    """Every stored message (summary records included)."""
+    summarized: int
+    """Messages the newest summary stands for (0: no summary)."""
+    sent: int
+    """History messages the next prompt carries verbatim (after the summary and trimming)."""
+    tokens: int
+    """The next prompt's estimated tokens (calibrated when the server reports usage)."""
+    context_window: int | None
+    compaction: bool
+    """Whether compaction is on."""
+    estimate: str
+    """How ``tokens`` was reached, in words."""
+
+
+def context_status(
+    transcript: Transcript, options: PromptOptions, *, compaction: object
+) -> ContextStatus:
+    """What the next prompt of ``transcript`` would hold, without calling anything."""
+    from .compaction import summary_range
+
+    history = transcript.cache
+    count = options.token_counter
+    lines = [options.system_prompt] if options.system_prompt else []
+    if history.summary_text:
+        lines.append(f"{SUMMARY_INTRO}\n{history.summary_text}")
+    system = [{"role": "system", "content": "\n\n".join(lines)}] if lines else []
+    wire, _ = history.prompt()
+    window = options.context_window
+    budget = None if window is None else window - options.calibration.margin
+    kept = trim(system, wire, budget, lambda m: history.cost(m, count))
+    covers = summary_range(history.summary) if history.summary is not None else None
+    return ContextStatus(
+        messages=len(transcript),
+        summarized=covers.covered if covers is not None else 0,
+        sent=len(kept) - len(system),
+        tokens=options.calibration.estimate(prompt_estimate(kept, history, count)),
+        context_window=window,
+        compaction=compaction is not None,
+        estimate=options.calibration.source if window is not None else "estimated (no window)",
+    )

@@ -40,6 +40,8 @@ class AgentResult:
     """The messages this turn stored, in order."""
     exception: BaseException | None = field(default=None, repr=False, compare=False)
     """The ModelError that ended the turn, for a traceback (``error`` is its message)."""
+    warnings: list[str] = field(default_factory=list)
+    """What went wrong without ending the turn (a compaction that failed, ...)."""
 
 
 @dataclass(frozen=True, slots=True)

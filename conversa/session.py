@@ -19,7 +19,15 @@ from .agent import (
     restore_journaled_result,
     run_turn,
 )
-from .context import PromptOptions, TokenCounter, estimate_tokens
+from .compaction import Compaction, CompactionResult, compact_transcript, compaction_option
+from .context import (
+    Calibration,
+    ContextStatus,
+    PromptOptions,
+    TokenCounter,
+    context_status,
+    estimate_tokens,
+)
 from .errors import ConversaError
 from .events import (
     AgentResult,
@@ -72,6 +80,7 @@ class Session(KeyValueAccess):
         request_interceptors: Sequence[RequestInterceptor] = (),
         response_interceptors: Sequence[ResponseInterceptor] = (),
         turn_wait: float | None = DEFAULT_TURN_WAIT,
+        compaction: Compaction | bool | None = None,
     ) -> None:
         from .tools._registry import ToolRegistry
 
@@ -95,6 +104,8 @@ class Session(KeyValueAccess):
         self.request_interceptors = list(request_interceptors)
         self.response_interceptors = list(response_interceptors)
         self.turn_wait = check_wait(turn_wait)
+        self.compaction: Compaction | None = compaction_option(compaction)
+        """When to summarize the oldest messages (needs a context_window; None: trim only)."""
         self.state = SessionState(storage, session_id)
         self._model_spec = model
         self._model: ChatModel | None = model if not isinstance(model, (str, type(None))) else None
@@ -105,6 +116,7 @@ class Session(KeyValueAccess):
         self._owns_storage = False
         self._turn_task: asyncio.Task[Any] | None = None
         self._cancel = CancelFlag()
+        self._calibration = Calibration()
 
     # -- model ------------------------------------------------------------------------
 
@@ -281,6 +293,34 @@ class Session(KeyValueAccess):
             finally:
                 self._turn_task = None
 
+    # -- compaction and what the model sees ---------------------------------------------
+
+    async def compact(self) -> CompactionResult:
+        """Summarize the oldest part of the conversation now, whatever the threshold says.
+
+        The summary is appended to the history (nothing is removed); the result says what
+        was done, or why nothing was (too little to summarize, a failed summary call, or a
+        summary that would not make the prompt smaller).
+        """
+        async with self._lock, self._leased():
+            transcript = self._transcript
+            await transcript.refresh(self._window())
+            await transcript.answer_dangling_calls()
+            options = self._setup(None).prompt
+            model = await self._chat_model()
+            result = await compact_transcript(transcript, options, model, force=True)
+            if result.calls:
+                await transcript.add_usage(result.usage, result.calls)
+            return result
+
+    async def context_status(self) -> ContextStatus:
+        """How much of the history the model sees now: summarized, sent, and the tokens."""
+        async with self._lock:
+            await self._transcript.refresh(self._window())
+            return context_status(
+                self._transcript, self._setup(None).prompt, compaction=self.compaction
+            )
+
     def cancel(self) -> bool:
         """Stop the turn in progress; it ends with stop_reason "cancelled", its partial answer
         stored (marked interrupted) and the history valid. False if no turn is running.
@@ -309,6 +349,8 @@ class Session(KeyValueAccess):
                     self.request_interceptors, self.state
                 ),
                 user_parts=self._user_parts,
+                calibration=self._calibration,
+                compaction=self.compaction,
             ),
             approve=self.approve,
             react_mode=self.react_mode,
@@ -416,6 +458,7 @@ async def create_session(
     request_interceptors: Sequence[RequestInterceptor] = (),
     response_interceptors: Sequence[ResponseInterceptor] = (),
     turn_wait: float | None = DEFAULT_TURN_WAIT,
+    compaction: Compaction | bool | None = None,
 ) -> Session:
     """Open the session ``session_id`` in ``storage`` (a URL, a path or a storage object).
 
@@ -427,7 +470,8 @@ async def create_session(
     session's info, ``on_limit`` ("stop" or "generate"), ``token_counter``, the request and
     response interceptors, and ``turn_wait``: seconds a change of the history (a turn, undo,
     clear) waits while another turn on the session holds its lease, then SessionBusy (None:
-    no limit).
+    no limit), and ``compaction`` (a Compaction, or True for its defaults): summarize the
+    oldest messages when the prompt nears ``context_window``, instead of only trimming.
     """
     store = open_storage(storage)
     session = Session(
@@ -446,6 +490,7 @@ async def create_session(
         request_interceptors=request_interceptors,
         response_interceptors=response_interceptors,
         turn_wait=turn_wait,
+        compaction=compaction,
     )
     session._owns_storage = store is not storage
     if not await store.exists(session_id):

@@ -9,7 +9,8 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._state_views import StateView
-from .context import TokenCounter, estimate_tokens
+from .compaction import Compaction, CompactionResult
+from .context import ContextStatus, TokenCounter, estimate_tokens
 from .errors import ConversaError
 from .events import (
     AgentResult,
@@ -83,6 +84,14 @@ class SyncSession:
     def clear_history(self) -> None:
         """Delete every message of this session."""
         self._run(self.session.clear_history())
+
+    def compact(self) -> CompactionResult:
+        """Summarize the oldest messages now (see Session.compact)."""
+        return self._run(self.session.compact())
+
+    def context_status(self) -> ContextStatus:
+        """How much of the history the model sees now."""
+        return self._run(self.session.context_status())
 
     def set_user_part_text(self, name: str, text: str) -> None:
         """Attach a text part to the user's messages until it is deleted."""
@@ -170,6 +179,7 @@ def create_session_sync(
     request_interceptors: Sequence[RequestInterceptor] = (),
     response_interceptors: Sequence[ResponseInterceptor] = (),
     turn_wait: float | None = DEFAULT_TURN_WAIT,
+    compaction: Compaction | bool | None = None,
 ) -> SyncSession:
     """create_session for code without an event loop (same arguments); close() it when done."""
     try:
@@ -199,6 +209,7 @@ def create_session_sync(
                 request_interceptors=request_interceptors,
                 response_interceptors=response_interceptors,
                 turn_wait=turn_wait,
+                compaction=compaction,
             )
         )
     except BaseException:

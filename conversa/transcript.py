@@ -9,9 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .compaction import SummaryRange, is_turn_start, summary_range
 from .messages import ChatMessage
 
 if TYPE_CHECKING:
+    from .model import Usage
     from .storage import ConversationStorage
 
 INTERRUPTED_RESULT = "[interrupted: this tool call did not complete, its result is unknown]"
@@ -70,6 +72,14 @@ class PromptHistory:
     def __init__(self, messages: Sequence[ChatMessage] = ()) -> None:
         self.messages: list[ChatMessage] = []
         self.wire: list[dict[str, Any]] = []
+        self.summary: ChatMessage | None = None
+        """The newest summary record whose covered messages are known (None: none)."""
+        self.start = 0
+        """The index of the first message after what ``summary`` covers."""
+        self.live: list[ChatMessage] = []
+        """The messages the model may see: after the summary, without summary records."""
+        self.live_wire: list[dict[str, Any]] = []
+        """Their wire form (the same dicts as in ``wire``)."""
         self._pending: dict[str, None] = {}  # call ids of the newest assistant still unanswered
         self._damaged = False  # a gap or an orphan somewhere: only a full repair helps
         self._ours: set[int] = set()  # ids of the dicts in self.wire, which never change
@@ -85,20 +95,52 @@ class PromptHistory:
             self.messages.append(m)
             self.wire.append(wire[i] if wire is not None else m.to_openai())
             self._ours.add(id(self.wire[-1]))
-            if m.role == "tool":
-                if m.tool_call_id in self._pending:
-                    del self._pending[m.tool_call_id]
-                else:
-                    self._damaged = True
-                continue
-            if self._pending:
+            covers = summary_range(m) if m.role == "system" else None
+            if covers is None:
+                self.live.append(m)
+                self.live_wire.append(self.wire[-1])
+                self._track(m)
+            else:
+                self._summarized(m, covers)
+
+    def _track(self, m: ChatMessage) -> None:
+        """Follow the pairing of tool calls and results of the live part, one message on."""
+        if m.role == "tool":
+            if m.tool_call_id in self._pending:
+                del self._pending[m.tool_call_id]
+            else:
                 self._damaged = True
-            self._pending = {c.id: None for c in m.tool_calls}
+            return
+        if self._pending:
+            self._damaged = True
+        self._pending = {c.id: None for c in m.tool_calls}
+
+    def _summarized(self, record: ChatMessage, covers: SummaryRange) -> None:
+        """Take in a summary record: the live part starts after the last message it covers.
+
+        A summary whose last message is not among these (damaged, or edited away) is ignored.
+        """
+        for i in range(len(self.messages) - 2, -1, -1):
+            if self.messages[i].id == covers.last_id:
+                self.summary, self.start = record, i + 1
+                kept = [
+                    (m, w)
+                    for m, w in zip(self.messages[i + 1 :], self.wire[i + 1 :], strict=True)
+                    if summary_range(m) is None
+                ]
+                self.live = [m for m, _ in kept]
+                self.live_wire = [w for _, w in kept]
+                # what the summary covers is never sent: only the live part must pair up
+                self._pending, self._damaged = {}, False
+                for m in self.live:
+                    self._track(m)
+                return
 
     def truncate(self, keep: int) -> None:
         """Keep the oldest ``keep`` messages."""
         messages, wire = self.messages[:keep], self.wire[:keep]
         self.messages, self.wire, self._pending, self._damaged = [], [], {}, False
+        self.summary, self.start, self.live, self.live_wire = None, 0, [], []
         self._ours = set()
         self.extend(messages, wire)
         self._costs = {k: v for k, v in self._costs.items() if k in self._ours}
@@ -126,7 +168,7 @@ class PromptHistory:
     def dangling(self) -> list[ChatMessage]:
         """Interrupted results for tool calls left unanswered at the very end."""
         if self._damaged:
-            return repair(self.messages).to_store
+            return repair(self.live).to_store
         return [interrupted_result(cid) for cid in self._pending]
 
     def prompt(self) -> tuple[list[dict[str, Any]], int | None]:
@@ -137,9 +179,14 @@ class PromptHistory:
         history. Callers must not change it (copy it first, as the request interceptors get).
         """
         if not self._damaged and not self._pending:
-            return self.wire, newest_user_index(self.messages)
-        fixed = repair(self.messages).messages
+            return self.live_wire, newest_user_index(self.live)
+        fixed = repair(self.live).messages
         return [m.to_openai() for m in fixed], newest_user_index(fixed)
+
+    @property
+    def summary_text(self) -> str | None:
+        """The text of the newest summary (None: the prompt has none)."""
+        return self.summary.text if self.summary is not None else None
 
 
 def newest_user_index(messages: Sequence[ChatMessage]) -> int | None:
@@ -157,9 +204,7 @@ Window = tuple[int, Callable[[dict[str, Any]], int]]
 _FIRST_TAIL = 64  # the fewest messages read when resuming with a window, or reading more
 
 
-def _is_turn_start(message: ChatMessage) -> bool:
-    """A message the user wrote: a turn starts there, and no tool call spans it."""
-    return message.role == "user" and not message.metadata.get("observation")
+_is_turn_start = is_turn_start
 
 
 class Transcript:
@@ -266,9 +311,19 @@ class Transcript:
         budget, counter = window
         tokens = 0
         messages, wire = self.cache.messages, self.cache.wire
+        covered_up_to: str | None = None  # the last message the newest summary covers
         for i in range(len(messages) - 1, -1, -1):
+            m = messages[i]
+            if covered_up_to is None and m.role == "system":
+                covers = summary_range(m)
+                if covers is not None:
+                    covered_up_to = covers.last_id
+                    continue
+            if m.id == covered_up_to:
+                # the prompt never reaches past a summary: keep only its last covered message
+                return i, tokens
             tokens += self.cache.cost(wire[i], counter)
-            if tokens > budget and _is_turn_start(messages[i]):
+            if tokens > budget and _is_turn_start(m):
                 return i, tokens
         return None, tokens
 
@@ -299,6 +354,15 @@ class Transcript:
                 self.cache.extend(messages)
             raise
         self.cache.extend(messages)
+
+    async def add_usage(self, usage: Usage, calls: int) -> None:
+        """Add what model calls used to the session's stored totals (SessionInfo.usage)."""
+        await self.storage.add_usage(
+            self.session_id,
+            prompt_tokens=max(0, usage.prompt_tokens),
+            completion_tokens=max(0, usage.completion_tokens),
+            calls=calls,
+        )
 
     async def truncate(self, keep: int) -> list[ChatMessage]:
         """Keep the oldest ``keep`` messages; returns the ones removed."""

@@ -281,11 +281,13 @@ def test_piped_input_is_read_line_by_line(env: dict[str, str], server: FakeOpenA
     assert result.returncode == 0, result.stderr
     # answers and command results on stdout as plain text; notes and errors on stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 4, result.stdout
+    assert len(lines) == 6, result.stdout
     assert lines[0] == "**bold** answer"
     assert lines[1] == "2 messages (assistant 1, user 1)"
     assert re.fullmatch(r"tokens used: \d+ \(prompt \d+, completion \d+\)", lines[2])
-    assert lines[3] == "echo: second question"
+    assert lines[3].startswith("session totals: ")
+    assert lines[4].startswith("model sees: 2 of 2 messages")
+    assert lines[5] == "echo: second question"
     assert "\x1b" not in result.stdout
     assert "new session scripted" in result.stderr
     assert "unknown command /nosuch" in result.stderr

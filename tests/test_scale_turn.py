@@ -261,7 +261,7 @@ async def test_without_a_window_the_model_gets_the_kept_wire_list_not_a_copy() -
     await session.send_message("one")
     await session.send_message("two")
     # one list, kept up to date message by message: no turn copies the history
-    assert seen[0] is seen[1] is session._transcript.cache.wire
+    assert seen[0] is seen[1] is session._transcript.cache.live_wire
 
 
 # -- target 6: what creating a session imports -------------------------------------------------

@@ -822,4 +822,4 @@ async def test_version_1_database_upgrades_and_becomes_searchable(
         await store.append("a", [_user("kiwi three")])
         assert [h.position for h in await store.search("kiwi") if h.session_id == "a"] == [0, 2]
     with _raw(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4

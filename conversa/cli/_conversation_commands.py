@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._factory import MODEL_KEY, SYSTEM_KEY
-from ._format import plural, role_counts, tokens_used
+from ._format import plural, role_counts, status_text, tokens_used, usage_text
 from .commands import Argument, command
 
 if TYPE_CHECKING:
     from ..messages import ChatMessage
+    from ..session import Session
     from .repl import Repl
 
 DEFAULT_HISTORY = 10
@@ -25,8 +26,7 @@ EXPORT_FORMATS = {".md": "md", ".markdown": "md", ".json": "json"}
 )
 async def _clear(repl: Repl, argument: Argument) -> None:
     session = repl.session
-    await session.refresh()
-    messages = session.history
+    messages = await session.load_history()
     if not messages:
         repl.out.note("no messages to clear")
         return
@@ -44,12 +44,21 @@ async def _clear(repl: Repl, argument: Argument) -> None:
 
 @command("/count", "messages by role, and the tokens used in this session")
 async def _count(repl: Repl, argument: Argument) -> None:
-    await repl.session.refresh()
-    history = repl.session.history
+    history = await repl.session.load_history()
     counts = role_counts(history)
     roles = ", ".join(f"{role} {n}" for role, n in sorted(counts.items()))
     repl.out.info(plural(len(history), "message") + (f" ({roles})" if roles else ""))
     repl.out.info(f"tokens used: {_tokens_text(history)}")
+    info = await repl.storage.get_info(repl.session.session_id)
+    if info is not None and info.usage.calls:  # what the turns recorded, summaries included
+        repl.out.info(f"session totals: {usage_text(info.usage)}")
+    repl.out.info(await seen_text(repl.session))
+
+
+async def seen_text(session: Session) -> str:
+    """What the model sees of the history now, in one line (for /count)."""
+    status = await session.context_status()
+    return status_text(status)
 
 
 def _tokens_text(history: list[ChatMessage]) -> str:
@@ -68,8 +77,7 @@ def _tokens_text(history: list[ChatMessage]) -> str:
 @command("/history [N]", "show the last N messages (default 10)", takes="count")
 async def _history(repl: Repl, argument: Argument) -> None:
     n = int(argument) if argument else DEFAULT_HISTORY
-    await repl.session.refresh()
-    history = repl.session.history
+    history = await repl.session.load_history()
     start = max(0, len(history) - n)
     if not history:
         repl.out.note("no messages yet")
@@ -184,12 +192,12 @@ async def _export(repl: Repl, argument: Argument) -> None:
     ):
         repl.out.note("not exported")
         return
-    await session.refresh()
+    history = await session.load_history()
     if kind == "json":
         info = await repl.storage.get_info(session.session_id)
         state = dict(session.state.items(internal=True))
-        text = to_json(session.session_id, session.history, info, state)
+        text = to_json(session.session_id, history, info, state)
     else:
-        text = to_markdown(session.session_id, session.history, session.system_prompt)
+        text = to_markdown(session.session_id, history, session.system_prompt)
     write_private(path, text)
     repl.out.note(f"exported {plural(session.message_count(), 'message')} to {path}")

@@ -29,6 +29,8 @@ class AgentOptions:
     max_iterations: int = 10
     react_mode: ReactMode = "auto"
     allow_private_fetch: bool = False
+    context_window: int | None = None
+    no_compaction: bool = False
 
 
 def load_tools(names: str | None, *, allow_private_fetch: bool = False) -> list[Tool]:
@@ -80,6 +82,9 @@ async def open_session(
         max_iterations=options.max_iterations,
         react_mode=options.react_mode,
         approve=approve,
+        context_window=options.context_window,
+        # with a window the CLI summarizes rather than forgets, unless told not to
+        compaction=options.context_window is not None and not options.no_compaction,
     )
     stored_system = _text(session.state.get(SYSTEM_KEY))
     given = options.system

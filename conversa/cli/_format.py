@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..context import ContextStatus
     from ..messages import ChatMessage, ToolCall
+    from ..storage import UsageTotals
 
 TOOL_RESULT_CHARS = 120
 ARGUMENT_CHARS = 80
@@ -115,6 +117,29 @@ def tool_result_line(output: str, ok: bool) -> str:
 def role_counts(messages: Iterable[ChatMessage]) -> Counter[str]:
     """How many messages each role has."""
     return Counter(m.role for m in messages)
+
+
+def status_text(status: ContextStatus) -> str:
+    """What the model sees of a history: "model sees: 12 of 340 messages (summary of 320
+    before them), ~2,100 of 8,000 tokens, calibrated ..."."""
+    seen = f"model sees: {status.sent} of {plural(status.messages, 'message')}"
+    if status.summarized:
+        seen += f" (and a summary of {plural(status.summarized, 'earlier message')})"
+    window = f" of {status.context_window:,}" if status.context_window else ""
+    seen += f", ~{status.tokens:,}{window} tokens, {status.estimate}"
+    if status.context_window and not status.compaction:
+        seen += "; compaction off"
+    return seen
+
+
+def usage_text(usage: UsageTotals) -> str:
+    """A session's usage totals in one line."""
+    if not usage.calls:
+        return "no model calls recorded"
+    return (
+        f"{usage.total:,} tokens (prompt {usage.prompt_tokens:,}, completion "
+        f"{usage.completion_tokens:,}) in {plural(usage.calls, 'model call')}"
+    )
 
 
 def tokens_used(messages: Iterable[ChatMessage]) -> tuple[int, int]:

@@ -104,6 +104,18 @@ def model_options(fn: F) -> F:
             is_flag=True,
             help="Let fetch_url reach loopback, private and link-local addresses.",
         ),
+        click.option(
+            "--context-window",
+            type=click.IntRange(min=1),
+            metavar="TOKENS",
+            help="Tokens the prompt may take; older messages are summarized (compaction) or, "
+            "with --no-compaction, left out of the prompt. Stored history is never changed.",
+        ),
+        click.option(
+            "--no-compaction",
+            is_flag=True,
+            help="With --context-window: only trim the prompt, never summarize.",
+        ),
         click.option("--system", metavar="TEXT", help="The system prompt (kept with the session)."),
         click.option(
             "--base-url", metavar="URL", help="An OpenAI-compatible endpoint [$OPENAI_BASE_URL]."

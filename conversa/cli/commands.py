@@ -148,6 +148,19 @@ async def _help(repl: Repl, argument: Argument) -> None:
         )
 
 
+@command("/compact", "summarize the oldest messages now (the stored history stays whole)")
+async def _compact(repl: Repl, argument: Argument) -> None:
+    from ._format import status_text
+
+    result = await repl.session.compact()
+    if result.summary is None:
+        note = repl.out.error if result.failed else repl.out.note
+        note(f"not compacted: {result.reason}")
+        return
+    repl.out.note(result.reason)
+    repl.out.info(status_text(await repl.session.context_status()))
+
+
 @command("/exit", "leave (Ctrl-D does too)", aliases=("/quit",))
 async def _exit(repl: Repl, argument: Argument) -> bool:
     return False

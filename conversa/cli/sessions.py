@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import click
 
 from ._manage import output, require, with_storage
-from ._options import common_options
+from ._options import common_options, model_options
 from ._sessions_io import export_session, import_session, migrate_sessions
 
 if TYPE_CHECKING:
     from ..storage import ConversationStorage
+    from ._factory import AgentOptions
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -31,7 +32,8 @@ def parse_duration(text: str) -> timedelta:
 
 @click.group()
 def sessions() -> None:
-    """Manage stored sessions: list, show, export, import, delete, prune, search, migrate."""
+    """Manage stored sessions: list, show, compact, export, import, delete, prune, search,
+    migrate."""
 
 
 PAGE = 20
@@ -81,6 +83,7 @@ def list_(
                 "title": i.title,
                 "user_id": i.user_id,
                 "status": i.status,
+                "usage": i.usage.to_dict(),
             }
             for i in infos
         ]
@@ -106,12 +109,26 @@ def list_(
 @sessions.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--last", type=click.IntRange(min=1), help="Show only the last N messages.")
+@click.option(
+    "--context-window",
+    type=click.IntRange(min=1),
+    metavar="TOKENS",
+    help="Say what a prompt of this many tokens would hold.",
+)
 @common_options
 @click.pass_context
 def show(
-    ctx: click.Context, session_id: str, last: int | None, storage: str | None, debug: bool
+    ctx: click.Context,
+    session_id: str,
+    last: int | None,
+    context_window: int | None,
+    storage: str | None,
+    debug: bool,
 ) -> None:
-    """Show a session's info and messages."""
+    """Show a session's info, what the model sees of it, and its messages."""
+    from ..session import Session
+    from ._format import status_text, usage_text
+
     out = output()
 
     async def work(store: ConversationStorage) -> None:
@@ -124,10 +141,55 @@ def show(
                 f"{session_id}: {info.message_count} messages, created "
                 f"{info.created_at:%Y-%m-%d %H:%M}, updated {info.updated_at:%Y-%m-%d %H:%M} UTC"
             )
+            out.note(f"usage: {usage_text(info.usage)}")
+        viewer = Session(session_id, store, context_window=context_window)
+        out.note(status_text(await viewer.context_status()))
         if state:
             out.note(f"state: {json.dumps(state, ensure_ascii=False)}")
         start = max(0, len(history) - last) if last else 0
         out.transcript(history[start:], start)
+
+    with_storage(ctx, storage, work)
+
+
+@sessions.command()
+@click.argument("session_id", metavar="ID")
+@model_options
+@common_options
+@click.pass_context
+def compact(
+    ctx: click.Context,
+    session_id: str,
+    options: AgentOptions,
+    storage: str | None,
+    debug: bool,
+) -> None:
+    """Summarize the oldest messages of session ID now (its stored history stays whole).
+
+    The summary is appended to the session; later prompts carry it in place of the messages
+    it covers. --context-window sizes the part kept verbatim (30 % of it).
+    """
+    from ._format import status_text
+
+    out = output()
+
+    async def work(store: ConversationStorage) -> None:
+        from ._factory import model_spec, open_session
+
+        await require(store, session_id)
+        session, name = await open_session(
+            session_id, store, options, tools=[], approve=None, override=False
+        )
+        session.model = model_spec(name, options.base_url)
+        result = await session.compact()
+        if result.summary is None:
+            message = f"{session_id}: not compacted: {result.reason}"
+            if result.failed:
+                raise click.ClickException(message)
+            out.note(message)
+            return
+        out.note(f"{session_id}: {result.reason}")
+        out.note(status_text(await session.context_status()))
 
     with_storage(ctx, storage, work)
 

@@ -212,10 +212,17 @@ def _index_triggers(conn: sqlite3.Connection, text_sql: str) -> None:
     )
 
 
+def m004_reserved_info(conn: sqlite3.Connection) -> None:
+    """The reserved info conversa keeps per session (usage totals, ...): one JSON object,
+    changed atomically by ``_change_reserved`` (see conversa.storage._stored)."""
+    conn.execute("ALTER TABLE sessions ADD COLUMN reserved TEXT NOT NULL DEFAULT '{}'")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     m001_initial,
     m002_full_text_search,
     m003_index_folded_words,
+    m004_reserved_info,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

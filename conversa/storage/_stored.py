@@ -25,6 +25,30 @@ _K = TypeVar("_K")
 
 
 @dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """The tokens and model calls a session has used, summed over every turn."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    """Model calls that answered (summaries included)."""
+
+    @property
+    def total(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        """prompt_tokens, completion_tokens, total_tokens and calls."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total,
+            "calls": self.calls,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
     """What is known about a session without loading its history."""
 
@@ -37,6 +61,8 @@ class SessionInfo:
     user_id: str | None = None
     status: SessionStatus = "active"
     metadata: dict[str, Any] = field(default_factory=dict)
+    usage: UsageTotals = field(default_factory=UsageTotals)
+    """What the session's turns used, kept by each turn (``add_usage``) without the history."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +164,62 @@ def paused_gc() -> Iterator[None]:
                 gc.enable()
 
 
+# -- reserved info: fields conversa itself keeps in each session's info record ---------------
+#
+# One flat JSON object per session ("reserved"), apart from the app's own ``metadata`` (which
+# update_info replaces whole). Keys are dotted names ("usage.calls"); values are JSON. Every
+# backend stores it beside the other info fields and changes it with one atomic
+# ``_change_reserved(sid, add=, put=)``: ``add`` adds to numbers (counters), ``put`` sets
+# values. decode_info turns it into typed SessionInfo fields. A new conversa-kept field (a
+# flow's position, say) is one more key here, one more SessionInfo field read below, and
+# nothing new in any backend.
+
+USAGE_KEYS: tuple[str, str, str] = ("usage.prompt_tokens", "usage.completion_tokens", "usage.calls")
+"""The reserved keys of UsageTotals' three fields, in order."""
+RESERVED_FIELD = "reserved"
+"""The name of the reserved object among a backend's stored info fields."""
+
+
+def merge_reserved(
+    reserved: Mapping[str, Any], add: Mapping[str, int], put: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``reserved`` with ``add`` added to its numbers and ``put`` set (a new dict)."""
+    merged = dict(reserved)
+    for key, amount in add.items():
+        old = merged.get(key)
+        merged[key] = (old if isinstance(old, int) and not isinstance(old, bool) else 0) + amount
+    merged.update(put)
+    return merged
+
+
+def decode_reserved(raw: object, place: Callable[[], str]) -> dict[str, Any]:
+    """The reserved object from what a backend stored (a dict, its JSON text, or None)."""
+    try:
+        value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON object was expected, not {value!r:.40}")
+        return value
+    except ValueError as exc:
+        raise corrupt(place(), exc, "delete the session's reserved info to reset it") from exc
+
+
+def _count_of(reserved: Mapping[str, Any], key: str) -> int:
+    value = reserved.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def usage_totals(reserved: Mapping[str, Any]) -> UsageTotals:
+    """The UsageTotals kept in a reserved object (zeros for what is missing or not a number)."""
+    if not reserved:
+        return _NO_USAGE
+    return UsageTotals(*(_count_of(reserved, key) for key in USAGE_KEYS))
+
+
+_NO_USAGE = UsageTotals()
+
+
 def decode_info(
     session_id: str,
     row: Mapping[str, Any],
@@ -148,8 +230,9 @@ def decode_info(
     default_title: str | None,
     where: Place,
 ) -> SessionInfo:
-    """A SessionInfo from stored fields: ``row`` holds title, user_id, status and metadata
-    (a dict, or its JSON text), each optional; a set title wins over ``default_title``.
+    """A SessionInfo from stored fields: ``row`` holds title, user_id, status, metadata and
+    reserved (each a dict, or its JSON text), each optional; a set title wins over
+    ``default_title``.
     """
     metadata = row.get("metadata")
     try:
@@ -162,6 +245,10 @@ def decode_info(
     except ValueError as exc:
         place = f"the metadata of session {session_id!r} in {_said(where)}"
         raise corrupt(place, exc, "set it again with update_info(metadata=...)") from exc
+    reserved = decode_reserved(
+        row.get(RESERVED_FIELD),
+        lambda: f"the reserved info of session {session_id!r} in {_said(where)}",
+    )
     return SessionInfo(
         session_id=session_id,
         created_at=created_at,
@@ -171,6 +258,7 @@ def decode_info(
         user_id=row.get("user_id"),
         status=row.get("status") or "active",
         metadata=copy_json(metadata),
+        usage=usage_totals(reserved),
     )
 
 

@@ -71,6 +71,8 @@ from ..messages import ChatMessage, as_utc
 from ._lease import DEFAULT_WAIT, Waiting, check_ttl, check_wait, local_lease
 from ._search import matches, query_terms
 from ._stored import (
+    RESERVED_FIELD,
+    USAGE_KEYS,
     SearchHit,
     SessionInfo,
     SessionStatus,
@@ -79,6 +81,7 @@ from ._stored import (
     decode_info,
     first_user,
     from_ts,
+    merge_reserved,
     state_entry,
     title_from,
 )
@@ -278,6 +281,21 @@ class ConversationStorage(ABC):
         fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
         return await self._update_info(session_id, fields)
 
+    async def add_usage(
+        self, session_id: str, *, prompt_tokens: int = 0, completion_tokens: int = 0, calls: int = 0
+    ) -> None:
+        """Add to the session's usage totals (``SessionInfo.usage``), atomically.
+
+        Each turn adds what its model calls used; the history is not read.
+        """
+        validate_session_id(session_id)
+        amounts = (prompt_tokens, completion_tokens, calls)
+        for name, value in zip(USAGE_KEYS, amounts, strict=True):
+            _at_least_zero(value, name)
+        add = {k: v for k, v in zip(USAGE_KEYS, amounts, strict=True) if v}
+        if add:
+            await self._change_reserved(session_id, add, {})
+
     async def find_sessions(
         self,
         *,
@@ -471,6 +489,14 @@ class ConversationStorage(ABC):
         assert info is not None
         return info
 
+    async def _change_reserved(
+        self, session_id: str, add: dict[str, int], put: dict[str, Any]
+    ) -> None:
+        """Change the reserved info (see ``_stored.merge_reserved``) in one atomic step,
+        creating the session if needed."""
+        change = functools.partial(put_reserved, add=add, put=put)
+        await self._edit_meta(session_id, change, create=True)
+
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         """The infos ``query`` matches, newest first, at most ``query.limit``."""
         found: list[SessionInfo] = []
@@ -663,6 +689,12 @@ def _changed(meta: dict[str, Any]) -> bool:
 def put_info(meta: dict[str, Any], *, fields: Mapping[str, Any]) -> bool:
     """Set checked info fields."""
     meta.update(fields)
+    return True
+
+
+def put_reserved(meta: dict[str, Any], *, add: Mapping[str, int], put: Mapping[str, Any]) -> bool:
+    """Change the reserved info in a meta dict."""
+    meta[RESERVED_FIELD] = merge_reserved(meta.get(RESERVED_FIELD) or {}, add, put)
     return True
 
 

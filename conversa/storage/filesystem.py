@@ -96,6 +96,7 @@ from .base import (
     kept,
     live_entries,
     put_info,
+    put_reserved,
     put_state,
     validate_session_id,
 )
@@ -1091,6 +1092,14 @@ class FileSystemStorage(Durable, ConversationStorage):
         info = await self._run(self._info_sync, session_id, path, meta_path, None)
         assert info is not None
         return info
+
+    async def _change_reserved(
+        self, session_id: str, add: dict[str, int], put: dict[str, Any]
+    ) -> None:
+        # the reserved info lives in the meta file, beside the app-set info
+        path, meta_path = self._paths(session_id)
+        change = functools.partial(put_reserved, add=add, put=put)
+        await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
 
     def _change_meta_sync(
         self,

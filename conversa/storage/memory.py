@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ..messages import ChatMessage
-from ._stored import decode_info, first_user
+from ._stored import RESERVED_FIELD, decode_info, first_user, merge_reserved
 from .base import (
     ConversationStorage,
     SessionInfo,
@@ -132,6 +132,12 @@ class InMemoryStorage(ConversationStorage):
         s = self._touch(session_id)
         s.info.update(fields)
         return self._info(session_id, s)
+
+    async def _change_reserved(
+        self, session_id: str, add: dict[str, int], put: dict[str, Any]
+    ) -> None:
+        s = self._touch(session_id)
+        s.info[RESERVED_FIELD] = merge_reserved(s.info.get(RESERVED_FIELD) or {}, add, put)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         found = []

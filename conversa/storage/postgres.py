@@ -63,7 +63,14 @@ from ..errors import BackendUnavailable, SessionBusy, StorageConfigError, Storag
 from ..messages import ChatMessage
 from ._lease import Waiting, local_lease, poll
 from ._search import index_text, matches, stored_text, tsquery
-from ._stored import decode_info, decode_messages, decode_state, first_user
+from ._stored import (
+    RESERVED_FIELD,
+    decode_info,
+    decode_messages,
+    decode_state,
+    first_user,
+    merge_reserved,
+)
 from ._urls import import_optional, number_option, positive, query_options, redact_url
 from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry
 
@@ -234,7 +241,17 @@ async def _migration_2(con: Any, n: _Names) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Any, _Names], Awaitable[None]]] = [_migration_1, _migration_2]
+async def _migration_3(con: Any, n: _Names) -> None:
+    """The reserved info conversa keeps per session (usage totals, ...): one JSON object,
+    changed atomically by ``_change_reserved`` (see conversa.storage._stored)."""
+    await con.execute(f"ALTER TABLE {n.sessions} ADD COLUMN reserved jsonb NOT NULL DEFAULT '{{}}'")
+
+
+MIGRATIONS: list[Callable[[Any, _Names], Awaitable[None]]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+]
 """Migration i + 1 is MIGRATIONS[i]; append new ones, never change old ones."""
 
 
@@ -465,6 +482,7 @@ class PostgresStorage(ConversationStorage):
                 "user_id": _unesc_opt(row["user_id"]),
                 "status": row["status"],
                 "metadata": row["metadata"],
+                RESERVED_FIELD: row["reserved"],
             },
             created_at=row["created_at"],
             updated_at=row["updated_at"],
@@ -645,6 +663,27 @@ class PostgresStorage(ConversationStorage):
             RETURNING *"""
         row = await self._run(lambda con: con.fetchrow(sql, *values))
         return self._info(row)
+
+    async def _change_reserved(
+        self, session_id: str, add: dict[str, int], put: dict[str, Any]
+    ) -> None:
+        # one UPSERT: a new row gets the merge of nothing; an existing one merges in SQL
+        values: list[Any] = [session_id, json.dumps(merge_reserved({}, add, put))]
+        pairs: list[str] = []
+        for key, amount in add.items():
+            values += [key, amount]
+            k, v = len(values) - 1, len(values)
+            pairs.append(f"${k}::text, coalesce((s.reserved ->> ${k}::text)::bigint, 0) + ${v}")
+        for key, value in put.items():
+            values += [key, json.dumps(value)]
+            pairs.append(f"${len(values) - 1}::text, ${len(values)}::jsonb")
+        sql = f"""
+            INSERT INTO {self._names.sessions} AS s
+                (session_id, created_at, updated_at, touched, reserved)
+            VALUES ($1, clock_timestamp(), clock_timestamp(), {self._names.touch}, $2::jsonb)
+            ON CONFLICT (session_id) DO UPDATE SET {self._touch_sql()},
+                reserved = s.reserved || jsonb_build_object({", ".join(pairs)})"""
+        await self._run(lambda con: con.execute(sql, *values))
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         # filtered and limited by the server

@@ -69,6 +69,7 @@ from ..errors import BackendUnavailable, StorageError
 from ..messages import ChatMessage
 from ._lease import Waiting, local_lease, poll
 from ._stored import (
+    RESERVED_FIELD,
     corrupt,
     decode_info,
     decode_messages,
@@ -270,7 +271,22 @@ end
 return 0
 """
 
+# ARGV 3...: triples (op 'a' add or 's' set, reserved key, integer or JSON text). Each reserved
+# key is its own field "r:KEY" of the info hash, so adding to a counter is one HINCRBY.
+_CHANGE_RESERVED = """
+for i = 3, #ARGV, 3 do
+  if ARGV[i] == 'a' then
+    redis.call('HINCRBY', KEYS[2], 'r:' .. ARGV[i + 1], ARGV[i + 2])
+  else
+    redis.call('HSET', KEYS[2], 'r:' .. ARGV[i + 1], ARGV[i + 2])
+  end
+end
+touch()
+return 0
+"""
+
 _WRITE_SCRIPTS = {
+    "change_reserved": _CHANGE_RESERVED,
     "append": _APPEND,
     "save": _SAVE,
     "truncate": _TRUNCATE,
@@ -447,9 +463,16 @@ class RedisStorage(ConversationStorage):
             raise corrupt(
                 f"the info of session {session_id!r} in {where()}", repr(exc), "fix or delete it"
             ) from exc
+        reserved: dict[str, Any] | str = {}
+        for field, text in h.items():
+            if field.startswith("r:") and isinstance(reserved, dict):
+                try:
+                    reserved[field[2:]] = json.loads(text)
+                except ValueError:
+                    reserved = text  # decode_info names the damage
         return decode_info(
             session_id,
-            h,
+            {**h, RESERVED_FIELD: reserved},
             created_at=created,
             updated_at=updated,
             message_count=count,
@@ -565,6 +588,16 @@ class RedisStorage(ConversationStorage):
                 args += ["s", name, text]
         flat, count = await self._write("update_info", session_id, args)
         return self._info(session_id, _pairs(flat), int(count))
+
+    async def _change_reserved(
+        self, session_id: str, add: dict[str, int], put: dict[str, Any]
+    ) -> None:
+        args: list[str | int] = []
+        for key, amount in add.items():
+            args += ["a", key, amount]
+        for key, value in put.items():
+            args += ["s", key, json.dumps(value)]
+        await self._write("change_reserved", session_id, args)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         # Pages of the sorted set, newest first (a user's own set with a user_id): the cost

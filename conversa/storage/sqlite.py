@@ -41,7 +41,17 @@ from ._sqlite_migrations import (
     index_pending,
     migrate,
 )
-from ._stored import decode_info, decode_messages, decode_state, first_user, from_micros, to_micros
+from ._stored import (
+    RESERVED_FIELD,
+    decode_info,
+    decode_messages,
+    decode_reserved,
+    decode_state,
+    first_user,
+    from_micros,
+    merge_reserved,
+    to_micros,
+)
 from ._urls import Durability, Durable, durability_option, redact_url, url_durability
 from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
 
@@ -54,7 +64,8 @@ SORT_AT_MOST = 5000
 
 _SYNCHRONOUS = {"crash": "NORMAL", "power": "FULL"}
 _INFO_COLUMNS = (
-    "created_at, updated_at, message_count, title, first_user_text, user_id, status, metadata"
+    "created_at, updated_at, message_count, title, first_user_text, user_id, status, metadata, "
+    "reserved"
 )
 
 P = ParamSpec("P")
@@ -210,6 +221,11 @@ class SqliteStorage(Durable, ConversationStorage):
         if "metadata" in fields:
             fields = {**fields, "metadata": _dumps(fields["metadata"])}
         return await self._run(_update_info, session_id, fields)
+
+    async def _change_reserved(
+        self, session_id: str, add: dict[str, int], put: dict[str, Any]
+    ) -> None:
+        await self._run(_change_reserved, session_id, add, put)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         where: list[str] = []
@@ -742,15 +758,33 @@ def _update_info(conn: sqlite3.Connection, sid: str, fields: dict[str, Any]) -> 
     return info
 
 
+def _change_reserved(
+    conn: sqlite3.Connection, sid: str, add: dict[str, int], put: dict[str, Any]
+) -> None:
+    with _write(conn):
+        _touch(conn, sid)
+        (raw,) = conn.execute("SELECT reserved FROM sessions WHERE id = ?", (sid,)).fetchone()
+        where = functools.partial(_where, conn, "sessions")
+        old = decode_reserved(raw, lambda: f"the reserved info of session {sid!r} in {where()}")
+        merged = _dumps(merge_reserved(old, add, put))
+        conn.execute("UPDATE sessions SET reserved = ? WHERE id = ?", (merged, sid))
+
+
 def _find_sessions(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[SessionInfo]:
     return [_info(conn, row[0], row[1:]) for row in conn.execute(sql, params)]
 
 
 def _info(conn: sqlite3.Connection, sid: str, row: Sequence[Any]) -> SessionInfo:
-    created, updated, count, title, default_title, user_id, status, metadata = row
+    created, updated, count, title, default_title, user_id, status, metadata, reserved = row
     return decode_info(
         sid,
-        {"title": title, "user_id": user_id, "status": status, "metadata": metadata},
+        {
+            "title": title,
+            "user_id": user_id,
+            "status": status,
+            "metadata": metadata,
+            RESERVED_FIELD: reserved,
+        },
         created_at=from_micros(created),
         updated_at=from_micros(updated),
         message_count=count,

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from ..errors import InvalidSessionId, SessionBusy, StateValueError, StorageError
 from ..messages import ChatMessage, Role, ToolCall
-from ..storage._stored import StateEntry
+from ..storage._stored import StateEntry, UsageTotals
 from ..storage.base import ConversationStorage
 
 # -- strategies: arbitrary valid messages ------------------------------------------------
@@ -693,6 +693,37 @@ class StorageConformance(LeaseConformance):
             await storage.update_info(sid, status="sleeping")  # not a SessionStatus
         with pytest.raises(ValueError):
             await storage.update_info(sid, metadata={"bad": object()})
+
+    async def test_usage_totals_add_up_atomically(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user("q")])
+        info = await storage.get_info(sid)
+        assert info is not None and info.usage == UsageTotals()
+        await storage.add_usage(sid, prompt_tokens=10, completion_tokens=3, calls=1)
+        await storage.add_usage(sid, prompt_tokens=5, calls=1)
+        await asyncio.gather(*(storage.add_usage(sid, completion_tokens=1) for _ in range(8)))
+        info = await storage.get_info(sid)
+        assert info is not None
+        assert info.usage == UsageTotals(prompt_tokens=15, completion_tokens=11, calls=2)
+        assert info.usage.total == 26
+        # the app's own info stays apart: replacing metadata keeps the totals, and back
+        await storage.update_info(sid, metadata={"usage": "mine"}, title="t")
+        info = await storage.get_info(sid)
+        assert info is not None and info.metadata == {"usage": "mine"}
+        assert info.usage.calls == 2 and info.title == "t"
+        await storage.append(sid, [ChatMessage.assistant("a")])
+        found = [i for i in await storage.find_sessions() if i.session_id == sid]
+        assert found and found[0].usage == info.usage and found[0].message_count == 2
+        with pytest.raises(ValueError):
+            await storage.add_usage(sid, prompt_tokens=-1)
+        fresh = _sid()
+        await storage.add_usage(fresh, calls=1)  # creates the session, as any write does
+        info = await storage.get_info(fresh)
+        assert info is not None and info.usage.calls == 1
+        await storage.delete(sid)
+        await storage.append(sid, [_user("again")])
+        info = await storage.get_info(sid)
+        assert info is not None and info.usage == UsageTotals()
 
     async def test_find_sessions(self, storage: ConversationStorage) -> None:
         user = f"user-{uuid.uuid4().hex[:8]}"
