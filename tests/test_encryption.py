@@ -440,6 +440,15 @@ async def test_altered_or_moved_records_do_not_decrypt() -> None:
     await inner.save("b", [stored])  # a record of session "a", copied into "b"
     with pytest.raises(CorruptSessionError, match="does not decrypt"):
         await store.load("b")
+    # the clear fields are bound to the token too: a changed role or tool name is caught
+    call = ToolCall("c1", "harmless", "{}")
+    await store.save("c", [ChatMessage.assistant("", tool_calls=[call]), ChatMessage.user("u")])
+    sealed = await inner.load("c")
+    renamed = sealed[0].replace(tool_calls=(ToolCall("c1", "rm_rf", ""),))
+    for altered in (renamed, sealed[1].replace(role="system")):
+        await inner.save("c", [altered])
+        with pytest.raises(CorruptSessionError, match="damaged or altered"):
+            await store.load("c")
 
 
 def test_without_cryptography_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +63,7 @@ __all__ = [
 
 PREFIX = "cv-enc1:"
 """The start of every sealed token: the format's version."""
+_PREFIX_LENGTH = len(PREFIX)
 KEY_OPTION = "encryption_key_env"
 """The URL option naming the environment variable that holds the master key."""
 MIN_KEY_BYTES = 32
@@ -75,6 +76,8 @@ _CACHE = 4096
 _ELLIPSIS = "…"
 
 MasterKey = str | bytes
+Place = str | Callable[[], str]
+"""What a token is, for an error message; a function if it costs something to say."""
 
 
 def generate_key() -> str:
@@ -134,16 +137,48 @@ def split_key_option(url: str) -> tuple[str, str | None]:
     return inner, names[0].strip()
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii")
+# The ciphertext is written in hex whose 16 digits are punctuation: a token holds no letters
+# or digits but its prefix, so the backends' search indexes (which index words) stay small.
+_HEX_DIGITS = b"0123456789abcdef"
+_SYMBOLS = b"!#$%&()*+,-./;<="
+_TO_SYMBOLS = bytes.maketrans(_HEX_DIGITS, _SYMBOLS)
+_FROM_SYMBOLS = bytes.maketrans(_SYMBOLS, _HEX_DIGITS)
+
+
+def _text_of(data: bytes) -> str:
+    return binascii.b2a_hex(data).translate(_TO_SYMBOLS).decode("ascii")
+
+
+def _bytes_of(text: str) -> bytes:
+    return binascii.a2b_hex(text.encode("ascii").translate(_FROM_SYMBOLS))
+
+
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_decode_json = json.JSONDecoder().raw_decode  # authenticated data: our own compact JSON
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _encode_json(value).encode("utf-8")
+
+
+def _loads(data: bytes) -> Any:
+    return _decode_json(data.decode("utf-8"))[0]
+
+
+def _field(value: str | None) -> str:
+    """A field of an AAD, length-prefixed so that no two lists of fields read alike."""
+    return "-" if value is None else f"{len(value)}:{value}"
 
 
 def _message_aad(message: ChatMessage) -> bytes:
-    return f"m\0{message.id}\0{message.role}".encode("utf-8", "surrogatepass")
+    """What a token is bound to: every clear field but the time (an edit of one fails)."""
+    mid, role = message.id, message.role
+    text = f"m{len(mid)}:{mid}{role}"  # a role is letters only: it ends where a field starts
+    if message.name is not None or message.tool_call_id is not None or message.tool_calls:
+        calls = "".join(_field(c.id) + _field(c.name) for c in message.tool_calls)
+        text += f"{_field(message.name)}{_field(message.tool_call_id)}{len(message.tool_calls)}|"
+        text += calls
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _state_aad(key: str) -> bytes:
@@ -154,15 +189,27 @@ _TITLE_AAD = b"t"
 _META_AAD = b"i"
 
 
-def _copy_message(message: ChatMessage, **fields: Any) -> ChatMessage:
-    """A new message with ``message``'s fields and ``fields`` (set through the slots, unchecked)."""
+def _copy_message(
+    message: ChatMessage, content: Any, tool_calls: tuple[ToolCall, ...], metadata: dict[str, Any]
+) -> ChatMessage:
+    """``message`` with other content, tool calls and metadata (set through the slots, unchecked:
+    they were checked when the message was made, before it was sealed)."""
     copied = object.__new__(ChatMessage)
-    for name in _FIELDS:
-        object.__setattr__(copied, name, fields[name] if name in fields else getattr(message, name))
+    role, content_, name, calls, call_id, id_, created_at, metadata_ = _SETTERS
+    role(copied, message.role)
+    content_(copied, content)
+    name(copied, message.name)
+    calls(copied, tool_calls)
+    call_id(copied, message.tool_call_id)
+    id_(copied, message.id)
+    created_at(copied, message.created_at)
+    metadata_(copied, metadata)
     return copied
 
 
-_FIELDS = tuple(ChatMessage.__dataclass_fields__)
+# the slots' setters, in field order
+_SETTERS = tuple(ChatMessage.__dict__[name].__set__ for name in ChatMessage.__dataclass_fields__)
+assert len(_SETTERS) == 8, "ChatMessage's fields changed: update _copy_message"
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -216,9 +263,20 @@ class _Keys:
     def seal(self, session_id: str, data: bytes, aad: bytes) -> str:
         nonce = os.urandom(_NONCE)
         sealed = self.aead(self.sealing, session_id).encrypt(nonce, data, aad)
-        return f"{PREFIX}{self.sealing}:{_b64(nonce + sealed)}"
+        return f"{PREFIX}{self.sealing}:{_text_of(nonce + sealed)}"
 
-    def open(self, session_id: str, token: object, aad: bytes, what: str) -> bytes:
+    def open(self, session_id: str, token: object, aad: bytes, place: Place) -> bytes:
+        """The plaintext of a sealed token; ``place`` (or what it returns) names it in errors."""
+        if isinstance(token, str) and token.startswith(PREFIX):
+            kid, _, body = token[_PREFIX_LENGTH:].partition(":")
+            aead = self._derived.get((kid, session_id))
+            if aead is not None:  # the fast path: a known key, already derived
+                try:
+                    raw = _bytes_of(body)
+                    return aead.decrypt(raw[:_NONCE], raw[_NONCE:], aad)  # type: ignore[no-any-return]
+                except (ValueError, self._invalid_tag):
+                    pass  # said below
+        what = place if isinstance(place, str) else place()
         kid, body = _parts(token, session_id, what)
         if not self.known(kid):
             known = ", ".join(self._masters)
@@ -228,11 +286,11 @@ class _Keys:
                 "use the key the store was written with"
             )
         try:
-            raw = base64.urlsafe_b64decode(body)
+            raw = _bytes_of(body)
             if len(raw) < _NONCE + 16:
                 raise ValueError("too short")
-            return bytes(self.aead(kid, session_id).decrypt(raw[:_NONCE], raw[_NONCE:], aad))
-        except (ValueError, binascii.Error, self._invalid_tag) as exc:
+            return self.aead(kid, session_id).decrypt(raw[:_NONCE], raw[_NONCE:], aad)  # type: ignore[no-any-return]
+        except (ValueError, self._invalid_tag) as exc:  # binascii.Error is a ValueError
             raise CorruptSessionError(
                 f"{what} of session {session_id!r} does not decrypt with the key {kid}: it was "
                 "damaged or altered. It was left untouched; restore it from a backup or delete "
@@ -323,9 +381,10 @@ class EncryptedStorage(ConversationStorage):
 
     def open_message(self, session_id: str, stored: ChatMessage) -> ChatMessage:
         """The message a stored (sealed) one holds."""
-        what = f"message {stored.id!r}"
-        data = self._keys.open(session_id, stored.content, _message_aad(stored), what)
-        payload = json.loads(data)
+        data = self._keys.open(
+            session_id, stored.content, _message_aad(stored), lambda: f"message {stored.id!r}"
+        )
+        payload = _loads(data)
         calls = stored.tool_calls
         if calls:
             args = payload["a"]
@@ -341,7 +400,7 @@ class EncryptedStorage(ConversationStorage):
         return self._keys.seal(session_id, _dumps(value), _state_aad(key))
 
     def _open_value(self, session_id: str, key: str, token: object) -> Any:
-        return json.loads(self._keys.open(session_id, token, _state_aad(key), f"state key {key!r}"))
+        return _loads(self._keys.open(session_id, token, _state_aad(key), f"state key {key!r}"))
 
     def _seal_meta(self, session_id: str, envelope: dict[str, Any]) -> dict[str, Any]:
         return {_META_KEY: self._keys.seal(session_id, _dumps(envelope), _META_AAD)}
@@ -354,7 +413,7 @@ class EncryptedStorage(ConversationStorage):
         if set(stored) != {_META_KEY}:
             _parts(None, info.session_id, "the info metadata")
         data = self._keys.open(info.session_id, stored[_META_KEY], _META_AAD, "the info metadata")
-        envelope: dict[str, Any] = json.loads(data)
+        envelope: dict[str, Any] = _loads(data)
         return envelope
 
     async def _open_info(self, info: SessionInfo, *, resolve_title: bool = True) -> SessionInfo:
