@@ -661,3 +661,48 @@ def test_generate_key_and_key_id() -> None:
     key = enc.generate_key()
     assert len(key) == 44 and enc.key_id(key) != enc.key_id(enc.generate_key())
     assert len(enc.key_id(key)) == 12 and key not in enc.key_id(key)
+
+
+async def test_a_session_with_tools_over_an_encrypted_store(tmp_path: Path) -> None:
+    from conversa import create_session, tool
+    from conversa.testing import ScriptedModel
+    from conversa.testing.replies import tool_call
+
+    @tool
+    def remember(note: str) -> str:
+        """Keep a note."""
+        return f"kept {note} as quaggatoolresult"
+
+    url = keyed(f"sqlite:///{tmp_path / 'store.db'}")
+    model = ScriptedModel([tool_call("remember", {"note": "walrusargument"}), "okapi zebracontent"])
+    session = await create_session("chat", url, model=model, tools=[remember])
+    result = await session.send_message("please remember yakcontentpart")
+    assert result.success
+    await session.state.set("cart", ["urialstatevalue"])
+    await session.close()
+    reopened = await create_session("chat", url, model=ScriptedModel())
+    assert [m.role for m in reopened.history] == ["user", "assistant", "tool", "assistant"]
+    assert reopened.history[-1].text == "okapi zebracontent"
+    assert reopened.state.get("cart") == ["urialstatevalue"]
+    await reopened.close()
+    blob = files_under(tmp_path)  # the database, its WAL and the lease files
+    for secret in ("yakcontentpart", "walrusargument", "quaggatoolresult", "zebracontent"):
+        assert secret.encode() not in blob
+    assert b"chat" in blob
+
+
+def test_rekey_without_its_keys_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONVERSA_TEST_NO_KEY", raising=False)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["sessions", "rekey", "--storage", url, "--old-key-env", ENV_A]
+    result = CliRunner().invoke(cli, [*args, "--new-key-env", "CONVERSA_TEST_NO_KEY"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "error: the encryption key is read from the environment variable CONVERSA_TEST_NO_KEY, "
+        "which is not set: set it to the store's key"
+    ]
+    result = CliRunner().invoke(cli, [*args, "--new-key-env", ENV_A])
+    assert result.output.splitlines() == ["error: the old and the new key are the same key"]
+    assert not (tmp_path / "store.db").exists()

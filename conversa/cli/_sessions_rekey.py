@@ -28,12 +28,10 @@ def rekey_sessions(
     Each session is rewritten under its lease and keeps its times. Safe to interrupt: run
     it again with the same keys to finish. Afterwards use ?encryption_key_env=NEW_NAME.
     """
-    from ..storage.encrypted import key_from_env, split_key_option
     from ._runner import run
 
-    url, _ = split_key_option(storage_url(ctx, storage))  # the keys come from the options
-    old, new = key_from_env(old_key_env), key_from_env(new_key_env)
-    counts = run(ctx, lambda: _rekey(url, old, new))
+    url = storage_url(ctx, storage)
+    counts = run(ctx, lambda: _rekey(url, old_key_env, new_key_env))
     click.echo(
         f"rekeyed {counts['rekeyed']} sessions ({counts['finished']} finished from an earlier "
         f"run, {counts['already']} already on the new key); now open the store with "
@@ -41,12 +39,14 @@ def rekey_sessions(
     )
 
 
-async def _rekey(url: str, old: str, new: str) -> dict[str, int]:
+async def _rekey(url: str, old_env: str, new_env: str) -> dict[str, int]:
     from ..storage import open_storage
-    from ..storage.encrypted import rekey
+    from ..storage.encrypted import key_from_env, rekey, split_key_option
 
+    plain_url, _ = split_key_option(url)  # the keys come from the two options
+    old, new = key_from_env(old_env), key_from_env(new_env)
     counts = {"rekeyed": 0, "finished": 0, "already": 0}
-    store = open_storage(url)
+    store = open_storage(plain_url)
     try:
         async for done in rekey(store, old, new):
             counts[done.done] += 1
