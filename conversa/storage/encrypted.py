@@ -9,7 +9,7 @@ state keys and their expiry.
 
 Keys: every session has its own AES key, derived from the master key with HKDF-SHA256 (the
 session id is the HKDF info), so a record copied into another session does not decrypt. Each
-token names the id of the master key that sealed it (``cv-enc1:<key id>:<base64>``); a token
+token names the id of the master key that sealed it (``cv-enc1:<key id>:<ciphertext>``); a token
 of another key raises EncryptionKeyError, a token that fails authentication
 CorruptSessionError. Before the first write to a session, the storage reads one of its records
 and checks it opens with this key: a wrong key never writes anything.
@@ -299,7 +299,7 @@ class _Keys:
 
 
 def _parts(token: object, session_id: str, what: str) -> tuple[str, str]:
-    """The key id and the base64 body of a sealed token; EncryptionError if it is none."""
+    """The key id and the ciphertext of a sealed token; EncryptionError if it is none."""
     if isinstance(token, str) and token.startswith(PREFIX):
         kid, sep, body = token[len(PREFIX) :].partition(":")
         if sep:
