@@ -174,7 +174,7 @@ def test_the_distribution_is_conversa_ai_everywhere() -> None:
     """`conversa` on PyPI is someone else's package: every install hint names ours."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == DISTRIBUTION
-    assert f"{DISTRIBUTION}[redis,postgres]" in project["optional-dependencies"]["dev"]
+    assert f"{DISTRIBUTION}[redis,postgres,encryption]" in project["optional-dependencies"]["dev"]
     assert project["scripts"] == {"conversa": "conversa.cli:main"}
     assert importlib.metadata.version(DISTRIBUTION) == conversa.__version__
     sources = [README, *sorted((ROOT / "conversa").rglob("*.py"))]
