@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .errors import BackendUnavailable as BackendUnavailable
     from .errors import ConversaError as ConversaError
     from .errors import CorruptSessionError as CorruptSessionError
+    from .errors import EncryptionError as EncryptionError
+    from .errors import EncryptionKeyError as EncryptionKeyError
     from .errors import InvalidMessage as InvalidMessage
     from .errors import InvalidSessionId as InvalidSessionId
     from .errors import ModelError as ModelError
@@ -92,6 +94,8 @@ _EXPORTS: dict[str, str] = {
     "ConversaError": ".errors",
     "ConversationStorage": ".storage",
     "CorruptSessionError": ".errors",
+    "EncryptionError": ".errors",
+    "EncryptionKeyError": ".errors",
     "InMemoryStorage": ".storage",
     "InvalidMessage": ".errors",
     "InvalidSessionId": ".errors",

@@ -39,6 +39,14 @@ class StateValueError(StorageError, ValueError):
     """A state value or info field cannot be stored (not JSON-serialisable, bad status)."""
 
 
+class EncryptionError(StorageError):
+    """Encrypted storage met data it cannot handle (not encrypted), or a key problem below."""
+
+
+class EncryptionKeyError(EncryptionError):
+    """The encryption key is missing, malformed, or not the one the data was encrypted with."""
+
+
 class BackendUnavailable(StorageError):
     """A backend's server cannot be reached, or its optional dependency is missing."""
 

@@ -229,7 +229,8 @@ def test_the_distribution_is_conversa_ai_everywhere() -> None:
     """`conversa` on PyPI is someone else's package: every install hint names ours."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == DISTRIBUTION
-    assert f"{DISTRIBUTION}[redis,postgres]" in project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    assert f"{DISTRIBUTION}[redis,postgres,server,encryption]" in extras["dev"]
     assert project["scripts"] == {"conversa": "conversa.cli:main"}
     assert importlib.metadata.version(DISTRIBUTION) == conversa.__version__
     sources = [README, *sorted((ROOT / "conversa").rglob("*.py"))]

@@ -12,6 +12,7 @@ import click
 from ._manage import output, require, with_storage
 from ._options import common_options, model_options
 from ._sessions_io import export_session, import_session, migrate_sessions
+from ._sessions_rekey import rekey_sessions
 
 if TYPE_CHECKING:
     from ..storage import ConversationStorage
@@ -33,7 +34,7 @@ def parse_duration(text: str) -> timedelta:
 @click.group()
 def sessions() -> None:
     """Manage stored sessions: list, show, compact, export, import, delete, prune, search,
-    migrate."""
+    migrate, rekey."""
 
 
 PAGE = 20
@@ -283,3 +284,4 @@ def search(ctx: click.Context, text: str, limit: int, storage: str | None, debug
 sessions.add_command(export_session)
 sessions.add_command(import_session)
 sessions.add_command(migrate_sessions)
+sessions.add_command(rekey_sessions)

@@ -14,6 +14,7 @@ from .base import ConversationStorage, SessionInfo, StateEntry, validate_session
 from .memory import InMemoryStorage
 
 if TYPE_CHECKING:
+    from .encrypted import EncryptedStorage
     from .filesystem import FileSystemStorage
     from .postgres import PostgresStorage
     from .redis import RedisStorage
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConversationStorage",
+    "EncryptedStorage",
     "FileSystemStorage",
     "InMemoryStorage",
     "PostgresStorage",
@@ -51,7 +53,8 @@ SUPPORTED_FORMS = """\
   file://DIR  or a directory path        one JSON Lines file per session (default ./sessions)
   sqlite:///PATH  or a path ending .db   one SQLite database (sqlite:////abs/path.db)
   redis://[:password@]host:port/db       Redis (pip install 'conversa-ai[redis]')
-  postgresql://user@host:port/db         PostgreSQL (pip install 'conversa-ai[postgres]')"""
+  postgresql://user@host:port/db         PostgreSQL (pip install 'conversa-ai[postgres]')
+  URL?encryption_key_env=NAME            any of these, encrypted with the key in $NAME"""
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
@@ -70,6 +73,10 @@ def open_storage(url: str | PathLike[str] | ConversationStorage) -> Conversation
         raise UnsupportedStorageURL(
             f"no storage URL given ({url!r}); use one of:\n{SUPPORTED_FORMS}"
         )
+    if "encryption_key_env" in text and "://" in text:
+        from .encrypted import EncryptedStorage
+
+        return EncryptedStorage.from_url(text)
     if "://" not in text:
         if text.endswith(_SQLITE_SUFFIXES):
             return _backend("sqlite")(text)  # type: ignore[no-any-return]
@@ -84,6 +91,10 @@ def open_storage(url: str | PathLike[str] | ConversationStorage) -> Conversation
 
 
 def __getattr__(name: str) -> Any:
+    if name == "EncryptedStorage":
+        from .encrypted import EncryptedStorage
+
+        return EncryptedStorage
     for module, cls in _BACKENDS.values():
         if cls == name:
             return getattr(importlib.import_module(module, __name__), name)
