@@ -82,7 +82,9 @@ from ..errors import (
 )
 from ..messages import ChatMessage
 from ._file_index import Entry, SessionIndex
+from ._file_search import Mark, Scan, SearchIndex
 from ._lease import Waiting, file_lease, local_lease
+from ._search import fts5_query, matches
 from ._stored import (
     corrupt,
     decode_info,
@@ -95,6 +97,7 @@ from ._stored import (
 from ._urls import Durable, durability_option, redact_url, url_durability
 from .base import (
     ConversationStorage,
+    SearchHit,
     SessionInfo,
     SessionQuery,
     StateEntry,
@@ -469,6 +472,35 @@ def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
     return out
 
 
+def _line_end_before(fd: int, start: int, end: int) -> int:
+    """The offset after the last "\\n" between ``start`` (a line's start) and ``end``."""
+    stop = end
+    while stop > start:
+        size = min(_TAIL_BLOCK, stop - start)
+        found = os.pread(fd, size, stop - size).rfind(b"\n")
+        if found != -1:
+            return stop - size + found + 1
+        stop -= size
+    return start
+
+
+def _lines(fd: int, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes without the "\\n") of each line between ``start`` and ``stop``, which
+    start and end lines; read in chunks."""
+    offset, rest, rest_at = start, b"", start
+    while offset < stop:
+        chunk = os.pread(fd, min(_CHUNK, stop - offset), offset)
+        if not chunk:  # cannot happen: these bytes never change; do not loop forever
+            raise OSError(f"short read at offset {offset}")
+        offset += len(chunk)
+        data = rest + chunk
+        at = 0
+        while (nl := data.find(b"\n", at)) != -1:
+            yield rest_at + at, data[at:nl]
+            at = nl + 1
+        rest, rest_at = data[at:], rest_at + at
+
+
 def _torn_warning(path: str, size: int) -> str:
     return (
         f"{path}: ignoring the last {size} bytes, an append that was interrupted before it "
@@ -546,6 +578,9 @@ class FileSystemStorage(Durable, ConversationStorage):
         self._swept = False
         self._index = SessionIndex(self._dir, self._index_rows, session_id_from_stem)
         self._rebuilds = threading.local()  # .damaged: the listing a rebuild reports to
+        self._search_index: SearchIndex | None = None  # opened by the first search
+        # (the database opened, the session index's cursor) the last search caught up with
+        self._search_cursor: tuple[int, tuple[int, int] | None] = (0, None)
 
     @classmethod
     def from_url(cls, url: str) -> FileSystemStorage:
@@ -565,6 +600,11 @@ class FileSystemStorage(Durable, ConversationStorage):
 
     def __repr__(self) -> str:
         return f"FileSystemStorage({self._dir!r}, durability={self._durability!r})"
+
+    async def close(self) -> None:
+        """Close the search index's database, if a search opened it."""
+        if self._search_index is not None:
+            await asyncio.to_thread(self._search_index.close)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -1287,6 +1327,140 @@ class FileSystemStorage(Durable, ConversationStorage):
         if listing is not None:
             listing.extend(d for d in damaged if d not in listing)
         return rows
+
+    # -- search -------------------------------------------------------------------------
+
+    async def _search(self, terms: list[str], limit: int | None) -> list[SearchHit]:
+        """Matches through the search index beside the files (see _file_search).
+
+        Only the sessions written since the last search are read to index them (and of
+        those, only what was appended), and only the matching lines are read back. Hits come
+        newest session first (the session index's order), then in order; a damaged line that
+        the index points at raises CorruptSessionError, as load does. A directory this user
+        may only read, or an SQLite without FTS5, gets the scanning search of
+        ConversationStorage.
+        """
+        hits = await self._run(self._search_sync, terms, limit)
+        return await super()._search(terms, limit) if hits is None else hits
+
+    def _search_sync(self, terms: list[str], limit: int | None) -> list[SearchHit] | None:
+        if not os.path.isdir(self._dir):
+            return []
+        try:
+            index = self._search_index or self._open_search_index()
+            if index is None:
+                return None
+            # the sessions the session index saw written since the last search (or all)
+            opened, cursor = self._search_cursor
+            self._search_cursor = (index.opened(), None)
+            cursor, changed = self._index.changed_since(cursor)
+            if opened != self._search_cursor[0]:
+                changed = None  # a new database (the first search, or it was deleted)
+            if changed is None:
+                index.catch_up_all((stem, entry.stamp) for stem, entry in self._index.rows())
+            else:
+                stamps = ((stem, self._index.entry(stem)) for stem in dict.fromkeys(changed))
+                index.catch_up((stem, None if e is None else e.stamp) for stem, e in stamps)
+            self._search_cursor = (self._search_cursor[0], cursor)  # caught up: remember
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY:
+                raise
+            return None
+
+        def order(stem: str) -> tuple[int, str] | None:
+            entry = self._index.entry(stem)
+            return None if entry is None else (-entry.stamp, stem)
+
+        walk = (stem for stem, _ in self._index.rows())
+        hits: list[SearchHit] = []
+        for stem, mark, lines in index.candidates(terms, order, walk):
+            entry = self._index.entry(stem)
+            if entry is None:
+                continue  # deleted since
+            for position, message in self._indexed_hits(index, terms, stem, mark, lines):
+                hits.append(SearchHit(entry.session_id, position, message))
+                if len(hits) == limit:
+                    return hits
+        return hits
+
+    def _open_search_index(self) -> SearchIndex | None:
+        """The search index, or None where it cannot be kept (read-only, no FTS5)."""
+        if not os.access(self._dir, os.W_OK) or not SearchIndex.available():
+            return None
+        self._search_index = SearchIndex(self._dir, self._index_scan)
+        return self._search_index
+
+    def _indexed_hits(
+        self,
+        index: SearchIndex,
+        terms: list[str],
+        stem: str,
+        mark: Mark,
+        lines: list[tuple[int, int, int]],
+    ) -> list[tuple[int, ChatMessage]]:
+        """(position, message) of the candidate ``lines`` of one session that match.
+
+        A file that is no longer the one indexed (a write since the catch-up) is indexed
+        again and asked again; after three tries the session is loaded and scanned.
+        """
+        path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+        for _ in range(3):
+            found = self._read_lines(path, mark, lines)
+            if found is not None:
+                return [(n, m) for n, m in found if matches(terms, m.text)]
+            index.reindex(stem)
+            current = index.current(stem)
+            if current is None:
+                return []
+            num, mark = current
+            lines = index.session_candidates(fts5_query(terms), num)
+        messages, _ = self._load_sync(path)
+        return [(n, m) for n, m in enumerate(messages) if matches(terms, m.text)]
+
+    def _read_lines(
+        self, path: str, mark: Mark, lines: list[tuple[int, int, int]]
+    ) -> list[tuple[int, ChatMessage]] | None:
+        """The messages at ``lines`` (number, offset, length); None if the file changed."""
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                return None
+            if not self._is_marked(fd, os.fstat(fd), mark):
+                return None
+            out: list[tuple[int, ChatMessage]] = []
+            for number, offset, length in lines:
+                if offset + length >= mark.offset:  # not what was indexed: cannot happen
+                    return None
+                raw = os.pread(fd, length, offset)
+                out.append((number, _parse_line(raw, path, number + 1)))
+            return out
+
+    @staticmethod
+    def _is_marked(fd: int, st: os.stat_result, mark: Mark) -> bool:
+        """Whether the file open at ``fd`` still holds the lines ``mark`` was taken of."""
+        if (st.st_dev, st.st_ino) != (mark.dev, mark.ino) or mark.offset > st.st_size:
+            return False
+        known = os.pread(fd, _MARK_BYTES, 0) + _before(fd, mark.offset)
+        return known == mark.fingerprint
+
+    @contextlib.contextmanager
+    def _index_scan(self, stem: str, mark: Mark | None) -> Iterator[Scan | None]:
+        """The lines of session ``stem`` after ``mark`` (all if it no longer applies), read
+        under the session's shared lock; None if the session is gone."""
+        path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                yield None
+                return
+            st = os.fstat(fd)
+            end = _complete_end_of_fd(fd, st.st_size)
+            start, first = 0, 0
+            if mark is not None and mark.offset <= end and self._is_marked(fd, st, mark):
+                start, first = mark.offset, mark.lines
+            stop = _line_end_before(fd, start, end)
+            fingerprint = os.pread(fd, _MARK_BYTES, 0) + _before(fd, stop)
+            yield Scan(
+                st.st_dev, st.st_ino, start > 0, first, stop, fingerprint, _lines(fd, start, stop)
+            )
 
     # -- session state --------------------------------------------------------------------
 
