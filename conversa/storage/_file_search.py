@@ -40,7 +40,10 @@ BATCH = 256
 """Sessions indexed per transaction (so other searchers wait for one batch at most)."""
 _LINE_BITS = 32
 _LINE_MASK = (1 << _LINE_BITS) - 1
-_FILE_BY_NUM = "SELECT stem, dev, ino, offset, lines, fingerprint FROM files WHERE num = ?"
+_HITS = (
+    "SELECT w.rowid, w.off, w.len, f.stem, f.dev, f.ino, f.offset, f.lines, f.fingerprint "
+    f"FROM words AS w JOIN files AS f ON f.num = w.rowid >> {_LINE_BITS} WHERE words MATCH ?"
+)
 _FILE_BY_STEM = "SELECT num, dev, ino, offset, lines, fingerprint FROM files WHERE stem = ?"
 _BUSY_TIMEOUT = 30.0
 
@@ -306,19 +309,16 @@ class SearchIndex:
                 (match, SORT_AT_MOST + 1),
             ).fetchone()[0]
             if few <= SORT_AT_MOST:
-                grouped: dict[int, list[tuple[int, int, int]]] = {}
-                for rowid, off, length in conn.execute(
-                    "SELECT rowid, off, len FROM words WHERE words MATCH ?", (match,)
-                ):
-                    grouped.setdefault(rowid >> _LINE_BITS, []).append(
-                        (rowid & _LINE_MASK, off, length)
-                    )
+                grouped: dict[str, tuple[Mark, list[tuple[int, int, int]]]] = {}
+                for rowid, off, length, stem, *mark in conn.execute(_HITS, (match,)):
+                    if stem not in grouped:
+                        grouped[stem] = (Mark(*mark), [])
+                    grouped[stem][1].append((rowid & _LINE_MASK, off, length))
                 found = []
-                for num, lines in grouped.items():
-                    row = conn.execute(_FILE_BY_NUM, (num,)).fetchone()
-                    key = None if row is None else order(row[0])
+                for stem, (mark, lines) in grouped.items():
+                    key = order(stem)
                     if key is not None:
-                        found.append((key, row[0], Mark(*row[1:]), sorted(lines)))
+                        found.append((key, stem, mark, sorted(lines)))
         if few <= SORT_AT_MOST:
             found.sort(key=lambda f: f[0])
             for _, stem, mark, lines in found:
