@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from ._search import fts5_query, index_text, stored_text
+from ._search import fts5_query, index_text, matches, stored_text
 
 DB_NAME = ".conversa-search.db"
 VERSION = 1
@@ -328,20 +328,27 @@ class SearchIndex:
             with self._mutex:
                 row = self._connection().execute(_FILE_BY_STEM, (stem,)).fetchone()
             if row is not None:
-                lines = self.session_candidates(match, row[0])
+                lines = self.session_candidates(terms, row[0])
                 if lines:
                     yield stem, Mark(*row[1:]), lines
 
-    def session_candidates(self, match: str, num: int) -> list[tuple[int, int, int]]:
-        """(line, offset, length) of the lines of session ``num`` that may match ``match``."""
+    def session_candidates(self, terms: list[str], num: int) -> list[tuple[int, int, int]]:
+        """(line, offset, length) of the lines of session ``num`` that may match ``terms``.
+
+        Read through the rowid range, each line's indexed words checked here: asking the
+        full-text index per session would read the word's whole list of hits each time.
+        """
         with self._mutex:
-            conn = self._connection()
-            rows = conn.execute(
-                "SELECT rowid, off, len FROM words WHERE words MATCH ? AND rowid BETWEEN ? AND ? "
-                "ORDER BY rowid",
-                (match, *_span(num)),
-            ).fetchall()
-        return [(r & _LINE_MASK, off, length) for r, off, length in rows]
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT rowid, off, len, text FROM words WHERE rowid BETWEEN ? AND ? "
+                    "ORDER BY rowid",
+                    _span(num),
+                )
+                .fetchall()
+            )
+        return [(r & _LINE_MASK, off, n) for r, off, n, text in rows if matches(terms, text)]
 
     def current(self, stem: str) -> tuple[int, Mark] | None:
         """(num, mark) of session ``stem`` as indexed now."""

@@ -84,7 +84,7 @@ from ..messages import ChatMessage
 from ._file_index import Entry, SessionIndex
 from ._file_search import Mark, Scan, SearchIndex
 from ._lease import Waiting, file_lease, local_lease
-from ._search import fts5_query, matches
+from ._search import matches
 from ._stored import (
     corrupt,
     decode_info,
@@ -1413,7 +1413,7 @@ class FileSystemStorage(Durable, ConversationStorage):
             if current is None:
                 return []
             num, mark = current
-            lines = index.session_candidates(fts5_query(terms), num)
+            lines = index.session_candidates(terms, num)
         messages, _ = self._load_sync(path)
         return [(n, m) for n, m in enumerate(messages) if matches(terms, m.text)]
 
