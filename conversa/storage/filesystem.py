@@ -70,7 +70,7 @@ from collections.abc import (
     Sequence,
 )
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import (
@@ -82,7 +82,6 @@ from ..errors import (
 )
 from ..messages import ChatMessage
 from ._file_index import Entry, SessionIndex
-from ._file_search import Mark, Scan, SearchIndex
 from ._lease import Waiting, file_lease, local_lease
 from ._search import matches
 from ._stored import (
@@ -108,6 +107,9 @@ from .base import (
     put_state,
     validate_session_id,
 )
+
+if TYPE_CHECKING:  # imported on the first search: sqlite3 is not needed before
+    from ._file_search import Mark, Scan, SearchIndex
 
 __all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
 
@@ -1385,6 +1387,8 @@ class FileSystemStorage(Durable, ConversationStorage):
 
     def _open_search_index(self) -> SearchIndex | None:
         """The search index, or None where it cannot be kept (read-only, no FTS5)."""
+        from ._file_search import SearchIndex
+
         if not os.access(self._dir, os.W_OK) or not SearchIndex.available():
             return None
         self._search_index = SearchIndex(self._dir, self._index_scan)
@@ -1446,6 +1450,8 @@ class FileSystemStorage(Durable, ConversationStorage):
     def _index_scan(self, stem: str, mark: Mark | None) -> Iterator[Scan | None]:
         """The lines of session ``stem`` after ``mark`` (all if it no longer applies), read
         under the session's shared lock; None if the session is gone."""
+        from ._file_search import Scan  # loaded by the search that calls this
+
         path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
         with self._locked(path, write=False) as fd:
             if fd is None:
