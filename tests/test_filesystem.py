@@ -895,6 +895,78 @@ async def test_count_stays_right_while_other_writers_change_the_file(tmp_path: P
         assert info is not None and info.message_count == 6
 
 
+# -- a new storage object does not parse a checked history (issue 11, resume) ---------------
+
+
+def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the lines the file backend parses (decode_message calls)."""
+    import conversa.storage.filesystem as fs
+
+    calls = [0]
+    real = fs.decode_message
+
+    def counting(*args: object, **kwargs: object) -> ChatMessage:
+        calls[0] += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fs, "decode_message", counting)
+    return calls
+
+
+async def test_new_storage_object_counts_and_appends_without_parsing_the_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check mark kept on the file: a new process resumes a long history in O(1)."""
+    writer = FileSystemStorage(tmp_path)
+    await writer.save("s", [_user(f"m{i}") for i in range(500)])
+    await writer.append("s", [_user("a"), _user("b")])
+    await writer.pop("s")
+    parses = _count_parses(monkeypatch)
+    reader = FileSystemStorage(tmp_path)
+    assert await reader.count("s") == 501
+    assert [m.text for m in await reader.tail("s", 2)] == ["m499", "a"]
+    await reader.append("s", [_user("c")])
+    info = await FileSystemStorage(tmp_path).get_info("s")
+    assert info is not None and info.message_count == 502
+    assert parses[0] == 3  # the two lines tail read and the title get_info reads
+    assert len(await FileSystemStorage(tmp_path).load("s")) == 502
+
+
+async def test_checked_mark_is_not_trusted_after_a_hand_edit(tmp_path: Path) -> None:
+    """A line damaged or added by another program moves the mtime: checked again, and found."""
+    await FileSystemStorage(tmp_path).append("s", [_user(f"m{i}") for i in range(5)])
+    path = tmp_path / "s.jsonl"
+    data = path.read_bytes()
+    second = data.split(b"\n")[1]
+    path.write_bytes(data.replace(second, b"\xff" * len(second)))  # same size and ends
+    with pytest.raises(CorruptSessionError, match="line 2"):
+        await FileSystemStorage(tmp_path).count("s")
+    path.write_bytes(data)
+    assert await FileSystemStorage(tmp_path).count("s") == 5
+    with open(path, "ab") as f:
+        f.write(b'{"role": "user"}\n')
+    with pytest.raises(CorruptSessionError, match="line 6"):
+        await FileSystemStorage(tmp_path).append("s", [_user("x")])
+
+
+async def test_damage_found_by_load_drops_the_mark_kept_on_the_file(tmp_path: Path) -> None:
+    """An edit that keeps size, ends and mtime escapes the mark until a load finds it;
+    from then on every storage object checks the file again."""
+    await FileSystemStorage(tmp_path).append("s", [_user(f"m{i}" + "x" * 100) for i in range(5)])
+    path = tmp_path / "s.jsonl"
+    st = path.stat()
+    data = path.read_bytes()
+    second = data.split(b"\n")[1]
+    path.write_bytes(data.replace(second, b"\xff" * len(second)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert await FileSystemStorage(tmp_path).count("s") == 5  # the documented blind spot
+    with pytest.raises(CorruptSessionError, match="line 2"):
+        await FileSystemStorage(tmp_path).load("s")
+    for action in ("count", "tail"):
+        with pytest.raises(CorruptSessionError, match="line 2"):
+            await getattr(FileSystemStorage(tmp_path), action)("s")
+
+
 # -- the index of sessions: listings read only what they return (issue 11) ------------------
 
 

@@ -182,6 +182,32 @@ async def test_damaged_row_is_reported(store: PostgresStorage, admin: Any, schem
         await store.load("s")
 
 
+async def test_append_leaves_search_words_to_a_batch(
+    store: PostgresStorage, admin: Any, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No words are computed on the append's path; a batch or the next search fills them."""
+    from conversa.storage import postgres as pg_module
+
+    table = f'"{schema}".conversa_messages'
+
+    async def unindexed() -> int:
+        return int(await admin.fetchval(f"SELECT count(*) FROM {table} WHERE words IS NULL"))
+
+    monkeypatch.setattr(pg_module, "index_text", lambda text: pytest.fail("words computed"))
+    for i in range(3):
+        await store.append("s", [ChatMessage.user(f"Café n{i}"), ChatMessage.assistant("ok")])
+    assert await unindexed() == 6
+    monkeypatch.undo()
+    assert [h.position for h in await store.search("cafe")] == [0, 2, 4]
+    assert await unindexed() == 0
+    # a write number divisible by INDEX_BATCH indexes what appends left
+    monkeypatch.setattr(pg_module, "INDEX_BATCH", 4)
+    for i in range(8):
+        await store.append("t", [ChatMessage.user(f"later {i}")])
+    assert await unindexed() < 4
+    assert len(await store.search("later", limit=None)) == 8 and await unindexed() == 0
+
+
 async def terminate_backends_of(admin: Any, name: str) -> int:
     """pg_terminate_backend every connection of application ``name``; wait until all are gone."""
     sql = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"

@@ -162,7 +162,7 @@ async def test_sqlite_version_2_database_is_indexed_on_upgrade(tmp_path: Path) -
             3,
         ]
     with _raw(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
 
 
 async def test_sqlite_hand_edited_row_is_reindexed(tmp_path: Path) -> None:
@@ -219,3 +219,207 @@ async def test_sqlite_common_word_stops_at_the_limit(
         assert large <= small * 1.5 + 5, (small, large)
         # a rare word still comes straight from the index
         assert [h.session_id for h in await store.search("thing n17x")] == ["s0017"]
+
+
+# -- the file backend: SQLite FTS5 beside the files, caught up at search time ----------------
+
+
+def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The session history files opened from now on."""
+    import os
+
+    opened: list[str] = []
+    real = os.open
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".jsonl"):
+            opened.append(os.path.basename(str(path)))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting)
+    return opened
+
+
+async def _file_store(tmp_path: Path, sessions: int) -> Any:
+    from conversa.storage.filesystem import FileSystemStorage
+
+    store = FileSystemStorage(tmp_path / "files")
+    for i in range(sessions):
+        word = "rareword" if i == sessions // 2 else f"filler{i}"
+        await store.save(f"s{i:04}", [_user(f"common {word}"), _user("common again")])
+    return store
+
+
+async def test_file_search_reads_only_new_writes_and_the_hits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first search, a search opens the sessions written since and its hits only."""
+    store = await _file_store(tmp_path, 200)
+    assert [(h.session_id, h.position) for h in await store.search("rarew")] == [("s0100", 0)]
+    opened = _count_opens(monkeypatch)
+    assert [h.session_id for h in await store.search("RAREWORD")] == ["s0100"]
+    assert opened == ["s0100.jsonl"]
+    opened.clear()
+    for i in (3, 4, 5):
+        await store.append(f"s{i:04}", [_user(f"later rareword {i}")])
+    opened.clear()
+    hits = await store.search("rareword")
+    assert [(h.session_id, h.position) for h in hits] == [
+        ("s0005", 2),
+        ("s0004", 2),
+        ("s0003", 2),
+        ("s0100", 0),
+    ]
+    # indexing the three sessions written (from where it stopped), then reading the hits
+    assert sorted(opened) == sorted(
+        ["s0003.jsonl", "s0004.jsonl", "s0005.jsonl"] * 2 + ["s0100.jsonl"]
+    )
+    await store.close()
+
+
+async def test_file_search_common_word_stops_at_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A word in every session reads the newest sessions' hits until the limit, no more."""
+    from conversa.storage import _file_search
+
+    store = await _file_store(tmp_path, 100)
+    await store.search("common")  # builds the index
+    monkeypatch.setattr(_file_search, "SORT_AT_MOST", 20)
+    opened = _count_opens(monkeypatch)
+    hits = await store.search("common", limit=5)
+    assert [(h.session_id, h.position) for h in hits] == [
+        ("s0099", 0),
+        ("s0099", 1),
+        ("s0098", 0),
+        ("s0098", 1),
+        ("s0097", 0),
+    ]
+    assert opened == ["s0099.jsonl", "s0098.jsonl", "s0097.jsonl"]
+    assert len(await store.search("common", limit=None)) == 200
+    await store.close()
+
+
+async def test_file_search_follows_every_kind_of_write(tmp_path: Path) -> None:
+    """Saves, pops, deletes, other storage objects and files changed behind its back."""
+    from conversa.storage.filesystem import FileSystemStorage
+
+    store = await _file_store(tmp_path, 5)
+    other = FileSystemStorage(store.directory)
+
+    async def found(query: str) -> list[tuple[str, int]]:
+        return [(h.session_id, h.position) for h in await store.search(query, limit=None)]
+
+    assert await found("filler1") == [("s0001", 0)]
+    await other.save("s0001", [_user("replaced"), _user("Crème brûlée")])
+    assert await found("filler1") == []
+    assert await found("creme") == [("s0001", 1)]
+    await other.pop("s0001")
+    assert await found("brulee") == []
+    await other.append("s0001", [_user("x"), _user("brûlée again")])
+    assert await found("brulee") == [("s0001", 2)]
+    await other.delete("s0001")
+    assert await found("brulee") == []
+    # replaced by another program, without a word to the session index: the hit read back
+    # from the file shows it is not the file indexed, so the session is indexed again
+    path = Path(store.directory) / "s0003.jsonl"
+    tmp = path.with_name("elsewhere")
+    tmp.write_text(_user("rewritten filler3x").to_json() + "\n")
+    tmp.replace(path)
+    assert await found("filler3") == [("s0003", 0)]
+    assert (await store.search("filler3"))[0].message.text == "rewritten filler3x"
+    await store.close()
+    await other.close()
+
+
+async def test_file_search_index_is_rebuilt_when_missing_or_damaged(tmp_path: Path) -> None:
+    from conversa.storage import _file_search
+    from conversa.storage.filesystem import FileSystemStorage
+
+    store = await _file_store(tmp_path, 4)
+    assert len(await store.search("common", limit=None)) == 8
+    db = Path(store.directory) / _file_search.DB_NAME
+    assert db.exists()
+    await store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    assert len(await store.search("common", limit=None)) == 8  # built again
+    await store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"not a database" * 100)
+    fresh = FileSystemStorage(store.directory)
+    assert [h.session_id for h in await fresh.search("rareword")] == ["s0002"]
+    await fresh.close()
+
+
+async def test_file_search_in_a_directory_it_may_not_write_scans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No index can be kept there: the scanning search answers, and nothing is created."""
+    import os
+
+    from conversa.storage import _file_search
+    from conversa.storage.filesystem import FileSystemStorage
+
+    store = await _file_store(tmp_path, 3)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and real(path, mode))
+    fresh = FileSystemStorage(store.directory)
+    assert [h.session_id for h in await fresh.search("rareword")] == ["s0001"]
+    assert not (Path(store.directory) / _file_search.DB_NAME).exists()
+
+
+_SEARCHER = """
+import asyncio, sys
+from conversa import ChatMessage
+from conversa.storage import _file_search
+from conversa.storage.filesystem import FileSystemStorage
+
+_file_search.BATCH = 3  # many small transactions, so searchers interleave
+
+async def main(directory, me, rounds):
+    store = FileSystemStorage(directory)
+    for n in range(rounds):
+        await store.append(f"{me}-{n % 4}", [ChatMessage.user(f"word{me} n{n}")])
+        await store.append("shared", [ChatMessage.user(f"shared {me} n{n}")])
+        if n % 5 == 4:
+            await store.save(f"{me}-{n % 4}", [ChatMessage.user(f"word{me} saved{n}")])
+        hits = await store.search(f"word{me}", limit=None)
+        assert all(h.session_id.startswith(me) for h in hits), hits
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_file_search_index_stays_exact_under_concurrent_processes(tmp_path: Path) -> None:
+    """Processes writing and searching at once: afterwards the index agrees with a scan."""
+    import subprocess
+    import sys
+
+    from conversa.storage.base import ConversationStorage
+    from conversa.storage.filesystem import FileSystemStorage
+
+    store = await _file_store(tmp_path, 10)
+    await store.search("common")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SEARCHER, store.directory, f"p{i}", "30"],
+            stderr=subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    for query in ("shared", "wordp0", "wordp1 saved", "common", "n2"):
+        indexed = await store.search(query, limit=None)
+        fresh = FileSystemStorage(store.directory)
+        scanned = await ConversationStorage._search(fresh, query_terms(query), None)
+        key = sorted((h.session_id, h.position, h.message.id) for h in indexed)
+        assert key == sorted((h.session_id, h.position, h.message.id) for h in scanned), query
+        assert len(await fresh.search(query, limit=None)) == len(indexed)
+        await fresh.close()
+    assert len(await store.search("shared", limit=None)) == 90
+    await store.close()

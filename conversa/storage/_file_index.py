@@ -39,6 +39,8 @@ LOG_NAME = ".conversa-index.log"
 VERSION = 1
 COMPACT_BYTES = 1 << 20
 """A log longer than this is folded into a new snapshot by the next listing."""
+_FEED_MAX = 100_000
+"""Stems of changes kept for the search index; more, and its next search compares all."""
 _WRITER_COMPACT_BYTES = 8 * COMPACT_BYTES
 """A writer folds the log only when no listing has for this long (a store nobody lists)."""
 
@@ -91,6 +93,10 @@ class SessionIndex:
         self._order: list[Key] = []
         self._by_user: dict[str | None, list[Key]] = {}
         self._unknown: list[Key] = []
+        # The stems the log changed, in order, since the state was last loaded whole (the
+        # search index catches up from it); ``_loads`` counts those loads.
+        self._feed: list[str] = []
+        self._loads = 0
 
     # -- the writers' side ----------------------------------------------------------------
 
@@ -153,6 +159,23 @@ class SessionIndex:
             entry = entries.get(stem)
             if entry is not None:  # None: deleted since
                 yield stem, entry
+
+    def changed_since(
+        self, cursor: tuple[int, int] | None
+    ) -> tuple[tuple[int, int], list[str] | None]:
+        """What changed since ``cursor`` (from an earlier call; None: the first): the new
+        cursor and the stems written or deleted, or None if that is not known (read all)."""
+        self._refresh()
+        with self._mutex:
+            now = (self._loads, len(self._feed))
+            if cursor is None or cursor[0] != self._loads or cursor[1] > len(self._feed):
+                return now, None
+            return now, self._feed[cursor[1] :]
+
+    def entry(self, stem: str) -> Entry | None:
+        """The entry of ``stem`` as last read (no read of the log)."""
+        with self._mutex:
+            return self._entries.get(stem)
 
     def current(self, stem: str) -> Entry | None:
         """The entry of ``stem`` after reading what the log gained."""
@@ -246,11 +269,16 @@ class SessionIndex:
             else:
                 self._by_user.setdefault(entry.user_id, []).append(key)
         self._gen = gen
+        self._loads += 1
+        self._feed = []
 
     def _apply(self, record: dict[str, Any]) -> None:
         stem = record["s"]
         if not isinstance(stem, str):
             raise TypeError("the stem must be a string")
+        if len(self._feed) >= _FEED_MAX:  # nobody asked for a long time: start again
+            self._feed, self._loads = [], self._loads + 1
+        self._feed.append(stem)
         old = self._entries.pop(stem, None)
         if old is not None:
             key = _key(stem, old)

@@ -23,9 +23,14 @@ but lacks its ``"\\n"`` (a hand edit) is a message like any other; the next appe
 Damage (a line that is not a stored message) is reported with CorruptSessionError naming the
 file and line by every read (load, tail, count, get_info) and write (append, pop, truncate) of
 the session; save (which replaces the whole history), delete and info/state writes go ahead.
-Each storage object checks every line once and later only what was appended since (so an
-append stays O(1)); a file edited in place since, keeping its size and ends, is caught by the
-next load.
+Each line is checked once and later only what was appended since (so an append stays O(1)):
+each storage object remembers how far it checked, and every write keeps that mark on the file
+too (an extended attribute, ``user.conversa.checked``: offset, line count, the file's mtime
+and a fingerprint), so a new process counts and appends to a long history without parsing
+it. A mark is trusted only while the file's mtime is the one it records, so a hand edit
+(which moves the mtime) is checked again; where the file system keeps no user attributes,
+each storage object checks the lines itself. A file edited in place since, keeping its size,
+ends and mtime, is caught by the next load.
 Listings (list_sessions, find_sessions) leave a damaged session out with a warning.
 find_sessions reads only the sessions it returns (and those its filters drop), in the order of
 the index; list_sessions scans the directory. A session changed behind conversa's back shows
@@ -50,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 import threading
 import time
@@ -64,7 +70,7 @@ from collections.abc import (
     Sequence,
 )
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import (
@@ -77,6 +83,7 @@ from ..errors import (
 from ..messages import ChatMessage
 from ._file_index import Entry, SessionIndex
 from ._lease import Waiting, file_lease, local_lease
+from ._search import matches
 from ._stored import (
     corrupt,
     decode_info,
@@ -89,6 +96,7 @@ from ._stored import (
 from ._urls import Durable, durability_option, redact_url, url_durability
 from .base import (
     ConversationStorage,
+    SearchHit,
     SessionInfo,
     SessionQuery,
     StateEntry,
@@ -100,6 +108,9 @@ from .base import (
     put_state,
     validate_session_id,
 )
+
+if TYPE_CHECKING:  # imported on the first search: sqlite3 is not needed before
+    from ._file_search import Mark, Scan, SearchIndex
 
 __all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
 
@@ -287,6 +298,61 @@ def _before(fd: int, offset: int) -> bytes:
     return os.pread(fd, offset - start, start)
 
 
+# -- the checked mark kept on the file ------------------------------------------------------
+
+_MARK_XATTR = "user.conversa.checked"
+_MARK_FORMAT = struct.Struct("<BQQQ")  # version, mtime ns, offset, lines; then the fingerprint
+_MARK_VERSION = 1
+_MARK_MAX = _MARK_FORMAT.size + 2 * _MARK_BYTES
+
+
+def _bytes_mark(data: bytes, lines: int) -> tuple[int, bytes, int]:
+    """(offset, fingerprint, lines) of a whole history ``data`` holding ``lines`` messages.
+
+    The offset is the start of an unended last line (it may still grow), else the end.
+    """
+    offset = len(data)
+    if data and not data.endswith(b"\n"):
+        offset = data.rfind(b"\n") + 1
+        lines -= 1
+    return offset, data[:_MARK_BYTES] + data[max(0, offset - _MARK_BYTES) : offset], lines
+
+
+def _save_mark(fd: int, mtime_ns: int, offset: int, fingerprint: bytes, lines: int) -> None:
+    """Keep on the file (an extended attribute) that its lines before ``offset`` are checked.
+
+    A cache: where the file system has no user attributes (or the file is not ours to
+    change), nothing is kept and the next storage object checks the lines itself.
+    """
+    value = _MARK_FORMAT.pack(_MARK_VERSION, mtime_ns, offset, lines) + fingerprint
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no xattrs on this OS
+        os.setxattr(fd, _MARK_XATTR, value)
+
+
+def _drop_mark(fd: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.removexattr(fd, _MARK_XATTR)
+
+
+def _read_mark(fd: int, st: os.stat_result) -> tuple[int, bytes, int] | None:
+    """(offset, fingerprint, lines) kept by ``_save_mark``, if the file has not changed since.
+
+    Valid only while the file's mtime is the one recorded: every conversa write records the
+    mark after setting the mtime; any other writer moves the mtime (and a copy that keeps both
+    keeps the bytes too). The caller checks the fingerprint as for its own marks.
+    """
+    try:
+        value = os.getxattr(fd, _MARK_XATTR)
+    except (OSError, AttributeError):
+        return None
+    if not _MARK_FORMAT.size <= len(value) <= _MARK_MAX:
+        return None
+    version, mtime_ns, offset, lines = _MARK_FORMAT.unpack_from(value)
+    if version != _MARK_VERSION or mtime_ns != st.st_mtime_ns or offset > st.st_size:
+        return None
+    return offset, value[_MARK_FORMAT.size :], lines
+
+
 def _complete_end_of_bytes(data: bytes) -> int:
     return _complete_end(
         len(data),
@@ -409,6 +475,35 @@ def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
     return out
 
 
+def _line_end_before(fd: int, start: int, end: int) -> int:
+    """The offset after the last "\\n" between ``start`` (a line's start) and ``end``."""
+    stop = end
+    while stop > start:
+        size = min(_TAIL_BLOCK, stop - start)
+        found = os.pread(fd, size, stop - size).rfind(b"\n")
+        if found != -1:
+            return stop - size + found + 1
+        stop -= size
+    return start
+
+
+def _lines(fd: int, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes without the "\\n") of each line between ``start`` and ``stop``, which
+    start and end lines; read in chunks."""
+    offset, rest, rest_at = start, b"", start
+    while offset < stop:
+        chunk = os.pread(fd, min(_CHUNK, stop - offset), offset)
+        if not chunk:  # cannot happen: these bytes never change; do not loop forever
+            raise OSError(f"short read at offset {offset}")
+        offset += len(chunk)
+        data = rest + chunk
+        at = 0
+        while (nl := data.find(b"\n", at)) != -1:
+            yield rest_at + at, data[at:nl]
+            at = nl + 1
+        rest, rest_at = data[at:], rest_at + at
+
+
 def _torn_warning(path: str, size: int) -> str:
     return (
         f"{path}: ignoring the last {size} bytes, an append that was interrupted before it "
@@ -486,6 +581,9 @@ class FileSystemStorage(Durable, ConversationStorage):
         self._swept = False
         self._index = SessionIndex(self._dir, self._index_rows, session_id_from_stem)
         self._rebuilds = threading.local()  # .damaged: the listing a rebuild reports to
+        self._search_index: SearchIndex | None = None  # opened by the first search
+        # (the database opened, the session index's cursor) the last search caught up with
+        self._search_cursor: tuple[int, tuple[int, int] | None] = (0, None)
 
     @classmethod
     def from_url(cls, url: str) -> FileSystemStorage:
@@ -505,6 +603,11 @@ class FileSystemStorage(Durable, ConversationStorage):
 
     def __repr__(self) -> str:
         return f"FileSystemStorage({self._dir!r}, durability={self._durability!r})"
+
+    async def close(self) -> None:
+        """Close the search index's database, if a search opened it."""
+        if self._search_index is not None:
+            await asyncio.to_thread(self._search_index.close)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -569,9 +672,12 @@ class FileSystemStorage(Durable, ConversationStorage):
             finally:
                 os.close(fd)
 
-    def _replace(self, path: str, data: bytes, stamp: int) -> os.stat_result:
+    def _replace(
+        self, path: str, data: bytes, stamp: int, mark: tuple[int, bytes, int] | None = None
+    ) -> os.stat_result:
         """Write ``data`` to a temp file beside ``path``, move it over ``path``; its stat.
 
+        ``mark`` (offset, fingerprint, lines) is kept on the new file (see ``_save_mark``).
         Only a holder of the session's lock makes temp files (see _sweep_temp_files).
         """
         fd, tmp = tempfile.mkstemp(
@@ -581,6 +687,8 @@ class FileSystemStorage(Durable, ConversationStorage):
             try:
                 _write_all(fd, data)
                 os.utime(fd, ns=(stamp, stamp))
+                if mark is not None:
+                    _save_mark(fd, stamp, *mark)
                 if self._fsync:
                     os.fsync(fd)
                 st = os.fstat(fd)
@@ -716,19 +824,18 @@ class FileSystemStorage(Durable, ConversationStorage):
             if data:
                 _write_all(fd, data)
             os.utime(fd, ns=(stamp, stamp))
+            new_end = end + len(data)
+            if not head or len(head) < _MARK_BYTES:
+                head = os.pread(fd, _MARK_BYTES, 0)
+            fingerprint = head + (last + data)[-_MARK_BYTES:]
+            lines += data.count(b"\n") - len(ending)
+            # on the file too, so the next storage object (a new process) checks nothing old
+            _save_mark(fd, stamp, new_end, fingerprint, lines)
             if self._fsync:
                 os.fsync(fd)
                 if size == 0:
                     _fsync_dir(self._dir)
-            new_end = end + len(data)
-            if not head or len(head) < _MARK_BYTES:
-                head = os.pread(fd, _MARK_BYTES, 0)
-            self._checked[path] = (
-                (st.st_dev, st.st_ino),
-                new_end,
-                head + (last + data)[-_MARK_BYTES:],
-                lines + data.count(b"\n") - len(ending),
-            )
+            self._checked[path] = ((st.st_dev, st.st_ino), new_end, fingerprint, lines)
             return cut
 
     def _check(
@@ -740,45 +847,53 @@ class FileSystemStorage(Durable, ConversationStorage):
         head: bytes | None = None,
         last: bytes | None = None,
     ) -> int:
-        """The number of messages before ``end``, each line checked once by this object.
+        """The number of messages before ``end``, each line checked once.
 
         Raises CorruptSessionError for a damaged line (as load does), so a damaged session
         answers no read and takes no append. Files are only appended to or replaced whole,
-        so the check resumes where this object last checked the same file: a replaced or
-        recreated file has another inode, or (if the inode is reused) other bytes at its
-        start or before the remembered offset, since every message has a unique id; any
-        mismatch means a check from the start. ``head`` and ``last`` are the first bytes and
-        the bytes before ``end`` when the caller has read them already.
+        so the check resumes where this object last checked the same file, or else where the
+        mark kept on the file says the last conversa write left it checked (``_read_mark``:
+        so a new process does not parse a long history to count it). A replaced or
+        recreated file has another inode (without the mark), or (if the inode is reused)
+        other bytes at its start or before the remembered offset, since every message has a
+        unique id; any mismatch means a check from the start. ``head`` and ``last`` are the
+        first bytes and the bytes before ``end`` when the caller has read them already.
         """
         if head is None:
             head = os.pread(fd, _MARK_BYTES, 0)
         start, before = 0, 0
         mark = self._checked.get(path)
-        if mark is not None and mark[0] == (st.st_dev, st.st_ino) and mark[1] <= end:
+        kept = None
+        if mark is None or mark[0] != (st.st_dev, st.st_ino) or mark[1] > end:
+            kept = _read_mark(fd, st)
+            mark = None if kept is None else ((st.st_dev, st.st_ino), *kept)
+        if mark is not None and mark[1] <= end:
             known = last if mark[1] == end and last is not None else _before(fd, mark[1])
             if head + known[-_MARK_BYTES:] == mark[2]:
                 start, before = mark[1], mark[3]
+                if kept is not None:
+                    self._checked[path] = mark
         lines, resume = _check_lines(fd, path, start, end, before)
         if resume != start:
             known = last if resume == end and last is not None else _before(fd, resume)
             # A last line without its "\\n" is checked again next time: it may still grow.
             ended = before + lines - (resume < end)
-            self._remember(path, st, resume, head + known[-_MARK_BYTES:], ended)
+            self._remember(path, st, resume, head + known[-_MARK_BYTES:], ended, fd)
         return before + lines
 
     def _remember(
-        self, path: str, st: os.stat_result, offset: int, fingerprint: bytes, lines: int
+        self,
+        path: str,
+        st: os.stat_result,
+        offset: int,
+        fingerprint: bytes,
+        lines: int,
+        fd: int | None = None,
     ) -> None:
+        """Remember the lines checked; on the file too if ``fd`` is given (the lock is held)."""
         self._checked[path] = ((st.st_dev, st.st_ino), offset, fingerprint, lines)
-
-    def _remember_bytes(self, path: str, st: os.stat_result, data: bytes, lines: int) -> None:
-        """Remember ``data`` (the whole file, ``lines`` checked messages, no torn end)."""
-        offset = len(data)
-        if data and not data.endswith(b"\n"):  # resume at the start of an unended last line
-            offset = data.rfind(b"\n") + 1
-            lines -= 1
-        fingerprint = data[:_MARK_BYTES] + data[max(0, offset - _MARK_BYTES) : offset]
-        self._remember(path, st, offset, fingerprint, lines)
+        if fd is not None:
+            _save_mark(fd, st.st_mtime_ns, offset, fingerprint, lines)
 
     async def save(self, session_id: str, history: Sequence[ChatMessage]) -> None:
         """Replace the whole history atomically (temp file + rename), damaged or not."""
@@ -794,8 +909,9 @@ class FileSystemStorage(Durable, ConversationStorage):
             self._index.note(_stem_of(path), stamp, session_id)
             self._ensure_meta(session_id, meta_path, stamp)
             # Last: once replaced, other writers lock the new file, not the one we hold.
-            st = self._replace(path, data, stamp)
-            self._remember_bytes(path, st, data, lines)
+            mark = _bytes_mark(data, lines)
+            st = self._replace(path, data, stamp, mark)
+            self._remember(path, st, *mark)
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history; an unfinished last append is ignored with a warning."""
@@ -821,25 +937,30 @@ class FileSystemStorage(Durable, ConversationStorage):
                 messages = decode_messages(lines, lambda n: _line_place(path, n)(), _FIX_LINE)
             except CorruptSessionError:
                 self._checked.pop(path, None)  # damaged in place: every read must find it
+                _drop_mark(own)
                 raise
             # An unended last line (a hand edit) is checked again next time: it may grow.
             resume, checked = end, len(messages)
             if not lines.ended:
                 resume, checked = lines.last, checked - 1
             fingerprint = os.pread(own, _MARK_BYTES, 0) + _before(own, resume)
+            # ``own`` shares the open file, and so the shared lock, of ``fd``: still held
+            self._remember(path, st, resume, fingerprint, checked, own)
         finally:
             os.close(own)
-        self._remember(path, st, resume, fingerprint, checked)
         return messages, st.st_size - end
 
-    def _parse_all(self, data: bytes, path: str) -> tuple[list[ChatMessage], list[str], int]:
+    def _parse_all(
+        self, data: bytes, path: str, fd: int
+    ) -> tuple[list[ChatMessage], list[str], int]:
         """The messages and lines of a whole history file, and the bytes of a torn end."""
         try:
             lines, torn = _split_lines(data, path)
             return _parse_lines(lines, path), lines, torn
         except CorruptSessionError:
-            # Damaged in place after this object checked it: every read must find it again.
+            # Damaged in place after it was checked: every read must find it again.
             self._checked.pop(path, None)
+            _drop_mark(fd)
             raise
 
     async def delete(self, session_id: str) -> None:
@@ -928,7 +1049,8 @@ class FileSystemStorage(Durable, ConversationStorage):
             if fd is None:
                 return []
             data = _read_all(fd)
-            messages, lines, _ = self._parse_all(data, path)  # a damaged file is never rewritten
+            # a damaged file is never rewritten
+            messages, lines, _ = self._parse_all(data, path, fd)
             keep = kept(len(lines), n, pop=pop)
             if keep >= len(lines):
                 return []
@@ -936,8 +1058,9 @@ class FileSystemStorage(Durable, ConversationStorage):
             rest = "".join(line.rstrip(" ") + "\n" for line in lines[:keep]).encode("utf-8")
             stamp = _stamp()
             self._index.note(_stem_of(path), stamp)
-            st = self._replace(path, rest, stamp)
-            self._remember_bytes(path, st, rest, keep)
+            mark = _bytes_mark(rest, keep)
+            st = self._replace(path, rest, stamp, mark)
+            self._remember(path, st, *mark)
             return messages[keep:] if pop else []
 
     # -- listing --------------------------------------------------------------------------
@@ -1215,6 +1338,144 @@ class FileSystemStorage(Durable, ConversationStorage):
         if listing is not None:
             listing.extend(d for d in damaged if d not in listing)
         return rows
+
+    # -- search -------------------------------------------------------------------------
+
+    async def _search(self, terms: list[str], limit: int | None) -> list[SearchHit]:
+        """Matches through the search index beside the files (see _file_search).
+
+        Only the sessions written since the last search are read to index them (and of
+        those, only what was appended), and only the matching lines are read back. Hits come
+        newest session first (the session index's order), then in order; a damaged line that
+        the index points at raises CorruptSessionError, as load does. A directory this user
+        may only read, or an SQLite without FTS5, gets the scanning search of
+        ConversationStorage.
+        """
+        hits = await self._run(self._search_sync, terms, limit)
+        return await super()._search(terms, limit) if hits is None else hits
+
+    def _search_sync(self, terms: list[str], limit: int | None) -> list[SearchHit] | None:
+        if not os.path.isdir(self._dir):
+            return []
+        try:
+            index = self._search_index or self._open_search_index()
+            if index is None:
+                return None
+            # the sessions the session index saw written since the last search (or all)
+            opened, cursor = self._search_cursor
+            self._search_cursor = (index.opened(), None)
+            cursor, changed = self._index.changed_since(cursor)
+            if opened != self._search_cursor[0]:
+                changed = None  # a new database (the first search, or it was deleted)
+            if changed is None:
+                index.catch_up_all((stem, entry.stamp) for stem, entry in self._index.rows())
+            else:
+                stamps = ((stem, self._index.entry(stem)) for stem in dict.fromkeys(changed))
+                index.catch_up((stem, None if e is None else e.stamp) for stem, e in stamps)
+            self._search_cursor = (self._search_cursor[0], cursor)  # caught up: remember
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY:
+                raise
+            return None
+
+        def order(stem: str) -> tuple[int, str] | None:
+            entry = self._index.entry(stem)
+            return None if entry is None else (-entry.stamp, stem)
+
+        walk = (stem for stem, _ in self._index.rows())
+        hits: list[SearchHit] = []
+        for stem, mark, lines in index.candidates(terms, order, walk):
+            entry = self._index.entry(stem)
+            if entry is None:
+                continue  # deleted since
+            for position, message in self._indexed_hits(index, terms, stem, mark, lines):
+                hits.append(SearchHit(entry.session_id, position, message))
+                if len(hits) == limit:
+                    return hits
+        return hits
+
+    def _open_search_index(self) -> SearchIndex | None:
+        """The search index, or None where it cannot be kept (read-only, no FTS5)."""
+        from ._file_search import SearchIndex
+
+        if not os.access(self._dir, os.W_OK) or not SearchIndex.available():
+            return None
+        self._search_index = SearchIndex(self._dir, self._index_scan)
+        return self._search_index
+
+    def _indexed_hits(
+        self,
+        index: SearchIndex,
+        terms: list[str],
+        stem: str,
+        mark: Mark,
+        lines: list[tuple[int, int, int]],
+    ) -> list[tuple[int, ChatMessage]]:
+        """(position, message) of the candidate ``lines`` of one session that match.
+
+        A file that is no longer the one indexed (a write since the catch-up) is indexed
+        again and asked again; after three tries the session is loaded and scanned.
+        """
+        path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+        for _ in range(3):
+            found = self._read_lines(path, mark, lines)
+            if found is not None:
+                return [(n, m) for n, m in found if matches(terms, m.text)]
+            index.reindex(stem)
+            current = index.current(stem)
+            if current is None:
+                return []
+            num, mark = current
+            lines = index.session_candidates(terms, num)
+        messages, _ = self._load_sync(path)
+        return [(n, m) for n, m in enumerate(messages) if matches(terms, m.text)]
+
+    def _read_lines(
+        self, path: str, mark: Mark, lines: list[tuple[int, int, int]]
+    ) -> list[tuple[int, ChatMessage]] | None:
+        """The messages at ``lines`` (number, offset, length); None if the file changed."""
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                return None
+            if not self._is_marked(fd, os.fstat(fd), mark):
+                return None
+            out: list[tuple[int, ChatMessage]] = []
+            for number, offset, length in lines:
+                if offset + length >= mark.offset:  # not what was indexed: cannot happen
+                    return None
+                raw = os.pread(fd, length, offset)
+                out.append((number, _parse_line(raw, path, number + 1)))
+            return out
+
+    @staticmethod
+    def _is_marked(fd: int, st: os.stat_result, mark: Mark) -> bool:
+        """Whether the file open at ``fd`` still holds the lines ``mark`` was taken of."""
+        if (st.st_dev, st.st_ino) != (mark.dev, mark.ino) or mark.offset > st.st_size:
+            return False
+        known = os.pread(fd, _MARK_BYTES, 0) + _before(fd, mark.offset)
+        return known == mark.fingerprint
+
+    @contextlib.contextmanager
+    def _index_scan(self, stem: str, mark: Mark | None) -> Iterator[Scan | None]:
+        """The lines of session ``stem`` after ``mark`` (all if it no longer applies), read
+        under the session's shared lock; None if the session is gone."""
+        from ._file_search import Scan  # loaded by the search that calls this
+
+        path = os.path.join(self._dir, stem + HISTORY_SUFFIX)
+        with self._locked(path, write=False) as fd:
+            if fd is None:
+                yield None
+                return
+            st = os.fstat(fd)
+            end = _complete_end_of_fd(fd, st.st_size)
+            start, first = 0, 0
+            if mark is not None and mark.offset <= end and self._is_marked(fd, st, mark):
+                start, first = mark.offset, mark.lines
+            stop = _line_end_before(fd, start, end)
+            fingerprint = os.pread(fd, _MARK_BYTES, 0) + _before(fd, stop)
+            yield Scan(
+                st.st_dev, st.st_ino, start > 0, first, stop, fingerprint, _lines(fd, start, stop)
+            )
 
     # -- session state --------------------------------------------------------------------
 

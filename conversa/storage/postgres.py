@@ -13,6 +13,8 @@ default ``conversa_``), created and migrated on first use:
   message_count, title, user_id, status, metadata, and the default title with the position of
   the first user message, so get_info never reads the history.
 * ``T messages(session_id, seq, role, body)``: one row per message, ``seq`` 0, 1, 2, ...
+  ``words``: its folded search words (``_search.index_text``) under a GIN index, NULL until a
+  batch fills it (the append leaves it: see INDEX_BATCH).
 * ``T state(session_id, key, value, expires_at)``: session state, one row per key.
 
 JSON is stored as text, not JSONB: JSONB cannot hold ``\\u0000`` and rewrites numbers (1e300
@@ -79,6 +81,9 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 """Seconds to wait for a new connection."""
 POOL_SIZE = 5
+INDEX_BATCH = 128
+"""An append whose write number (the ``touch`` sequence) is a multiple of this indexes the
+messages stored without their search words; a search indexes what is left first."""
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
 
 
@@ -247,10 +252,24 @@ async def _migration_3(con: Any, n: _Names) -> None:
     await con.execute(f"ALTER TABLE {n.sessions} ADD COLUMN reserved jsonb NOT NULL DEFAULT '{{}}'")
 
 
+async def _migration_4(con: Any, n: _Names) -> None:
+    """``words`` is filled off the append's path: NULL until indexed, in batches (see
+    INDEX_BATCH), with a partial index that finds the rows still to do."""
+    await con.execute(
+        f"ALTER TABLE {n.messages} ALTER COLUMN words DROP NOT NULL, "
+        "ALTER COLUMN words DROP DEFAULT"
+    )
+    await con.execute(
+        f'CREATE INDEX "{n.prefix}messages_unindexed" ON {n.messages} (session_id, seq) '
+        "WHERE words IS NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[Any, _Names], Awaitable[None]]] = [
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 ]
 """Migration i + 1 is MIGRATIONS[i]; append new ones, never change old ones."""
 
@@ -569,8 +588,9 @@ class PostgresStorage(ConversationStorage):
         pos, title = _first_user(messages)
         roles = [m.role for m in messages]
         bodies = [_body(m) for m in messages]
-        words = _words(messages)
         # The UPSERT takes the session row's lock, so concurrent appends get disjoint seqs.
+        # ``words`` stays NULL: computing it (Python, tens of us a message) and its index
+        # entries are left to a batch (see INDEX_BATCH), off the append's path.
         sql = f"""
             WITH s AS (
                 INSERT INTO {n.sessions} AS s
@@ -584,17 +604,43 @@ class PostgresStorage(ConversationStorage):
                         THEN $3 ELSE s.auto_title END,
                     auto_title_seq = CASE WHEN s.auto_title_seq IS NULL
                         THEN s.message_count + $4 ELSE s.auto_title_seq END
-                RETURNING message_count
+                RETURNING message_count, touched
+            ), i AS (
+                INSERT INTO {n.messages} (session_id, seq, role, body)
+                SELECT $1, s.message_count - $2 + m.ord - 1, m.role, m.body
+                FROM s, unnest($5::text[], $6::text[]) WITH ORDINALITY AS m(role, body, ord)
             )
-            INSERT INTO {n.messages} (session_id, seq, role, body, words)
-            SELECT $1, s.message_count - $2 + m.ord - 1, m.role, m.body, m.words
-            FROM s, unnest($5::text[], $6::text[], $7::text[])
-                WITH ORDINALITY AS m(role, body, words, ord)"""
-        await self._run(
-            lambda con: con.execute(
-                sql, session_id, len(messages), title, pos, roles, bodies, words
-            )
+            SELECT touched FROM s"""
+        touched = await self._run(
+            lambda con: con.fetchval(sql, session_id, len(messages), title, pos, roles, bodies)
         )
+        if touched % INDEX_BATCH == 0:
+            await self._index_pending()
+
+    async def _index_pending(self) -> None:
+        """Fill ``words`` of the messages stored without it, in transactions of at most
+        INDEX_BATCH * 8 rows, locked in key order (so concurrent indexers never deadlock;
+        one waits, then skips the rows the other did)."""
+        n = self._names
+        select = f"""SELECT session_id, seq, body FROM {n.messages} WHERE words IS NULL
+                     ORDER BY session_id, seq LIMIT {INDEX_BATCH * 8} FOR UPDATE"""
+        update = f"""UPDATE {n.messages} AS m SET words = u.words
+                     FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(sid, seq, words)
+                     WHERE m.session_id = u.sid AND m.seq = u.seq"""
+
+        async def op(con: Any) -> int:
+            rows = await con.fetch(select)
+            if rows:
+                await con.execute(
+                    update,
+                    [r["session_id"] for r in rows],
+                    [r["seq"] for r in rows],
+                    [index_text(stored_text(r["body"])) for r in rows],
+                )
+            return len(rows)
+
+        while await self._run(op, retry=True, transaction=True) == INDEX_BATCH * 8:
+            pass
 
     async def _count(self, session_id: str) -> int:
         # the message count kept in the session row
@@ -705,6 +751,8 @@ class PostgresStorage(ConversationStorage):
             JOIN {n.sessions} AS s ON s.session_id = m.session_id
             WHERE to_tsvector('simple', m.words) @@ to_tsquery('simple', $1)
             ORDER BY s.touched DESC, m.seq"""
+
+        await self._index_pending()
 
         async def op(con: Any) -> list[SearchHit]:
             hits: list[SearchHit] = []
