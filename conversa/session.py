@@ -9,16 +9,10 @@ from contextlib import aclosing, asynccontextmanager
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
+from ._interceptors import adapt_request_interceptors, adapt_response_interceptors
 from ._state_views import KeyValueAccess
-from .agent import (
-    CancelFlag,
-    ToolProtocol,
-    TurnSetup,
-    adapt_request_interceptors,
-    adapt_response_interceptors,
-    restore_journaled_result,
-    run_turn,
-)
+from ._tool_calls import restore_journaled_result
+from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
 from .compaction import Compaction, CompactionResult, compact_transcript, compaction_option
 from .context import (
     Calibration,

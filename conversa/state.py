@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar, overload
@@ -365,18 +364,22 @@ class SessionState:
 
     # -- the scope of one tool run or interceptor call ------------------------------------
 
-    @contextmanager
-    def collect(self) -> Iterator[StateChanges]:
-        """Collect the sync changes made in this context (a tool run, an interceptor call).
+    async def collecting(self, call: Callable[[], Awaitable[T]]) -> tuple[T, StateChanges]:
+        """Await ``call()`` (a tool run, an interceptor call) collecting its sync changes.
 
-        The changes are not stored on exit: ``commit`` stores them, ``discard`` drops them.
+        The changes are not stored on return: ``commit`` stores them, ``discard`` drops them,
+        as happens at once if the call raises.
         """
         changes = StateChanges(self)
         token = _SCOPE.set(changes)
         try:
-            yield changes
+            result = await call()
+        except BaseException:
+            self.discard(changes)
+            raise
         finally:
             _SCOPE.reset(token)
+        return result, changes
 
     async def commit(self, changes: StateChanges, *, journal: Any = None) -> None:
         """Store collected changes in one write (with ``journal`` under JOURNAL_KEY)."""
