@@ -131,12 +131,8 @@ class _Turn:
         calls = self.calls - done_calls
         if calls <= 0:
             return
-        usage = Usage(
-            self.usage.prompt_tokens - done_usage.prompt_tokens,
-            self.usage.completion_tokens - done_usage.completion_tokens,
-        )
         self.recorded = (self.usage, self.calls)
-        await self.transcript.add_usage(usage, calls)
+        await self.transcript.add_usage(self.usage - done_usage, calls)
 
     def result(
         self,
