@@ -7,9 +7,10 @@ import base64
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from ._interceptors import adapt_request_interceptors, adapt_response_interceptors
+from ._session_options import SessionOptions, shows_options_of
 from ._state_views import KeyValueAccess
 from ._tool_calls import restore_journaled_result
 from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
@@ -435,24 +436,11 @@ async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:
     raise ConversaError("the turn ended without a result")  # pragma: no cover
 
 
+@shows_options_of(Session)
 async def create_session(
     session_id: str,
     storage: str | PathLike[str] | ConversationStorage = "sessions",
-    *,
-    model: str | ChatModel | None = None,
-    tools: Iterable[Tool | Callable[..., Any]] = (),
-    system_prompt: str | None = None,
-    max_iterations: int = 10,
-    react_mode: ReactMode = "auto",
-    context_window: int | None = None,
-    approve: Approver | None = None,
-    user_id: str | None = None,
-    on_limit: OnLimit = "stop",
-    token_counter: TokenCounter = estimate_tokens,
-    request_interceptors: Sequence[RequestInterceptor] = (),
-    response_interceptors: Sequence[ResponseInterceptor] = (),
-    turn_wait: float | None = DEFAULT_TURN_WAIT,
-    compaction: Compaction | bool | None = None,
+    **options: Unpack[SessionOptions],
 ) -> Session:
     """Open the session ``session_id`` in ``storage`` (a URL, a path or a storage object).
 
@@ -468,24 +456,7 @@ async def create_session(
     oldest messages when the prompt nears ``context_window``, instead of only trimming.
     """
     store = open_storage(storage)
-    session = Session(
-        session_id,
-        store,
-        model=model,
-        tools=tools,
-        system_prompt=system_prompt,
-        max_iterations=max_iterations,
-        react_mode=react_mode,
-        context_window=context_window,
-        approve=approve,
-        user_id=user_id,
-        on_limit=on_limit,
-        token_counter=token_counter,
-        request_interceptors=request_interceptors,
-        response_interceptors=response_interceptors,
-        turn_wait=turn_wait,
-        compaction=compaction,
-    )
+    session = Session(session_id, store, **options)
     session._owns_storage = store is not storage
     if not await store.exists(session_id):
         async with session._leased():
