@@ -167,15 +167,10 @@ def _journaled(journal: Any) -> ChatMessage | None:
     if not isinstance(journal, dict) or not isinstance(journal.get("message"), dict):
         return None
     try:
+        # built again through __init__ (replace): the full checks of a new message; a result
+        # has no name or tool calls of its own
         message = ChatMessage.from_dict(journal["message"])
-        return ChatMessage(
-            role=message.role,
-            content=message.content,
-            tool_call_id=message.tool_call_id,
-            id=message.id,
-            created_at=message.created_at,
-            metadata=message.metadata,
-        )  # built again through __init__: the full checks of a new message
+        return message.replace(name=None, tool_calls=())
     except (InvalidMessage, TypeError, ValueError):
         log.warning("ignoring a tool-result journal that is not a valid message")
         return None
