@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .tools import Tool
 
 F = TypeVar("F", bound=Callable[..., Any])
+REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
 
 class SessionOptions(TypedDict, total=False):
@@ -39,6 +40,16 @@ class SessionOptions(TypedDict, total=False):
     response_interceptors: Sequence[ResponseInterceptor]
     turn_wait: float | None
     compaction: Compaction | bool | None
+
+
+def check_options(*, react_mode: str, max_iterations: int, on_limit: str) -> None:
+    """Refuse option values outside their range with a ValueError that names the option."""
+    if react_mode not in REACT_MODES:
+        raise ValueError(f"react_mode must be one of auto, tools, text; not {react_mode!r}")
+    if max_iterations < 1:
+        raise ValueError("max_iterations must be at least 1")
+    if on_limit not in ("stop", "generate"):
+        raise ValueError(f"on_limit must be 'stop' or 'generate', not {on_limit!r}")
 
 
 def shows_options_of(source: Callable[..., Any]) -> Callable[[F], F]:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from os import PathLike
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ._interceptors import adapt_request_interceptors, adapt_response_interceptors
-from ._session_options import SessionOptions, shows_options_of
+from ._session_options import SessionOptions, check_options, shows_options_of
 from ._state_views import KeyValueAccess
 from ._tool_calls import restore_journaled_result
+from ._user_parts import USER_PART_PREFIX as USER_PART_PREFIX
+from ._user_parts import image_part, part_key, part_keys, text_part, user_parts
 from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
 from .compaction import Compaction, CompactionResult, compact_transcript, compaction_option
 from .context import (
@@ -46,8 +48,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TURN_WAIT = DEFAULT_WAIT
 """Seconds a change waits for another process's turn on the session (then SessionBusy)."""
-USER_PART_PREFIX = "__user_part_"  # internal state keys start with __
-REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
 
 class Session(KeyValueAccess):
@@ -79,12 +79,7 @@ class Session(KeyValueAccess):
     ) -> None:
         from .tools._registry import ToolRegistry
 
-        if react_mode not in REACT_MODES:
-            raise ValueError(f"react_mode must be one of auto, tools, text; not {react_mode!r}")
-        if max_iterations < 1:
-            raise ValueError("max_iterations must be at least 1")
-        if on_limit not in ("stop", "generate"):
-            raise ValueError(f"on_limit must be 'stop' or 'generate', not {on_limit!r}")
+        check_options(react_mode=react_mode, max_iterations=max_iterations, on_limit=on_limit)
         self.session_id = validate_session_id(session_id)
         self.storage = storage
         self.tools: ToolRegistry = ToolRegistry(tools)
@@ -343,7 +338,7 @@ class Session(KeyValueAccess):
                 request_interceptors=adapt_request_interceptors(
                     self.request_interceptors, self.state
                 ),
-                user_parts=self._user_parts,
+                user_parts=functools.partial(user_parts, self.state),
                 calibration=self._calibration,
                 compaction=self.compaction,
             ),
@@ -362,34 +357,23 @@ class Session(KeyValueAccess):
 
     # -- user parts: content attached to every user message sent to the model ---------
 
-    def _user_parts(self) -> list[dict[str, Any]]:
-        return [
-            content_part(v)
-            for k, v in self.state.items(internal=True)
-            if k.startswith(USER_PART_PREFIX)
-        ]
-
     async def set_user_part_text(self, name: str, text: str) -> None:
         """Attach a text part to the user's messages until it is deleted."""
-        await self.state.set(USER_PART_PREFIX + name, {"type": "text", "text": text})
+        await self.state.set(part_key(name), text_part(text))
 
     async def set_user_part_image(
         self, name: str, image: bytes | str, mime_type: str = "image/png"
     ) -> None:
         """Attach an image (bytes or base64 text) to the user's messages until it is deleted."""
-        data = base64.b64encode(image).decode() if isinstance(image, bytes) else image
-        url = data if data.startswith("data:") else f"data:{mime_type};base64,{data}"
-        await self.state.set(
-            USER_PART_PREFIX + name, {"type": "image_url", "image_url": {"url": url}}
-        )
+        await self.state.set(part_key(name), image_part(image, mime_type))
 
     async def delete_user_part(self, name: str) -> None:
         """Stop attaching the part called ``name``."""
-        await self.state.delete(USER_PART_PREFIX + name)
+        await self.state.delete(part_key(name))
 
     async def clear_user_parts(self) -> None:
         """Stop attaching any user part."""
-        for key in [k for k in self.state.keys(internal=True) if k.startswith(USER_PART_PREFIX)]:
+        for key in part_keys(self.state):
             await self.state.delete(key)
 
     async def close(self) -> None:
@@ -408,24 +392,6 @@ class Session(KeyValueAccess):
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id!r}: {len(self._transcript)} messages>"
-
-
-def content_part(value: Any) -> Any:
-    """A stored user part as a content part of the model's message.
-
-    Parts set by ``set_user_part_*`` are stored in that form already; those Distri's client
-    writes (through ``conversa serve``) are ``{"part_type": "text" | "image", "data": ...}``.
-    """
-    if not isinstance(value, dict) or "part_type" not in value:
-        return value
-    data = value.get("data")
-    if value["part_type"] == "text":
-        return {"type": "text", "text": str(data)}
-    if isinstance(data, dict) and data.get("type") == "url":
-        return {"type": "image_url", "image_url": {"url": str(data.get("url"))}}
-    data = data if isinstance(data, dict) else {}
-    mime = data.get("mime_type") or "image/png"
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data.get('bytes')}"}}
 
 
 async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:
