@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_public_api.py
     # checks that these imports, _EXPORTS and __all__ name the same things
+    from ._session_options import SessionOptions as SessionOptions
     from .compaction import DEFAULT_SUMMARY_PROMPT as DEFAULT_SUMMARY_PROMPT
     from .compaction import Compaction as Compaction
     from .compaction import CompactionResult as CompactionResult
@@ -119,6 +120,7 @@ _EXPORTS: dict[str, str] = {
     "Session": ".session",
     "SessionBusy": ".errors",
     "SessionInfo": ".storage",
+    "SessionOptions": "._session_options",
     "SessionState": ".state",
     "StateEntry": ".storage.base",
     "StateValueError": ".errors",

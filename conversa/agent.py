@@ -11,8 +11,6 @@ or an error leaves a history that is valid input for the next model call (the re
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import inspect
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -20,17 +18,24 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._tool_calls import (
+    Outcome,
+    approved,
+    denied,
+    execute,
+    parse_arguments,
+    prepare,
+    restore_journaled_result,
+    store_result,
+)
 from .compaction import compact_transcript, compaction_due
 from .context import PromptOptions, build_request, prompt_estimate
-from .errors import InvalidMessage, ModelError, ToolError, ToolsUnsupported
+from .errors import InvalidMessage, ModelError, ToolsUnsupported
 from .events import (
     AgentResult,
     Approver,
-    InterceptedResponse,
-    ModelRequest,
     OnLimit,
     ReactMode,
-    RequestInterceptor,
     ResponseInterceptor,
     Step,
     StopReason,
@@ -42,12 +47,12 @@ from .events import (
 )
 from .messages import ChatMessage, ToolCall
 from .model import INVALID_CALLS_KEY, ChatModel, ModelResponse, TextDelta, Usage
-from .state import JOURNAL_KEY, SessionState, StateChanges
-from .text_protocol import json_value, observation, parse_text_reply
+from .state import JOURNAL_KEY, SessionState
+from .text_protocol import observation, parse_text_reply
 from .transcript import INTERRUPTED_RESULT
 
 if TYPE_CHECKING:
-    from .tools import Tool, ToolRegistry
+    from .tools import ToolRegistry
     from .transcript import Transcript
 
 log = logging.getLogger(__name__)
@@ -93,251 +98,6 @@ class TurnSetup:
     """Where the sync state changes of tools are collected and stored with their results."""
 
 
-# -- interceptors in either shape -----------------------------------------------------------
-
-
-def _takes_one_argument(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` is called as ``fn(x)`` (DCAF's shape) rather than ``fn(x, session)``."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False  # no signature to read (a builtin): the documented two-argument form
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    # whatever can take the session as a second argument gets it, as it always did
-    return len(positional) == 1 and not any(p.kind is p.VAR_POSITIONAL for p in parameters)
-
-
-def adapt_request_interceptors(
-    interceptors: Sequence[RequestInterceptor], state: SessionState | None
-) -> list[RequestInterceptor]:
-    """Each interceptor as ``(request, session)``, its shape read once, here, not per call.
-
-    Each call sees ``request.session``; the sync state changes it makes are stored when it
-    returns.
-    """
-    return [_request_hook(fn, _takes_one_argument(fn), state) for fn in interceptors]
-
-
-def adapt_response_interceptors(
-    interceptors: Sequence[ResponseInterceptor], state: SessionState | None
-) -> list[ResponseInterceptor]:
-    """Each interceptor as ``(response, session) -> ModelResponse | None`` (see the request
-    ones); a one-argument interceptor gets an InterceptedResponse."""
-    return [_response_hook(fn, _takes_one_argument(fn), state) for fn in interceptors]
-
-
-def _request_hook(
-    fn: RequestInterceptor, one: bool, state: SessionState | None
-) -> RequestInterceptor:
-    async def hook(request: ModelRequest, session: Any) -> ModelRequest | None:
-        request.session = session
-        changed = await _in_scope(state, lambda: fn(request) if one else fn(request, session))
-        return changed if isinstance(changed, ModelRequest) else None
-
-    return hook
-
-
-def _response_hook(
-    fn: ResponseInterceptor, one: bool, state: SessionState | None
-) -> ResponseInterceptor:
-    async def hook(response: ModelResponse, session: Any) -> ModelResponse | None:
-        if not one:
-            changed = await _in_scope(state, lambda: fn(response, session))
-            return changed if isinstance(changed, ModelResponse) else None
-        message = response.message
-        view = InterceptedResponse(
-            text=message.text,
-            tool_calls=[c.to_openai() for c in message.tool_calls],
-            usage=response.usage,
-            session=session,
-            raw=response,
-        )
-        changed = await _in_scope(state, lambda: fn(view))
-        if isinstance(changed, ModelResponse):
-            return changed
-        if isinstance(changed, InterceptedResponse):
-            view = changed
-        if view.text == message.text:
-            return None
-        new = message.replace(content=view.text) if view.text or message.content else message
-        return dataclasses.replace(response, message=new)
-
-    return hook
-
-
-async def _in_scope(state: SessionState | None, call: Callable[[], Any]) -> Any:
-    """Call a (sync or async) interceptor; store its sync state changes once it returned."""
-    if state is None:
-        return await maybe_await(call())
-    with state.collect() as changes:
-        try:
-            result = await maybe_await(call())
-        except BaseException:
-            state.discard(changes)
-            raise
-    await state.commit(changes)
-    return result
-
-
-# -- running tools -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Action:
-    """One tool call, its arguments parsed once, and the error to answer it with if it can't run."""
-
-    call: ToolCall
-    tool: Tool | None
-    arguments: dict[str, Any] | None
-    error: str | None
-
-    @property
-    def action_input(self) -> dict[str, Any] | str:
-        return self.arguments if self.arguments is not None else self.call.arguments
-
-
-def _action(
-    tools: ToolRegistry, call: ToolCall, arguments: Any, problem: str | None = None
-) -> _Action:
-    """The call ready to run; ``arguments`` parsed (or the ValueError that parsing raised)."""
-    args = arguments if isinstance(arguments, dict) else None
-    tool = None if problem is not None else tools.get(call.name)
-    if tool is None:
-        names = ", ".join(tools.names()) or "none"
-        problem = problem or f"there is no tool named {call.name!r}"
-        return _Action(call, None, args, f"Error: {problem}. Available tools: {names}.")
-    if isinstance(arguments, ValueError):
-        error = f"Error: the arguments for {call.name} are not valid JSON ({arguments})."
-        return _Action(call, tool, None, error)
-    if args is None:
-        error = f"Error: the arguments for {call.name} must be a JSON object."
-        return _Action(call, tool, None, error)
-    return _Action(call, tool, args, None)
-
-
-def _parsed(call: ToolCall) -> Any:
-    """The call's arguments decoded, or the ValueError that says why they are not JSON."""
-    try:
-        return json_value(call.arguments or "{}")
-    except ValueError as exc:
-        return exc
-
-
-_Outcome = tuple[str, bool, StateChanges | None]
-"""A call's output, whether it succeeded, and the sync state changes it made."""
-
-
-async def _execute(setup: TurnSetup, action: _Action) -> _Outcome:
-    """Run one approved call; every failure (or the call's own error) is an observation.
-
-    The sync state changes the tool makes are collected (the tool's thread sees them, as it
-    runs in a copy of this context) and returned, to be stored with its result; a tool that
-    fails has them dropped.
-    """
-    if action.error is not None:
-        return action.error, False, None
-    assert action.tool is not None and action.arguments is not None  # no error: it can run
-    if setup.state is None:
-        output, ok = await _run_tool(setup, action)
-        return output, ok, None
-    with setup.state.collect() as changes:
-        try:
-            output, ok = await _run_tool(setup, action)
-        except BaseException:
-            setup.state.discard(changes)
-            raise
-    if not ok:
-        setup.state.discard(changes)
-    return output, ok, changes
-
-
-async def _run_tool(setup: TurnSetup, action: _Action) -> tuple[str, bool]:
-    assert action.tool is not None and action.arguments is not None
-    try:
-        return await action.tool.run(action.arguments, session=setup.context), True
-    except ToolError as exc:
-        return f"Error: {exc}", False
-    except Exception as exc:
-        return f"Error: {action.call.name} failed: {type(exc).__name__}: {exc}", False
-
-
-async def _store_result(turn: _Turn, result: ChatMessage, changes: StateChanges | None) -> bool:
-    """Store a tool's result, its sync state changes first, in one write with a journal of
-    the result: a crash between the two writes leaves the journal, and the next turn stores
-    the result from it (``restore_journaled_result``). True if a journal was written.
-    """
-    state = turn.setup.state
-    journaled = state is not None and changes is not None and bool(changes)
-    if state is not None and changes is not None:
-        newest = turn.transcript.messages[-1].id if turn.transcript.messages else None
-        journal = {"after": newest, "message": result.to_dict()} if journaled else None
-        await state.commit(changes, journal=journal)
-    await turn.store(result)
-    return journaled
-
-
-async def restore_journaled_result(transcript: Transcript, state: SessionState) -> None:
-    """Store the result whose state changes a crash kept from being followed by it.
-
-    Called before the next turn answers dangling calls: the journal names the message the
-    result came after; if that is still the newest and the result answers one of its calls
-    (or, for the text protocol, follows its reply), the result is stored as it was meant to
-    be. The journal is removed either way.
-    """
-    journal = state.get(JOURNAL_KEY)
-    if journal is None:
-        return
-    message = _journaled(journal)
-    newest = transcript.messages[-1] if transcript.messages else None
-    if message is not None and newest is not None and journal.get("after") == newest.id:
-        if message.role == "tool":
-            waiting = {m.tool_call_id for m in transcript.cache.dangling()}
-            fits = message.tool_call_id in waiting
-        else:
-            fits = newest.role == "assistant" and not newest.tool_calls
-        if fits:
-            await transcript.append([message])
-    await state.delete(JOURNAL_KEY)
-
-
-def _journaled(journal: Any) -> ChatMessage | None:
-    """The message of a journal, or None if it is not one (the state is anyone's to edit)."""
-    if not isinstance(journal, dict) or not isinstance(journal.get("message"), dict):
-        return None
-    try:
-        message = ChatMessage.from_dict(journal["message"])
-        return ChatMessage(
-            role=message.role,
-            content=message.content,
-            tool_call_id=message.tool_call_id,
-            id=message.id,
-            created_at=message.created_at,
-            metadata=message.metadata,
-        )  # built again through __init__: the full checks of a new message
-    except (InvalidMessage, TypeError, ValueError):
-        log.warning("ignoring a tool-result journal that is not a valid message")
-        return None
-
-
-async def _approved(setup: TurnSetup, action: _Action) -> bool:
-    if action.tool is None or action.arguments is None or not action.tool.requires_approval:
-        return True  # a call that cannot run is answered with its error, not asked about
-    if setup.approve is None:
-        return False
-    try:
-        return bool(await maybe_await(setup.approve(action.call.name, action.arguments)))
-    except Exception:
-        log.warning("the approve callback failed for %s; treating it as denied", action.call.name)
-        return False
-
-
-def _denied(call: ToolCall) -> str:
-    return (
-        f"The user did not approve running {call.name}. Do not call it again for this request; "
-        "continue without it or ask the user."
-    )
-
-
 # -- the loop ------------------------------------------------------------------------------
 
 
@@ -371,12 +131,8 @@ class _Turn:
         calls = self.calls - done_calls
         if calls <= 0:
             return
-        usage = Usage(
-            self.usage.prompt_tokens - done_usage.prompt_tokens,
-            self.usage.completion_tokens - done_usage.completion_tokens,
-        )
         self.recorded = (self.usage, self.calls)
-        await self.transcript.add_usage(usage, calls)
+        await self.transcript.add_usage(self.usage - done_usage, calls)
 
     def result(
         self,
@@ -577,23 +333,27 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
     invalid = message.metadata.get(INVALID_CALLS_KEY)
     if not isinstance(invalid, dict):
         invalid = {}
-    actions = [_action(setup.tools, c, _parsed(c), invalid.get(c.id)) for c in message.tool_calls]
-    tasks: list[asyncio.Task[_Outcome] | None] = []
+    actions = [
+        prepare(setup.tools, c, parse_arguments(c), invalid.get(c.id)) for c in message.tool_calls
+    ]
+    tasks: list[asyncio.Task[Outcome] | None] = []
     journaled = False
     try:
         # Approvals are asked one at a time, in order, before anything runs.
-        approvals = [await _approved(setup, action) for action in actions]
+        approvals = [await approved(action, setup.approve) for action in actions]
         for action, ok in zip(actions, approvals, strict=True):
             if ok:
                 yield ToolRunning(action.call)
-                tasks.append(asyncio.create_task(_execute(setup, action)))
+                run = execute(action, state=setup.state, context=setup.context)
+                tasks.append(asyncio.create_task(run))
             else:
                 tasks.append(None)
         for action, task in zip(actions, tasks, strict=True):
             call = action.call
-            output, ok, changes = (await task) if task is not None else (_denied(call), False, None)
+            output, ok, changes = (await task) if task is not None else (denied(call), False, None)
             result = ChatMessage.tool(call.id, output, metadata={"tool": call.name, "ok": ok})
-            journaled = await _store_result(turn, result, changes) or journaled
+            stored = await store_result(turn.transcript, setup.state, result, changes)
+            journaled = stored or journaled
             turn.steps.append(Step(thought, call.name, action.action_input, output))
             yield ToolDone(call, output, ok)
         if journaled and setup.state is not None:
@@ -622,21 +382,24 @@ async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEv
         return
     if reply.action is not None:
         call = ToolCall(f"text_{turn.iterations}", reply.action, json.dumps(reply.action_input))
-        action = _action(setup.tools, call, reply.action_input)
+        action = prepare(setup.tools, call, reply.action_input)
         changes = None
         try:
-            if await _approved(setup, action):
+            if await approved(action, setup.approve):
                 yield ToolRunning(call)
-                output, ok, changes = await _execute(setup, action)
+                output, ok, changes = await execute(
+                    action, state=setup.state, context=setup.context
+                )
             else:
-                output, ok = _denied(call), False
+                output, ok = denied(call), False
         except BaseException:
             # the action never finished: say so, as the native protocol's repair does
             await turn.store(observation(INTERRUPTED_RESULT, tool=reply.action, interrupted=True))
             raise
         turn.steps.append(Step(reply.thought, reply.action, reply.action_input, output))
         yield ToolDone(call, output, ok)
-        if await _store_result(turn, observation(output, tool=reply.action), changes):
+        result = observation(output, tool=reply.action)
+        if await store_result(turn.transcript, setup.state, result, changes):
             assert setup.state is not None
             await setup.state.delete(JOURNAL_KEY)
         return

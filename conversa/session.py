@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
+from ._interceptors import adapt_request_interceptors, adapt_response_interceptors
+from ._session_options import SessionOptions, check_options, shows_options_of
 from ._state_views import KeyValueAccess
-from .agent import (
-    CancelFlag,
-    ToolProtocol,
-    TurnSetup,
-    adapt_request_interceptors,
-    adapt_response_interceptors,
-    restore_journaled_result,
-    run_turn,
-)
+from ._tool_calls import restore_journaled_result
+from ._user_parts import USER_PART_PREFIX as USER_PART_PREFIX
+from ._user_parts import image_part, part_key, part_keys, text_part, user_parts
+from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
 from .compaction import Compaction, CompactionResult, compact_transcript, compaction_option
 from .context import (
     Calibration,
@@ -51,8 +48,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TURN_WAIT = DEFAULT_WAIT
 """Seconds a change waits for another process's turn on the session (then SessionBusy)."""
-USER_PART_PREFIX = "__user_part_"  # internal state keys start with __
-REACT_MODES: frozenset[str] = frozenset(("auto", "tools", "text"))
 
 
 class Session(KeyValueAccess):
@@ -84,12 +79,7 @@ class Session(KeyValueAccess):
     ) -> None:
         from .tools._registry import ToolRegistry
 
-        if react_mode not in REACT_MODES:
-            raise ValueError(f"react_mode must be one of auto, tools, text; not {react_mode!r}")
-        if max_iterations < 1:
-            raise ValueError("max_iterations must be at least 1")
-        if on_limit not in ("stop", "generate"):
-            raise ValueError(f"on_limit must be 'stop' or 'generate', not {on_limit!r}")
+        check_options(react_mode=react_mode, max_iterations=max_iterations, on_limit=on_limit)
         self.session_id = validate_session_id(session_id)
         self.storage = storage
         self.tools: ToolRegistry = ToolRegistry(tools)
@@ -348,7 +338,7 @@ class Session(KeyValueAccess):
                 request_interceptors=adapt_request_interceptors(
                     self.request_interceptors, self.state
                 ),
-                user_parts=self._user_parts,
+                user_parts=functools.partial(user_parts, self.state),
                 calibration=self._calibration,
                 compaction=self.compaction,
             ),
@@ -367,34 +357,23 @@ class Session(KeyValueAccess):
 
     # -- user parts: content attached to every user message sent to the model ---------
 
-    def _user_parts(self) -> list[dict[str, Any]]:
-        return [
-            content_part(v)
-            for k, v in self.state.items(internal=True)
-            if k.startswith(USER_PART_PREFIX)
-        ]
-
     async def set_user_part_text(self, name: str, text: str) -> None:
         """Attach a text part to the user's messages until it is deleted."""
-        await self.state.set(USER_PART_PREFIX + name, {"type": "text", "text": text})
+        await self.state.set(part_key(name), text_part(text))
 
     async def set_user_part_image(
         self, name: str, image: bytes | str, mime_type: str = "image/png"
     ) -> None:
         """Attach an image (bytes or base64 text) to the user's messages until it is deleted."""
-        data = base64.b64encode(image).decode() if isinstance(image, bytes) else image
-        url = data if data.startswith("data:") else f"data:{mime_type};base64,{data}"
-        await self.state.set(
-            USER_PART_PREFIX + name, {"type": "image_url", "image_url": {"url": url}}
-        )
+        await self.state.set(part_key(name), image_part(image, mime_type))
 
     async def delete_user_part(self, name: str) -> None:
         """Stop attaching the part called ``name``."""
-        await self.state.delete(USER_PART_PREFIX + name)
+        await self.state.delete(part_key(name))
 
     async def clear_user_parts(self) -> None:
         """Stop attaching any user part."""
-        for key in [k for k in self.state.keys(internal=True) if k.startswith(USER_PART_PREFIX)]:
+        for key in part_keys(self.state):
             await self.state.delete(key)
 
     async def close(self) -> None:
@@ -415,24 +394,6 @@ class Session(KeyValueAccess):
         return f"<Session {self.session_id!r}: {len(self._transcript)} messages>"
 
 
-def content_part(value: Any) -> Any:
-    """A stored user part as a content part of the model's message.
-
-    Parts set by ``set_user_part_*`` are stored in that form already; those Distri's client
-    writes (through ``conversa serve``) are ``{"part_type": "text" | "image", "data": ...}``.
-    """
-    if not isinstance(value, dict) or "part_type" not in value:
-        return value
-    data = value.get("data")
-    if value["part_type"] == "text":
-        return {"type": "text", "text": str(data)}
-    if isinstance(data, dict) and data.get("type") == "url":
-        return {"type": "image_url", "image_url": {"url": str(data.get("url"))}}
-    data = data if isinstance(data, dict) else {}
-    mime = data.get("mime_type") or "image/png"
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data.get('bytes')}"}}
-
-
 async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:
     async with aclosing(events) as stream:
         async for event in stream:
@@ -441,24 +402,11 @@ async def _drain(events: AsyncGenerator[TurnEvent, None]) -> AgentResult:
     raise ConversaError("the turn ended without a result")  # pragma: no cover
 
 
+@shows_options_of(Session)
 async def create_session(
     session_id: str,
     storage: str | PathLike[str] | ConversationStorage = "sessions",
-    *,
-    model: str | ChatModel | None = None,
-    tools: Iterable[Tool | Callable[..., Any]] = (),
-    system_prompt: str | None = None,
-    max_iterations: int = 10,
-    react_mode: ReactMode = "auto",
-    context_window: int | None = None,
-    approve: Approver | None = None,
-    user_id: str | None = None,
-    on_limit: OnLimit = "stop",
-    token_counter: TokenCounter = estimate_tokens,
-    request_interceptors: Sequence[RequestInterceptor] = (),
-    response_interceptors: Sequence[ResponseInterceptor] = (),
-    turn_wait: float | None = DEFAULT_TURN_WAIT,
-    compaction: Compaction | bool | None = None,
+    **options: Unpack[SessionOptions],
 ) -> Session:
     """Open the session ``session_id`` in ``storage`` (a URL, a path or a storage object).
 
@@ -474,24 +422,7 @@ async def create_session(
     oldest messages when the prompt nears ``context_window``, instead of only trimming.
     """
     store = open_storage(storage)
-    session = Session(
-        session_id,
-        store,
-        model=model,
-        tools=tools,
-        system_prompt=system_prompt,
-        max_iterations=max_iterations,
-        react_mode=react_mode,
-        context_window=context_window,
-        approve=approve,
-        user_id=user_id,
-        on_limit=on_limit,
-        token_counter=token_counter,
-        request_interceptors=request_interceptors,
-        response_interceptors=response_interceptors,
-        turn_wait=turn_wait,
-        compaction=compaction,
-    )
+    session = Session(session_id, store, **options)
     session._owns_storage = store is not storage
     if not await store.exists(session_id):
         async with session._leased():

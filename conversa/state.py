@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar, overload
@@ -226,21 +225,22 @@ class SessionState:
         expires_at: datetime | None = None,
     ) -> None:
         """Store several keys at once, with one expiry (``ttl`` or ``expires_at``) for all."""
-        expires = expiry_of(ttl, expires_at, self._clock())
+        plain, expires = self._prepared(values, ttl, expires_at)
         # storage gets the moment, so this cache and every process agree on when it is
         moment = None if expires is None else from_ts(expires)
-        plain = {k: _to_json_value(v) for k, v in values.items()}
         await self.flush()  # sync changes made before this one are stored before it
         await self._storage.set_state(self._session_id, plain, expires_at=moment)
+        stored = None if moment is None else moment.timestamp()
         with self._lock:
-            self._values.update(plain)
-            for key in plain:
-                if moment is None:
-                    self._expires.pop(key, None)
-                else:
-                    self._expires[key] = moment.timestamp()
-            self._modified = True
+            self._apply({k: (v, stored) for k, v in plain.items()})
         self._superseded(plain)
+
+    def _prepared(
+        self, values: Mapping[str, Any], ttl: float | None, expires_at: datetime | None
+    ) -> tuple[dict[str, Any], float | None]:
+        """Copies of ``values`` as plain JSON data, and when they expire (epoch seconds)."""
+        expires = expiry_of(ttl, expires_at, self._clock())
+        return {k: _to_json_value(v) for k, v in values.items()}, expires
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""
@@ -304,8 +304,7 @@ class SessionState:
         expires_at: datetime | None = None,
     ) -> None:
         """Set keys without ``await`` (see the class: when the change is stored)."""
-        expires = expiry_of(ttl, expires_at, self._clock())
-        plain = {k: _to_json_value(v) for k, v in values.items()}
+        plain, expires = self._prepared(values, ttl, expires_at)
         state_entries(plain)  # a bad key or value fails here, in the caller, not at the store
         self._record({k: (v, expires) for k, v in plain.items()})
 
@@ -365,18 +364,22 @@ class SessionState:
 
     # -- the scope of one tool run or interceptor call ------------------------------------
 
-    @contextmanager
-    def collect(self) -> Iterator[StateChanges]:
-        """Collect the sync changes made in this context (a tool run, an interceptor call).
+    async def collecting(self, call: Callable[[], Awaitable[T]]) -> tuple[T, StateChanges]:
+        """Await ``call()`` (a tool run, an interceptor call) collecting its sync changes.
 
-        The changes are not stored on exit: ``commit`` stores them, ``discard`` drops them.
+        The changes are not stored on return: ``commit`` stores them, ``discard`` drops them,
+        as happens at once if the call raises.
         """
         changes = StateChanges(self)
         token = _SCOPE.set(changes)
         try:
-            yield changes
+            result = await call()
+        except BaseException:
+            self.discard(changes)
+            raise
         finally:
             _SCOPE.reset(token)
+        return result, changes
 
     async def commit(self, changes: StateChanges, *, journal: Any = None) -> None:
         """Store collected changes in one write (with ``journal`` under JOURNAL_KEY)."""

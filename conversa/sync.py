@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Mapping
 from datetime import datetime
 from os import PathLike
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
+from ._session_options import SessionOptions, shows_options_of
 from ._state_views import StateView
-from .compaction import Compaction, CompactionResult
-from .context import ContextStatus, TokenCounter, estimate_tokens
+from .compaction import CompactionResult
+from .context import ContextStatus
 from .errors import ConversaError
-from .events import (
-    AgentResult,
-    Approver,
-    OnLimit,
-    ReactMode,
-    RequestInterceptor,
-    ResponseInterceptor,
-)
+from .events import AgentResult
 from .messages import ChatMessage, Content
-from .model import ChatModel
-from .session import DEFAULT_TURN_WAIT, Session, create_session
+from .session import Session, create_session
 from .storage import ConversationStorage
-
-if TYPE_CHECKING:
-    from .tools import Tool
 
 T = TypeVar("T")
 
@@ -162,24 +152,11 @@ class SyncState(StateView):
         return self._state.is_empty
 
 
+@shows_options_of(Session)
 def create_session_sync(
     session_id: str,
     storage: str | PathLike[str] | ConversationStorage = "sessions",
-    *,
-    model: str | ChatModel | None = None,
-    tools: Iterable[Tool | Callable[..., Any]] = (),
-    system_prompt: str | None = None,
-    max_iterations: int = 10,
-    react_mode: ReactMode = "auto",
-    context_window: int | None = None,
-    approve: Approver | None = None,
-    user_id: str | None = None,
-    on_limit: OnLimit = "stop",
-    token_counter: TokenCounter = estimate_tokens,
-    request_interceptors: Sequence[RequestInterceptor] = (),
-    response_interceptors: Sequence[ResponseInterceptor] = (),
-    turn_wait: float | None = DEFAULT_TURN_WAIT,
-    compaction: Compaction | bool | None = None,
+    **options: Unpack[SessionOptions],
 ) -> SyncSession:
     """create_session for code without an event loop (same arguments); close() it when done."""
     try:
@@ -192,26 +169,7 @@ def create_session_sync(
         )
     runner = asyncio.Runner()
     try:
-        session = runner.run(
-            create_session(
-                session_id,
-                storage,
-                model=model,
-                tools=tools,
-                system_prompt=system_prompt,
-                max_iterations=max_iterations,
-                react_mode=react_mode,
-                context_window=context_window,
-                approve=approve,
-                user_id=user_id,
-                on_limit=on_limit,
-                token_counter=token_counter,
-                request_interceptors=request_interceptors,
-                response_interceptors=response_interceptors,
-                turn_wait=turn_wait,
-                compaction=compaction,
-            )
-        )
+        session = runner.run(create_session(session_id, storage, **options))
     except BaseException:
         runner.close()
         raise

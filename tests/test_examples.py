@@ -254,3 +254,10 @@ def test_create_session_spells_out_every_option(factory: object) -> None:
     expected = {n: p.default for n, p in session.items() if p.kind is p.KEYWORD_ONLY}
     assert options == expected
     assert {"model", "tools", "system_prompt", "max_iterations", "user_id"} <= set(options)
+
+
+def test_session_options_name_every_option_of_session() -> None:
+    """What type checkers and IDEs see for ``**options`` is Session's keyword list, no more."""
+    session = inspect.signature(Session).parameters
+    keywords = [n for n, p in session.items() if p.kind is p.KEYWORD_ONLY]
+    assert list(conversa.SessionOptions.__annotations__) == keywords

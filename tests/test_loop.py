@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-import conversa.agent
+import conversa._tool_calls
 import conversa.session
 import conversa.text_protocol
 from conversa import (
@@ -188,7 +188,7 @@ async def test_a_tool_calls_arguments_are_parsed_once(monkeypatch: pytest.Monkey
         parsed.append(text)
         return original(text)
 
-    monkeypatch.setattr(conversa.agent, "json_value", counting)
+    monkeypatch.setattr(conversa._tool_calls, "json_value", counting)
     transcript = await new_transcript()
     model = ScriptedModel([tool_call("guarded", {"path": "/x"}), "ok"])
     asked: list[dict[str, Any]] = []

@@ -446,6 +446,7 @@ def test_resolve_model_passes_instances_through() -> None:
 def test_usage_adds_up() -> None:
     total = Usage(3, 4) + Usage(10, 1)
     assert total == Usage(13, 5) and total.total == 18
+    assert total - Usage(10, 1) == Usage(3, 4)  # what was used since an earlier total
     assert total.to_dict() == {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18}
     assert Usage.from_openai({"prompt_tokens": 2, "completion_tokens": 1}).total == 3
     assert Usage.from_openai(None) == Usage()

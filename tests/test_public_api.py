@@ -48,6 +48,7 @@ def test_names_in_public_signatures_are_exported() -> None:
         assert name in conversa.__all__
     for name in ["StopReason", "StateEntry", "RetryNotice", "OnLimit", "StreamEvent"]:
         assert name in conversa.__all__
+    assert "SessionOptions" in conversa.__all__  # create_session's **options
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:

@@ -22,6 +22,7 @@ from conversa import (
     SessionState,
     StorageError,
     TextDelta,
+    Tool,
     ToolCall,
     ToolDone,
     ToolRunning,
@@ -52,6 +53,20 @@ def explode(reason: str) -> str:
 def delete_everything(path: str) -> str:
     """A dangerous tool."""
     return f"deleted {path}"
+
+
+def hanging_tool() -> tuple[Tool, asyncio.Event]:
+    """A tool called ``hang`` that never returns, and the event it sets once it runs."""
+    started = asyncio.Event()
+
+    @tool
+    async def hang() -> str:
+        """Never returns."""
+        started.set()
+        await asyncio.sleep(3600)  # until cancelled
+        return "never"
+
+    return hang, started
 
 
 async def new(model: ScriptedModel, **kw: Any) -> Session:
@@ -376,15 +391,7 @@ async def test_dangling_call_in_the_middle_is_filled_in_the_prompt_only() -> Non
 
 
 async def test_cancel_during_tool_leaves_valid_history() -> None:
-    started = asyncio.Event()
-
-    @tool
-    async def hang() -> str:
-        """Never returns."""
-        started.set()
-        await asyncio.sleep(3600)
-        return "never"
-
+    hang, started = hanging_tool()
     model = ScriptedModel([tool_calls(("hang", {}), ("add", {"a": 1, "b": 1})), "after"])
     session = await new(model, tools=[hang, add])
     task = asyncio.create_task(session.send_message("go"))
@@ -672,15 +679,7 @@ async def test_bad_options_are_rejected() -> None:
 
 
 async def test_cancel_ends_the_turn_with_a_cancelled_result() -> None:
-    started = asyncio.Event()
-
-    @tool
-    async def hang() -> str:
-        """Never returns."""
-        started.set()
-        await asyncio.sleep(3600)
-        return "never"
-
+    hang, started = hanging_tool()
     model = ScriptedModel([tool_call("hang", {}), "after"])
     session = await new(model, tools=[hang])
     assert not session.cancel()  # nothing runs yet

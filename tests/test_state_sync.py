@@ -276,7 +276,15 @@ async def test_sync_changes_in_the_text_protocol_are_stored_with_the_observation
 # -- a crash between the two writes ---------------------------------------------------------
 
 
-def crash_child(server: FakeOpenAIServer, url: str, where: str) -> None:
+async def crash_then_turn(
+    server: FakeOpenAIServer, tmp_path: Path, where: str
+) -> tuple[ConversationStorage, Session, list[str]]:
+    """A child process adds to the cart and is killed at ``where``; then one turn here.
+
+    Returns the storage, the session and the roles stored when the child died.
+    """
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    server.add_reply(tool_call("add_to_cart", {"item": "Widget", "quantity": 2}))
     out = subprocess.run(
         [sys.executable, str(HERE / "cart_crash_child.py"), url, "s", server.base_url, where],
         capture_output=True,
@@ -285,22 +293,25 @@ def crash_child(server: FakeOpenAIServer, url: str, where: str) -> None:
         check=False,
     )
     assert out.returncode == 3, out.stdout + out.stderr
+    storage = open_storage(url)
+    roles = [m.role for m in await storage.load("s")]
+    server.add_reply(text("next answer"))
+    session = await open_session(server, storage)
+    await session.send_message("and now?")
+    return storage, session, roles
+
+
+def tool_results(session: Session) -> list[str]:
+    return [m.text for m in session.history if m.role == "tool"]
 
 
 async def test_killed_after_the_state_write_the_result_is_stored_on_the_next_turn(
     server: FakeOpenAIServer, tmp_path: Path
 ) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    server.add_reply(tool_call("add_to_cart", {"item": "Widget", "quantity": 2}))
-    crash_child(server, url, "after-state")
-    storage = open_storage(url)
-    assert [m.role for m in await storage.load("s")] == ["user", "assistant"]
-    server.add_reply(text("next answer"))
-    session = await open_session(server, storage)
-    await session.send_message("and now?")
-    tool_results = [m for m in session.history if m.role == "tool"]
+    storage, session, roles = await crash_then_turn(server, tmp_path, "after-state")
+    assert roles == ["user", "assistant"]
     # the result that went with the stored state change, not "interrupted"
-    assert [m.text for m in tool_results] == ["Added 2x Widget."]
+    assert tool_results(session) == ["Added 2x Widget."]
     assert session.state.to_dict() == {"cart": [{"item": "Widget", "quantity": 2}]}
     assert JOURNAL_KEY not in session.state.keys(internal=True)
     sent = server.requests[-1]["messages"]
@@ -311,15 +322,8 @@ async def test_killed_after_the_state_write_the_result_is_stored_on_the_next_tur
 async def test_killed_inside_the_tool_neither_its_change_nor_a_result_is_kept(
     server: FakeOpenAIServer, tmp_path: Path
 ) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    server.add_reply(tool_call("add_to_cart", {"item": "Widget", "quantity": 2}))
-    crash_child(server, url, "in-tool")
-    storage = open_storage(url)
-    server.add_reply(text("next answer"))
-    session = await open_session(server, storage)
-    await session.send_message("and now?")
-    tool_results = [m for m in session.history if m.role == "tool"]
-    assert [m.text for m in tool_results] == [INTERRUPTED_RESULT]
+    storage, session, _ = await crash_then_turn(server, tmp_path, "in-tool")
+    assert tool_results(session) == [INTERRUPTED_RESULT]
     assert session.state.keys(internal=True) == []
     await storage.close()
 

@@ -38,6 +38,14 @@ class Usage:
             self.completion_tokens + other.completion_tokens,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+        )
+
     def to_dict(self) -> dict[str, int]:
         """The OpenAI shape: prompt_tokens, completion_tokens, total_tokens."""
         return {
