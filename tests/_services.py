@@ -7,11 +7,13 @@ and a TCP proxy that can cut the link to a server mid-operation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -41,6 +43,45 @@ def with_url(url: str, netloc: str | None = None, path: str | None = None, **opt
         path=parts.path if path is None else path,
         query=urlencode(opts),
     ).geturl()
+
+
+@contextlib.asynccontextmanager
+async def redis_space(url: str, prefix: str, **opts: Any) -> AsyncIterator[str]:
+    """``url`` with the key prefix of one test (and ``opts``); its keys are deleted after."""
+    import redis.asyncio as aioredis
+
+    yield with_url(url, prefix=prefix, **opts)
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def postgres_space(url: str, schema: str, **opts: Any) -> AsyncIterator[str]:
+    """``url`` with the schema of one test (and ``opts``); the schema is dropped after."""
+    import asyncpg
+
+    yield with_url(url, schema=schema, **opts)
+    con = await asyncpg.connect(url)
+    try:
+        await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await con.close()
+
+
+def run_children(code: str, arguments: Sequence[Sequence[str]], timeout: float = 120) -> None:
+    """Run ``python -c code`` once per argument list, all at once; each must exit 0."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE)
+        for args in arguments
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err.decode()
 
 
 def unused_port() -> int:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from _cli import CONVERSA
-from _services import require_server, with_url
+from _services import postgres_space, redis_space, require_server
 from click.testing import CliRunner
 
 from conversa import (
@@ -72,28 +72,16 @@ def keyed(url: str, env: str = ENV_A) -> str:
 async def redis_url() -> AsyncIterator[str]:
     """A Redis URL with a key prefix of this test alone; its keys are deleted afterwards."""
     require_server("Redis", REDIS_URL, "CONVERSA_TEST_REDIS_URL", 6379)
-    import redis.asyncio as aioredis
-
-    prefix = f"conversa-test-enc-{RUN}-{next(_counter)}:"
-    yield with_url(REDIS_URL, prefix=prefix)
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    async with redis_space(REDIS_URL, f"conversa-test-enc-{RUN}-{next(_counter)}:") as url:
+        yield url
 
 
 @pytest.fixture
 async def postgres_url() -> AsyncIterator[str]:
     """A PostgreSQL URL with a schema of this test alone; dropped afterwards."""
     require_server("PostgreSQL", POSTGRES_URL, "CONVERSA_TEST_POSTGRES_URL", 5432)
-    import asyncpg
-
-    schema = f"conversa_test_enc_{RUN}_{next(_counter)}"
-    yield with_url(POSTGRES_URL, schema=schema)
-    con = await asyncpg.connect(POSTGRES_URL)
-    await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    await con.close()
+    async with postgres_space(POSTGRES_URL, f"conversa_test_enc_{RUN}_{next(_counter)}") as url:
+        yield url
 
 
 # -- the conformance suite over the wrapper, on every backend --------------------------------
@@ -244,14 +232,19 @@ async def test_no_plaintext_in_the_sqlite_database_and_wal(tmp_path: Path) -> No
     assert_no_plaintext(sqlite_rows(path), "the database's rows")
 
 
+async def secrets_written(url: str, option: str) -> str:
+    """Write the secrets through an encrypted store at server ``url``; its namespace option."""
+    store = open_storage(keyed(url))
+    await write_secrets(store)
+    await store.close()
+    return parse_qs(urlsplit(url).query)[option][0]
+
+
 @pytest.mark.redis
 async def test_no_plaintext_in_redis(redis_url: str) -> None:
     import redis.asyncio as aioredis
 
-    store = open_storage(keyed(redis_url))
-    await write_secrets(store)
-    await store.close()
-    prefix = parse_qs(urlsplit(redis_url).query)["prefix"][0]
+    prefix = await secrets_written(redis_url, "prefix")
     client = aioredis.Redis.from_url(REDIS_URL)
     dump: list[Any] = []
     try:
@@ -287,10 +280,7 @@ def _raw_bytes(value: Any) -> bytes:
 async def test_no_plaintext_in_postgres_rows(postgres_url: str) -> None:
     import asyncpg
 
-    store = open_storage(keyed(postgres_url))
-    await write_secrets(store)
-    await store.close()
-    schema = parse_qs(urlsplit(postgres_url).query)["schema"][0]
+    schema = await secrets_written(postgres_url, "schema")
     con = await asyncpg.connect(POSTGRES_URL)
     try:
         tables = await con.fetch(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from _services import run_children
 from _wait import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1098,21 +1099,10 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 async def test_concurrent_writers_keep_the_index_consistent(
     store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import subprocess
-    import sys
 
     await store.append("before", [_user("x")])
     await store.find_sessions()  # the index exists before the writers start
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _INDEX_WRITER, store.directory, f"w{i}", "40"],
-            stderr=subprocess.PIPE,
-        )
-        for i in range(4)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err.decode()
+    run_children(_INDEX_WRITER, [[store.directory, f"w{i}", "40"] for i in range(4)])
     fresh = FileSystemStorage(store.directory)
 
     def no_rebuild(*args: object) -> None:

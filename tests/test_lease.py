@@ -22,6 +22,7 @@ from urllib.parse import urlencode, urlsplit
 
 import pexpect
 import pytest
+from _services import postgres_space, redis_space
 from _wait import wait_for
 
 from conversa import ChatMessage, OpenAIChatModel, SessionBusy, create_session, open_storage, tool
@@ -67,25 +68,14 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
     elif kind == "redis":
         if not _up(REDIS, 6379):
             pytest.skip(f"no Redis at {REDIS}")
-        import redis.asyncio as aioredis
-
         prefix = f"conversa-lease-{RUN}-{next(_counter)}:"
-        yield _with(REDIS, prefix=prefix, lease_ttl=5)
-        admin = aioredis.Redis.from_url(REDIS)
-        keys = [k async for k in admin.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await admin.delete(*keys)
-        await admin.aclose()
+        async with redis_space(REDIS, prefix, lease_ttl=5) as space:
+            yield space
     else:
         if not _up(POSTGRES, 5432):
             pytest.skip(f"no PostgreSQL at {POSTGRES}")
-        import asyncpg
-
-        schema = f"conversa_lease_{RUN}_{next(_counter)}"
-        yield _with(POSTGRES, schema=schema)
-        con = await asyncpg.connect(POSTGRES)
-        await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await con.close()
+        async with postgres_space(POSTGRES, f"conversa_lease_{RUN}_{next(_counter)}") as space:
+            yield space
 
 
 class TestSharedBackendLease(LeaseConformance):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _services import run_children
 
 from conversa import ChatMessage
 from conversa.storage import _sqlite_migrations as migrations
@@ -395,24 +396,13 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 
 async def test_file_search_index_stays_exact_under_concurrent_processes(tmp_path: Path) -> None:
     """Processes writing and searching at once: afterwards the index agrees with a scan."""
-    import subprocess
-    import sys
 
     from conversa.storage.base import ConversationStorage
     from conversa.storage.filesystem import FileSystemStorage
 
     store = await _file_store(tmp_path, 10)
     await store.search("common")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SEARCHER, store.directory, f"p{i}", "30"],
-            stderr=subprocess.PIPE,
-        )
-        for i in range(3)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err.decode()
+    run_children(_SEARCHER, [[store.directory, f"p{i}", "30"] for i in range(3)])
     for query in ("shared", "wordp0", "wordp1 saved", "common", "n2"):
         indexed = await store.search(query, limit=None)
         fresh = FileSystemStorage(store.directory)
