@@ -10,6 +10,7 @@ The next compaction summarizes that summary together with what came after it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ of the conversation, without any preamble."""
 
 SUMMARY_INTRO = "Summary of the earlier part of this conversation (its messages are not shown):"
 """How the summary is introduced in the system message of the prompt."""
+
+MAX_SUMMARY_CALLS = 8
+"""The most summary calls one compaction makes: a first summary of a history far bigger than
+the window is made in turn-aligned chunks, each folded into the next; beyond this many the
+chunks are shortened to fit (tool outputs first, user messages last)."""
 
 _SHORTENINGS = ((300, None), (80, None), (80, 400))
 """(tool output chars, assistant text chars) tried in turn until the request fits."""
@@ -283,7 +289,7 @@ class CompactionResult:
     usage: Usage
     """What the summary call used (zero if there was none)."""
     calls: int = 0
-    """Model calls made (0 or 1)."""
+    """Summary calls that answered (more than one when older messages came in chunks)."""
     failed: bool = False
     """The summary call failed, timed out, returned nothing, or did not shrink the prompt."""
 
@@ -312,12 +318,55 @@ def compaction_due(history: PromptHistory, options: PromptOptions) -> bool:
     return tokens > limit
 
 
+def chunks(
+    messages: Sequence[ChatMessage], costs: Sequence[int], size: int | None
+) -> list[list[ChatMessage]]:
+    """``messages`` in consecutive parts of about ``size`` tokens, each starting a turn
+    (a single turn bigger than that is one part), at most MAX_SUMMARY_CALLS of them."""
+    if size is None or not messages:
+        return [list(messages)] if messages else []
+    size = max(size, -(-sum(costs) // MAX_SUMMARY_CALLS))
+    parts: list[list[ChatMessage]] = [[]]
+    tokens = 0
+    for message, cost in zip(messages, costs, strict=True):
+        if parts[-1] and tokens + cost > size and is_turn_start(message):
+            parts.append([])
+            tokens = 0
+        parts[-1].append(message)
+        tokens += cost
+    while len(parts) > MAX_SUMMARY_CALLS:  # turns bigger than a part: merge the smallest pair
+        sizes = [len(a) + len(b) for a, b in itertools.pairwise(parts)]
+        i = sizes.index(min(sizes))
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+async def _older_part(
+    transcript: Transcript,
+) -> tuple[list[ChatMessage], ChatMessage | None]:
+    """The stored messages older than the cache that no summary covers yet, and the newest
+    summary among them (read when compaction starts on a history that outgrew its window
+    before it was on, or whose summary the cache did not reach)."""
+    older = await transcript.older_than_cache()
+    for at in range(len(older) - 1, -1, -1):
+        covers = summary_range(older[at])
+        if covers is None:
+            continue
+        for k in range(at - 1, -1, -1):
+            if older[k].id == covers.last_id:
+                rest = [m for m in older[k + 1 :] if summary_range(m) is None]
+                return rest, older[at]
+    return [m for m in older if summary_range(m) is None], None
+
+
 async def compact_transcript(
     transcript: Transcript, options: PromptOptions, model: ChatModel, *, force: bool = False
 ) -> CompactionResult:
     """Summarize the oldest part of the prompt into a summary record appended to storage.
 
-    Without ``force`` it runs only when ``compaction_due``. Every failure is a result with
+    Without ``force`` it runs only when ``compaction_due``. The summary covers every message
+    before the cut: if the cache starts later and holds no summary, the older messages are
+    read for it (in up to MAX_SUMMARY_CALLS chunks). Every failure is a result with
     ``failed`` set, never an exception: the caller goes on with trimming.
     """
     from .model import Usage
@@ -341,18 +390,31 @@ async def compact_transcript(
     budget = None
     if window is not None:  # the server counts the summary request as it counts the prompt
         budget = int(settings.threshold * window) - calibration.margin
-    request = summary_request(settings.prompt, covered, history.summary_text, budget, count)
-    try:
-        text, usage = await summarize(model, request, settings.timeout)
-    except CompactionFailed as exc:
-        return CompactionResult(None, str(exc), none, calls=0, failed=True)
-    except Exception as exc:  # a ChatModel's own bug must not end the turn either
-        why = f"the summary call failed: {type(exc).__name__}: {exc}"
-        return CompactionResult(None, why, none, calls=0, failed=True)
+    parts = [covered]
+    if previous is None and transcript.base:
+        older, previous = await _older_part(transcript)
+        covered = older + covered
+        # in parts that leave room for the summary so far, which the next request carries
+        size = None if budget is None else max(1, budget // 2)
+        older_costs = [count(m.to_openai()) for m in older]
+        parts = chunks(covered, older_costs + costs[:cut], size)
+    text = previous.text if previous is not None else None
+    usage, calls = none, 0
+    for part in parts:
+        request = summary_request(settings.prompt, part, text, budget, count)
+        try:
+            text, used = await summarize(model, request, settings.timeout)
+        except CompactionFailed as exc:
+            return CompactionResult(None, str(exc), usage, calls=calls, failed=True)
+        except Exception as exc:  # a ChatModel's own bug must not end the turn either
+            why = f"the summary call failed: {type(exc).__name__}: {exc}"
+            return CompactionResult(None, why, usage, calls=calls, failed=True)
+        usage, calls = usage + used, calls + 1
+    assert text is not None
     after = calibration.limit(_system_tokens(options, text, count) + sum(costs[cut:]))
     if after >= before:
         why = f"the summary did not make the prompt smaller (~{before} -> ~{after} tokens)"
-        return CompactionResult(None, why, usage, calls=1, failed=True)
+        return CompactionResult(None, why, usage, calls=calls, failed=True)
     prior = summary_range(previous) if previous is not None else None
     covers = SummaryRange(
         first_id=prior.first_id if prior is not None else covered[0].id,
@@ -363,5 +425,6 @@ async def compact_transcript(
         text, covers, model=model.name, tokens_before=before, tokens_after=after, usage=usage
     )
     await transcript.append([record])
+    await transcript.mark_summary(record.id, covers.last_id)
     why = f"summarized {covers.covered} messages: prompt ~{before} -> ~{after} tokens"
-    return CompactionResult(record, why, usage, calls=1)
+    return CompactionResult(record, why, usage, calls=calls)

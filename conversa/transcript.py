@@ -15,6 +15,7 @@ from .messages import ChatMessage
 if TYPE_CHECKING:
     from .model import Usage
     from .storage import ConversationStorage
+    from .storage._stored import SummaryMark
 
 INTERRUPTED_RESULT = "[interrupted: this tool call did not complete, its result is unknown]"
 
@@ -225,6 +226,8 @@ class Transcript:
         self.base = 0
         """Stored messages older than the cache (not read yet)."""
         self._window: Window | None = None  # what the cache is known to fill, when base > 0
+        self._mark: SummaryMark | None = None
+        """Where the newest summary is, checked against what was read (None: not known)."""
 
     @property
     def messages(self) -> list[ChatMessage]:
@@ -256,9 +259,58 @@ class Transcript:
             self._install(await self.storage.load(self.session_id), 0)
             return
         first = min(count, max(_FIRST_TAIL, window[0] // 64))
+        mark = await self._stored_mark(count)
+        if mark is not None:
+            # read from the newest summary's last covered message on: the prompt goes on
+            # after it, however big what followed it is
+            first = max(first, count - mark.covered_to)
         newest = await self.storage.tail(self.session_id, first) if first else []
         self._install(newest, count - len(newest))
+        self._mark = mark if mark is not None and self._holds(mark) else None
         await self._fit(window)
+
+    async def _stored_mark(self, count: int) -> SummaryMark | None:
+        """The stored position of the newest summary, if it is within ``count`` messages."""
+        info = await self.storage.get_info(self.session_id)
+        mark = info.summary_mark if info is not None else None
+        return mark if mark is not None and mark.at < count else None
+
+    def _holds(self, mark: SummaryMark) -> bool:
+        """Whether the cache has, at ``mark``, a summary record and the last message it covers
+        (a mark goes stale when an undo removed its summary)."""
+        messages = self.cache.messages
+        at, end = mark.at - self.base, mark.covered_to - self.base
+        if not (0 <= end < at < len(messages)):
+            return False
+        covers = summary_range(messages[at])
+        return covers is not None and covers.last_id == messages[end].id
+
+    async def mark_summary(self, record_id: str, last_id: str) -> None:
+        """Store where the summary just appended (``record_id``) is, and the last message it
+        covers, so a resume finds it without scanning (both must be cached)."""
+        from .storage._stored import SUMMARY_KEYS, SummaryMark
+
+        at, end = self.position_of(record_id), self.position_of(last_id)
+        if at is None or end is None or not end < at:
+            return
+        await self.storage._change_reserved(
+            self.session_id, {}, dict(zip(SUMMARY_KEYS, (at, end), strict=True))
+        )
+        self._mark = SummaryMark(at, end)
+
+    def position_of(self, message_id: str) -> int | None:
+        """The position in the whole history of a cached message (None: not cached)."""
+        messages = self.cache.messages
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i].id == message_id:
+                return self.base + i
+        return None
+
+    async def older_than_cache(self) -> list[ChatMessage]:
+        """The stored messages older than the cache (read now; none if all are cached)."""
+        if not self.base:
+            return []
+        return (await self.storage.load(self.session_id))[: self.base]
 
     async def _newest_is_cached(self, count: int) -> bool:
         if not count:
@@ -291,6 +343,15 @@ class Transcript:
                 await self.load_all()
                 return
             cut, tokens = self._turn_that_fills(window)
+            mark = self._mark
+            if (
+                cut is not None
+                and mark is not None
+                and self.base <= mark.covered_to < self.base + cut
+            ):
+                # never past the newest summary's covered end: its record, and the messages
+                # the next compaction must fold in, stay (they are bounded by keep_recent)
+                cut = mark.covered_to - self.base
             if cut is not None:
                 if cut:
                     messages, wire = self.cache.messages[cut:], self.cache.wire[cut:]
@@ -371,6 +432,8 @@ class Transcript:
         await self.storage.truncate(self.session_id, keep)
         removed = self.cache.messages[keep - self.base :]
         self.cache.truncate(keep - self.base)
+        if self._mark is not None and keep <= self._mark.at:
+            self._mark = None  # its summary is gone (the stored mark is checked when read)
         if self.base:  # fewer messages may no longer fill the window
             await self._fit(self._window)
         return removed
@@ -379,6 +442,7 @@ class Transcript:
         """Delete every message."""
         await self.storage.save(self.session_id, [])
         self._install([], 0)
+        self._mark = None
 
     async def answer_dangling_calls(self) -> None:
         """Store interrupted results for tool calls left unanswered at the end."""

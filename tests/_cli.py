@@ -106,7 +106,8 @@ def run_storage(url: str, work: Callable[[ConversationStorage], Awaitable[T]]) -
 
 
 async def kept(storage: ConversationStorage, session_id: str) -> tuple[Any, ...]:
-    """What a copy must keep: history, info with its times, state with each key's expiry."""
+    """What a copy must keep: history, info with its times, state with each key's expiry,
+    the usage totals and where the newest summary is."""
     info = await storage.get_info(session_id)
     assert info is not None
     entries = await storage.get_state_entries(session_id)
@@ -115,6 +116,7 @@ async def kept(storage: ConversationStorage, session_id: str) -> tuple[Any, ...]
         (info.title, info.user_id, info.status, info.metadata),
         (info.created_at, info.updated_at),
         {k: (e.value, e.expires_at) for k, e in entries.items()},
+        (info.usage, info.summary_mark),
     )
 
 

@@ -324,3 +324,103 @@ def test_ctrl_x_ctrl_e_writes_the_message_in_the_editor(
     child.expect_exact(PROMPT)
     assert user_texts(server.requests[-1]) == ["written in\nthe editor"]
     quit_(child)
+
+
+# -- a context window: compaction in the REPL and in `conversa ask` ---------------------------
+
+FILLER = "the quick brown fox jumps over the lazy dog " * 9  # ~100 tokens
+
+
+def long_turn(i: int) -> str:
+    return f"Turn {i}: my name is Ada. {FILLER}"
+
+
+def is_summary_request(request: dict[str, Any]) -> bool:
+    from conversa.compaction import DEFAULT_SUMMARY_PROMPT
+
+    return request["messages"][0]["content"] == DEFAULT_SUMMARY_PROMPT
+
+
+def summarizing(request: dict[str, Any]) -> Any:
+    if is_summary_request(request):
+        return text("SUMMARY: the user is called Ada.")
+    return text(f"noted {len(request['messages'])}")
+
+
+def test_chat_with_a_window_compacts_and_a_restart_keeps_it(
+    env: dict[str, str], server: FakeOpenAIServer
+) -> None:
+    from conversa.compaction import SUMMARY_INTRO, summary_range
+
+    server.default_reply = summarizing
+    child = spawn(env, "--context-window", "1500")
+    child.expect_exact(PROMPT)
+    for i in range(14):
+        say(child, long_turn(i), "noted")
+    assert any(is_summary_request(r) for r in server.requests)
+    say(child, "/count", "model sees:", "(and a summary of", "of 1,500 tokens")
+    quit_(child)
+    history = stored(env)
+    records = [m for m in history if summary_range(m) is not None]
+    assert records and len(history) == 2 * 14 + len(records)
+
+    # a restart without the option: the window stays with the session, the summary is reused
+    server.clear_requests()
+    child = spawn(env)
+    child.expect_exact(PROMPT)
+    say(child, "/count", "(and a summary of", "of 1,500 tokens")
+    say(child, "what is my name?", "noted")
+    quit_(child)
+    asked = [r for r in server.requests if not is_summary_request(r)]
+    assert len(asked) == 1
+    system = asked[0]["messages"][0]["content"]
+    assert SUMMARY_INTRO in system and records[-1].text in system
+    assert user_texts(asked[0])[-1] == "what is my name?"
+    assert long_turn(0) not in user_texts(asked[0])
+
+
+def test_ask_takes_a_window_and_no_compaction_and_keeps_them(
+    env: dict[str, str], server: FakeOpenAIServer
+) -> None:
+    server.default_reply = summarizing
+    for i in range(10):
+        done = conversa(env, "ask", "--session", "alice", long_turn(i))
+        assert done.returncode == 0, done.stderr
+    assert len(user_texts(server.requests[-1])) == 10  # no window: the whole history
+
+    server.clear_requests()
+    trimmed = conversa(
+        env, "ask", "--session", "alice", "--context-window", "1000", "--no-compaction", "one"
+    )
+    assert trimmed.returncode == 0, trimmed.stderr
+    assert window_kept(env) == {"tokens": 1000, "compaction": False}
+    kept = conversa(env, "ask", "--session", "alice", "two")  # the window is kept, trim only
+    assert kept.returncode == 0, kept.stderr
+    assert not any(is_summary_request(r) for r in server.requests)
+    # both trimmed: of 11 and 12 user messages, the oldest left out
+    assert [len(user_texts(r)) < n for r, n in zip(server.requests, (11, 12), strict=True)] == [
+        True,
+        True,
+    ]
+
+    server.clear_requests()
+    on = conversa(env, "ask", "--session", "alice", "--context-window", "1000", "three")
+    assert on.returncode == 0, on.stderr
+    assert is_summary_request(server.requests[0])
+    assert user_texts(server.requests[-1])[-1] == "three"
+    assert window_kept(env) == {"tokens": 1000, "compaction": True}
+
+    server.clear_requests()
+    off = conversa(env, "ask", "--session", "alice", "--context-window", "0", "four")
+    assert off.returncode == 0, off.stderr  # 0 takes the window away
+    assert window_kept(env) is None
+    assert not any(is_summary_request(r) for r in server.requests)
+
+
+def window_kept(env: dict[str, str]) -> Any:
+    from _cli import run_storage
+
+    from conversa.cli._factory import WINDOW_KEY
+
+    state = run_storage(env["CONVERSA_STORAGE"], lambda storage: storage.get_state("alice"))
+    return state.get(WINDOW_KEY)

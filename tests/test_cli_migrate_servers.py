@@ -17,8 +17,11 @@ from _services import require_server
 from click.testing import CliRunner
 
 from conversa.cli._app import cli
+from conversa.compaction import SummaryRange, summary_record
 from conversa.messages import ChatMessage
-from conversa.storage import ConversationStorage, open_storage
+from conversa.model import Usage
+from conversa.storage import ConversationStorage, UsageTotals, open_storage
+from conversa.storage._stored import SUMMARY_KEYS, SummaryMark
 
 REDIS = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -80,6 +83,17 @@ async def _fill(url: str) -> None:
         await storage.update_info(
             "user-3", title="Named", user_id="u3", status="completed", metadata={"k": 1}
         )
+        # compaction's share: a summary record (an ordinary message), the usage totals and
+        # where the summary is; every copy keeps them
+        history = await storage.load("user-3")
+        covers = SummaryRange(history[0].id, history[3].id, 4)
+        record = summary_record(
+            "s", covers, model="m", tokens_before=9, tokens_after=2, usage=Usage(4, 1)
+        )
+        await storage.append("user-3", [record])
+        await storage.add_usage("user-3", prompt_tokens=900, completion_tokens=80, calls=7)
+        marks = dict(zip(SUMMARY_KEYS, (len(history), 3), strict=True))
+        await storage._change_reserved("user-3", {}, marks)
     finally:
         await storage.close()
 
@@ -90,10 +104,11 @@ def test_migrate_through_every_backend(tmp_path: Path, servers: tuple[str, str])
     sqlite_url = f"sqlite:///{tmp_path / 'final.db'}"
     asyncio.run(_fill(files))
     expected = asyncio.run(_snapshot(files))
+    assert expected["user-3"][4] == (UsageTotals(900, 80, 7), SummaryMark(7, 3))
     runner = CliRunner()
     for source, target in [(files, redis_url), (redis_url, pg_url), (pg_url, sqlite_url)]:
         for _ in range(2):  # a second run changes nothing
             result = runner.invoke(cli, ["sessions", "migrate", "--from", source, "--to", target])
             assert result.exit_code == 0, result.output
-            assert "migrated 4 sessions (16 messages); verified" in result.output
+            assert "migrated 4 sessions (17 messages); verified" in result.output
         assert asyncio.run(_snapshot(target)) == expected

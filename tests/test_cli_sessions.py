@@ -18,8 +18,11 @@ from click.testing import CliRunner, Result
 
 from conversa.cli._app import cli
 from conversa.cli._export import parse_import
+from conversa.compaction import SummaryRange, summary_record
 from conversa.messages import ChatMessage
-from conversa.storage import ConversationStorage
+from conversa.model import Usage
+from conversa.storage import ConversationStorage, UsageTotals
+from conversa.storage._stored import SUMMARY_KEYS, SummaryMark
 
 OLD = datetime.now(UTC) - timedelta(days=40)
 T = TypeVar("T")
@@ -330,6 +333,14 @@ def test_migrate_file_to_sqlite_and_back(runner: CliRunner, tmp_path: Path) -> N
     assert same.exit_code == 1 and "same storage" in same.output
 
 
+def summary_of(messages: list[ChatMessage]) -> ChatMessage:
+    """A summary record covering ``messages``, as compaction stores one."""
+    covers = SummaryRange(messages[0].id, messages[-1].id, len(messages))
+    return summary_record(
+        "they talked", covers, model="m", tokens_before=9, tokens_after=3, usage=Usage(5, 1)
+    )
+
+
 def fidelity(url: str, session_id: str) -> tuple[Any, ...]:
     """What a copy must keep of the session (see _cli.kept)."""
     return run_storage(url, lambda storage: kept(storage, session_id))
@@ -341,7 +352,11 @@ def aged(tmp_path: Path) -> str:
     files = str(tmp_path / "files")
 
     async def fill(storage: ConversationStorage) -> None:
-        await storage.save("old", conversation("ancient", "history", when=OLD))
+        history = conversation("ancient", "history", "more", when=OLD)
+        await storage.save("old", [*history, summary_of(history[:2])])
+        # what compaction keeps beside the history: the totals and where the summary is
+        await storage.add_usage("old", prompt_tokens=120, completion_tokens=30, calls=3)
+        await storage._change_reserved("old", {}, dict(zip(SUMMARY_KEYS, (3, 1), strict=True)))
         await storage.set_state("old", {"token": "t"}, ttl=6)
         await storage.set_state("old", {"until": 1}, expires_at=datetime(2999, 1, 1, tzinfo=UTC))
         await storage.set_state("old", {"kept": [1]})
@@ -358,6 +373,7 @@ def test_migrate_keeps_times_and_the_expiry_of_state_keys(
     before = fidelity(aged, "old")
     assert before[2][1] < datetime.now(UTC) - timedelta(days=39)
     token = before[3]["token"][1]
+    assert before[4] == (UsageTotals(120, 30, 3), SummaryMark(3, 1))
     assert token is not None and token < datetime.now(UTC) + timedelta(seconds=7)
     db = f"sqlite:///{tmp_path / 'migrated.db'}"
     back = str(tmp_path / "back")

@@ -24,7 +24,13 @@ from conversa import (
     create_session,
     tool,
 )
-from conversa.compaction import SUMMARY_INTRO, choose_cut, summary_range, summary_request
+from conversa.compaction import (
+    MAX_SUMMARY_CALLS,
+    SUMMARY_INTRO,
+    choose_cut,
+    summary_range,
+    summary_request,
+)
 from conversa.context import Calibration, estimate_tokens
 from conversa.storage import open_storage
 from conversa.testing.replies import Reply, raw_completion, server_error, text, tool_call
@@ -267,6 +273,74 @@ async def test_compact_forces_a_summary_and_respects_turn_boundaries(
     assert sent[1]["role"] == "user" and sent[1]["content"] == stored[last + 1].text
     info = await store.get_info("s")
     assert info is not None and info.usage.calls == len(server.requests)
+
+
+async def test_a_first_summary_covers_the_messages_older_than_the_loaded_part(
+    server: FakeOpenAIServer,
+) -> None:
+    server.default_reply = responder()
+    store = InMemoryStorage()
+    # only trimmed for a long while: the session outgrew its window before compaction
+    session = await create_session("s", store, model=model_for(server), context_window=WINDOW)
+    for i in range(2 * LONG):  # more than a resume reads at first
+        assert (await session.send_message(turn_text(3 * i))).success
+    server.clear_requests()
+    again = await create_session(
+        "s", store, model=model_for(server), context_window=WINDOW, compaction=True
+    )
+    assert again._transcript.base > 0  # a resume reads only the newest part
+    assert (await again.send_message("what is my name?")).success
+    asked = [r for r in server.requests if is_summary_request(r)]
+    # the older messages came in chunks, each request fitting the window, few of them
+    assert 1 < len(asked) <= MAX_SUMMARY_CALLS
+    assert turn_text(0) in asked[0]["messages"][1]["content"]
+    assert all(sum(estimate_tokens(m) for m in r["messages"]) <= WINDOW for r in asked)
+    # each chunk folds in the summary so far
+    assert "[Earlier summary]" in asked[1]["messages"][1]["content"]
+    stored = await store.load("s")
+    (record,) = summaries(stored)
+    covers = summary_range(record)
+    assert covers is not None and covers.first_id == stored[0].id
+    last = [m.id for m in stored].index(covers.last_id)
+    assert covers.covered == last + 1  # every message before the cut
+    info = await store.get_info("s")
+    assert info is not None and info.usage.calls == len(server.requests) + 2 * LONG
+
+
+async def test_a_resume_after_a_turn_bigger_than_the_window_finds_the_summary(
+    server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    server.default_reply = responder()
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    session = await create_session(
+        "s", url, model=model_for(server), context_window=WINDOW, compaction=True
+    )
+    await chat(session, range(0, 3 * LONG, 3))
+    huge = "Here is a long paste. " + FILLER * 20  # ~2,000 tokens: more than the window
+    assert (await session.send_message(huge)).success
+    assert (await session.send_message("thanks")).success
+    await session.close()
+    store = open_storage(url)
+    stored = await store.load("s")
+    newest = summaries(stored)[-1]
+    info = await store.get_info("s")
+    await store.close()
+    assert info is not None and info.summary_mark is not None
+    assert stored[info.summary_mark.at].id == newest.id
+
+    server.clear_requests()
+    again = await create_session(
+        "s", url, model=model_for(server), context_window=WINDOW, compaction=True
+    )
+    transcript = again._transcript
+    # read from the summary's covered end on, not the whole history
+    assert transcript.base > 0 and transcript.cache.summary is not None
+    assert transcript.cache.summary.id == newest.id
+    assert (await again.send_message("what is my name?")).success
+    sent = next(r for r in server.requests if not is_summary_request(r))["messages"]
+    assert newest.text in sent[0]["content"]
+    assert sent[-1]["content"] == "what is my name?"
+    await again.close()
 
 
 def test_choose_cut_keeps_the_newest_turn_and_recent_tokens() -> None:

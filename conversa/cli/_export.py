@@ -19,7 +19,7 @@ from ._format import call_summary, terminal_text
 
 if TYPE_CHECKING:
     from ..messages import ChatMessage
-    from ..storage import SessionInfo
+    from ..storage import SessionInfo, UsageTotals
 
 FORMAT_NAME = "conversa.session"
 FORMAT_VERSION = 1
@@ -66,6 +66,7 @@ def _info_dict(info: SessionInfo | None) -> dict[str, Any] | None:
         "user_id": info.user_id,
         "status": info.status,
         "metadata": info.metadata,
+        "usage": info.usage.to_dict(),
     }
 
 
@@ -115,7 +116,7 @@ class Imported:
     expires: dict[str, datetime] = field(default_factory=dict)
     """When state keys expire; keys not in it never do."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Those of user_id, status, metadata, created_at and updated_at the export holds."""
+    """Those of user_id, status, metadata, created_at, updated_at and usage the export holds."""
 
 
 def parse_import(text: str, source: str) -> Imported:
@@ -167,10 +168,25 @@ def _info_fields(info: dict[str, Any], source: str) -> dict[str, Any]:
     }
     if isinstance(info.get("metadata"), dict):
         fields["metadata"] = info["metadata"]
+    if isinstance(info.get("usage"), dict):
+        fields["usage"] = _usage(info["usage"], source)
     if info.get("created_at") is not None and info.get("updated_at") is not None:
         for k in ("created_at", "updated_at"):
             fields[k] = _moment(info[k], f"info.{k}", source)
     return fields
+
+
+def _usage(raw: dict[str, Any], source: str) -> UsageTotals:
+    """The usage totals of an export; ValueError names a count that is not one."""
+    from ..storage import UsageTotals
+
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens", "calls"):
+        value = raw.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{source}: info.usage.{key} is not a count: {value!r:.60}")
+        counts.append(value)
+    return UsageTotals(*counts)
 
 
 def _moment(value: Any, what: str, source: str) -> datetime:

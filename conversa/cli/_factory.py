@@ -16,6 +16,8 @@ SYSTEM_KEY = "__conversa.system_prompt"
 """The session-state key that keeps a session's system prompt across restarts."""
 MODEL_KEY = "__conversa.model"
 """The session-state key that keeps the model chosen with /model."""
+WINDOW_KEY = "__conversa.context_window"
+"""The session-state key that keeps --context-window: ``{"tokens": N, "compaction": bool}``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,7 @@ class AgentOptions:
     react_mode: ReactMode = "auto"
     allow_private_fetch: bool = False
     context_window: int | None = None
+    """Tokens the prompt may take; 0 takes a stored window away; None: as stored."""
     no_compaction: bool = False
 
 
@@ -69,12 +72,16 @@ async def open_session(
 ) -> tuple[Session, str | None]:
     """Open (or create) a session; returns it with the model name it should use.
 
-    The system prompt and the model chosen with /model are kept in the session's state.
-    With ``override`` the command line's --system and --model replace what is stored;
-    otherwise they only fill in what the session does not have.
+    The system prompt, the model chosen with /model and the context window are kept in the
+    session's state. With ``override`` the command line's --system, --model and
+    --context-window/--no-compaction replace what is stored; otherwise they only fill in what
+    the session does not have.
     """
     from ..session import create_session
 
+    # the window decides how much of the history is read, so it is known before the session
+    kept = stored_window(await storage.get_state(session_id), WINDOW_KEY)
+    window = _chosen_window(kept, options, override=override)
     session = await create_session(
         session_id,
         storage,
@@ -82,10 +89,15 @@ async def open_session(
         max_iterations=options.max_iterations,
         react_mode=options.react_mode,
         approve=approve,
-        context_window=options.context_window,
+        context_window=window["tokens"] if window else None,
         # with a window the CLI summarizes rather than forgets, unless told not to
-        compaction=options.context_window is not None and not options.no_compaction,
+        compaction=bool(window and window["compaction"]),
     )
+    if window != kept:
+        if window is None:
+            await session.state.delete(WINDOW_KEY)
+        else:
+            await session.state.set(WINDOW_KEY, window)
     stored_system = _text(session.state.get(SYSTEM_KEY))
     given = options.system
     system = given if given is not None and (override or stored_system is None) else stored_system
@@ -95,6 +107,29 @@ async def open_session(
     stored_model = _text(session.state.get(MODEL_KEY))
     model = options.model if (override and options.model) else (stored_model or options.model)
     return session, model
+
+
+def stored_window(state: dict[str, Any], key: str = WINDOW_KEY) -> dict[str, Any] | None:
+    """A stored window setting, if it is a well-formed one (else as if there were none)."""
+    value = state.get(key)
+    if not isinstance(value, dict):
+        return None
+    tokens, compaction = value.get("tokens"), value.get("compaction")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        return None
+    return {"tokens": tokens, "compaction": compaction is not False}
+
+
+def _chosen_window(
+    stored: dict[str, Any] | None, options: AgentOptions, *, override: bool
+) -> dict[str, Any] | None:
+    """The window to use and keep: the command line's where it says one, else the stored."""
+    given = options.context_window
+    if given is not None and (override or stored is None):
+        return {"tokens": given, "compaction": not options.no_compaction} if given else None
+    if stored is not None and override and options.no_compaction:
+        return {**stored, "compaction": False}
+    return stored
 
 
 def _text(value: Any) -> str | None:

@@ -106,15 +106,16 @@ def model_options(fn: F) -> F:
         ),
         click.option(
             "--context-window",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=0),
             metavar="TOKENS",
             help="Tokens the prompt may take; older messages are summarized (compaction) or, "
-            "with --no-compaction, left out of the prompt. Stored history is never changed.",
+            "with --no-compaction, left out of the prompt. Stored history is never changed. "
+            "Kept with the session (0 takes it away).",
         ),
         click.option(
             "--no-compaction",
             is_flag=True,
-            help="With --context-window: only trim the prompt, never summarize.",
+            help="Only trim the prompt to the context window, never summarize (kept too).",
         ),
         click.option("--system", metavar="TEXT", help="The system prompt (kept with the session)."),
         click.option(

@@ -114,7 +114,7 @@ def list_(
     "--context-window",
     type=click.IntRange(min=1),
     metavar="TOKENS",
-    help="Say what a prompt of this many tokens would hold.",
+    help="Say what a prompt of this many tokens would hold [default: the session's own].",
 )
 @common_options
 @click.pass_context
@@ -143,7 +143,12 @@ def show(
                 f"{info.created_at:%Y-%m-%d %H:%M}, updated {info.updated_at:%Y-%m-%d %H:%M} UTC"
             )
             out.note(f"usage: {usage_text(info.usage)}")
-        viewer = Session(session_id, store, context_window=context_window)
+        from ._factory import stored_window
+
+        kept = stored_window(state)
+        window = context_window or (kept["tokens"] if kept else None)
+        compaction = kept["compaction"] if kept and not context_window else None
+        viewer = Session(session_id, store, context_window=window, compaction=compaction)
         out.note(status_text(await viewer.context_status()))
         if state:
             out.note(f"state: {json.dumps(state, ensure_ascii=False)}")

@@ -49,6 +49,17 @@ class UsageTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class SummaryMark:
+    """Where a session's newest compaction summary sits, kept by compaction so that a resume
+    reads from there on without scanning the history for it."""
+
+    at: int
+    """The summary record's position in the history."""
+    covered_to: int
+    """The position of the last message it covers (the prompt goes on after it)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
     """What is known about a session without loading its history."""
 
@@ -63,6 +74,9 @@ class SessionInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     usage: UsageTotals = field(default_factory=UsageTotals)
     """What the session's turns used, kept by each turn (``add_usage``) without the history."""
+    summary_mark: SummaryMark | None = None
+    """Where the newest compaction summary is (None: none recorded); may be stale after an
+    undo, so readers check the record they find there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +190,8 @@ def paused_gc() -> Iterator[None]:
 
 USAGE_KEYS: tuple[str, str, str] = ("usage.prompt_tokens", "usage.completion_tokens", "usage.calls")
 """The reserved keys of UsageTotals' three fields, in order."""
+SUMMARY_KEYS: tuple[str, str] = ("compaction.summary_at", "compaction.covered_to")
+"""The reserved keys of SummaryMark's two fields, in order."""
 RESERVED_FIELD = "reserved"
 """The name of the reserved object among a backend's stored info fields."""
 
@@ -220,6 +236,15 @@ def usage_totals(reserved: Mapping[str, Any]) -> UsageTotals:
 _NO_USAGE = UsageTotals()
 
 
+def summary_mark(reserved: Mapping[str, Any]) -> SummaryMark | None:
+    """The SummaryMark kept in a reserved object (None if missing or not two positions)."""
+    at, covered_to = (reserved.get(key) for key in SUMMARY_KEYS)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (at, covered_to)):
+        return None
+    assert isinstance(at, int) and isinstance(covered_to, int)
+    return SummaryMark(at, covered_to) if covered_to < at else None
+
+
 def decode_info(
     session_id: str,
     row: Mapping[str, Any],
@@ -259,6 +284,7 @@ def decode_info(
         status=row.get("status") or "active",
         metadata=copy_json(metadata),
         usage=usage_totals(reserved),
+        summary_mark=summary_mark(reserved) if reserved else None,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import StorageError
 from ..messages import ChatMessage
-from ._stored import StateEntry, title_from
+from ._stored import SUMMARY_KEYS, USAGE_KEYS, StateEntry, UsageTotals, title_from
 from .base import ConversationStorage
 
 
@@ -34,9 +34,10 @@ async def write_session(
     metadata: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
     updated_at: datetime | None = None,
+    usage: UsageTotals | None = None,
 ) -> int:
-    """Replace a session whole (history, state with expiry, info, and both times if given);
-    return the message count it has now."""
+    """Replace a session whole (history, state with expiry, info, usage totals, and both
+    times if given); return the message count it has now."""
     await target.save(session_id, history)
     await target.clear_state(session_id)
     by_expiry: dict[datetime | None, dict[str, Any]] = {}
@@ -52,9 +53,30 @@ async def write_session(
         status=status,
         metadata=metadata or {},
     )
+    # the reserved info: set, not added, so a repeated copy gives the same totals
+    totals = usage or UsageTotals()
+    reserved: dict[str, Any] = dict(
+        zip(USAGE_KEYS, (totals.prompt_tokens, totals.completion_tokens, totals.calls), strict=True)
+    )
+    reserved.update(zip(SUMMARY_KEYS, summary_position(history) or (None, None), strict=True))
+    await target._change_reserved(session_id, {}, reserved)
     if created_at is not None and updated_at is not None:
         await target.set_times(session_id, created_at=created_at, updated_at=updated_at)
     return await target.count(session_id)
+
+
+def summary_position(history: Sequence[ChatMessage]) -> tuple[int, int] | None:
+    """Where the newest summary record is and the position of the last message it covers
+    (a SummaryMark's two fields), or None if the history has no well-formed one."""
+    from ..compaction import summary_range
+
+    for at in range(len(history) - 1, -1, -1):
+        covers = summary_range(history[at])
+        if covers is not None:
+            for k in range(at - 1, -1, -1):
+                if history[k].id == covers.last_id:
+                    return at, k
+    return None
 
 
 async def copy_session(
@@ -83,6 +105,7 @@ async def copy_session(
         metadata=info.metadata if info else None,
         created_at=info.created_at if info else None,
         updated_at=info.updated_at if info else None,
+        usage=info.usage if info else None,
     )
     if count != len(history):
         raise StorageError(
