@@ -91,6 +91,9 @@ class TurnSetup:
     """Passed to tools that take a ``session`` parameter and to the interceptors, as is."""
     state: SessionState | None = None
     """Where the sync state changes of tools are collected and stored with their results."""
+    stamp: Callable[[Sequence[ChatMessage]], Sequence[ChatMessage]] | None = None
+    """Gives the messages the turn stores what their metadata should carry (the flow's route
+    and step: conversa.flow.Flow.stamp), just before each is stored."""
 
 
 # -- interceptors in either shape -----------------------------------------------------------
@@ -267,6 +270,7 @@ async def _store_result(turn: _Turn, result: ChatMessage, changes: StateChanges 
     the result from it (``restore_journaled_result``). True if a journal was written.
     """
     state = turn.setup.state
+    (result,) = turn.stamped([result])  # the journal holds the result as it is to be stored
     journaled = state is not None and changes is not None and bool(changes)
     if state is not None and changes is not None:
         newest = turn.transcript.messages[-1].id if turn.transcript.messages else None
@@ -363,7 +367,11 @@ class _Turn:
         return self.transcript.since(self._start)
 
     async def store(self, *messages: ChatMessage) -> None:
-        await self.transcript.append(messages)
+        await self.transcript.append(self.stamped(messages))
+
+    def stamped(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
+        stamp = self.setup.stamp
+        return messages if stamp is None else stamp(messages)
 
     async def record_usage(self) -> None:
         """Add what this turn used since the last record to the session's stored totals."""

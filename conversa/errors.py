@@ -39,6 +39,10 @@ class StateValueError(StorageError, ValueError):
     """A state value or info field cannot be stored (not JSON-serialisable, bad status)."""
 
 
+class FlowError(ConversaError, ValueError):
+    """A flow change that cannot apply (a step or completion while in no route)."""
+
+
 class BackendUnavailable(StorageError):
     """A backend's server cannot be reached, or its optional dependency is missing."""
 

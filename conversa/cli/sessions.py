@@ -126,6 +126,7 @@ def show(
     debug: bool,
 ) -> None:
     """Show a session's info, what the model sees of it, and its messages."""
+    from ..flow import info_lines
     from ..session import Session
     from ._format import status_text, usage_text
 
@@ -142,6 +143,8 @@ def show(
                 f"{info.created_at:%Y-%m-%d %H:%M}, updated {info.updated_at:%Y-%m-%d %H:%M} UTC"
             )
             out.note(f"usage: {usage_text(info.usage)}")
+            for line in info_lines(info):  # status when not active, and the flow
+                out.note(line)
         viewer = Session(session_id, store, context_window=context_window)
         out.note(status_text(await viewer.context_status()))
         if state:
