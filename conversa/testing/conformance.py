@@ -787,9 +787,7 @@ class StorageConformance(LeaseConformance):
             SessionFlow(route="r", entered_at=now, step="s"),  # no step_entered_at
             SessionFlow(history=[RouteVisit("r", now)]),  # type: ignore[arg-type]
             SessionFlow(history=(RouteVisit("r", "yesterday"),)),  # type: ignore[arg-type]
-            SessionFlow(
-                history=(RouteVisit("r", now) for _ in range(1)),
-            ),  # type: ignore[arg-type]
+            SessionFlow(history=(None,)),  # type: ignore[arg-type]
             SessionFlow(history=tuple(RouteVisit("r", now) for _ in range(257))),
             SessionFlow(data={"r": {"x": object()}}),
             SessionFlow(data={"r": [1]}),  # type: ignore[dict-item]
