@@ -186,19 +186,24 @@ class Flow:
 
     def stamp(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
         """``messages`` with the current route and step in their metadata (falai's message
-        ``route`` and ``step``); a message that names its own keeps them. A Session's turn
-        stores its messages through this."""
+        ``route`` and ``step``); a message that names a route or step of its own is left as
+        it is. A Session's turn stores its messages through this."""
         p = self._position
         if p.route is None:
             return messages
         stamp: dict[str, Any] = {ROUTE_METADATA_KEY: p.route}
         if p.step is not None:
             stamp[STEP_METADATA_KEY] = p.step
-        return [m if stamp.keys() <= m.metadata.keys() else _stamped(m, stamp) for m in messages]
+        return [m if _names_its_own(m) else _stamped(m, stamp) for m in messages]
+
+
+def _names_its_own(message: ChatMessage) -> bool:
+    meta = message.metadata
+    return ROUTE_METADATA_KEY in meta or STEP_METADATA_KEY in meta
 
 
 def _stamped(message: ChatMessage, stamp: dict[str, Any]) -> ChatMessage:
-    return message.replace(metadata={**stamp, **message.metadata})
+    return message.replace(metadata={**message.metadata, **stamp})
 
 
 def _in_route(p: SessionFlow, doing: str) -> SessionFlow:
