@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .errors import CorruptSessionError as CorruptSessionError
     from .errors import EncryptionError as EncryptionError
     from .errors import EncryptionKeyError as EncryptionKeyError
+    from .errors import FlowError as FlowError
     from .errors import InvalidMessage as InvalidMessage
     from .errors import InvalidSessionId as InvalidSessionId
     from .errors import ModelError as ModelError
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .events import ToolRunning as ToolRunning
     from .events import TurnDone as TurnDone
     from .events import TurnEvent as TurnEvent
+    from .flow import Flow as Flow
     from .messages import ChatMessage as ChatMessage
     from .messages import Content as Content
     from .messages import Role as Role
@@ -66,6 +68,8 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .state import SessionState as SessionState
     from .storage import ConversationStorage as ConversationStorage
     from .storage import InMemoryStorage as InMemoryStorage
+    from .storage import RouteVisit as RouteVisit
+    from .storage import SessionFlow as SessionFlow
     from .storage import SessionInfo as SessionInfo
     from .storage import UsageTotals as UsageTotals
     from .storage import open_storage as open_storage
@@ -97,6 +101,8 @@ _EXPORTS: dict[str, str] = {
     "CorruptSessionError": ".errors",
     "EncryptionError": ".errors",
     "EncryptionKeyError": ".errors",
+    "Flow": ".flow",
+    "FlowError": ".errors",
     "InMemoryStorage": ".storage",
     "InvalidMessage": ".errors",
     "InvalidSessionId": ".errors",
@@ -118,7 +124,9 @@ _EXPORTS: dict[str, str] = {
     "Role": ".messages",
     "SearchHit": ".storage.base",
     "Session": ".session",
+    "RouteVisit": ".storage",
     "SessionBusy": ".errors",
+    "SessionFlow": ".storage",
     "SessionInfo": ".storage",
     "SessionOptions": "._session_options",
     "SessionState": ".state",

@@ -96,6 +96,9 @@ class TurnSetup:
     """Passed to tools that take a ``session`` parameter and to the interceptors, as is."""
     state: SessionState | None = None
     """Where the sync state changes of tools are collected and stored with their results."""
+    stamp: Callable[[Sequence[ChatMessage]], Sequence[ChatMessage]] | None = None
+    """Gives the messages the turn stores what their metadata should carry (the flow's route
+    and step: conversa.flow.Flow.stamp), just before each is stored."""
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -123,7 +126,11 @@ class _Turn:
         return self.transcript.since(self._start)
 
     async def store(self, *messages: ChatMessage) -> None:
-        await self.transcript.append(messages)
+        await self.transcript.append(self.stamped(messages))
+
+    def stamped(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
+        stamp = self.setup.stamp
+        return messages if stamp is None else stamp(messages)
 
     async def record_usage(self) -> None:
         """Add what this turn used since the last record to the session's stored totals."""
@@ -352,6 +359,7 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
             call = action.call
             output, ok, changes = (await task) if task is not None else (denied(call), False, None)
             result = ChatMessage.tool(call.id, output, metadata={"tool": call.name, "ok": ok})
+            (result,) = turn.stamped([result])  # the journal holds it as it is to be stored
             stored = await store_result(turn.transcript, setup.state, result, changes)
             journaled = stored or journaled
             turn.steps.append(Step(thought, call.name, action.action_input, output))
@@ -398,7 +406,7 @@ async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEv
             raise
         turn.steps.append(Step(reply.thought, reply.action, reply.action_input, output))
         yield ToolDone(call, output, ok)
-        result = observation(output, tool=reply.action)
+        (result,) = turn.stamped([observation(output, tool=reply.action)])
         if await store_result(turn.transcript, setup.state, result, changes):
             assert setup.state is not None
             await setup.state.delete(JOURNAL_KEY)

@@ -47,6 +47,10 @@ class EncryptionKeyError(EncryptionError):
     """The encryption key is missing, malformed, or not the one the data was encrypted with."""
 
 
+class FlowError(ConversaError, ValueError):
+    """A flow change that cannot apply (a step or completion while in no route)."""
+
+
 class BackendUnavailable(StorageError):
     """A backend's server cannot be reached, or its optional dependency is missing."""
 

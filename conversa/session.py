@@ -36,6 +36,7 @@ from .events import (
     TurnDone,
     TurnEvent,
 )
+from .flow import Flow
 from .messages import ChatMessage, Content
 from .model import ChatModel, resolve_model
 from .state import SessionState
@@ -97,6 +98,7 @@ class Session(KeyValueAccess):
         self.compaction: Compaction | None = compaction_option(compaction)
         """When to summarize the oldest messages (needs a context_window; None: trim only)."""
         self.state = SessionState(storage, session_id)
+        self._flow = Flow(storage, self.session_id)
         self._model_spec = model
         self._model: ChatModel | None = model if not isinstance(model, (str, type(None))) else None
         self._protocol = ToolProtocol(text=react_mode == "text")
@@ -107,6 +109,11 @@ class Session(KeyValueAccess):
         self._turn_task: asyncio.Task[Any] | None = None
         self._cancel = CancelFlag()
         self._calibration = Calibration()
+
+    @property
+    def flow(self) -> Flow:
+        """Where the session is in its flow (falai's routes and steps), kept with its info."""
+        return self._flow
 
     # -- model ------------------------------------------------------------------------
 
@@ -265,6 +272,7 @@ class Session(KeyValueAccess):
             transcript = self._transcript
             await transcript.refresh(self._window())
             await self.state.reload()
+            await self._flow.reload()
             await restore_journaled_result(transcript, self.state)
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
@@ -353,6 +361,7 @@ class Session(KeyValueAccess):
             cancel=self._cancel,
             context=self,
             state=self.state,
+            stamp=self._flow.stamp,
         )
 
     # -- user parts: content attached to every user message sent to the model ---------
@@ -429,6 +438,7 @@ async def create_session(
             await store.append(session_id, [])  # unlike save, never erases what another wrote
     await session.refresh()
     await session.state.reload()
+    await session.flow.reload()
     if session.user_id is not None:
         info = await store.get_info(session_id)
         if info is None or info.user_id != session.user_id:

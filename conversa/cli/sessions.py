@@ -127,6 +127,7 @@ def show(
     debug: bool,
 ) -> None:
     """Show a session's info, what the model sees of it, and its messages."""
+    from ..flow import info_lines
     from ..session import Session
     from ._format import status_text, usage_text
 
@@ -143,6 +144,8 @@ def show(
                 f"{info.created_at:%Y-%m-%d %H:%M}, updated {info.updated_at:%Y-%m-%d %H:%M} UTC"
             )
             out.note(f"usage: {usage_text(info.usage)}")
+            for line in info_lines(info):  # status when not active, and the flow
+                out.note(line)
         from ._factory import stored_window
 
         kept = stored_window(state)

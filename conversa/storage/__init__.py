@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import StateValueError, StorageConfigError, UnsupportedStorageURL
-from ._stored import UsageTotals
+from ._stored import RouteVisit, SessionFlow, UsageTotals
 from ._urls import redact_url
 from .base import ConversationStorage, SessionInfo, StateEntry, validate_session_id
 from .memory import InMemoryStorage
@@ -27,6 +27,8 @@ __all__ = [
     "InMemoryStorage",
     "PostgresStorage",
     "RedisStorage",
+    "RouteVisit",
+    "SessionFlow",
     "SessionInfo",
     "SqliteStorage",
     "StateEntry",

@@ -60,6 +60,45 @@ class SummaryMark:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteVisit:
+    """One visit of a route in a session's flow: falai's route history entry."""
+
+    route: str
+    entered_at: datetime
+    exited_at: datetime | None = None
+    """None while the route is the current one."""
+    completed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFlow:
+    """A session's position in its flow (falai's session step), kept with its info.
+
+    ``route`` and ``step`` are the current ones (None: in no route); ``history`` lists every
+    route visited, oldest first; ``data`` holds what was collected, per route id.
+    """
+
+    route: str | None = None
+    step: str | None = None
+    entered_at: datetime | None = None
+    """When the current route was entered."""
+    step_entered_at: datetime | None = None
+    """When the current step was entered."""
+    history: tuple[RouteVisit, ...] = ()
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The data collected in each route, by route id (kept when the route is left)."""
+
+    @property
+    def current_data(self) -> dict[str, Any]:
+        """The data collected in the current route ({} when in none)."""
+        return copy_json(self.data.get(self.route, {})) if self.route is not None else {}
+
+
+NO_FLOW = SessionFlow()
+"""The flow of a session that never had one."""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
     """What is known about a session without loading its history."""
 
@@ -77,6 +116,10 @@ class SessionInfo:
     summary_mark: SummaryMark | None = None
     """Where the newest compaction summary is (None: none recorded); may be stale after an
     undo, so readers check the record they find there."""
+    flow: SessionFlow = NO_FLOW
+    """Where the session is in its flow: route, step, route history, data (``set_flow``)."""
+    completed_at: datetime | None = None
+    """When the status last became completed or abandoned (None while active)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +237,19 @@ SUMMARY_KEYS: tuple[str, str] = ("compaction.summary_at", "compaction.covered_to
 """The reserved keys of SummaryMark's two fields, in order."""
 RESERVED_FIELD = "reserved"
 """The name of the reserved object among a backend's stored info fields."""
+FLOW_ROUTE_KEY = "flow.route"
+"""The reserved key of the current route: the one find_sessions(route=) filters on."""
+FLOW_KEYS: tuple[str, ...] = (
+    FLOW_ROUTE_KEY,
+    "flow.step",
+    "flow.entered_at",
+    "flow.step_entered_at",
+    "flow.history",
+    "flow.data",
+)
+"""The reserved keys of SessionFlow's fields, in order (times as epoch microseconds)."""
+COMPLETED_AT_KEY = "completed_at"
+"""The reserved key of SessionInfo.completed_at (epoch microseconds, or None)."""
 
 
 def merge_reserved(
@@ -245,6 +301,79 @@ def summary_mark(reserved: Mapping[str, Any]) -> SummaryMark | None:
     return SummaryMark(at, covered_to) if covered_to < at else None
 
 
+def flow_reserved(flow: SessionFlow) -> dict[str, Any]:
+    """The reserved keys and values that store ``flow`` (every flow key, so a put replaces it)."""
+    return dict(
+        zip(
+            FLOW_KEYS,
+            (
+                flow.route,
+                flow.step,
+                _micros_or_none(flow.entered_at),
+                _micros_or_none(flow.step_entered_at),
+                [
+                    {
+                        "route": v.route,
+                        "entered_at": to_micros(v.entered_at),
+                        "exited_at": _micros_or_none(v.exited_at),
+                        "completed": v.completed,
+                    }
+                    for v in flow.history
+                ],
+                copy_json(flow.data),
+            ),
+            strict=True,
+        )
+    )
+
+
+def session_flow(reserved: Mapping[str, Any]) -> SessionFlow:
+    """The SessionFlow kept in a reserved object.
+
+    Like the usage totals, a value of the wrong type (edited by hand) reads as absent rather
+    than making the whole info unreadable.
+    """
+    if not reserved or not any(key in reserved for key in FLOW_KEYS):
+        return NO_FLOW
+    route, step, entered, step_entered, history, data = (reserved.get(k) for k in FLOW_KEYS)
+    route = route if isinstance(route, str) and route else None
+    visits = []
+    for entry in history if isinstance(history, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("route"), str):
+            continue
+        at = _time_or_none(entry.get("entered_at"))
+        if at is not None:
+            exited = _time_or_none(entry.get("exited_at"))
+            visits.append(RouteVisit(entry["route"], at, exited, entry.get("completed") is True))
+    collected = (
+        {k: copy_json(v) for k, v in data.items() if isinstance(v, dict)}
+        if isinstance(data, dict)
+        else {}
+    )
+    return SessionFlow(
+        route=route,
+        step=step if route is not None and isinstance(step, str) and step else None,
+        entered_at=_time_or_none(entered) if route is not None else None,
+        step_entered_at=_time_or_none(step_entered) if route is not None else None,
+        history=tuple(visits),
+        data=collected,
+    )
+
+
+def _micros_or_none(moment: datetime | None) -> int | None:
+    return None if moment is None else to_micros(moment)
+
+
+def _time_or_none(value: object) -> datetime | None:
+    """Epoch microseconds as a datetime; None for anything else (or out of range)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    try:
+        return from_micros(value)
+    except (OverflowError, ValueError):
+        return None
+
+
 def decode_info(
     session_id: str,
     row: Mapping[str, Any],
@@ -274,6 +403,7 @@ def decode_info(
         row.get(RESERVED_FIELD),
         lambda: f"the reserved info of session {session_id!r} in {_said(where)}",
     )
+    status: SessionStatus = row.get("status") or "active"
     return SessionInfo(
         session_id=session_id,
         created_at=created_at,
@@ -281,10 +411,16 @@ def decode_info(
         message_count=message_count,
         title=row.get("title") or default_title or None,
         user_id=row.get("user_id"),
-        status=row.get("status") or "active",
+        status=status,
         metadata=copy_json(metadata),
         usage=usage_totals(reserved),
         summary_mark=summary_mark(reserved) if reserved else None,
+        flow=session_flow(reserved),
+        completed_at=(
+            _time_or_none(reserved.get(COMPLETED_AT_KEY))
+            if reserved and status != "active"
+            else None
+        ),
     )
 
 

@@ -71,25 +71,32 @@ from ..messages import ChatMessage, as_utc
 from ._lease import DEFAULT_WAIT, Waiting, check_ttl, check_wait, local_lease
 from ._search import matches, query_terms
 from ._stored import (
+    COMPLETED_AT_KEY,
     RESERVED_FIELD,
     USAGE_KEYS,
+    RouteVisit,
     SearchHit,
+    SessionFlow,
     SessionInfo,
     SessionStatus,
     StateEntry,
     copy_json,
     decode_info,
     first_user,
+    flow_reserved,
     from_ts,
     merge_reserved,
     state_entry,
     title_from,
+    to_micros,
 )
 
 __all__ = [
     "UNSET",
     "ConversationStorage",
+    "RouteVisit",
     "SearchHit",
+    "SessionFlow",
     "SessionInfo",
     "SessionQuery",
     "SessionStatus",
@@ -150,11 +157,15 @@ class SessionQuery:
     """Aware (UTC)."""
     limit: int | None = None
     """At least 1, or None for all."""
+    route: str | None = None
+    """The current route of the session's flow (``SessionInfo.flow.route``)."""
 
     def matches(self, info: SessionInfo) -> bool:
         """Whether ``info`` passes every filter."""
-        return self.matches_fields(info.user_id, info.status) and (
-            self.updated_before is None or info.updated_at < self.updated_before
+        return (
+            self.matches_fields(info.user_id, info.status)
+            and (self.updated_before is None or info.updated_at < self.updated_before)
+            and (self.route is None or info.flow.route == self.route)
         )
 
     def matches_fields(self, user_id: str | None, status: str) -> bool:
@@ -276,10 +287,26 @@ class ConversationStorage(ABC):
         """Set the given info fields (creating the session if needed) and return the info.
 
         ``metadata`` replaces the whole metadata dict; ``title=None`` goes back to the default.
+        A status of "completed" or "abandoned" records ``completed_at`` (now); "active"
+        clears it.
         """
         validate_session_id(session_id)
         fields = info_fields(title=title, user_id=user_id, status=status, metadata=metadata)
+        if "status" in fields:
+            # Stored before the status: completed_at reads as None while the status is
+            # "active", so a crash between the two writes shows nothing half-done.
+            done = fields["status"] != "active"
+            stamp = to_micros(datetime.now(UTC)) if done else None
+            await self._change_reserved(session_id, {}, {COMPLETED_AT_KEY: stamp})
         return await self._update_info(session_id, fields)
+
+    async def set_flow(self, session_id: str, flow: SessionFlow) -> None:
+        """Store the session's flow position (``SessionInfo.flow``) whole, in one atomic write.
+
+        ``session.flow`` (conversa.flow.Flow) keeps it turn by turn; the history is not read.
+        """
+        validate_session_id(session_id)
+        await self._change_reserved(session_id, {}, flow_reserved(check_flow(flow)))
 
     async def add_usage(
         self, session_id: str, *, prompt_tokens: int = 0, completion_tokens: int = 0, calls: int = 0
@@ -303,12 +330,19 @@ class ConversationStorage(ABC):
         status: str | None = None,
         updated_before: datetime | None = None,
         limit: int | None = None,
+        route: str | None = None,
     ) -> list[SessionInfo]:
-        """Infos of the sessions that match every given filter, newest first."""
+        """Infos of the sessions that match every given filter, newest first.
+
+        ``route``: sessions whose flow is in that route now. falai's "active session of a
+        user" is ``find_sessions(user_id=..., status="active", limit=1)``.
+        """
         if limit is not None and not _at_least_zero(limit, "limit"):
             return []
+        if route is not None:
+            check_flow_id(route, "route")
         before = None if updated_before is None else as_utc(updated_before)
-        return await self._find(SessionQuery(user_id, status, before, limit))
+        return await self._find(SessionQuery(user_id, status, before, limit, route))
 
     async def search(self, query: str, *, limit: int | None = 50) -> list[SearchHit]:
         """Messages that match ``query``, newest session first, then in order.
@@ -636,6 +670,61 @@ def info_fields(
         check_json(metadata, "metadata")
         fields["metadata"] = copy_json(dict(metadata))
     return fields
+
+
+MAX_FLOW_ID_LENGTH = 256
+FLOW_HISTORY_LIMIT = 256
+"""The most route visits a flow keeps (session.flow drops the oldest beyond it)."""
+
+
+def check_flow_id(value: object, what: str) -> str:
+    """``value`` if it is a route or step id (non-empty printable text); StateValueError else."""
+    if not isinstance(value, str) or not value:
+        raise StateValueError(f"a {what} id must be a non-empty string, not {value!r:.60}")
+    if len(value) > MAX_FLOW_ID_LENGTH:
+        raise StateValueError(f"a {what} id may have at most {MAX_FLOW_ID_LENGTH} characters")
+    if not value.isprintable():
+        raise StateValueError(f"a {what} id must be printable text, not {value!r:.60}")
+    return value
+
+
+def _check_time(value: object, what: str) -> None:
+    if not isinstance(value, datetime):
+        raise StateValueError(f"{what} must be a datetime, not {type(value).__name__}")
+
+
+def check_flow(flow: object) -> SessionFlow:
+    """``flow`` if it is a SessionFlow that can be stored as it is; StateValueError else."""
+    if not isinstance(flow, SessionFlow):
+        raise StateValueError(f"a flow must be a SessionFlow, not {type(flow).__name__}")
+    if flow.route is None:
+        if flow.step is not None:
+            raise StateValueError("a flow step needs a current route")
+    else:
+        check_flow_id(flow.route, "route")
+        _check_time(flow.entered_at, "the entered_at of the current route")
+    if flow.step is not None:
+        check_flow_id(flow.step, "step")
+        _check_time(flow.step_entered_at, "the step_entered_at of the current step")
+    if not isinstance(flow.history, tuple) or len(flow.history) > FLOW_HISTORY_LIMIT:
+        raise StateValueError(f"a flow history is a tuple of at most {FLOW_HISTORY_LIMIT} visits")
+    for visit in flow.history:
+        if not isinstance(visit, RouteVisit):
+            raise StateValueError(f"a flow history holds RouteVisit, not {type(visit).__name__}")
+        check_flow_id(visit.route, "route")
+        _check_time(visit.entered_at, "a visit's entered_at")
+        if visit.exited_at is not None:
+            _check_time(visit.exited_at, "a visit's exited_at")
+        if not isinstance(visit.completed, bool):
+            raise StateValueError("a visit's completed must be a bool")
+    if not isinstance(flow.data, dict):
+        raise StateValueError("a flow's data must be a dict of route id to dict")
+    for route, values in flow.data.items():
+        check_flow_id(route, "route")
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise StateValueError(f"the data of route {route!r} must be a dict with string keys")
+    check_json(flow.data, "a flow's data")
+    return flow
 
 
 def check_json(value: object, what: str) -> None:

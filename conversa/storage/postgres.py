@@ -66,6 +66,7 @@ from ..messages import ChatMessage
 from ._lease import Waiting, local_lease, poll
 from ._search import index_text, matches, stored_text, tsquery
 from ._stored import (
+    FLOW_ROUTE_KEY,
     RESERVED_FIELD,
     decode_info,
     decode_messages,
@@ -109,6 +110,8 @@ def find_sql(sessions: str, query: SessionQuery) -> tuple[str, list[Any]]:
         ("user_id =", None if query.user_id is None else _esc(query.user_id)),
         ("status =", query.status),
         ("updated_at <", query.updated_before),
+        # unindexed, like status: read on the walk by touched, which stops at the limit
+        (f"reserved ->> '{FLOW_ROUTE_KEY}' =", query.route),
     ):
         if value is not None:
             args.append(value)

@@ -42,6 +42,7 @@ from ._sqlite_migrations import (
     migrate,
 )
 from ._stored import (
+    FLOW_ROUTE_KEY,
     RESERVED_FIELD,
     decode_info,
     decode_messages,
@@ -54,6 +55,11 @@ from ._stored import (
 )
 from ._urls import Durability, Durable, durability_option, redact_url, url_durability
 from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry, kept
+
+# the current route in the reserved JSON; damaged JSON (edited by hand) matches no route
+_ROUTE_SQL = (
+    f"CASE WHEN json_valid(reserved) THEN json_extract(reserved, '$.\"{FLOW_ROUTE_KEY}\"') END = ?"
+)
 
 BUSY_TIMEOUT = 10.0
 """Seconds a writer waits for another process's transaction before giving up."""
@@ -239,6 +245,10 @@ class SqliteStorage(Durable, ConversationStorage):
         if query.updated_before is not None:
             where.append("updated_at < ?")
             params.append(to_micros(query.updated_before))
+        if query.route is not None:
+            # unindexed, like status: read on the walk by updated_at, which stops at the limit
+            where.append(_ROUTE_SQL)
+            params.append(query.route)
         sql = f"SELECT id, {_INFO_COLUMNS} FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from ..errors import InvalidSessionId, SessionBusy, StateValueError, StorageError
 from ..messages import ChatMessage, Role, ToolCall
-from ..storage._stored import StateEntry, UsageTotals
+from ..storage._stored import RouteVisit, SessionFlow, StateEntry, UsageTotals
 from ..storage.base import ConversationStorage
 
 # -- strategies: arbitrary valid messages ------------------------------------------------
@@ -724,6 +724,142 @@ class StorageConformance(LeaseConformance):
         await storage.append(sid, [_user("again")])
         info = await storage.get_info(sid)
         assert info is not None and info.usage == UsageTotals()
+
+    # -- the flow (falai's route, step, history and data) and completed_at ----------------
+
+    async def test_flow_is_kept_with_the_info(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user("q")])
+        info = await storage.get_info(sid)
+        assert info is not None and info.flow == SessionFlow() and info.completed_at is None
+        t0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+        t1 = t0 + timedelta(minutes=3, microseconds=7)
+        flow = SessionFlow(
+            route="book-flight",
+            step="ask_date",
+            entered_at=t1,
+            step_entered_at=t1 + timedelta(seconds=1),
+            history=(
+                RouteVisit("greet", t0, t1, completed=True),
+                RouteVisit("book-flight", t1),
+            ),
+            data={"book-flight": {"destination": "Paris", "passengers": 2}, "greet": {}},
+        )
+        await storage.set_flow(sid, flow)
+        info = await storage.get_info(sid)
+        assert info is not None and info.flow == flow  # times exact to the microsecond
+        assert info.message_count == 1 and info.usage == UsageTotals()
+        listed = [i for i in await storage.find_sessions() if i.session_id == sid]
+        assert listed and listed[0].flow == flow
+        # apart from the app's metadata and the usage totals, both ways
+        await storage.update_info(sid, metadata={"flow": "mine"}, title="t")
+        await storage.add_usage(sid, calls=1)
+        info = await storage.get_info(sid)
+        assert info is not None and info.flow == flow and info.metadata == {"flow": "mine"}
+        assert info.usage.calls == 1
+        # a new position replaces the old whole
+        await storage.set_flow(sid, SessionFlow(history=flow.history[:1]))
+        info = await storage.get_info(sid)
+        assert info is not None and info.flow == SessionFlow(history=flow.history[:1])
+        await storage.set_flow(sid, SessionFlow())
+        info = await storage.get_info(sid)
+        assert info is not None and info.flow == SessionFlow()
+        fresh = _sid()
+        await storage.set_flow(fresh, flow)  # creates the session, as any write does
+        assert await storage.exists(fresh)
+        await storage.delete(fresh)
+        await storage.append(fresh, [_user("again")])
+        info = await storage.get_info(fresh)
+        assert info is not None and info.flow == SessionFlow()
+
+    async def test_flow_is_checked_before_anything_is_stored(
+        self, storage: ConversationStorage
+    ) -> None:
+        sid = _sid()
+        now = datetime.now(UTC)
+        bad: list[Any] = [
+            {"route": "r"},
+            SessionFlow(route="", entered_at=now),
+            SessionFlow(route="r"),  # no entered_at
+            SessionFlow(route="r\n", entered_at=now),
+            SessionFlow(route="r" * 257, entered_at=now),
+            SessionFlow(step="s", step_entered_at=now),  # a step without a route
+            SessionFlow(route="r", entered_at=now, step="s"),  # no step_entered_at
+            SessionFlow(history=[RouteVisit("r", now)]),  # type: ignore[arg-type]
+            SessionFlow(history=(RouteVisit("r", "yesterday"),)),  # type: ignore[arg-type]
+            SessionFlow(history=(None,)),  # type: ignore[arg-type]
+            SessionFlow(history=tuple(RouteVisit("r", now) for _ in range(257))),
+            SessionFlow(data={"r": {"x": object()}}),
+            SessionFlow(data={"r": [1]}),  # type: ignore[dict-item]
+            SessionFlow(data={"r": {"x": float("nan")}}),
+        ]
+        for flow in bad:
+            with pytest.raises(StateValueError):
+                await storage.set_flow(sid, flow)
+        assert not await storage.exists(sid)
+        with pytest.raises(InvalidSessionId):
+            await storage.set_flow("", SessionFlow())
+
+    async def test_find_sessions_by_current_route(self, storage: ConversationStorage) -> None:
+        user = f"user-{uuid.uuid4().hex[:8]}"
+        route, other = f"route-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+        now = datetime.now(UTC)
+        old, new, done, elsewhere, foreign = _sid(), _sid(), _sid(), _sid(), _sid()
+        for minutes, sid in enumerate((old, new, done, elsewhere, foreign)):
+            await storage.update_info(sid, user_id="someone-else" if sid == foreign else user)
+            await storage.append(sid, [_dated(sid, minutes)])
+            here = other if sid == elsewhere else route
+            await storage.set_flow(sid, SessionFlow(route=here, entered_at=now))
+            await _age(storage, sid, minutes)
+        visited = (RouteVisit(route, now, now, completed=True),)
+        await storage.set_flow(done, SessionFlow(history=visited))  # left it: not in it now
+        await _age(storage, done, 2)
+        found = await storage.find_sessions(route=route)
+        assert [i.session_id for i in found if i.session_id in (old, new, foreign)] == [
+            foreign,
+            new,
+            old,
+        ]
+        assert all(i.flow.route == route for i in found)
+        assert done not in {i.session_id for i in found}
+        mine = await storage.find_sessions(user_id=user, route=route)
+        assert [i.session_id for i in mine] == [new, old]
+        assert [i.session_id for i in await storage.find_sessions(route=other)] == [elsewhere]
+        assert [
+            i.session_id for i in await storage.find_sessions(user_id=user, route=route, limit=1)
+        ] == [new]
+        await storage.update_info(new, status="completed")
+        active = await storage.find_sessions(user_id=user, status="active", route=route)
+        assert [i.session_id for i in active] == [old]
+        assert await storage.find_sessions(route=f"nowhere-{uuid.uuid4().hex}") == []
+        for bad in ("", "a\x00b", 5):
+            with pytest.raises(ValueError):
+                await storage.find_sessions(route=bad)  # type: ignore[arg-type]
+
+    async def test_completed_at_follows_the_status(self, storage: ConversationStorage) -> None:
+        sid, user = _sid(), f"user-{uuid.uuid4().hex[:8]}"
+        await storage.update_info(sid, user_id=user)
+        await storage.append(sid, [_user("q")])
+        # falai's "active session of a user"
+        found = await storage.find_sessions(user_id=user, status="active", limit=1)
+        assert [i.session_id for i in found] == [sid] and found[0].completed_at is None
+        before = datetime.now(UTC) - timedelta(seconds=1)
+        info = await storage.update_info(sid, status="completed")
+        assert info.status == "completed"
+        assert info.completed_at is not None
+        assert before <= info.completed_at <= datetime.now(UTC) + timedelta(seconds=1)
+        again = await storage.get_info(sid)
+        assert again is not None and again.completed_at == info.completed_at
+        await storage.update_info(sid, title="kept")  # other fields leave it alone
+        again = await storage.get_info(sid)
+        assert again is not None and again.completed_at == info.completed_at
+        assert await storage.find_sessions(user_id=user, status="active", limit=1) == []
+        info = await storage.update_info(sid, status="active")
+        assert info.completed_at is None
+        info = await storage.update_info(sid, status="abandoned")
+        assert info.completed_at is not None
+        listed = await storage.find_sessions(user_id=user, status="abandoned")
+        assert [i.completed_at for i in listed] == [info.completed_at]
 
     async def test_find_sessions(self, storage: ConversationStorage) -> None:
         user = f"user-{uuid.uuid4().hex[:8]}"
