@@ -107,7 +107,7 @@ def run_storage(url: str, work: Callable[[ConversationStorage], Awaitable[T]]) -
 
 async def kept(storage: ConversationStorage, session_id: str) -> tuple[Any, ...]:
     """What a copy must keep: history, info with its times, state with each key's expiry,
-    the usage totals and where the newest summary is."""
+    the usage totals, where the newest summary is, the flow and when it was completed."""
     info = await storage.get_info(session_id)
     assert info is not None
     entries = await storage.get_state_entries(session_id)
@@ -117,6 +117,7 @@ async def kept(storage: ConversationStorage, session_id: str) -> tuple[Any, ...]
         (info.created_at, info.updated_at),
         {k: (e.value, e.expires_at) for k, e in entries.items()},
         (info.usage, info.summary_mark),
+        (info.flow, info.completed_at),
     )
 
 

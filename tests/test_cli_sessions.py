@@ -22,7 +22,14 @@ from conversa.compaction import SummaryRange, summary_record
 from conversa.messages import ChatMessage
 from conversa.model import Usage
 from conversa.storage import ConversationStorage, UsageTotals
-from conversa.storage._stored import SUMMARY_KEYS, SummaryMark
+from conversa.storage._stored import (
+    COMPLETED_AT_KEY,
+    SUMMARY_KEYS,
+    RouteVisit,
+    SessionFlow,
+    SummaryMark,
+    to_micros,
+)
 
 OLD = datetime.now(UTC) - timedelta(days=40)
 T = TypeVar("T")
@@ -361,6 +368,11 @@ def aged(tmp_path: Path) -> str:
         await storage.set_state("old", {"until": 1}, expires_at=datetime(2999, 1, 1, tzinfo=UTC))
         await storage.set_state("old", {"kept": [1]})
         await storage.update_info("old", user_id="u", status="completed", metadata={"k": 1})
+        visit = RouteVisit("onboarding", OLD, OLD + timedelta(minutes=5), completed=True)
+        flow = SessionFlow("billing", "card", OLD, OLD, (visit,), {"onboarding": {"name": "Al"}})
+        await storage.set_flow("old", flow)
+        # completed 40 days ago, as the history (a copy must keep the moment, not make one)
+        await storage._change_reserved("old", {}, {COMPLETED_AT_KEY: to_micros(OLD)})
 
     run_storage(files, fill)
     age(files, "old")
@@ -374,6 +386,8 @@ def test_migrate_keeps_times_and_the_expiry_of_state_keys(
     assert before[2][1] < datetime.now(UTC) - timedelta(days=39)
     token = before[3]["token"][1]
     assert before[4] == (UsageTotals(120, 30, 3), SummaryMark(3, 1))
+    assert before[5][0].route == "billing" and before[5][0].history[0].completed
+    assert before[5][1] is not None and before[5][1] < datetime.now(UTC) - timedelta(days=39)
     assert token is not None and token < datetime.now(UTC) + timedelta(seconds=7)
     db = f"sqlite:///{tmp_path / 'migrated.db'}"
     back = str(tmp_path / "back")

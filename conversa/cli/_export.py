@@ -56,6 +56,8 @@ def to_json(
 
 
 def _info_dict(info: SessionInfo | None) -> dict[str, Any] | None:
+    from ..storage._stored import flow_reserved
+
     if info is None:
         return None
     return {
@@ -67,6 +69,8 @@ def _info_dict(info: SessionInfo | None) -> dict[str, Any] | None:
         "status": info.status,
         "metadata": info.metadata,
         "usage": info.usage.to_dict(),
+        "completed_at": None if info.completed_at is None else info.completed_at.isoformat(),
+        "flow": flow_reserved(info.flow),
     }
 
 
@@ -116,7 +120,8 @@ class Imported:
     expires: dict[str, datetime] = field(default_factory=dict)
     """When state keys expire; keys not in it never do."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Those of user_id, status, metadata, created_at, updated_at and usage the export holds."""
+    """Those of user_id, status, metadata, created_at, updated_at, usage, flow and
+    completed_at the export holds."""
 
 
 def parse_import(text: str, source: str) -> Imported:
@@ -163,6 +168,8 @@ def parse_import(text: str, source: str) -> Imported:
 
 def _info_fields(info: dict[str, Any], source: str) -> dict[str, Any]:
     """The info fields of an export that write_session takes, checked."""
+    from ..storage._stored import session_flow
+
     fields: dict[str, Any] = {
         k: info[k] for k in ("user_id", "status") if isinstance(info.get(k), str)
     }
@@ -170,6 +177,10 @@ def _info_fields(info: dict[str, Any], source: str) -> dict[str, Any]:
         fields["metadata"] = info["metadata"]
     if isinstance(info.get("usage"), dict):
         fields["usage"] = _usage(info["usage"], source)
+    if isinstance(info.get("flow"), dict):
+        fields["flow"] = session_flow(info["flow"])  # a damaged part reads as absent
+    if info.get("completed_at") is not None:
+        fields["completed_at"] = _moment(info["completed_at"], "info.completed_at", source)
     if info.get("created_at") is not None and info.get("updated_at") is not None:
         for k in ("created_at", "updated_at"):
             fields[k] = _moment(info[k], f"info.{k}", source)

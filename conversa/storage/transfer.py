@@ -9,7 +9,18 @@ from typing import Any
 
 from ..errors import StorageError
 from ..messages import ChatMessage
-from ._stored import SUMMARY_KEYS, USAGE_KEYS, StateEntry, UsageTotals, title_from
+from ._stored import (
+    COMPLETED_AT_KEY,
+    NO_FLOW,
+    SUMMARY_KEYS,
+    USAGE_KEYS,
+    SessionFlow,
+    StateEntry,
+    UsageTotals,
+    flow_reserved,
+    title_from,
+    to_micros,
+)
 from .base import ConversationStorage
 
 
@@ -35,9 +46,11 @@ async def write_session(
     created_at: datetime | None = None,
     updated_at: datetime | None = None,
     usage: UsageTotals | None = None,
+    flow: SessionFlow = NO_FLOW,
+    completed_at: datetime | None = None,
 ) -> int:
-    """Replace a session whole (history, state with expiry, info, usage totals, and both
-    times if given); return the message count it has now."""
+    """Replace a session whole (history, state with expiry, info, usage totals, flow, and
+    both times if given); return the message count it has now."""
     await target.save(session_id, history)
     await target.clear_state(session_id)
     by_expiry: dict[datetime | None, dict[str, Any]] = {}
@@ -59,6 +72,9 @@ async def write_session(
         zip(USAGE_KEYS, (totals.prompt_tokens, totals.completion_tokens, totals.calls), strict=True)
     )
     reserved.update(zip(SUMMARY_KEYS, summary_position(history) or (None, None), strict=True))
+    reserved.update(flow_reserved(flow))
+    if completed_at is not None and status != "active":  # the original's moment, not now
+        reserved[COMPLETED_AT_KEY] = to_micros(completed_at)
     await target._change_reserved(session_id, {}, reserved)
     if created_at is not None and updated_at is not None:
         await target.set_times(session_id, created_at=created_at, updated_at=updated_at)
@@ -106,6 +122,8 @@ async def copy_session(
         created_at=info.created_at if info else None,
         updated_at=info.updated_at if info else None,
         usage=info.usage if info else None,
+        flow=info.flow if info else NO_FLOW,
+        completed_at=info.completed_at if info else None,
     )
     if count != len(history):
         raise StorageError(
