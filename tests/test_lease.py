@@ -198,8 +198,8 @@ async def test_sigkill_of_the_holder_mid_turn_hands_the_lease_over(
             await session.send_message("too early")
         session.turn_wait = BOUND
         turn = asyncio.create_task(session.send_message("after the crash"))
-        await asyncio.sleep(0.05)  # the turn waits ...
-        assert not turn.done() and session.waiting_for_lease
+        await wait_for(lambda: session.waiting_for_lease, "the turn to wait for the lease")
+        assert not turn.done()  # the turn waits ...
     finally:
         child.send_signal(signal.SIGKILL)  # ... until the holder dies
         await child.wait()
@@ -232,6 +232,27 @@ async def test_session_busy_after_turn_wait_for_every_change(
         holder.kill()
         holder.wait()
     assert (await session.send_message("second")).success
+    await session.close()
+
+
+async def test_creating_a_session_waits_for_its_lease(tmp_path: Path) -> None:
+    # the first write of a new session is a change too: it waits for a holder, then SessionBusy
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    holder = subprocess.Popen(
+        [sys.executable, LEASE_CHILD, "hold", url, "new"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(SessionBusy, match="in use elsewhere"):
+            await create_session("new", url, turn_wait=0.1)
+        store = open_storage(url)
+        assert not await store.exists("new")  # nothing was written meanwhile
+        await store.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    session = await create_session("new", url, turn_wait=0.1)
+    assert await session.storage.exists("new")
     await session.close()
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import zlib
 from collections.abc import Iterator
@@ -796,11 +797,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, "text/plain", b"", Location=self.redirects[self.path].format(port=port))
         elif self.path == "/host":
             self._send(200, "text/plain", self.headers["Host"].encode())
+        elif self.path.startswith("/drip"):
+            self._drip(_gzip_bomb() if self.path == "/drip-bomb" else BIG_BODY)
         elif self.path.startswith("/bomb"):
             layers = self.path.count("gzip")
             self._send(200, "text/plain", _gzip_bomb(), **{"Content-Encoding": "gzip, " * layers})
         else:
             self._send(*self.routes.get(self.path, (404, "text/plain", b"?")))
+
+    def _drip(self, body: bytes) -> None:
+        """Send ``body`` a few bytes at a time, slowly (bounded: at most ~10 s)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        if body is not BIG_BODY:
+            self.send_header("Content-Encoding", "gzip, gzip")
+        self.end_headers()
+        try:
+            for start in range(0, min(len(body), 200 * 16), 16):
+                self.wfile.write(body[start : start + 16])
+                self.wfile.flush()
+                time.sleep(0.05)  # the server's pace, not a test's wait
+        except OSError:
+            pass  # the client gave up: what the test wants
 
     def _send(self, status: int, content_type: str, body: bytes, **headers: str) -> None:
         self.send_response(status)
@@ -1013,6 +1032,15 @@ async def test_a_stacked_gzip_bomb_is_cut_off_the_event_loop(
         "a" * 5_000 + "\n[... response too large: cut at 5000 bytes; the rest was not read]"
     )
     assert ticks > 0
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-bomb"])
+async def test_the_fetch_timeout_holds_against_a_dripping_body(server: str, path: str) -> None:
+    # a body that keeps coming (plain, or a stacked gzip bomb) still ends at the timeout
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=r"timed out after 0\.5s"):
+        await local_fetch_url(timeout=0.5).run({"url": f"{server}{path}"})
+    assert time.monotonic() - started < 5  # the body would take 10 s to arrive
 
 
 async def test_fetch_url_refuses_too_many_encodings(server: str) -> None:
