@@ -107,10 +107,13 @@ async def test_a_kept_session_sees_what_another_instance_stored(
             assert (await client.post("/v1/threads/t/messages", json={"content": "a"})).is_success
             await other.append("t", [ChatMessage.user("b"), ChatMessage.assistant("from two")])
             await other.set_state("t", {"k": 1})
+            storage.reset()
             turn = await client.post("/v1/threads/t/messages", json={"content": "c"})
             assert turn.json()["success"]
             seen = [m["content"] for m in server.requests[-1]["messages"]]
             assert seen == ["a", "echo: a", "b", "from two", "c"]
+            # only what the other stored is read (and the message before it, to check)
+            assert storage.loads == 0 and storage.rows_read == 3
             await other.truncate("t", 2)  # undone elsewhere: the count changes back
             server.add_reply(text("after the undo"))
             again = await client.post("/v1/threads/t/messages", json={"content": "d"})
