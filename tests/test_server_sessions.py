@@ -17,6 +17,7 @@ from _wait import wait_for
 
 from conversa import ChatMessage, OpenAIChatModel
 from conversa.server import create_app
+from conversa.server._sessions import SessionPool
 from conversa.storage import SqliteStorage
 from conversa.testing.replies import slow, text
 from conversa.testing.server import FakeOpenAIServer
@@ -167,6 +168,39 @@ def _lease_users(storage: CountingStorage, thread: str) -> int:
     """How many changes hold or wait for the thread's lease in this process."""
     entry = storage.__dict__.get("_conversa_leases", {}).get(thread)
     return entry[1] if entry else 0
+
+
+class Kept:
+    """A stand-in for a Session: an id and a cached message count."""
+
+    def __init__(self, session_id: str, messages: int) -> None:
+        self.session_id, self.messages = session_id, messages
+
+    def message_count(self) -> int:
+        return self.messages
+
+
+def test_the_pool_is_bounded_by_sessions_and_by_messages() -> None:
+    pool = SessionPool(size=2, messages=100)
+    a, b, c = Kept("a", 10), Kept("b", 10), Kept("c", 10)
+    for kept in (a, b):
+        pool.give_back(kept)  # type: ignore[arg-type]
+    assert pool.take("a") is a and pool.take("a") is None  # lent: one request at a time
+    pool.give_back(a)  # type: ignore[arg-type]
+    pool.give_back(c)  # type: ignore[arg-type]
+    assert "b" not in pool and len(pool) == 2  # the least recently used went
+    pool.give_back(Kept("big", 85))  # type: ignore[arg-type]
+    assert list(sorted(k for k in ("a", "c", "big") if k in pool)) == ["big", "c"]
+    pool.give_back(Kept("huge", 101))  # type: ignore[arg-type]
+    assert "huge" not in pool and "big" in pool  # too long to keep: read again next time
+    pool.forget("big")
+    assert "big" not in pool and pool.take("c") is c
+    assert len(SessionPool(size=0)) == 0
+    empty = SessionPool(size=0)
+    empty.give_back(a)  # type: ignore[arg-type]
+    assert "a" not in empty
+    with pytest.raises(ValueError, match="0 or more"):
+        SessionPool(size=-1)
 
 
 # -- a plain (not streamed) turn whose client goes away: finished and stored -------------

@@ -13,7 +13,7 @@ from ..state import is_internal
 from ..storage import validate_session_id
 from ._auth import Caller
 from ._errors import ApiError
-from ._sessions import DEFAULT_LIVE_SESSIONS, SessionPool
+from ._sessions import DEFAULT_LIVE_MESSAGES, DEFAULT_LIVE_SESSIONS, SessionPool
 
 if TYPE_CHECKING:
     from ..events import Approver
@@ -37,6 +37,7 @@ class Service:
     turn_wait: float | None = 30.0
     max_body: int = 10 * 1024 * 1024
     live_sessions: int = DEFAULT_LIVE_SESSIONS
+    live_messages: int = DEFAULT_LIVE_MESSAGES
     _resolved: ChatModel | None = field(default=None, init=False)
     _resolving: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _pool: SessionPool = field(init=False)
@@ -46,7 +47,7 @@ class Service:
         from ..tools._registry import ToolRegistry
 
         self.tools = list(ToolRegistry(self.tools))  # checked once, at start-up
-        self._pool = SessionPool(self.live_sessions)
+        self._pool = SessionPool(self.live_sessions, self.live_messages)
 
     async def chat_model(self) -> ChatModel:
         """The model, resolved once (in a thread: resolving may probe local servers)."""

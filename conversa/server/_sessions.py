@@ -18,33 +18,49 @@ if TYPE_CHECKING:
 
 DEFAULT_LIVE_SESSIONS = 64
 """Idle Sessions kept per server (least recently used dropped first); 0 keeps none."""
+DEFAULT_LIVE_MESSAGES = 200_000
+"""Cached messages the idle Sessions may hold in all (a bound on the memory they take)."""
 
 
 class SessionPool:
-    """Idle Sessions by thread id, at most ``size`` of them, least recently used dropped first."""
+    """Idle Sessions by thread id, least recently used dropped first: at most ``size`` of
+    them, holding at most ``messages`` cached messages in all."""
 
-    def __init__(self, size: int = DEFAULT_LIVE_SESSIONS) -> None:
-        if size < 0:
-            raise ValueError("live_sessions must be 0 or more")
+    def __init__(
+        self, size: int = DEFAULT_LIVE_SESSIONS, messages: int = DEFAULT_LIVE_MESSAGES
+    ) -> None:
+        if size < 0 or messages < 0:
+            raise ValueError("live_sessions and live_messages must be 0 or more")
         self.size = size
-        self._idle: OrderedDict[str, Session] = OrderedDict()
+        self.messages = messages
+        self._idle: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        self._held = 0  # the cached messages of the idle Sessions
 
     def take(self, thread_id: str) -> Session | None:
         """The idle Session of the thread, now lent out (None: there is none)."""
-        return self._idle.pop(thread_id, None)
+        kept = self._idle.pop(thread_id, None)
+        if kept is None:
+            return None
+        self._held -= kept[1]
+        return kept[0]
 
     def give_back(self, session: Session) -> None:
         """Keep ``session`` for the thread's next request (the newest one given back wins)."""
-        if not self.size:
-            return
-        self._idle.pop(session.session_id, None)
-        self._idle[session.session_id] = session
-        while len(self._idle) > self.size:
-            self._idle.popitem(last=False)
+        self.forget(session.session_id)
+        held = session.message_count()
+        if not self.size or held > self.messages:
+            return  # a thread too long to keep is read again by its next request
+        self._idle[session.session_id] = (session, held)
+        self._held += held
+        while len(self._idle) > self.size or self._held > self.messages:
+            _, (_, dropped) = self._idle.popitem(last=False)
+            self._held -= dropped
 
     def forget(self, thread_id: str) -> None:
         """Drop the thread's idle Session (the thread was deleted)."""
-        self._idle.pop(thread_id, None)
+        kept = self._idle.pop(thread_id, None)
+        if kept is not None:
+            self._held -= kept[1]
 
     def __len__(self) -> int:
         return len(self._idle)
