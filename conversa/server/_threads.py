@@ -209,7 +209,7 @@ def router(service: Service) -> APIRouter:
         """Run one turn (creating the thread if needed); streamed as SSE on request."""
         body = await read_model(request, NewMessage, limit_body)
         message = ChatMessage.user(body.content)
-        await service.claim(thread_id, caller)
+        await service.admit(thread_id, caller)
         limit = body.max_iterations
         if wants_stream(request, body.stream):
             session = await service.session(thread_id)
