@@ -13,7 +13,7 @@ the overhead measured in one process: both apps driven through ASGI, a request o
 turn, the median of the differences (the least noisy figure on a shared machine).
 
     python bench/server.py [--rounds 5] [--requests 100] [--concurrency 1] [--pairs 300]
-                           [--storage URL]
+                           [--live-sessions 64] [--storage URL]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 KEY = "user_preferences"
 TARGET_MS = 2.0  # the server's own overhead per turn, beyond the floor
 LENGTHS = (10, 10_000)
+DEFAULT_LIVE = 64
 
 
 def free_port() -> int:
@@ -48,8 +49,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build_app(kind: str, storage_url: str) -> Any:
-    """The app a child serves: conversa's, or the bare floor."""
+def build_app(kind: str, storage_url: str, live: int = DEFAULT_LIVE) -> Any:
+    """The app a child serves: conversa's (keeping ``live`` Sessions), or the bare floor."""
     from turn import InstantModel
 
     from conversa import Session
@@ -58,7 +59,7 @@ def build_app(kind: str, storage_url: str) -> Any:
     if kind == "conversa":
         from conversa.server import create_app
 
-        return create_app(storage=storage_url, model=InstantModel())
+        return create_app(storage=storage_url, model=InstantModel(), live_sessions=live)
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -82,16 +83,17 @@ def build_app(kind: str, storage_url: str) -> Any:
     return app
 
 
-def child(kind: str, storage_url: str, port: int) -> None:
+def child(kind: str, storage_url: str, port: int, live: int) -> None:
     import uvicorn
 
-    uvicorn.run(build_app(kind, storage_url), host="127.0.0.1", port=port, log_level="warning")
+    app = build_app(kind, storage_url, live)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def start(kind: str, storage_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(kind: str, storage_url: str, live: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, storage_url, str(port)],
+        [sys.executable, __file__, "--child", kind, storage_url, str(port), str(live)],
         stdin=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -154,10 +156,12 @@ async def library_turn_ms(storage_url: str, thread: str, turns: int) -> float:
     return statistics.median(times[1:])  # the first reads the thread
 
 
-async def paired_overhead(storage_url: str, run: str, length: int, pairs: int) -> list[float]:
+async def paired_overhead(
+    storage_url: str, run: str, length: int, pairs: int, live: int
+) -> list[float]:
     """conversa's app minus the bare one, ms per turn: both in this process, driven through
     ASGI (no sockets, no uvicorn: the same for both), one request of each in turn."""
-    apps = {kind: build_app(kind, storage_url) for kind in ("bare", "conversa")}
+    apps = {kind: build_app(kind, storage_url, live) for kind in ("bare", "conversa")}
     clients = {
         kind: httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
         for kind, app in apps.items()
@@ -201,11 +205,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="per case and round")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=300, help="in-process turn pairs")
+    parser.add_argument(
+        "--live-sessions",
+        type=int,
+        default=DEFAULT_LIVE,
+        help="create_app(live_sessions=...): 0 reads the thread on every request, as before",
+    )
     parser.add_argument("--storage", help="a storage URL (default: a temporary SQLite file)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="conversa-bench-")
     storage_url = args.storage or f"sqlite:///{tmp}/bench.db"
     run = uuid.uuid4().hex[:6]
+    live = args.live_sessions
     kinds = ("bare", "conversa")
 
     def thread(kind: str, instances: int, length: int, w: int) -> str:
@@ -223,7 +234,8 @@ def main() -> None:
     print(
         f"conversa serve bench: {args.rounds} rounds of {args.requests} requests per case, "
         f"{args.concurrency} at a time, storage {storage_url.split(':')[0]}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start"
+        f"{os.cpu_count()} CPUs, live_sessions={live}, "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
     )
     cases = ["GET value", *(f"turn, {n:,} messages" for n in LENGTHS)]
     lat: dict[tuple[str, str, int], list[float]] = {}
@@ -231,7 +243,7 @@ def main() -> None:
     elapsed: dict[tuple[str, str, int], float] = {}
     http = (1, 2) if args.rounds > 0 else ()
     for instances in http:
-        procs = {k: [start(k, storage_url) for _ in range(instances)] for k in kinds}
+        procs = {k: [start(k, storage_url, live) for _ in range(instances)] for k in kinds}
         try:
             for r in range(args.rounds + 1):  # round 0 warms up (and reads the threads once)
                 for case in cases:
@@ -269,7 +281,7 @@ def main() -> None:
         lib = asyncio.run(library_turn_ms(storage_url, f"lib-{run}-{n}", 200))
         print(f"library turn alone, {n:,} messages (Session.send_message, no HTTP): {lib:.2f} ms")
     for n in LENGTHS:
-        diffs = asyncio.run(paired_overhead(storage_url, run, n, args.pairs))
+        diffs = asyncio.run(paired_overhead(storage_url, run, n, args.pairs, live))
         print(
             f"server overhead, turn, {n:,} messages, in process (ASGI, {args.pairs} alternating "
             f"pairs): median {statistics.median(diffs):+.2f} ms, quartiles "
@@ -313,7 +325,7 @@ def request_maker(case: str, kind: str, instances: int, thread: Any) -> Any:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
         main()

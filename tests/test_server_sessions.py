@@ -18,7 +18,7 @@ from _wait import wait_for
 from conversa import ChatMessage, OpenAIChatModel
 from conversa.server import create_app
 from conversa.server._sessions import SessionPool
-from conversa.storage import SqliteStorage
+from conversa.storage import SessionInfo, SqliteStorage
 from conversa.testing.replies import slow, text
 from conversa.testing.server import FakeOpenAIServer
 
@@ -33,6 +33,7 @@ class CountingStorage(SqliteStorage):
         super().__init__(path)
         self.loads = 0
         self.rows_read = 0
+        self.infos = 0
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         """The whole history, counted."""
@@ -47,8 +48,13 @@ class CountingStorage(SqliteStorage):
         self.rows_read += len(newest)
         return newest
 
+    async def get_info(self, session_id: str) -> SessionInfo | None:
+        """The thread's info, counted."""
+        self.infos += 1
+        return await super().get_info(session_id)
+
     def reset(self) -> None:
-        self.loads = self.rows_read = 0
+        self.loads = self.rows_read = self.infos = 0
 
 
 @pytest.fixture
@@ -85,6 +91,7 @@ async def test_a_turn_on_a_long_thread_does_not_reload_its_history(
             assert turn.json()["result"] == f"echo: q{i}"
             # the kept Session: a count and the newest message, not the history again
             assert storage.loads == 0 and storage.rows_read <= 2, (storage.loads, storage.rows_read)
+            assert storage.infos == 0  # no auth: every thread is visible, nothing to look up
             assert len(server.requests[-1]["messages"]) == LONG + 2 * i + 1
         storage.reset()
         undone = await client.post("/v1/threads/long/undo")
