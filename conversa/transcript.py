@@ -254,6 +254,10 @@ class Transcript:
             elif self.base and window != self._window:
                 await self._fit(window)
             return
+        if count > len(self) and await self._read_newer(count):
+            if self.base:
+                await self._fit(window)
+            return
         self._window = None
         if window is None:
             self._install(await self.storage.load(self.session_id), 0)
@@ -319,6 +323,18 @@ class Transcript:
             return False
         newest = await self.storage.tail(self.session_id, 1)
         return bool(newest) and newest[0].id == self.cache.messages[-1].id
+
+    async def _read_newer(self, count: int) -> bool:
+        """Cache only what was appended elsewhere since, if our newest message is still where
+        we left it (so another instance's turn costs its own messages, not the history)."""
+        if not self.cache.messages:
+            return False
+        added = count - len(self)
+        newer = await self.storage.tail(self.session_id, added + 1)
+        if len(newer) != added + 1 or newer[0].id != self.cache.messages[-1].id:
+            return False
+        self.cache.extend(newer[1:])
+        return True
 
     def _install(self, messages: Sequence[ChatMessage], base: int) -> None:
         self.cache = PromptHistory(messages)

@@ -151,9 +151,12 @@ def test_thread_lifecycle(client: httpx.Client) -> None:
     thread = created.json()
     assert set(thread) == {
         "id", "title", "created_at", "updated_at", "message_count", "user_id", "status",
-        "metadata",
+        "metadata", "usage",
     }  # fmt: skip
     assert thread["title"] == "Plans" and thread["metadata"] == {"a": 1}
+    assert thread["usage"] == {
+        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "calls": 0,
+    }  # fmt: skip
     assert thread["created_at"].endswith("+00:00")
     named = client.post("/v1/threads", json={"id": "mine"}).json()
     assert named["id"] == "mine"
@@ -191,7 +194,21 @@ def test_turn_messages_undo_retry_and_search(
     assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
     history = client.get("/v1/threads/geo/messages").json()
     assert history["total"] == 2 and history["messages"] == body["messages"]
-    assert client.get("/v1/threads/geo").json()["message_count"] == 2
+    geo = client.get("/v1/threads/geo").json()
+    assert geo["message_count"] == 2
+    # the session's totals, summed over its turns, in every summary
+    used = body["usage"]
+    assert geo["usage"] == {
+        "prompt_tokens": used["prompt_tokens"],
+        "completion_tokens": used["completion_tokens"],
+        "total_tokens": used["total_tokens"],
+        "calls": 1,
+    }
+    assert used["prompt_tokens"] > 0 and used["completion_tokens"] > 0
+    listed = {t["id"]: t for t in client.get("/v1/threads").json()["threads"]}
+    assert listed["geo"]["usage"] == geo["usage"]
+    patched = client.patch("/v1/threads/geo", json={"title": "Geography"}).json()
+    assert patched["usage"] == geo["usage"]
     hits = client.get("/v1/search", params={"q": "capital"}).json()["hits"]
     assert {(h["thread_id"], h["position"]) for h in hits} == {("geo", 0), ("geo", 1)}
     server.add_reply(text("Again: Paris."))
@@ -199,6 +216,7 @@ def test_turn_messages_undo_retry_and_search(
     assert again["result"] == "Again: Paris." and [m["role"] for m in again["messages"]] == [
         "assistant"
     ]
+    assert client.get("/v1/threads/geo").json()["usage"]["calls"] == 2
     assert client.get("/v1/threads/geo/messages").json()["total"] == 2
     removed = client.post("/v1/threads/geo/undo").json()["removed"]
     assert [m["role"] for m in removed] == ["user", "assistant"]

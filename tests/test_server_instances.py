@@ -1,4 +1,5 @@
-"""Two `conversa serve` processes on one PostgreSQL: the same threads, turns never interleaved."""
+"""Two `conversa serve` processes on one SQLite file, Redis or PostgreSQL: the same threads,
+turns never interleaved."""
 
 from __future__ import annotations
 
@@ -8,42 +9,71 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from _serve import ServeProcess, sse_events
 from _services import require_server
 from _services import with_url as _with_url
 
 from conversa.testing.server import FakeOpenAIServer
 
-URL = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-with_url = partial(_with_url, URL)
-require_server("PostgreSQL", URL, "CONVERSA_TEST_POSTGRES_URL", 5432)
-pytestmark = pytest.mark.postgres
+POSTGRES = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN = uuid.uuid4().hex[:10]
 _counter = itertools.count()
 TURNS = 6
 
 
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = f"conversa_serve_{RUN}_{next(_counter)}"
-    yield name
-    con = await asyncpg.connect(URL)
+async def _drop_schema(name: str) -> None:
+    con = await asyncpg.connect(POSTGRES)
     try:
         await con.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
     finally:
         await con.close()
 
 
+async def _drop_keys(prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
+async def shared_storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A storage URL both instances open: one SQLite file, a Redis prefix, a PostgreSQL schema."""
+    name = f"conversa_serve_{RUN}_{next(_counter)}"
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+    elif request.param == "redis":
+        require_server("Redis", REDIS, "CONVERSA_TEST_REDIS_URL", 6379)
+        yield _with_url(REDIS, prefix=f"{name}:")
+        await _drop_keys(f"{name}:")
+    else:
+        require_server("PostgreSQL", POSTGRES, "CONVERSA_TEST_POSTGRES_URL", 5432)
+        yield _with_url(POSTGRES, schema=name)
+        await _drop_schema(name)
+
+
 @pytest.fixture
-def instances(env: dict[str, str], tmp_path: Path, schema: str) -> Iterator[list[ServeProcess]]:
-    storage = with_url(schema=schema)
+def instances(
+    env: dict[str, str], tmp_path: Path, shared_storage: str
+) -> Iterator[list[ServeProcess]]:
+    storage = shared_storage
     with (
         ServeProcess(env, "--storage", storage, "--turn-wait", "60", cwd=tmp_path) as one,
         ServeProcess(env, "--storage", storage, "--turn-wait", "60", cwd=tmp_path) as two,

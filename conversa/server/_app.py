@@ -11,6 +11,7 @@ from ..storage import open_storage
 from ._auth import Authenticator, check_tokens
 from ._body import DEFAULT_MAX_BODY
 from ._service import Service
+from ._sessions import DEFAULT_LIVE_MESSAGES, DEFAULT_LIVE_SESSIONS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -32,6 +33,8 @@ def create_app(
     auth: Mapping[str, str] | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     turn_wait: float | None = DEFAULT_TURN_WAIT,
+    live_sessions: int = DEFAULT_LIVE_SESSIONS,
+    live_messages: int = DEFAULT_LIVE_MESSAGES,
 ) -> FastAPI:
     """The HTTP app: native threads, Distri session values and DCAF's chat protocol.
 
@@ -41,7 +44,9 @@ def create_app(
     approval (None: they are denied on the native API, and DCAF's client is asked);
     ``auth`` maps bearer tokens to user ids ("*": administrator; None: no auth);
     ``max_body`` bytes per request body; ``turn_wait`` seconds a change waits for another
-    turn on the thread before a 409.
+    turn on the thread before a 409; ``live_sessions`` threads whose Session (and cached
+    history) is kept between requests, so a turn does not read its whole thread again, and
+    ``live_messages`` the most messages those Sessions may cache in all.
     """
     from contextlib import asynccontextmanager
 
@@ -51,6 +56,8 @@ def create_app(
 
     if max_body < 1:
         raise ValueError("max_body must be at least 1 byte")
+    if live_sessions < 0 or live_messages < 0:
+        raise ValueError("live_sessions and live_messages must be 0 or more")
     store = open_storage(storage)
     owned = store is not storage
     service = Service(
@@ -62,6 +69,8 @@ def create_app(
         approve=approve,
         turn_wait=turn_wait,
         max_body=max_body,
+        live_sessions=live_sessions,
+        live_messages=live_messages,
     )
     authenticator = Authenticator(None if auth is None else check_tokens(dict(auth)))
 

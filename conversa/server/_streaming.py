@@ -33,10 +33,18 @@ CANCEL_GRACE = 10.0
 class TurnRun:
     """One turn running in its own task; its events (or its exception) come out of a queue."""
 
-    def __init__(self, session: Session, events: AsyncGenerator[TurnEvent, None]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        events: AsyncGenerator[TurnEvent, None],
+        *,
+        release: Callable[[Session], None] | None = None,
+    ) -> None:
         self.session = session
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
         self._pending: TurnEvent | None = None
+        self._release = release
+        self._cancelled = False
         self._task = asyncio.create_task(self._run(events))
 
     async def _run(self, events: AsyncGenerator[TurnEvent, None]) -> None:
@@ -46,6 +54,10 @@ class TurnRun:
                     await self._queue.put(event)
         except Exception as exc:
             await self._queue.put(exc)
+        else:
+            # the session goes back for the thread's next request only after a whole turn
+            if self._release is not None and not self._cancelled:
+                self._release(self.session)
         finally:
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(_END)
@@ -77,6 +89,7 @@ class TurnRun:
         task = self._task
         if task.done():
             return
+        self._cancelled = True
         # the turn itself runs: end it with its result; else it still waits for the lease or
         # the history and nothing is stored yet
         if not self.session.cancel():

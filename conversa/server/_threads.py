@@ -78,6 +78,7 @@ def summary(info: SessionInfo) -> dict[str, Any]:
         "user_id": info.user_id,
         "status": info.status,
         "metadata": info.metadata,
+        "usage": info.usage.to_dict(),
     }
 
 
@@ -188,6 +189,7 @@ def router(service: Service) -> APIRouter:
         await service.existing(thread_id, caller)
         async with service.storage.lease(thread_id, wait=service.turn_wait):
             await service.storage.delete(thread_id)
+        service.forget(thread_id)
         return Response(status_code=204)
 
     @api.get("/v1/threads/{thread_id}/messages")
@@ -207,18 +209,24 @@ def router(service: Service) -> APIRouter:
         """Run one turn (creating the thread if needed); streamed as SSE on request."""
         body = await read_model(request, NewMessage, limit_body)
         message = ChatMessage.user(body.content)
-        await service.claim(thread_id, caller)
-        session = await service.session(thread_id, max_iterations=body.max_iterations)
+        await service.admit(thread_id, caller)
+        limit = body.max_iterations
         if wants_stream(request, body.stream):
-            return await stream_turn(session, session.stream_message(message))
-        return JSONResponse(turn_object(await session.send_message(message)))
+            session = await service.session(thread_id)
+            events = session.stream_message(message, max_iterations=limit)
+            return await stream_turn(service, session, events)
+        async with service.lent(thread_id) as session:
+            # a client that goes away does not stop this turn: it is stored complete
+            result = await service.finish(session.send_message(message, max_iterations=limit))
+        return JSONResponse(turn_object(result))
 
     @api.post("/v1/threads/{thread_id}/undo")
     async def undo(thread_id: str, caller: CallerDep) -> dict[str, Any]:
         """Remove the last user message and everything after it."""
         await service.existing(thread_id, caller)
-        session = await service.session(thread_id)
-        return {"removed": [m.to_dict() for m in await session.undo()]}
+        async with service.lent(thread_id) as session:
+            removed = await service.finish(session.undo())
+        return {"removed": [m.to_dict() for m in removed]}
 
     @api.post("/v1/threads/{thread_id}/retry", openapi_extra=body_schema(RetryTurn))
     async def retry(thread_id: str, request: Request, caller: CallerDep) -> Response:
@@ -229,10 +237,13 @@ def router(service: Service) -> APIRouter:
             await read_model(request, RetryTurn, limit_body) if has_body or chunked else RetryTurn()
         )
         await service.existing(thread_id, caller)
-        session = await service.session(thread_id, max_iterations=body.max_iterations)
+        limit = body.max_iterations
         if wants_stream(request, body.stream):
-            return await stream_turn(session, session.stream_retry())
-        return JSONResponse(turn_object(await session.retry()))
+            session = await service.session(thread_id)
+            return await stream_turn(service, session, session.stream_retry(max_iterations=limit))
+        async with service.lent(thread_id) as session:
+            result = await service.finish(session.retry(max_iterations=limit))
+        return JSONResponse(turn_object(result))
 
     @api.get("/v1/search", tags=["search"])
     async def search(caller: CallerDep, q: str, limit: Limit = 50) -> dict[str, Any]:
@@ -260,9 +271,14 @@ def router(service: Service) -> APIRouter:
     return api
 
 
-async def stream_turn(session: Session, events: AsyncGenerator[TurnEvent, None]) -> Response:
-    """The turn as Server-Sent Events; an error before the first event is a plain error."""
-    run = TurnRun(session, events)
+async def stream_turn(
+    service: Service, session: Session, events: AsyncGenerator[TurnEvent, None]
+) -> Response:
+    """The turn as Server-Sent Events; an error before the first event is a plain error.
+
+    The session goes back to the service once the turn has run to its end (not cancelled).
+    """
+    run = TurnRun(session, events, release=service.give_back)
     try:
         await run.first()
     except BaseException:
