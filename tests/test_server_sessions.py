@@ -91,7 +91,9 @@ async def test_a_turn_on_a_long_thread_does_not_reload_its_history(
             assert turn.json()["result"] == f"echo: q{i}"
             # the kept Session: a count and the newest message, not the history again
             assert storage.loads == 0 and storage.rows_read <= 2, (storage.loads, storage.rows_read)
-            assert storage.infos == 0  # no auth: every thread is visible, nothing to look up
+            # no auth: nothing to look up for isolation; the one info read is the turn's own
+            # look at the flow position (a small read that does not grow with the thread)
+            assert storage.infos <= 1
             assert len(server.requests[-1]["messages"]) == LONG + 2 * i + 1
         storage.reset()
         undone = await client.post("/v1/threads/long/undo")
