@@ -447,15 +447,6 @@ def test_without_cryptography_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         EncryptedStorage(InMemoryStorage(), KEY_A)
 
 
-def test_importing_conversa_does_not_import_cryptography() -> None:
-    code = (
-        "import sys, conversa, conversa.storage, conversa.storage.encrypted; "
-        "conversa.open_storage('memory://'); print('cryptography' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 # -- migrate in and out ----------------------------------------------------------------------
 
 LONG_AGO = datetime(2021, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)

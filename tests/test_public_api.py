@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,16 @@ def test_version_without_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert conversa._version() == "0+unknown"
+
+
+def test_importing_conversa_loads_no_optional_dependency() -> None:
+    # the HTTP face and encryption are extras: conversa, its CLI group and a storage opened
+    # from a URL must not import them (start-up time is measured, and they may be missing)
+    code = (
+        "import sys, conversa, conversa.cli._app, conversa.storage.encrypted; "
+        "conversa.open_storage('memory://'); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'fastapi', 'uvicorn', 'starlette', 'cryptography'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,15 +82,6 @@ def test_bad_auth_file_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
     result = run_serve(env, "--auth-file", str(bad), cwd=tmp_path)
     assert result.returncode == 1 and "8 or more characters" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_conversa_help_and_import_do_not_load_fastapi() -> None:
-    code = (
-        "import sys, conversa, conversa.cli._app; "
-        "print(any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') for m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -12,13 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from _serve import ServeProcess, sse_events
-from _services import require_server
-from _services import with_url as _with_url
+from _services import postgres_space, redis_space, require_server
 
 from conversa.testing.server import FakeOpenAIServer
 
@@ -27,24 +24,6 @@ REDIS = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN = uuid.uuid4().hex[:10]
 _counter = itertools.count()
 TURNS = 6
-
-
-async def _drop_schema(name: str) -> None:
-    con = await asyncpg.connect(POSTGRES)
-    try:
-        await con.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await con.close()
-
-
-async def _drop_keys(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(
@@ -61,12 +40,12 @@ async def shared_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
         yield f"sqlite:///{tmp_path / 'shared.db'}"
     elif request.param == "redis":
         require_server("Redis", REDIS, "CONVERSA_TEST_REDIS_URL", 6379)
-        yield _with_url(REDIS, prefix=f"{name}:")
-        await _drop_keys(f"{name}:")
+        async with redis_space(REDIS, f"{name}:") as url:
+            yield url
     else:
         require_server("PostgreSQL", POSTGRES, "CONVERSA_TEST_POSTGRES_URL", 5432)
-        yield _with_url(POSTGRES, schema=name)
-        await _drop_schema(name)
+        async with postgres_space(POSTGRES, name) as url:
+            yield url
 
 
 @pytest.fixture
