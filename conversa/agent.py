@@ -5,7 +5,7 @@ everything else it needs (model, tools, approver, prompt options, limits). Sessi
 for ``send_message`` and hands its events to the caller for ``stream_message``; the loop itself
 knows nothing of Session. Every message is appended the moment it exists, so a cancel, a crash
 or an error leaves a history that is valid input for the next model call (the repair in
-``transcript.repair`` fills anything still missing).
+``_prompt_history.repair`` fills anything still missing).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._prompt_history import INTERRUPTED_RESULT
 from ._tool_calls import (
     Outcome,
     approved,
@@ -49,7 +50,6 @@ from .messages import ChatMessage, ToolCall
 from .model import INVALID_CALLS_KEY, ChatModel, ModelResponse, TextDelta, Usage
 from .state import JOURNAL_KEY, SessionState
 from .text_protocol import observation, parse_text_reply
-from .transcript import INTERRUPTED_RESULT
 
 if TYPE_CHECKING:
     from .tools import ToolRegistry

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 from .messages import ChatMessage
 
 if TYPE_CHECKING:
+    from ._prompt_history import PromptHistory
     from .context import PromptOptions
     from .model import ChatModel, Usage
-    from .transcript import PromptHistory, Transcript
+    from .transcript import Transcript
 
 Counter = Callable[[dict[str, Any]], int]
 

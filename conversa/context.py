@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._prompt_history import PromptHistory
 from .compaction import SUMMARY_INTRO, Compaction
 from .events import ModelRequest, RequestInterceptor, maybe_await
 from .text_protocol import describe_tools_for_text_protocol
-from .transcript import PromptHistory
 
 if TYPE_CHECKING:
     from .transcript import Transcript

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conversa import ChatMessage, ToolCall
+from conversa._prompt_history import PromptHistory, repair
 from conversa.text_protocol import parse_text_reply
-from conversa.transcript import PromptHistory, repair
 
 _ids = st.sampled_from(["a", "b", "c"])
 _message = st.one_of(

@@ -26,13 +26,14 @@ from conversa import (
     TurnEvent,
     tool,
 )
+from conversa._prompt_history import INTERRUPTED_RESULT
 from conversa.agent import CancelFlag, ModelSource, ToolProtocol, TurnSetup, run_turn
 from conversa.context import PromptOptions
 from conversa.testing.replies import tool_call
 from conversa.testing.scripted import ScriptedModel
 from conversa.testing.validation import validate_chat_request
 from conversa.tools import ToolRegistry
-from conversa.transcript import INTERRUPTED_RESULT, Transcript
+from conversa.transcript import Transcript
 
 
 @tool

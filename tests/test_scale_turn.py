@@ -20,9 +20,9 @@ from conversa import (
     create_session,
     create_session_sync,
 )
+from conversa._prompt_history import INTERRUPTED_RESULT
 from conversa.context import estimate_tokens, trim
 from conversa.testing.scripted import ScriptedModel
-from conversa.transcript import INTERRUPTED_RESULT
 
 
 class CountingStorage(InMemoryStorage):

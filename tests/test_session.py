@@ -32,9 +32,9 @@ from conversa import (
     create_session_sync,
     tool,
 )
+from conversa._prompt_history import INTERRUPTED_RESULT
 from conversa.testing.replies import slow, text, tool_call, tool_calls
 from conversa.testing.scripted import ScriptedModel
-from conversa.transcript import INTERRUPTED_RESULT
 
 
 @tool

@@ -15,12 +15,12 @@ import pytest
 from _wait import wait_until
 
 from conversa import ChatMessage, OpenAIChatModel, Session, SessionState, create_session, tool
+from conversa._prompt_history import INTERRUPTED_RESULT
 from conversa.errors import StateValueError
 from conversa.state import JOURNAL_KEY
 from conversa.storage import ConversationStorage, InMemoryStorage, open_storage
 from conversa.testing import FakeOpenAIServer, text, tool_call, tool_calls
 from conversa.tools import Tool
-from conversa.transcript import INTERRUPTED_RESULT
 
 HERE = Path(__file__).resolve().parent
 
