@@ -262,7 +262,7 @@ def message_from_json(line: str | bytes) -> ChatMessage:
     try:
         data, end = _scan_json(text, 0)
     except StopIteration as exc:
-        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from exc
     if end != len(text) and text[end:].strip():
         raise json.JSONDecodeError("Extra data", text, end)
     return _from_stored(data, copy_metadata=False)
