@@ -38,6 +38,7 @@ from conversa import ChatMessage
 from conversa.storage import ConversationStorage, open_storage
 
 USERS = 10
+LOAD_ROUNDS = 21
 """Sessions belong to USERS users in turn: a user has a tenth of the store."""
 LISTING_TARGET = 1.5
 LOAD_TARGET = 1.2
@@ -202,6 +203,8 @@ async def load(backend: str, runs: int, n: int) -> dict[str, Any]:
             floor_ms.append(await median_ms(floor, 1))
         out["load"] = statistics.median(conversa_ms)
         out["floor"] = statistics.median(floor_ms)
+        # each round's own ratio: a load spike on the shared box hits a pair, not one side
+        out["paired"] = statistics.median(c / f for c, f in zip(conversa_ms, floor_ms, strict=True))
         if backend == "file":
             size = os.path.getsize(f"{tmp}/files/long.jsonl")
             gc.collect()
@@ -245,17 +248,17 @@ async def main() -> int:
                 )
     if not args.skip_load:
         n = 1_000 if args.quick else 10_000
-        print(f"load of {n:,} messages, median ms of 11 (alternated with the floor)")
+        print(f"load of {n:,} messages, median ms of {LOAD_ROUNDS} (alternated with the floor)")
         for backend in backends:
             if backend == "memory":
                 continue
-            r = await load(backend, 11, n)
+            r = await load(backend, LOAD_ROUNDS, n)
             ratio = r["load"] / r["floor"]
             ok = ratio <= LOAD_TARGET
             missed += [] if ok else [f"{backend} load"]
             line = (
                 f"  {backend:9} load {r['load']:7.1f}  floor {r['floor']:7.1f}  ratio {ratio:5.2f}"
-                f"  {'met' if ok else 'MISSED'}"
+                f" (median of the rounds' ratios {r['paired']:5.2f})  {'met' if ok else 'MISSED'}"
             )
             if "peak MB" in r:
                 mem = r["peak MB"] / r["data MB"]

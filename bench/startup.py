@@ -1,10 +1,19 @@
 """Start-up time of the `conversa` command: `--help`, and the chat prompt in a pseudo-terminal.
 
-    python bench/startup.py [--runs 7]
+    python bench/startup.py [--runs 7] [--compare DIR]
 
 Targets: `conversa --help` under 0.3 s; the chat prompt ready under 0.5 s. Each number is the
 median of several runs. The chat runs against a FakeOpenAIServer on 127.0.0.1 (only its
 address is needed: no message is sent), with a session of 50 stored messages to resume.
+
+The children may write their bytecode cache (PYTHONDONTWRITEBYTECODE is dropped from their
+environment, and the first, uncounted run writes it): an installed package has its .pyc files,
+and timing the compilation of every module from source measures the test box, not conversa.
+
+``--compare DIR`` times another copy of the code (a directory holding a ``conversa`` package,
+e.g. ``git archive HEAD~3 conversa | tar -x -C DIR``) in the same sitting, its runs interleaved
+with this one's (PYTHONPATH puts it before the installed package), so that the load of a shared
+machine falls on both alike.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pexpect
@@ -30,10 +40,10 @@ HELP_TARGET = 0.3
 PROMPT_TARGET = 0.5
 
 
-def help_time() -> float:
+def help_time(env: dict[str, str]) -> float:
     """Wall time of `conversa --help` as a subprocess."""
     started = time.perf_counter()
-    subprocess.run([CONVERSA, "--help"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([CONVERSA, "--help"], check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - started
 
 
@@ -70,23 +80,39 @@ def report(name: str, samples: list[float], target: float) -> bool:
     median = statistics.median(samples)
     ok = median < target
     print(
-        f"{name:<22} median {median * 1000:6.0f} ms  (min {min(samples) * 1000:.0f}, "
+        f"{name:<28} median {median * 1000:6.0f} ms  (min {min(samples) * 1000:.0f}, "
         f"max {max(samples) * 1000:.0f}, n={len(samples)})  target < {target * 1000:.0f} ms  "
         f"{'ok' if ok else 'MISSED'}"
     )
     return ok
 
 
+def interleaved(
+    measure: Callable[[dict[str, str]], float], envs: dict[str, dict[str, str]], runs: int
+) -> dict[str, list[float]]:
+    """``runs`` samples of ``measure`` for each environment, taken in turns (after one uncounted
+    warm-up each: it fills the file cache and writes the bytecode)."""
+    for env in envs.values():
+        measure(env)
+    samples: dict[str, list[float]] = {label: [] for label in envs}
+    for _ in range(runs):
+        for label, env in envs.items():
+            samples[label].append(measure(env))
+    return samples
+
+
 def main() -> int:
     """Measure both and exit non-zero if a target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--compare", metavar="DIR", help="another copy of conversa to time too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAIServer() as server:
         for storage in (str(Path(tmp) / "sessions"), f"sqlite:///{tmp}/sessions.db"):
             seed(storage)
+        inherited = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env = {
-            **os.environ,
+            **inherited,
             "HOME": tmp,
             "TERM": "xterm",
             "LOGNAME": "bench",
@@ -96,16 +122,20 @@ def main() -> int:
             "CONVERSA_MODEL": "fake-model",
             "PROMPT_TOOLKIT_NO_CPR": "1",
         }
-        help_time()  # warm the OS file cache once; it is not counted
-        ok = report("conversa --help", [help_time() for _ in range(args.runs)], HELP_TARGET)
-        for label, storage in (
+        envs = {"": env}
+        if args.compare:
+            compared = str(Path(args.compare).resolve())
+            envs[f" [{Path(compared).name}]"] = {**env, "PYTHONPATH": compared}
+        ok = True
+        for label, samples in interleaved(help_time, envs, args.runs).items():
+            ok = report(f"conversa --help{label}", samples, HELP_TARGET) and ok
+        for name, storage in (
             ("chat prompt (file)", str(Path(tmp) / "sessions")),
             ("chat prompt (sqlite)", f"sqlite:///{tmp}/sessions.db"),
         ):
-            run_env = {**env, "CONVERSA_STORAGE": storage}
-            prompt_time(run_env)
-            samples = [prompt_time(run_env) for _ in range(args.runs)]
-            ok = report(label, samples, PROMPT_TARGET) and ok
+            stored = {label: {**e, "CONVERSA_STORAGE": storage} for label, e in envs.items()}
+            for label, samples in interleaved(prompt_time, stored, args.runs).items():
+                ok = report(f"{name}{label}", samples, PROMPT_TARGET) and ok
     return 0 if ok else 1
 
 

@@ -16,7 +16,8 @@ ROLES: frozenset[str] = frozenset(("system", "user", "assistant", "tool"))
 _ROLE_NAMES = {role: role for role in ROLES}
 """One string per role, shared by every decoded message (a long history holds fewer)."""
 Content = str | list[dict[str, Any]] | None
-_decode_json = json.JSONDecoder().raw_decode
+# the decoder's C scanner (an instance attribute, so not in the stubs): one JSON value at an index
+_scan_json: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]
 
 
 def new_message_id() -> str:
@@ -181,34 +182,8 @@ class ChatMessage:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
-        """Rebuild a message from its storage form (the hot path of every load)."""
-        if not isinstance(data, (dict, Mapping)) or "role" not in data:  # dict first: fast
-            raise InvalidMessage(f"not a stored message: {data!r:.200}")
-        # Built without __init__, through the slots' own setters: the default factories and
-        # the deep checks are wasted on data that was validated before it was stored.
-        message = object.__new__(cls)
-        set_role, set_content, set_name, set_calls, set_call_id, set_id, set_at, set_meta = (
-            _SLOT_SETTERS
-        )
-        role = data["role"]
-        set_role(message, _ROLE_NAMES.get(role, role) if isinstance(role, str) else role)
-        set_content(message, data.get("content"))
-        set_name(message, data.get("name"))
-        calls = data.get("tool_calls")
-        set_calls(message, tuple(ToolCall.from_openai(c) for c in calls) if calls else ())
-        set_call_id(message, data.get("tool_call_id"))
-        set_id(message, data["id"] if "id" in data else new_message_id())
-        stamp = data.get("created_at")
-        try:
-            set_at(message, as_utc(datetime.fromisoformat(stamp)) if stamp else utcnow())
-        except (TypeError, ValueError) as exc:
-            raise InvalidMessage(f"bad created_at {stamp!r}") from exc
-        metadata = data.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise InvalidMessage("metadata must be a dict")
-        set_meta(message, dict(metadata) if metadata else {})
-        message._check_rules(deep=False)
-        return message
+        """Rebuild a message from its storage form."""
+        return _from_stored(data, copy_metadata=True)
 
     def to_json(self) -> str:
         """The storage form as one line of compact JSON."""
@@ -217,12 +192,7 @@ class ChatMessage:
     @classmethod
     def from_json(cls, line: str | bytes) -> ChatMessage:
         """Parse one line written by to_json (json.JSONDecodeError if it is not one object)."""
-        text = line.decode("utf-8") if isinstance(line, bytes) else line
-        # raw_decode skips json.loads' wrappers, a third of the cost of loading a history
-        data, end = _decode_json(text)
-        if end != len(text) and text[end:].strip():
-            raise json.JSONDecodeError("Extra data", text, end)
-        return cls.from_dict(data)
+        return message_from_json(line)
 
     # -- OpenAI wire format -------------------------------------------------------------
 
@@ -261,10 +231,97 @@ class ChatMessage:
 
 
 # The slots' setters in field order (role, content, name, tool_calls, tool_call_id, id,
-# created_at, metadata), for from_dict.
+# created_at, metadata), for _from_stored.
 _SLOT_SETTERS: tuple[Callable[[ChatMessage, Any], None], ...] = tuple(
     ChatMessage.__dict__[name].__set__ for name in ChatMessage.__dataclass_fields__
 )
+(
+    _set_role,
+    _set_content,
+    _set_name,
+    _set_calls,
+    _set_call_id,
+    _set_id,
+    _set_at,
+    _set_metadata,
+) = _SLOT_SETTERS
+_new_message = object.__new__
+_from_iso = datetime.fromisoformat
+_TEXT_ROLES = frozenset(("user", "assistant", "system"))
+"""Roles whose text message (no tool calls, no tool_call_id) needs no further check."""
+
+
+def message_from_json(line: str | bytes) -> ChatMessage:
+    """Parse one line written by ChatMessage.to_json (the hot loop of every load).
+
+    json.JSONDecodeError if the line is not one JSON object, InvalidMessage if the object is
+    not a message. Integers stay exact (the standard decoder's int), whatever their size.
+    """
+    text = line.decode("utf-8") if isinstance(line, bytes) else line
+    # the C scanner itself: json.loads' and raw_decode's wrappers are a third of a load
+    try:
+        data, end = _scan_json(text, 0)
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from exc
+    if end != len(text) and text[end:].strip():
+        raise json.JSONDecodeError("Extra data", text, end)
+    return _from_stored(data, copy_metadata=False)
+
+
+def _from_stored(data: Any, *, copy_metadata: bool) -> ChatMessage:
+    """A message from its storage form, built without __init__ through the slots' setters.
+
+    The default factories and the deep checks are wasted on data that was validated before it
+    was stored; the rules every message obeys are still checked (inline for a text message,
+    the common case). ``copy_metadata`` is False for a dict fresh from the JSON decoder, which
+    nothing else holds.
+    """
+    if (type(data) is not dict and not isinstance(data, Mapping)) or "role" not in data:
+        raise InvalidMessage(f"not a stored message: {data!r:.200}")
+    message = _new_message(ChatMessage)
+    role = data["role"]
+    if type(role) is str:
+        role = _ROLE_NAMES.get(role, role)
+    content = data.get("content")
+    calls = data.get("tool_calls")
+    call_id = data.get("tool_call_id")
+    message_id = data["id"] if "id" in data else new_message_id()
+    _set_role(message, role)
+    _set_content(message, content)
+    _set_name(message, data.get("name"))
+    _set_calls(message, tuple(ToolCall.from_openai(c) for c in calls) if calls else ())
+    _set_call_id(message, call_id)
+    _set_id(message, message_id)
+    stamp = data.get("created_at")
+    if stamp:
+        try:
+            moment = _from_iso(stamp)
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"bad created_at {stamp!r}") from exc
+        # what to_json writes parses with the UTC singleton itself: nothing to convert
+        _set_at(message, moment if moment.tzinfo is UTC else as_utc(moment))
+    else:
+        _set_at(message, utcnow())
+    metadata = data.get("metadata")
+    if metadata is None:
+        _set_metadata(message, {})
+    elif type(metadata) is dict and not copy_metadata:
+        _set_metadata(message, metadata)
+    elif isinstance(metadata, dict):
+        _set_metadata(message, dict(metadata))
+    else:
+        raise InvalidMessage("metadata must be a dict")
+    if (
+        type(content) is str
+        and role in _TEXT_ROLES
+        and not calls
+        and call_id is None
+        and type(message_id) is str
+        and message_id
+    ):
+        return message
+    message._check_rules(deep=False)
+    return message
 
 
 def _check_content(role: str, content: object, *, deep: bool = True) -> None:

@@ -85,3 +85,40 @@ def test_importing_conversa_loads_no_optional_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- conversa.model: the same lazy table --------------------------------------------------------
+
+
+def test_the_model_package_table_its_type_checking_imports_and_all_agree() -> None:
+    import conversa.model as model
+
+    tree = ast.parse(Path(model.__file__).read_text())
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+    )
+    seen = {
+        alias.name: (node.module or "")
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert seen == model._EXPORTS
+    assert sorted(model.__all__) == sorted(model._EXPORTS)
+    for name, module in model._EXPORTS.items():
+        assert getattr(model, name) is getattr(
+            importlib.import_module(f"conversa.model.{module}"), name
+        )
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        model.Nope  # noqa: B018
+
+
+def test_a_session_with_its_own_model_never_loads_the_openai_model_module() -> None:
+    code = (
+        "import asyncio, sys, conversa\n"
+        "from conversa.testing import ScriptedModel\n"
+        "asyncio.run(conversa.create_session('x', 'memory://', model=ScriptedModel()))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('conversa.model.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "['conversa.model._protocol', 'conversa.model._resolve']"

@@ -6,7 +6,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,6 +52,10 @@ class LineReader(Protocol):
         """A one-off answer (tool approval)."""
         ...
 
+    def when_shown(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the next prompt is up (at once where there is none)."""
+        ...
+
 
 class PipeReader:
     """Lines from a pipe or file: no prompt, no editing; the end of input ends the REPL."""
@@ -66,6 +70,10 @@ class PipeReader:
     async def ask(self, question: str) -> str:
         """No one to ask: an empty answer, which denies."""
         return ""
+
+    def when_shown(self, callback: Callable[[], None]) -> None:
+        """No prompt is shown: call ``callback`` now."""
+        callback()
 
 
 class TerminalReader:
@@ -91,7 +99,22 @@ class TerminalReader:
             prompt_continuation=lambda width, line, wrap: "… ".rjust(width),
             tempfile_suffix=".md",
         )
-        self._questions: PromptSession[str] = PromptSession()
+        # built at the first question (tool approval, /clear's confirmation), not before the
+        # first prompt: each PromptSession builds a whole application
+        self._questions: PromptSession[str] | None = None
+        self._when_shown: list[Callable[[], None]] = []
+
+    def when_shown(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, right after the next prompt is on the screen."""
+        if not self._when_shown:
+            self._session.app.after_render += self._shown
+        self._when_shown.append(callback)
+
+    def _shown(self, _app: object) -> None:
+        self._session.app.after_render -= self._shown
+        callbacks, self._when_shown = self._when_shown, []
+        for callback in callbacks:
+            callback()
 
     async def read(self, prompt: str) -> str:
         """The next message; Enter sends, Esc+Enter adds a line, Ctrl-X Ctrl-E edits."""
@@ -99,6 +122,10 @@ class TerminalReader:
 
     async def ask(self, question: str) -> str:
         """A short answer; the caller's SIGINT handler stays in place."""
+        if self._questions is None:
+            from prompt_toolkit import PromptSession
+
+            self._questions = PromptSession()
         return await self._questions.prompt_async(question, handle_sigint=False)
 
 

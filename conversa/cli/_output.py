@@ -35,6 +35,8 @@ class Output(ABC):
     """Where the REPL and the commands write."""
 
     interactive: bool
+    preload: tuple[str, ...] = ()
+    """Modules the first turn will need, imported in the background once the prompt is up."""
 
     @abstractmethod
     def info(self, text: str) -> None:

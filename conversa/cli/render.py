@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-# Only what the first prompt needs is imported here; Markdown (markdown-it, pygments), Live and
-# the rest are imported when a turn or a command first shows something with them.
-from rich.console import Console
-from rich.text import Text
-
+# rich is not imported here: the status lines before the first prompt are written without it
+# (see RichOutput._line), and the REPL imports rich in the background once the prompt is up.
 from ..events import ToolDone, ToolRunning
 from ..model import TextDelta, ToolCallStarted
 from ._format import message_lines, terminal_text, tool_call_line, tool_result_line
 from ._output import Output, TurnView
 
 if TYPE_CHECKING:
-    from rich.console import ConsoleOptions, RenderResult
+    from rich.console import Console, ConsoleOptions, RenderResult
     from rich.live import Live
     from rich.markdown import Markdown
 
@@ -196,33 +195,97 @@ class RichTurn(TurnView):
             self.console.print("[yellow]⏹ interrupted[/yellow]")
 
 
+STYLE_CODES = {"": "", "dim": "2", "yellow": "33", "bold red": "1;31"}
+"""The SGR codes rich writes for the styles of the status lines (RichOutput._line)."""
+RICH_SETTINGS = ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS")
+"""Variables that change how rich writes; with any of them set, rich writes every line."""
+
+
+def _one_cell(char: str) -> bool:
+    """True for a printable character one terminal cell wide (as rich counts it: ambiguous
+    widths are one cell)."""
+    if " " <= char <= "~":
+        return True
+    import unicodedata
+
+    return (
+        char.isprintable()
+        and unicodedata.east_asian_width(char) in ("N", "Na", "H", "A")
+        and not unicodedata.combining(char)
+        and unicodedata.category(char)[0] not in "CM"
+    )
+
+
 class RichOutput(Output):
     """Output for a terminal."""
 
     interactive = True
+    # what a turn shows with: imported while the user types the first message
+    preload = ("rich.console", "rich.live", "rich.spinner", "rich.markdown")
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(highlight=False)
+        self._console = console
+
+    @property
+    def console(self) -> Console:
+        """The rich console, made (and rich imported) when something needs it."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False)
+        return self._console
+
+    def _line(self, text: str, style: str = "") -> None:
+        """Print one line of ``text`` in ``style``.
+
+        rich costs a noticeable part of the start-up to import, and the chat prints a few
+        status lines before its first prompt; a short ASCII line on a plain terminal is written
+        here with the same escape codes rich would use. Anything else goes through rich.
+        """
+        if self._console is None and self._plain_terminal(text):
+            code = STYLE_CODES[style]
+            sys.stdout.write(f"\x1b[{code}m{text}\x1b[0m\n" if code else f"{text}\n")
+            sys.stdout.flush()
+            return
+        from rich.text import Text
+
+        self.console.print(Text(text, style=style))
+
+    @staticmethod
+    def _plain_terminal(text: str) -> bool:
+        """True when rich would write ``text`` as one line with plain SGR codes."""
+        if os.name == "nt" or any(os.environ.get(name) for name in RICH_SETTINGS):
+            return False
+        if os.environ.get("TERM", "").lower() in ("", "dumb", "unknown"):
+            return False
+        try:
+            if not sys.stdout.isatty():
+                return False
+        except (AttributeError, ValueError):  # no stdout, or a closed one
+            return False
+        width = shutil.get_terminal_size().columns
+        return len(text) < width and all(map(_one_cell, text))
 
     def info(self, text: str) -> None:
         """A result the user asked for."""
-        self.console.print(Text(terminal_text(text)))
+        self._line(terminal_text(text))
 
     def note(self, text: str) -> None:
         """A status line."""
-        self.console.print(Text(terminal_text(text), style="dim"))
+        self._line(terminal_text(text), "dim")
 
     def warn(self, text: str) -> None:
         """Something to act on."""
-        self.console.print(Text(terminal_text(text), style="yellow"))
+        self._line(terminal_text(text), "yellow")
 
     def error(self, text: str) -> None:
         """One readable error line."""
-        self.console.print(Text(f"error: {terminal_text(text)}", style="bold red"))
+        self._line(f"error: {terminal_text(text)}", "bold red")
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         """A table."""
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(*headers, box=None, header_style="bold", pad_edge=False)
         for row in rows:
@@ -237,6 +300,8 @@ class RichOutput(Output):
 
     def transcript(self, messages: Sequence[ChatMessage], start: int = 0) -> None:
         """Messages, numbered, each under its role."""
+        from rich.text import Text
+
         for number, message in enumerate(messages, start):
             label, text = message_lines(message)
             style = ROLE_STYLES.get(message.role, "dim")
@@ -248,6 +313,8 @@ class RichOutput(Output):
 
     def matches(self, rows: Sequence[tuple[str, int, str, tuple[str, str, str]]]) -> None:
         """Search hits with the match highlighted."""
+        from rich.text import Text
+
         for session_id, position, role, (before, match, after) in rows:
             self.console.print(
                 Text.assemble(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._factory import AgentOptions, model_spec, open_session
@@ -298,8 +298,10 @@ class Repl:
 
     async def run(self) -> None:
         """Read and act until /exit, Ctrl-D or the end of piped input."""
-        if self.model is not None:
-            _import_in_background("openai")  # the first answer need not wait for the SDK
+        # once the prompt is up (not competing with it for the interpreter), import what the
+        # first answer needs while the user types it: the SDK, the terminal renderer
+        preload = [*self.out.preload, *(["openai"] if self.model is not None else [])]
+        self.reader.when_shown(lambda: _import_in_background(preload))
         while True:
             try:
                 line = await self.reader.read(f"{self.session.session_id}> ")
@@ -312,11 +314,21 @@ class Repl:
         await self.close_model()
 
 
-def _import_in_background(module: str) -> None:
-    """Start importing ``module`` in a thread, while the user types the first message."""
-    import importlib
+def _import_in_background(modules: Sequence[str]) -> None:
+    """Start importing ``modules`` in a thread, while the user types the first message."""
     import threading
 
-    if module not in sys.modules:
+    missing = [m for m in modules if m not in sys.modules]
+    if missing:
         # daemon: an import still running must not keep the process alive at exit
-        threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
+        threading.Thread(target=_import_all, args=(missing,), daemon=True).start()
+
+
+def _import_all(modules: Sequence[str]) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return  # the import where the module is used says what is wrong, in its place

@@ -25,7 +25,6 @@ from ._discovery import (
 from ._errors import ErrorTranslator, translatable
 from ._parse import StreamState, read_completion
 from ._protocol import (
-    ChatModel,
     ModelResponse,
     RetryNotice,
     StreamEvent,
@@ -297,15 +296,3 @@ def _retry_reason(status: int | None) -> str:
     if status is None:
         return "no answer"
     return f"the server answered HTTP {status}"
-
-
-def resolve_model(model: str | ChatModel | None = None) -> ChatModel:
-    """A ChatModel from an instance (returned as is), a model name, or None (the environment)."""
-    if model is None or isinstance(model, str):
-        return OpenAIChatModel(model or None)
-    if isinstance(model, ChatModel):
-        return model
-    raise TypeError(
-        f"model must be a model name, a ChatModel (such as OpenAIChatModel) or None, "
-        f"not {type(model).__name__}"
-    )

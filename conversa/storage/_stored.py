@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from ..errors import CorruptSessionError
-from ..messages import ChatMessage, as_utc
+from ..messages import ChatMessage, as_utc, message_from_json
 
 TITLE_LENGTH = 60
 SessionStatus = Literal["active", "completed", "abandoned"]
@@ -168,7 +168,7 @@ def _why(exc: BaseException) -> str:
 def decode_message(data: str | bytes, place: Place, fix: str) -> ChatMessage:
     """A stored message (``ChatMessage.to_json`` text), or CorruptSessionError naming it."""
     try:
-        return ChatMessage.from_json(data)
+        return message_from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise corrupt(place, _why(exc), fix) from exc
 
@@ -182,7 +182,7 @@ def decode_messages(
     nothing but the parsing.
     """
     messages: list[ChatMessage] = []
-    append, parse = messages.append, ChatMessage.from_json
+    append, parse = messages.append, message_from_json
     key: Any = None
     try:
         with paused_gc():
