@@ -74,6 +74,13 @@ def test_version_without_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
     assert conversa._version() == "0+unknown"
 
 
+def python(code: str) -> str:
+    """What a fresh interpreter running ``code`` prints."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_importing_conversa_loads_no_optional_dependency() -> None:
     # the HTTP face and encryption are extras: conversa, its CLI group and a storage opened
     # from a URL must not import them (start-up time is measured, and they may be missing)
@@ -83,8 +90,7 @@ def test_importing_conversa_loads_no_optional_dependency() -> None:
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'fastapi', 'uvicorn', 'starlette', 'cryptography'}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert python(code).strip() == "[]"
 
 
 # -- conversa.model: the same lazy table --------------------------------------------------------
@@ -120,5 +126,5 @@ def test_a_session_with_its_own_model_never_loads_the_openai_model_module() -> N
         "asyncio.run(conversa.create_session('x', 'memory://', model=ScriptedModel()))\n"
         "print(sorted(m for m in sys.modules if m.startswith('conversa.model.')))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split("\n")[0] == "['conversa.model._protocol', 'conversa.model._resolve']"
+    printed = python(code).split("\n")[0]
+    assert printed == "['conversa.model._protocol', 'conversa.model._resolve']"

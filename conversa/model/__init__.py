@@ -87,24 +87,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [
-    "DEFAULT_BASE_URL",
-    "DEFAULT_MODEL",
-    "DEFAULT_TIMEOUT",
-    "INVALID_CALLS_KEY",
-    "INVALID_TOOL_NAME",
-    "LOCAL_SERVERS",
-    "ChatModel",
-    "ModelResponse",
-    "OpenAIChatModel",
-    "RetryNotice",
-    "StreamEvent",
-    "TextDelta",
-    "ToolCallStarted",
-    "Usage",
-    "WireMessage",
-    "build_response",
-    "discover_local_server",
-    "list_models",
-    "resolve_model",
-]
+__all__ = list(_EXPORTS)
