@@ -8,8 +8,7 @@ import sys
 
 import pexpect
 import pytest
-
-from tests._cli import PROMPT, TIMEOUT, quit_, say
+from _cli import PROMPT, TIMEOUT, quit_, say
 
 HEAVY_BEFORE_PROMPT = (
     "rich",
