@@ -126,20 +126,33 @@ class _Turn:
         return self.transcript.since(self._start)
 
     async def store(self, *messages: ChatMessage) -> None:
-        await self.transcript.append(self.stamped(messages))
+        """Store messages, and with them what the turn's model calls used since the last
+        record (one write: the reply of a model call carries that call's usage)."""
+        usage, calls = self._unrecorded()
+        if calls <= 0:
+            await self.transcript.append(self.stamped(messages))
+            return
+        stored, now = len(self.transcript), (self.usage, self.calls)
+        try:
+            await self.transcript.append(self.stamped(messages), usage=usage, calls=calls)
+        finally:
+            if len(self.transcript) > stored:  # stored, even if cancelled meanwhile
+                self.recorded = now
 
     def stamped(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
         stamp = self.setup.stamp
         return messages if stamp is None else stamp(messages)
 
     async def record_usage(self) -> None:
-        """Add what this turn used since the last record to the session's stored totals."""
+        """Add what this turn used and no stored message carried to the session's totals."""
+        usage, calls = self._unrecorded()
+        if calls > 0:
+            self.recorded = (self.usage, self.calls)
+            await self.transcript.add_usage(usage, calls)
+
+    def _unrecorded(self) -> tuple[Usage, int]:
         done_usage, done_calls = self.recorded
-        calls = self.calls - done_calls
-        if calls <= 0:
-            return
-        self.recorded = (self.usage, self.calls)
-        await self.transcript.add_usage(self.usage - done_usage, calls)
+        return self.usage - done_usage, self.calls - done_calls
 
     def result(
         self,

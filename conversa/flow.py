@@ -104,8 +104,13 @@ class Flow:
     async def reload(self) -> SessionFlow:
         """Read the stored position (changed by another process, say) and return it."""
         info = await self.storage.get_info(self.session_id)
-        self._position = info.flow if info is not None else NO_FLOW
+        self.use(info.flow if info is not None else NO_FLOW)
         return self._position
+
+    def use(self, position: SessionFlow) -> None:
+        """Take ``position``, just read from storage, as the current one (``reload`` without
+        its read)."""
+        self._position = position
 
     # -- changing ---------------------------------------------------------------------
 

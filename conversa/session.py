@@ -174,14 +174,19 @@ class Session(KeyValueAccess):
 
     def _window(self) -> Window | None:
         """What the prompt can hold: the budget and how tokens are counted (None: no limit)."""
-        if self.context_window is None:
-            return None
-        return (self.context_window, self.token_counter)
+        return None if self.context_window is None else (self.context_window, self.token_counter)
 
     async def refresh(self) -> None:
         """Catch up with what other processes stored; loads the history only if it changed."""
         async with self._lock:
             await self._transcript.refresh(self._window())
+
+    async def _reload_state(self) -> None:
+        """Read state and flow position again in one read (pending sync changes stored first)."""
+        await self.state.flush()
+        entries, position = await self.storage.get_state_and_flow(self.session_id)
+        self.state.use(entries)
+        self._flow.use(position)
 
     async def clear_history(self) -> None:
         """Delete every message of this session (its state and info stay)."""
@@ -271,8 +276,7 @@ class Session(KeyValueAccess):
         async with self._lock, self._leased():
             transcript = self._transcript
             await transcript.refresh(self._window())
-            await self.state.reload()
-            await self._flow.reload()
+            await self._reload_state()
             await restore_journaled_result(transcript, self.state)
             # A crash may have left tool calls unanswered at the end: answer them for good
             # now, before the new user message makes them a gap in the middle.
@@ -437,8 +441,7 @@ async def create_session(
         async with session._leased():
             await store.append(session_id, [])  # unlike save, never erases what another wrote
     await session.refresh()
-    await session.state.reload()
-    await session.flow.reload()
+    await session._reload_state()
     if session.user_id is not None:
         info = await store.get_info(session_id)
         if info is None or info.user_id != session.user_id:

@@ -114,7 +114,11 @@ class SessionState:
         """Read the state from storage again (a turn does this before it starts); pending
         sync changes are stored first, so a reload never loses them."""
         await self.flush()
-        entries = await self._storage.get_state_entries(self._session_id)
+        self.use(await self._storage.get_state_entries(self._session_id))
+
+    def use(self, entries: Mapping[str, StateEntry]) -> None:
+        """Take ``entries``, just read from storage, as the state (``reload`` without its read:
+        for a caller that read them with more, after ``flush``)."""
         with self._lock:
             self._values = {k: e.value for k, e in entries.items()}
             self._expires = {

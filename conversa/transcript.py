@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ._prompt_history import PromptHistory, newest_user_index
 from .compaction import is_turn_start, summary_range
 from .messages import ChatMessage
+from .storage._stored import UsageTotals
 
 if TYPE_CHECKING:
     from .model import Usage
@@ -233,13 +234,18 @@ class Transcript:
                 return None
             await self._grow(max(_FIRST_TAIL, 4 * len(self.cache)))
 
-    async def append(self, messages: Sequence[ChatMessage]) -> None:
+    async def append(
+        self, messages: Sequence[ChatMessage], *, usage: Usage | None = None, calls: int = 0
+    ) -> None:
         """Store messages and take them into the cache, even if cancelled meanwhile.
 
-        A storage write that has started may complete after its caller is cancelled (it runs
-        in a thread or on a server): waiting for it keeps the cache equal to what is stored.
+        ``usage`` and ``calls`` (what the model calls that wrote them used) are added to the
+        session's stored totals in the same write. A storage write that has started may
+        complete after its caller is cancelled (it runs in a thread or on a server): waiting
+        for it keeps the cache equal to what is stored.
         """
-        write = asyncio.ensure_future(self.storage.append(self.session_id, messages))
+        totals = _totals(usage, calls) if usage is not None or calls else None
+        write = asyncio.ensure_future(self.storage.append(self.session_id, messages, usage=totals))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -252,11 +258,12 @@ class Transcript:
 
     async def add_usage(self, usage: Usage, calls: int) -> None:
         """Add what model calls used to the session's stored totals (SessionInfo.usage)."""
+        totals = _totals(usage, calls)
         await self.storage.add_usage(
             self.session_id,
-            prompt_tokens=max(0, usage.prompt_tokens),
-            completion_tokens=max(0, usage.completion_tokens),
-            calls=calls,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            calls=totals.calls,
         )
 
     async def truncate(self, keep: int) -> list[ChatMessage]:
@@ -283,3 +290,10 @@ class Transcript:
         dangling = self.cache.dangling()
         if dangling:
             await self.append(dangling)
+
+
+def _totals(usage: Usage | None, calls: int) -> UsageTotals:
+    """What model calls used, as stored totals (a server's negative counts taken as 0)."""
+    if usage is None:
+        return UsageTotals(calls=calls)
+    return UsageTotals(max(0, usage.prompt_tokens), max(0, usage.completion_tokens), calls)

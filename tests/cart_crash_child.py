@@ -34,10 +34,10 @@ async def main(url: str, sid: str, base_url: str) -> None:
     storage = open_storage(url)
     append = storage.append
 
-    async def dying_append(session_id: str, messages: Sequence[ChatMessage]) -> Any:
+    async def dying_append(session_id: str, messages: Sequence[ChatMessage], **kw: Any) -> Any:
         if WHERE == "after-state" and any(m.role == "tool" for m in messages):
             os._exit(3)  # the state change is stored; its result never will be
-        return await append(session_id, messages)
+        return await append(session_id, messages, **kw)
 
     storage.append = dying_append  # type: ignore[method-assign]
     model = OpenAIChatModel("fake-model", base_url=base_url, api_key="test", max_retries=0)

@@ -26,6 +26,7 @@ from conversa import (
     InvalidSessionId,
     StorageError,
     UnsupportedStorageURL,
+    UsageTotals,
     open_storage,
 )
 from conversa.storage.base import SessionQuery
@@ -1117,3 +1118,89 @@ async def test_concurrent_writers_keep_the_index_consistent(
         for user in ("user-0", "user-1", "user-2"):
             mine = [i for i in truth if i.user_id == user]
             assert await storage.find_sessions(user_id=user) == mine
+
+
+# -- the usage log: what appends add to the usage totals ------------------------------------
+
+
+def _usage_of(info: object) -> tuple[int, int, int]:
+    usage = info.usage  # type: ignore[attr-defined]
+    return usage.prompt_tokens, usage.completion_tokens, usage.calls
+
+
+async def test_an_append_with_usage_writes_the_log_not_the_meta_file(
+    store: FileSystemStorage,
+) -> None:
+    await store.append("s", [ChatMessage.user("q")])
+    meta = Path(store.directory) / "s.meta.json"
+    before = meta.read_bytes(), meta.stat().st_mtime_ns
+    for i in range(3):
+        await store.append("s", [ChatMessage.assistant(f"a{i}")], usage=UsageTotals(10, 2, 1))
+    assert (meta.read_bytes(), meta.stat().st_mtime_ns) == before  # never rewritten
+    log = Path(store.directory) / "s.usage.log"
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["usage.calls"] for line in lines] == [1, 2, 3]  # running totals
+    await store.add_usage("s", prompt_tokens=5, calls=1)  # the meta file's numbers add to it
+    info = await store.get_info("s")
+    assert info is not None and _usage_of(info) == (35, 6, 4)
+    assert [i.usage for i in await store.find_sessions()] == [info.usage]
+    await store.delete("s")
+    assert not log.exists() and not meta.exists()
+    await store.append("s", [ChatMessage.user("again")])
+    info = await store.get_info("s")
+    assert info is not None and _usage_of(info) == (0, 0, 0)
+
+
+async def test_a_torn_usage_line_is_skipped_and_overwritten(store: FileSystemStorage) -> None:
+    await store.append("s", [ChatMessage.user("q")], usage=UsageTotals(10, 2, 1))
+    log = Path(store.directory) / "s.usage.log"
+    with log.open("ab") as f:  # a crash in the middle of the next line's write
+        f.write(b'{"usage.prompt_tokens": 99')
+    info = await store.get_info("s")
+    assert info is not None and _usage_of(info) == (10, 2, 1)
+    await store.append("s", [ChatMessage.assistant("a")], usage=UsageTotals(1, 1, 1))
+    info = await store.get_info("s")
+    assert info is not None and _usage_of(info) == (11, 3, 2)
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    # a torn first line: no totals yet
+    await store.append("t", [ChatMessage.user("q")])
+    (Path(store.directory) / "t.usage.log").write_bytes(b'{"usage.ca')
+    info = await store.get_info("t")
+    assert info is not None and _usage_of(info) == (0, 0, 0)
+
+
+async def test_a_long_usage_log_is_replaced_by_its_last_line(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("conversa.storage.filesystem._USAGE_LOG_LIMIT", 400)
+    for i in range(40):
+        await store.append("s", [ChatMessage.assistant(f"a{i}")], usage=UsageTotals(3, 1, 1))
+    log = Path(store.directory) / "s.usage.log"
+    assert log.stat().st_size <= 400
+    info = await store.get_info("s")
+    assert info is not None and _usage_of(info) == (120, 40, 40)
+    assert not [p for p in Path(store.directory).iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_a_damaged_usage_log_is_named(store: FileSystemStorage) -> None:
+    await store.append("s", [ChatMessage.user("q")], usage=UsageTotals(1, 1, 1))
+    log = Path(store.directory) / "s.usage.log"
+    for damage in (b"not json\n", b'{"usage.calls": -3}\n', b"x" * 5000):
+        log.write_bytes(damage)
+        with pytest.raises(CorruptSessionError, match="usage log"):
+            await store.get_info("s")
+        with pytest.raises(CorruptSessionError, match="usage log"):
+            await store.append("s", [ChatMessage.assistant("a")], usage=UsageTotals(calls=1))
+    assert await store.count("s") == 1  # each append was refused before it stored anything
+    await store.delete("s")  # the way out the error names
+    assert not log.exists()
+
+
+async def test_the_temp_file_of_a_killed_usage_log_rewrite_is_swept(tmp_path: Path) -> None:
+    first = FileSystemStorage(tmp_path / "sessions")
+    await first.append("s", [ChatMessage.user("q")], usage=UsageTotals(calls=1))
+    stale = tmp_path / "sessions" / ".s.usage.log.k1ll3d.tmp"
+    stale.write_text('{"usage.calls": 1}\n')
+    second = FileSystemStorage(tmp_path / "sessions")
+    await second.append("s", [ChatMessage.assistant("a")])  # a new object's first write sweeps
+    assert not stale.exists()

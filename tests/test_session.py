@@ -28,6 +28,7 @@ from conversa import (
     ToolRunning,
     ToolsUnsupported,
     TurnDone,
+    UsageTotals,
     create_session,
     create_session_sync,
     tool,
@@ -714,8 +715,8 @@ class SlowAcknowledgement(InMemoryStorage):
         super().__init__()
         self.stored = asyncio.Event()
 
-    async def append(self, session_id: str, messages: Any) -> None:
-        await super().append(session_id, messages)
+    async def append(self, session_id: str, messages: Any, **kw: Any) -> None:
+        await super().append(session_id, messages, **kw)
         if any(m.role == "tool" for m in messages):
             self.stored.set()
             await asyncio.sleep(0.2)
@@ -751,11 +752,11 @@ async def test_a_storage_failure_mid_tools_still_leaves_valid_history() -> None:
     class FailsOnce(InMemoryStorage):
         failed = False
 
-        async def append(self, session_id: str, messages: Any) -> None:
+        async def append(self, session_id: str, messages: Any, **kw: Any) -> None:
             if not self.failed and any(m.role == "tool" for m in messages):
                 self.failed = True
                 raise OSError("disk full")
-            await super().append(session_id, messages)
+            await super().append(session_id, messages, **kw)
 
     model = ScriptedModel([tool_calls(("add", {"a": 1, "b": 1}), ("add", {"a": 2, "b": 2})), "ok"])
     session = await create_session("s", FailsOnce(), model=model, tools=[add])
@@ -771,8 +772,8 @@ async def test_refresh_waits_for_the_running_turn() -> None:
         stored = asyncio.Event()
         acknowledge = asyncio.Event()
 
-        async def append(self, session_id: str, messages: Any) -> None:
-            await super().append(session_id, messages)
+        async def append(self, session_id: str, messages: Any, **kw: Any) -> None:
+            await super().append(session_id, messages, **kw)
             if messages and messages[0].role == "user":
                 self.stored.set()
                 await self.acknowledge.wait()
@@ -865,3 +866,22 @@ async def test_a_context_window_counts_each_stored_message_once() -> None:
     await session.send_message("second")
     # only what is new since the last call: the answer and the next question
     assert sorted(counted) == sorted(["echo: first", "second"])
+
+
+async def test_a_turn_stores_its_usage_with_its_replies_in_no_write_of_its_own() -> None:
+    store = InMemoryStorage()
+    separate: list[Any] = []
+    add_usage = store.add_usage
+
+    async def counted(session_id: str, **amounts: int) -> None:
+        separate.append(amounts)
+        await add_usage(session_id, **amounts)
+
+    store.add_usage = counted  # type: ignore[method-assign]
+    model = ScriptedModel([tool_call("add", {"a": 1, "b": 2}), "three"])
+    session = await create_session("s", store, model=model, tools=[add])
+    result = await session.send_message("add")
+    info = await store.get_info("s")
+    assert info is not None and result.usage.prompt_tokens > 0
+    assert info.usage == UsageTotals(result.usage.prompt_tokens, result.usage.completion_tokens, 2)
+    assert separate == []  # each model call's usage went with the append of its reply

@@ -120,8 +120,8 @@ def recording(storage: ConversationStorage) -> list[str]:
         log.append("state:" + ",".join(sorted(changes)))
         await change(session_id, changes)
 
-    async def appended(session_id: str, messages: Sequence[ChatMessage]) -> None:
-        await append(session_id, messages)
+    async def appended(session_id: str, messages: Sequence[ChatMessage], **kw: Any) -> None:
+        await append(session_id, messages, **kw)
         log.extend(f"append:{m.role}" for m in messages)
 
     storage.change_state = change_state  # type: ignore[method-assign]

@@ -399,10 +399,7 @@ def decode_info(
     except ValueError as exc:
         place = f"the metadata of session {session_id!r} in {_said(where)}"
         raise corrupt(place, exc, "set it again with update_info(metadata=...)") from exc
-    reserved = decode_reserved(
-        row.get(RESERVED_FIELD),
-        lambda: f"the reserved info of session {session_id!r} in {_said(where)}",
-    )
+    reserved = _stored_reserved(session_id, row.get(RESERVED_FIELD), where)
     status: SessionStatus = row.get("status") or "active"
     return SessionInfo(
         session_id=session_id,
@@ -421,6 +418,17 @@ def decode_info(
             if reserved and status != "active"
             else None
         ),
+    )
+
+
+def decode_flow(session_id: str, raw: object, where: Place) -> SessionFlow:
+    """The flow position kept in a stored reserved object (a dict, its JSON text, or None)."""
+    return session_flow(_stored_reserved(session_id, raw, where))
+
+
+def _stored_reserved(session_id: str, raw: object, where: Place) -> dict[str, Any]:
+    return decode_reserved(
+        raw, lambda: f"the reserved info of session {session_id!r} in {_said(where)}"
     )
 
 

@@ -72,6 +72,7 @@ from ._lease import DEFAULT_WAIT, Waiting, check_ttl, check_wait, local_lease
 from ._search import matches, query_terms
 from ._stored import (
     COMPLETED_AT_KEY,
+    NO_FLOW,
     RESERVED_FIELD,
     USAGE_KEYS,
     RouteVisit,
@@ -80,6 +81,7 @@ from ._stored import (
     SessionInfo,
     SessionStatus,
     StateEntry,
+    UsageTotals,
     copy_json,
     decode_info,
     first_user,
@@ -229,10 +231,20 @@ class ConversationStorage(ABC):
 
     # -- history --------------------------------------------------------------------------
 
-    async def append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add ``messages`` to the end of the history, in one piece."""
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[ChatMessage],
+        *,
+        usage: UsageTotals | None = None,
+    ) -> None:
+        """Add ``messages`` to the end of the history, in one piece.
+
+        ``usage`` (what the model calls that wrote them used) is added to the session's
+        usage totals in the same atomic write, as ``add_usage`` would add it.
+        """
         validate_session_id(session_id)
-        await self._append(session_id, messages)
+        await self._append(session_id, messages, usage_added(usage))
 
     async def count(self, session_id: str) -> int:
         """The number of stored messages."""
@@ -316,10 +328,7 @@ class ConversationStorage(ABC):
         Each turn adds what its model calls used; the history is not read.
         """
         validate_session_id(session_id)
-        amounts = (prompt_tokens, completion_tokens, calls)
-        for name, value in zip(USAGE_KEYS, amounts, strict=True):
-            _at_least_zero(value, name)
-        add = {k: v for k, v in zip(USAGE_KEYS, amounts, strict=True) if v}
+        add = usage_added(UsageTotals(prompt_tokens, completion_tokens, calls))
         if add:
             await self._change_reserved(session_id, add, {})
 
@@ -366,6 +375,14 @@ class ConversationStorage(ABC):
         """Every key of the session's state that has not expired, with its value and expiry."""
         validate_session_id(session_id)
         return await self._state_entries(session_id)
+
+    async def get_state_and_flow(
+        self, session_id: str
+    ) -> tuple[dict[str, StateEntry], SessionFlow]:
+        """``get_state_entries`` and the flow position (``SessionInfo.flow``) in one read, as
+        a turn needs them before it starts; ``({}, NO_FLOW)`` for an unknown session."""
+        validate_session_id(session_id)
+        return await self._state_and_flow(session_id)
 
     async def set_state(
         self,
@@ -464,15 +481,19 @@ class ConversationStorage(ABC):
         fresh = session_id not in store
         store[session_id] = copy_json(meta)
         if fresh and not await self.exists(session_id):
-            await self._append(session_id, [])
+            await self._append(session_id, [], {})
 
     # -- hooks: defaults built on the core and the meta pair; backends override them -------
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Add ``messages`` to the end, in one piece."""
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
+        """Add ``messages`` to the end, in one piece, and ``add`` to the reserved numbers
+        (the usage totals; usually empty) in the same step."""
         history = await self.load(session_id)
         await self.save(session_id, [*history, *messages])
-        await self._edit_meta(session_id, _changed, create=True)
+        change = functools.partial(put_reserved, add=add, put={}) if add else _changed
+        await self._edit_meta(session_id, change, create=True)
 
     async def _count(self, session_id: str) -> int:
         """The number of stored messages."""
@@ -561,6 +582,12 @@ class ConversationStorage(ABC):
         meta = await self.load_meta(session_id) or {}
         return live_entries(meta.get("state") or {})
 
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        """The live state entries and the flow position (backends read both at once)."""
+        entries = await self._state_entries(session_id)
+        info = await self._get_info(session_id)
+        return entries, NO_FLOW if info is None else info.flow
+
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         """Store checked ``entries`` (from state_entries), dropping expired keys on the way."""
         change = functools.partial(put_state, entries=entries)
@@ -631,6 +658,17 @@ def _at_least_zero(value: int, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, not {value}")
     return value
+
+
+def usage_added(usage: UsageTotals | None) -> dict[str, int]:
+    """The reserved numbers ``usage`` adds (its non-zero fields); ValueError for a negative
+    or non-int amount."""
+    if usage is None:
+        return {}
+    amounts = (usage.prompt_tokens, usage.completion_tokens, usage.calls)
+    for name, value in zip(USAGE_KEYS, amounts, strict=True):
+        _at_least_zero(value, name)
+    return {k: v for k, v in zip(USAGE_KEYS, amounts, strict=True) if v}
 
 
 def kept(count: int, n: int, *, pop: bool) -> int:

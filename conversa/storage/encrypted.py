@@ -30,7 +30,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,7 +46,7 @@ from ..errors import (
 )
 from ..messages import ChatMessage, ToolCall
 from ._lease import Waiting
-from ._stored import SessionInfo, StateEntry, first_user, from_micros, to_micros
+from ._stored import SessionFlow, SessionInfo, StateEntry, first_user, from_micros, to_micros
 from ._urls import import_optional, redact_url
 from .base import ConversationStorage, SessionQuery
 
@@ -503,9 +503,12 @@ class EncryptedStorage(ConversationStorage):
 
     # -- hooks: the inner backend's, sealing on the way in and opening on the way out ---------
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
         await self._check_key(session_id)
-        await self._inner._append(session_id, [self.seal_message(session_id, m) for m in messages])
+        sealed = [self.seal_message(session_id, m) for m in messages]
+        await self._inner._append(session_id, sealed, add)  # the numbers stay clear (see below)
 
     async def _count(self, session_id: str) -> int:
         return await self._inner._count(session_id)
@@ -537,11 +540,19 @@ class EncryptedStorage(ConversationStorage):
         return [await self._open_info(info) for info in await self._inner._find(query)]
 
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        entries = await self._inner._state_entries(session_id)
+        return self._open_entries(session_id, await self._inner._state_entries(session_id))
+
+    def _open_entries(
+        self, session_id: str, entries: Mapping[str, StateEntry]
+    ) -> dict[str, StateEntry]:
         return {
             k: StateEntry(self._open_value(session_id, k, e.value), e.expires_at)
             for k, e in entries.items()
         }
+
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        entries, flow = await self._inner._state_and_flow(session_id)
+        return self._open_entries(session_id, entries), flow
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         await self._check_key(session_id)

@@ -5,6 +5,8 @@ Layout of the directory (created on the first write, mode 0700)::
     user-123.jsonl              the history: one ChatMessage.to_json() per line, append-only
     user-123.meta.json          created_at, app-set info (title, user_id, status, metadata),
                                 state entries and the real session id
+    user-123.usage.log          what appends added to the usage totals: running totals, one
+                                JSON line per append that carried usage (the last line counts)
     .user-123.jsonl.*.tmp       a rewrite in progress (save, truncate, pop, meta updates)
     .conversa-index(.log)       the index of sessions find_sessions reads (see _file_index):
                                 derived from the files, rebuilt whenever missing or stale
@@ -36,6 +38,12 @@ find_sessions reads only the sessions it returns (and those its filters drop), i
 the index; list_sessions scans the directory. A session changed behind conversa's back shows
 in find_sessions once the index notices (a session it returns disagrees with its files), or
 after the index files are deleted.
+
+The usage an append carries (``append(usage=...)``, a model reply's) goes to the usage log under
+the same lock: one short write, where a change of the meta file is a rewrite. Each line holds
+the totals so far, so a read takes the last whole line (a torn one, from a crash, is skipped and
+overwritten) and adds it to the numbers in the meta file (where ``add_usage`` adds). A log past
+64 KiB is replaced by its last line.
 
 A rewrite killed mid-way leaves its temp file behind; the first write of each storage object
 removes those of every session whose lock no writer holds.
@@ -85,12 +93,16 @@ from ._file_index import Entry, SessionIndex
 from ._lease import Waiting, file_lease, local_lease
 from ._search import matches
 from ._stored import (
+    RESERVED_FIELD,
+    SessionFlow,
     corrupt,
+    decode_flow,
     decode_info,
     decode_message,
     decode_messages,
     first_user,
     from_micros,
+    merge_reserved,
     to_micros,
 )
 from ._urls import Durable, durability_option, redact_url, url_durability
@@ -117,6 +129,11 @@ __all__ = ["FileSystemStorage", "session_file_stem", "session_id_from_stem"]
 
 HISTORY_SUFFIX = ".jsonl"
 META_SUFFIX = ".meta.json"
+USAGE_SUFFIX = ".usage.log"
+_USAGE_LOG_LIMIT = 1 << 16
+"""A usage log longer than this (bytes) is replaced by its last line."""
+_USAGE_TAIL = 4096
+"""The bytes at the end of a usage log read to find its last line (a line is ~100 bytes)."""
 TEMP_SUFFIX = ".tmp"
 LEASE_DIR = ".leases"
 """Holds one empty lock file per session ever leased (``STEM.lock``), never removed."""
@@ -180,11 +197,12 @@ def session_id_from_stem(stem: str) -> str | None:
 
 
 def _temp_file_stem(name: str) -> str | None:
-    """The session file stem of a rewrite's temp file ``.STEM.jsonl.XXXX.tmp`` (or of its meta)."""
+    """The session file stem of a rewrite's temp file ``.STEM.jsonl.XXXX.tmp`` (or of its meta
+    or usage log)."""
     if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
         return None
     target, dot, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")  # the random part has no "."
-    for suffix in (HISTORY_SUFFIX, META_SUFFIX):
+    for suffix in (HISTORY_SUFFIX, META_SUFFIX, USAGE_SUFFIX):
         if dot and target.endswith(suffix) and len(target) > len(suffix):
             return target[: -len(suffix)]
     return None
@@ -209,6 +227,35 @@ def _from_ns(ns: int) -> datetime:
 
 
 # -- bytes on disk ------------------------------------------------------------------------
+
+
+def _usage_path(path: str) -> str:
+    """The usage log beside the history file ``path``."""
+    return path[: -len(HISTORY_SUFFIX)] + USAGE_SUFFIX
+
+
+def _last_totals(fd: int, size: int, log_path: str) -> tuple[int, dict[str, int]]:
+    """Where the last whole line of a usage log ends, and the running totals it holds."""
+    start = max(0, size - _USAGE_TAIL)
+    data = os.pread(fd, size - start, start)
+    end = data.rfind(b"\n") + 1
+    begin = data.rfind(b"\n", 0, max(0, end - 1)) + 1
+    if end == 0 or (begin == 0 and start > 0):
+        if start == 0:
+            return 0, {}  # only a first write, torn by a crash
+        raise corrupt(f"usage log {log_path}", "its last line is not whole", _FIX_USAGE)
+    try:
+        totals = json.loads(data[begin:end])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise corrupt(f"usage log {log_path}", f"not valid JSON ({exc})", _FIX_USAGE) from exc
+    if not isinstance(totals, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in totals.values()
+    ):
+        raise corrupt(f"usage log {log_path}", "its last line is not counts", _FIX_USAGE)
+    return start + end, totals
+
+
+_FIX_USAGE = "delete the file (the usage totals then count from the session info file)"
 
 
 def _serialize(messages: Sequence[ChatMessage], *, one_append: bool) -> bytes:
@@ -785,12 +832,15 @@ class FileSystemStorage(Durable, ConversationStorage):
 
     # -- history --------------------------------------------------------------------------
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
         # One write; the file is never rewritten. A damaged history is refused
-        # (CorruptSessionError), like every read but save's.
+        # (CorruptSessionError), like every read but save's. Numbers to ``add`` (the usage
+        # totals) go to the meta file under the same lock, after the messages.
         path, meta_path = self._paths(session_id)
         data = _serialize(messages, one_append=True)
-        cut = await self._run(self._append_sync, session_id, path, meta_path, data)
+        cut = await self._run(self._append_sync, session_id, path, meta_path, data, add)
         if cut:
             log.warning(
                 "%s: cut off the last %d bytes, an append that was interrupted before it "
@@ -799,7 +849,9 @@ class FileSystemStorage(Durable, ConversationStorage):
                 cut,
             )
 
-    def _append_sync(self, session_id: str, path: str, meta_path: str, data: bytes) -> int:
+    def _append_sync(
+        self, session_id: str, path: str, meta_path: str, data: bytes, add: Mapping[str, int]
+    ) -> int:
         with self._locked(path, write=True, create=True) as fd:
             assert fd is not None
             st = os.fstat(fd)
@@ -817,6 +869,8 @@ class FileSystemStorage(Durable, ConversationStorage):
             # A hand-written last line may lack its "\n": end it first.
             ending = b"\n" if end and not last.endswith(b"\n") else b""
             data = ending + data
+            if add:  # a damaged usage log refuses the append before anything is written
+                self._read_usage_log(_usage_path(path))
             stamp = _stamp()
             self._index.note(_stem_of(path), stamp, session_id)
             if size == 0:
@@ -836,7 +890,41 @@ class FileSystemStorage(Durable, ConversationStorage):
                 if size == 0:
                     _fsync_dir(self._dir)
             self._checked[path] = ((st.st_dev, st.st_ino), new_end, fingerprint, lines)
+            if add:
+                self._add_usage_locked(_usage_path(path), add, stamp)
             return cut
+
+    def _add_usage_locked(self, log_path: str, add: Mapping[str, int], stamp: int) -> None:
+        """Add ``add`` to the usage log's running totals; the caller holds the session's lock."""
+        fd = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            end, totals = _last_totals(fd, size, log_path)
+            line = (json.dumps(merge_reserved(totals, add, {})) + "\n").encode()
+            if end + len(line) > _USAGE_LOG_LIMIT:
+                self._replace(log_path, line, stamp)
+                return
+            os.pwrite(fd, line, end)  # over a torn last line, if a crash left one
+            if size > end + len(line):
+                os.ftruncate(fd, end + len(line))
+            if self._fsync:
+                os.fsync(fd)
+                if size == 0:
+                    _fsync_dir(self._dir)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read_usage_log(log_path: str) -> dict[str, int]:
+        """The running totals of a usage log ({} if there is none); the caller holds a lock."""
+        try:
+            fd = os.open(log_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        try:
+            return _last_totals(fd, os.fstat(fd).st_size, log_path)[1]
+        finally:
+            os.close(fd)
 
     def _check(
         self,
@@ -971,8 +1059,9 @@ class FileSystemStorage(Durable, ConversationStorage):
     def _delete_sync(self, path: str, meta_path: str) -> None:
         with self._locked(path, write=True) as fd:
             # Meta first: an interrupted delete leaves history without info, never the reverse.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(meta_path)
+            for gone in (meta_path, _usage_path(path)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(gone)
             if fd is not None:
                 os.unlink(path)
                 self._index.note_deleted(_stem_of(path))
@@ -1142,6 +1231,10 @@ class FileSystemStorage(Durable, ConversationStorage):
             if fd is None:
                 return None
             meta = self._read_meta(meta_path) or {}
+            logged = self._read_usage_log(_usage_path(path))
+            reserved = meta.get(RESERVED_FIELD)
+            if logged and (reserved is None or isinstance(reserved, dict)):
+                meta[RESERVED_FIELD] = merge_reserved(reserved or {}, logged, {})
             st = os.fstat(fd)
             end = _complete_end_of_fd(fd, st.st_size)
             updated_ns = st.st_mtime_ns
@@ -1234,22 +1327,32 @@ class FileSystemStorage(Durable, ConversationStorage):
     ) -> None:
         """Read-modify-write the meta file under the session's lock."""
         with self._locked(path, write=True, create=create) as fd:
-            if fd is None:
-                return
-            stamp = _stamp()
-            meta = self._read_meta(meta_path)
-            if meta is None:
-                meta = self._new_meta(session_id, stamp)
-                size = os.fstat(fd).st_size
-                if size:  # a history written without us (by hand): it began with its first line
-                    first, _ = self._head(fd, path, _complete_end_of_fd(fd, size), want_title=False)
-                    if first is not None:
-                        meta["created_at"] = first.isoformat()
-            if change(meta):
-                meta["session_id"] = session_id
-                info = (meta.get("user_id"), meta.get("status") or "active")
-                self._index.note(_stem_of(path), stamp, session_id, info)
-                self._write_meta(meta_path, meta, stamp)
+            if fd is not None:
+                self._edit_meta_locked(session_id, fd, path, meta_path, change, _stamp())
+
+    def _edit_meta_locked(
+        self,
+        session_id: str,
+        fd: int,
+        path: str,
+        meta_path: str,
+        change: Callable[[dict[str, Any]], bool],
+        stamp: int,
+    ) -> None:
+        """Read-modify-write the meta file; the caller holds the session's write lock."""
+        meta = self._read_meta(meta_path)
+        if meta is None:
+            meta = self._new_meta(session_id, stamp)
+            size = os.fstat(fd).st_size
+            if size:  # a history written without us (by hand): it began with its first line
+                first, _ = self._head(fd, path, _complete_end_of_fd(fd, size), want_title=False)
+                if first is not None:
+                    meta["created_at"] = first.isoformat()
+        if change(meta):
+            meta["session_id"] = session_id
+            info = (meta.get("user_id"), meta.get("status") or "active")
+            self._index.note(_stem_of(path), stamp, session_id, info)
+            self._write_meta(meta_path, meta, stamp)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         # A damaged session (its meta file or a history line) is left out with a warning
@@ -1483,6 +1586,13 @@ class FileSystemStorage(Durable, ConversationStorage):
         _, meta_path = self._paths(session_id)
         meta = await self._run(self._read_meta, meta_path) or {}
         return live_entries(meta.get("state") or {})
+
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        # both live in the meta file: one read
+        _, meta_path = self._paths(session_id)
+        meta = await self._run(self._read_meta, meta_path) or {}
+        flow = decode_flow(session_id, meta.get(RESERVED_FIELD), f"session info file {meta_path}")
+        return live_entries(meta.get("state") or {}), flow
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         path, meta_path = self._paths(session_id)

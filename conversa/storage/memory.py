@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from ..messages import ChatMessage
-from ._stored import RESERVED_FIELD, decode_info, first_user, merge_reserved
+from ._stored import (
+    NO_FLOW,
+    RESERVED_FIELD,
+    SessionFlow,
+    decode_flow,
+    decode_info,
+    first_user,
+    merge_reserved,
+)
 from .base import (
     ConversationStorage,
     SessionInfo,
@@ -91,9 +99,14 @@ class InMemoryStorage(ConversationStorage):
         """Whether the session exists."""
         return session_id in self._sessions
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
         added = [_detached(m) for m in messages]
-        self._touch(session_id).messages.extend(added)
+        s = self._touch(session_id)
+        s.messages.extend(added)
+        if add:
+            s.info[RESERVED_FIELD] = merge_reserved(s.info.get(RESERVED_FIELD) or {}, add, {})
 
     async def _count(self, session_id: str) -> int:
         s = self._sessions.get(session_id)
@@ -152,6 +165,13 @@ class InMemoryStorage(ConversationStorage):
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         s = self._sessions.get(session_id)
         return live_entries(copy_json(s.state)) if s else {}
+
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        s = self._sessions.get(session_id)
+        if s is None:
+            return {}, NO_FLOW
+        flow = decode_flow(session_id, s.info.get(RESERVED_FIELD), "memory")
+        return live_entries(copy_json(s.state)), flow
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         s = self._touch(session_id)

@@ -55,7 +55,15 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -145,6 +153,22 @@ def _body(message: ChatMessage) -> str:
 def _words(messages: Sequence[ChatMessage]) -> list[str]:
     """What the search index stores for each message (NUL is no word character)."""
     return [index_text(m.text) for m in messages]
+
+
+def _reserved_sql(add: Mapping[str, int], put: Mapping[str, Any], values: list[Any]) -> str:
+    """The ``, reserved = ...`` of an UPSERT's update that adds ``add`` to the row's reserved
+    numbers and sets ``put`` ("" if both are empty); their parameters go onto ``values``."""
+    pairs: list[str] = []
+    for key, amount in add.items():
+        values += [key, amount]
+        k, v = len(values) - 1, len(values)
+        pairs.append(f"${k}::text, coalesce((s.reserved ->> ${k}::text)::bigint, 0) + ${v}")
+    for key, value in put.items():
+        values += [key, json.dumps(value)]
+        pairs.append(f"${len(values) - 1}::text, ${len(values)}::jsonb")
+    if not pairs:
+        return ""
+    return f",\n                reserved = s.reserved || jsonb_build_object({', '.join(pairs)})"
 
 
 def _first_user(messages: Sequence[ChatMessage]) -> tuple[int | None, str | None]:
@@ -585,12 +609,17 @@ class PostgresStorage(ConversationStorage):
 
     # -- history --------------------------------------------------------------------------
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
         # one statement, one round trip
         n = self._names
         pos, title = _first_user(messages)
         roles = [m.role for m in messages]
         bodies = [_body(m) for m in messages]
+        values: list[Any] = [session_id, len(messages), title, pos, roles, bodies]
+        values.append(json.dumps(merge_reserved({}, add, {})))
+        reserved = _reserved_sql(add, {}, values)
         # The UPSERT takes the session row's lock, so concurrent appends get disjoint seqs.
         # ``words`` stays NULL: computing it (Python, tens of us a message) and its index
         # entries are left to a batch (see INDEX_BATCH), off the append's path.
@@ -598,15 +627,16 @@ class PostgresStorage(ConversationStorage):
             WITH s AS (
                 INSERT INTO {n.sessions} AS s
                     (session_id, created_at, updated_at, touched, message_count,
-                     auto_title, auto_title_seq)
-                VALUES ($1, clock_timestamp(), clock_timestamp(), {n.touch}, $2, $3, $4)
+                     auto_title, auto_title_seq, reserved)
+                VALUES ($1, clock_timestamp(), clock_timestamp(), {n.touch}, $2, $3, $4,
+                        $7::jsonb)
                 ON CONFLICT (session_id) DO UPDATE SET
                     message_count = s.message_count + $2,
                     {self._touch_sql()},
                     auto_title = CASE WHEN s.auto_title_seq IS NULL
                         THEN $3 ELSE s.auto_title END,
                     auto_title_seq = CASE WHEN s.auto_title_seq IS NULL
-                        THEN s.message_count + $4 ELSE s.auto_title_seq END
+                        THEN s.message_count + $4 ELSE s.auto_title_seq END{reserved}
                 RETURNING message_count, touched
             ), i AS (
                 INSERT INTO {n.messages} (session_id, seq, role, body)
@@ -614,9 +644,7 @@ class PostgresStorage(ConversationStorage):
                 FROM s, unnest($5::text[], $6::text[]) WITH ORDINALITY AS m(role, body, ord)
             )
             SELECT touched FROM s"""
-        touched = await self._run(
-            lambda con: con.fetchval(sql, session_id, len(messages), title, pos, roles, bodies)
-        )
+        touched = await self._run(lambda con: con.fetchval(sql, *values))
         if touched % INDEX_BATCH == 0:
             await self._index_pending()
 
@@ -718,20 +746,12 @@ class PostgresStorage(ConversationStorage):
     ) -> None:
         # one UPSERT: a new row gets the merge of nothing; an existing one merges in SQL
         values: list[Any] = [session_id, json.dumps(merge_reserved({}, add, put))]
-        pairs: list[str] = []
-        for key, amount in add.items():
-            values += [key, amount]
-            k, v = len(values) - 1, len(values)
-            pairs.append(f"${k}::text, coalesce((s.reserved ->> ${k}::text)::bigint, 0) + ${v}")
-        for key, value in put.items():
-            values += [key, json.dumps(value)]
-            pairs.append(f"${len(values) - 1}::text, ${len(values)}::jsonb")
+        reserved = _reserved_sql(add, put, values)
         sql = f"""
             INSERT INTO {self._names.sessions} AS s
                 (session_id, created_at, updated_at, touched, reserved)
             VALUES ($1, clock_timestamp(), clock_timestamp(), {self._names.touch}, $2::jsonb)
-            ON CONFLICT (session_id) DO UPDATE SET {self._touch_sql()},
-                reserved = s.reserved || jsonb_build_object({", ".join(pairs)})"""
+            ON CONFLICT (session_id) DO UPDATE SET {self._touch_sql()}{reserved}"""
         await self._run(lambda con: con.execute(sql, *values))
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:

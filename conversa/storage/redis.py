@@ -147,15 +147,21 @@ end
 """
 
 # ARGV 3: offset of the first user message in the batch (-1: none), 4: its title,
-# 5: '1' if it has one; 6...: the messages.
+# 5: '1' if it has one; 6: how many reserved numbers to add (k), 7...: k pairs (reserved key,
+# amount), then the messages.
 _APPEND = """
+local adds = tonumber(ARGV[6])
+local first = 7 + 2 * adds
+for i = 7, first - 1, 2 do
+  redis.call('HINCRBY', KEYS[2], 'r:' .. ARGV[i], ARGV[i + 1])
+end
 local before = redis.call('LLEN', KEYS[1])
-push(6)
+push(first)
 if redis.call('HEXISTS', KEYS[2], 'aidx') == 0 then
   set_title(ARGV[3], before, ARGV[4], ARGV[5])
 end
 touch()
-return before + #ARGV - 5
+return before + #ARGV - first + 1
 """
 
 _SAVE = """
@@ -530,10 +536,15 @@ class RedisStorage(ConversationStorage):
 
     # -- history --------------------------------------------------------------------------
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
         # one script, one round trip
         lines = [m.to_json() for m in messages]
-        await self._write("append", session_id, [*_title_args(messages), *lines])
+        adds: list[str | int] = [len(add)]
+        for key, amount in add.items():
+            adds += [key, amount]
+        await self._write("append", session_id, [*_title_args(messages), *adds, *lines])
 
     async def _count(self, session_id: str) -> int:
         key = self._key("m", session_id)

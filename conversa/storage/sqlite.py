@@ -20,7 +20,15 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
@@ -43,7 +51,10 @@ from ._sqlite_migrations import (
 )
 from ._stored import (
     FLOW_ROUTE_KEY,
+    NO_FLOW,
     RESERVED_FIELD,
+    SessionFlow,
+    decode_flow,
     decode_info,
     decode_messages,
     decode_reserved,
@@ -202,11 +213,14 @@ class SqliteStorage(Durable, ConversationStorage):
         """Whether anything was written for the session."""
         return await self._run(_exists, session_id)
 
-    async def _append(self, session_id: str, messages: Sequence[ChatMessage]) -> None:
+    async def _append(
+        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+    ) -> None:
         # one transaction; its cost is independent of the history
         rows = [m.to_json() for m in messages]
+        indexed = await self._indexed()
         await self._run(
-            _store, session_id, rows, first_user(messages), await self._indexed(), replace=False
+            _store, session_id, rows, first_user(messages), indexed, replace=False, add=add
         )
 
     async def _count(self, session_id: str) -> int:
@@ -278,6 +292,9 @@ class SqliteStorage(Durable, ConversationStorage):
 
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
         return await self._run(_get_state, session_id)
+
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        return await self._run(_state_and_flow, session_id)
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         rows = [(k, _dumps(e["value"]), e["expires_at"]) for k, e in entries.items()]
@@ -608,8 +625,10 @@ def _store(
     indexed: bool,
     *,
     replace: bool,
+    add: Mapping[str, int] | None = None,
 ) -> None:
-    """Write ``rows`` after the session's messages, or instead of them, in one transaction."""
+    """Write ``rows`` after the session's messages, or instead of them, and add ``add`` to
+    the reserved numbers, in one transaction."""
     with _write(conn):
         stamp, head = _head(conn, sid)
         if replace and head is not None:
@@ -619,6 +638,8 @@ def _store(
         if seq is None and first is not None:
             seq, text = count + first[0], first[1]
         _put(conn, sid, stamp, (count + len(rows), seq, text), exists=head is not None)
+        if add:
+            _merge_reserved(conn, sid, add, {})
 
 
 def _insert(conn: sqlite3.Connection, sid: str, start: int, rows: list[str], indexed: bool) -> None:
@@ -769,15 +790,22 @@ def _update_info(conn: sqlite3.Connection, sid: str, fields: dict[str, Any]) -> 
 
 
 def _change_reserved(
-    conn: sqlite3.Connection, sid: str, add: dict[str, int], put: dict[str, Any]
+    conn: sqlite3.Connection, sid: str, add: Mapping[str, int], put: Mapping[str, Any]
 ) -> None:
     with _write(conn):
         _touch(conn, sid)
-        (raw,) = conn.execute("SELECT reserved FROM sessions WHERE id = ?", (sid,)).fetchone()
-        where = functools.partial(_where, conn, "sessions")
-        old = decode_reserved(raw, lambda: f"the reserved info of session {sid!r} in {where()}")
-        merged = _dumps(merge_reserved(old, add, put))
-        conn.execute("UPDATE sessions SET reserved = ? WHERE id = ?", (merged, sid))
+        _merge_reserved(conn, sid, add, put)
+
+
+def _merge_reserved(
+    conn: sqlite3.Connection, sid: str, add: Mapping[str, int], put: Mapping[str, Any]
+) -> None:
+    """Change the reserved info of the session's (existing) row; the caller holds the write."""
+    (raw,) = conn.execute("SELECT reserved FROM sessions WHERE id = ?", (sid,)).fetchone()
+    where = functools.partial(_where, conn, "sessions")
+    old = decode_reserved(raw, lambda: f"the reserved info of session {sid!r} in {where()}")
+    merged = _dumps(merge_reserved(old, add, put))
+    conn.execute("UPDATE sessions SET reserved = ? WHERE id = ?", (merged, sid))
 
 
 def _find_sessions(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[SessionInfo]:
@@ -812,6 +840,15 @@ def _get_state(conn: sqlite3.Connection, sid: str) -> dict[str, StateEntry]:
     )
     where = functools.partial(_where, conn, "state")
     return {key: decode_state(sid, key, value, exp, where) for key, value, exp in cur}
+
+
+def _state_and_flow(
+    conn: sqlite3.Connection, sid: str
+) -> tuple[dict[str, StateEntry], SessionFlow]:
+    row = conn.execute("SELECT reserved FROM sessions WHERE id = ?", (sid,)).fetchone()
+    where = functools.partial(_where, conn, "sessions")
+    flow = NO_FLOW if row is None else decode_flow(sid, row[0], where)
+    return _get_state(conn, sid), flow
 
 
 def _set_state(

@@ -725,6 +725,32 @@ class StorageConformance(LeaseConformance):
         info = await storage.get_info(sid)
         assert info is not None and info.usage == UsageTotals()
 
+    async def test_an_append_adds_its_usage_in_the_same_write(
+        self, storage: ConversationStorage
+    ) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user("q")], usage=UsageTotals(7, 2, 1))  # a new session
+        info = await storage.get_info(sid)
+        assert info is not None and info.message_count == 1
+        assert info.usage == UsageTotals(prompt_tokens=7, completion_tokens=2, calls=1)
+        replies = [ChatMessage.assistant(f"a{i}") for i in range(8)]
+        await asyncio.gather(
+            *(storage.append(sid, [m], usage=UsageTotals(1, 1, 1)) for m in replies)
+        )
+        await storage.add_usage(sid, prompt_tokens=100)
+        await storage.append(sid, [ChatMessage.assistant("free")], usage=UsageTotals())
+        await storage.append(sid, [], usage=UsageTotals(calls=1))  # no message, still counted
+        info = await storage.get_info(sid)
+        assert info is not None and info.message_count == 10
+        assert info.usage == UsageTotals(prompt_tokens=115, completion_tokens=10, calls=10)
+        assert (await storage.tail(sid, 1))[0].text == "free"
+        for bad in (UsageTotals(prompt_tokens=-1), UsageTotals(calls=True)):
+            with pytest.raises(ValueError):
+                await storage.append(sid, [ChatMessage.assistant("refused")], usage=bad)
+        assert await storage.count(sid) == 10  # a refused append stores nothing
+        info = await storage.get_info(sid)
+        assert info is not None and info.usage.calls == 10
+
     # -- the flow (falai's route, step, history and data) and completed_at ----------------
 
     async def test_flow_is_kept_with_the_info(self, storage: ConversationStorage) -> None:
@@ -1000,6 +1026,33 @@ class StorageConformance(LeaseConformance):
         # a moment in the past replaces a live key and reads as absent at once
         await storage.set_state(sid, {"forever": 0}, expires_at=now - timedelta(seconds=1))
         assert await storage.get_state(sid) == {"long": 2, "gone": "back"}
+
+    async def test_state_and_flow_are_read_together(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        assert await storage.get_state_and_flow(sid) == ({}, SessionFlow())
+        assert not await storage.exists(sid)  # a read creates nothing
+        await storage.append(sid, [_user("q")])
+        assert await storage.get_state_and_flow(sid) == ({}, SessionFlow())
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        await storage.set_state(sid, {"cart": [1, {"n": 2}], "gone": 0})
+        await storage.set_state(sid, {"gone": 1}, expires_at=past)
+        t0 = datetime(2024, 5, 1, 12, 0, 0, 654321, tzinfo=UTC)
+        flow = SessionFlow(
+            route="checkout",
+            step="pay",
+            entered_at=t0,
+            step_entered_at=t0,
+            history=(RouteVisit("checkout", t0),),
+            data={"checkout": {"total": 12}},
+        )
+        await storage.set_flow(sid, flow)
+        entries, position = await storage.get_state_and_flow(sid)
+        assert entries == await storage.get_state_entries(sid)
+        assert {k: e.value for k, e in entries.items()} == {"cart": [1, {"n": 2}]}
+        info = await storage.get_info(sid)
+        assert info is not None and position == info.flow == flow
+        with pytest.raises(InvalidSessionId):
+            await storage.get_state_and_flow("")
 
     async def test_state_entries_carry_the_expiry(self, storage: ConversationStorage) -> None:
         sid = _sid()
