@@ -258,6 +258,29 @@ def _last_totals(fd: int, size: int, log_path: str) -> tuple[int, dict[str, int]
 _FIX_USAGE = "delete the file (the usage totals then count from the session info file)"
 
 
+class _UsageLog:
+    """A session's usage log, open for one write under the session's lock: its running
+    totals and where they end. Opening it reads (and so checks) them, so a damaged log
+    refuses an append before anything is written."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> _UsageLog:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.size = os.fstat(self.fd).st_size
+            self.end, self.totals = _last_totals(self.fd, self.size, self.path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 def _serialize(messages: Sequence[ChatMessage], *, one_append: bool) -> bytes:
     """The lines of ``messages``; for one append, every line but the last ends " } \\n"."""
     lines = [m.to_json() for m in messages]
@@ -852,7 +875,8 @@ class FileSystemStorage(Durable, ConversationStorage):
     def _append_sync(
         self, session_id: str, path: str, meta_path: str, data: bytes, add: Mapping[str, int]
     ) -> int:
-        with self._locked(path, write=True, create=True) as fd:
+        usage = _UsageLog(_usage_path(path)) if add else contextlib.nullcontext()
+        with self._locked(path, write=True, create=True) as fd, usage as log:
             assert fd is not None
             st = os.fstat(fd)
             size = st.st_size
@@ -869,8 +893,6 @@ class FileSystemStorage(Durable, ConversationStorage):
             # A hand-written last line may lack its "\n": end it first.
             ending = b"\n" if end and not last.endswith(b"\n") else b""
             data = ending + data
-            if add:  # a damaged usage log refuses the append before anything is written
-                self._read_usage_log(_usage_path(path))
             stamp = _stamp()
             self._index.note(_stem_of(path), stamp, session_id)
             if size == 0:
@@ -890,29 +912,23 @@ class FileSystemStorage(Durable, ConversationStorage):
                 if size == 0:
                     _fsync_dir(self._dir)
             self._checked[path] = ((st.st_dev, st.st_ino), new_end, fingerprint, lines)
-            if add:
-                self._add_usage_locked(_usage_path(path), add, stamp)
+            if log is not None:
+                self._add_usage(log, add, stamp)
             return cut
 
-    def _add_usage_locked(self, log_path: str, add: Mapping[str, int], stamp: int) -> None:
+    def _add_usage(self, log: _UsageLog, add: Mapping[str, int], stamp: int) -> None:
         """Add ``add`` to the usage log's running totals; the caller holds the session's lock."""
-        fd = os.open(log_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            end, totals = _last_totals(fd, size, log_path)
-            line = (json.dumps(merge_reserved(totals, add, {})) + "\n").encode()
-            if end + len(line) > _USAGE_LOG_LIMIT:
-                self._replace(log_path, line, stamp)
-                return
-            os.pwrite(fd, line, end)  # over a torn last line, if a crash left one
-            if size > end + len(line):
-                os.ftruncate(fd, end + len(line))
-            if self._fsync:
-                os.fsync(fd)
-                if size == 0:
-                    _fsync_dir(self._dir)
-        finally:
-            os.close(fd)
+        line = (json.dumps(merge_reserved(log.totals, add, {})) + "\n").encode()
+        if log.end + len(line) > _USAGE_LOG_LIMIT:
+            self._replace(log.path, line, stamp)
+            return
+        os.pwrite(log.fd, line, log.end)  # over a torn last line, if a crash left one
+        if log.size > log.end + len(line):
+            os.ftruncate(log.fd, log.end + len(line))
+        if self._fsync:
+            os.fsync(log.fd)
+            if log.size == 0:
+                _fsync_dir(self._dir)
 
     @staticmethod
     def _read_usage_log(log_path: str) -> dict[str, int]:
