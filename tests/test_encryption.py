@@ -9,6 +9,7 @@ that stays clear (the session id), so a grep that sees nothing cannot pass by ac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -39,7 +40,7 @@ from conversa import (
 )
 from conversa.cli._app import cli
 from conversa.errors import EncryptionError, EncryptionKeyError
-from conversa.storage import ConversationStorage, EncryptedStorage
+from conversa.storage import ConversationStorage, EncryptedStorage, RouteVisit, SessionFlow
 from conversa.storage import encrypted as enc
 from conversa.testing.conformance import StorageConformance
 
@@ -154,6 +155,7 @@ SECRETS = (
     "serowinfometa",
     "urialstatevalue",
     "nilgaisavedcontent",
+    "ibexflowdata",
 )
 
 
@@ -173,6 +175,8 @@ async def write_secrets(store: ConversationStorage) -> None:
     await store.update_info(SID, title="tapirtitle", metadata={"tag": "serowinfometa"})
     await store.set_state(SID, {"cart": {"item": "urialstatevalue"}}, ttl=600)
     await store.save(f"{SID}-saved", [ChatMessage.user("nilgaisavedcontent first")])
+    flow = _flow({"booking": {"destination": "ibexflowdata"}, "greet": {}})
+    await store.set_flow(SID, flow)
     # and everything reads back, searches and lists through the wrapper
     assert [h.session_id for h in await store.search("zebracontent")] == [SID]
     assert [h.position for h in await store.search("yakcontent")] == [2]
@@ -182,9 +186,19 @@ async def write_secrets(store: ConversationStorage) -> None:
     saved = await store.get_info(f"{SID}-saved")
     assert saved is not None and saved.title == "nilgaisavedcontent first"
     assert (await store.get_state(SID)) == {"cart": {"item": "urialstatevalue"}}
+    assert info.flow == flow and (await store.get_state_and_flow(SID))[1] == flow
+    assert [i.session_id for i in await store.find_sessions(route="booking")] == [SID]
     loaded = await store.load(SID)
     assert loaded[3].tool_calls[0].arguments == call.arguments
     assert loaded[1].metadata == {"note": "vicunamessagemeta"}
+
+
+def _flow(data: dict[str, Any], at: datetime | None = None) -> SessionFlow:
+    """A flow in route "booking" since ``at`` (default: now), with ``data`` collected."""
+    at = at or datetime.now(UTC)
+    return SessionFlow(
+        route="booking", entered_at=at, history=(RouteVisit("booking", at),), data=data
+    )
 
 
 def assert_no_plaintext(blob: bytes, where: str) -> None:
@@ -413,6 +427,10 @@ async def test_plain_data_under_the_wrapper_is_refused() -> None:
     with pytest.raises(EncryptionError, match="is not encrypted"):
         await store.append("plain", [ChatMessage.user("more")])
     assert await inner.count("plain") == 1
+    await inner.set_flow("plain-flow", _flow({"booking": {"to": "Paris"}}))
+    for read in (store.get_info, store.get_state_and_flow):
+        with pytest.raises(EncryptionError, match=r"flow data of route 'booking'.*not encrypted"):
+            await read("plain-flow")
 
 
 async def test_altered_or_moved_records_do_not_decrypt() -> None:
@@ -439,6 +457,15 @@ async def test_altered_or_moved_records_do_not_decrypt() -> None:
         await inner.save("c", [altered])
         with pytest.raises(CorruptSessionError, match="damaged or altered"):
             await store.load("c")
+    # a route's sealed data moved to another route does not open there
+    await store.set_flow("d", _flow({"booking": {"to": "Paris"}, "greet": {}}))
+    info = await inner.get_info("d")
+    assert info is not None
+    data = info.flow.data
+    swapped = {"booking": data["greet"], "greet": data["booking"]}
+    await inner.set_flow("d", dataclasses.replace(info.flow, data=swapped))
+    with pytest.raises(CorruptSessionError, match="damaged or altered"):
+        await store.get_info("d")
 
 
 def test_without_cryptography_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -469,6 +496,7 @@ async def fill(store: ConversationStorage, sessions: int = 3, messages: int = 4)
         await store.update_info(sid, user_id=f"user-{s % 2}", status="active")
         await store.set_state(sid, {"forever": {"v": "urialstatevalue"}})
         await store.set_state(sid, {"later": [s]}, expires_at=later)
+        await store.set_flow(sid, _flow({"booking": {"to": f"ibexflowdata {s}"}}, LONG_AGO))
         moment = LONG_AGO + timedelta(minutes=s)
         await store.set_times(sid, created_at=moment, updated_at=moment)
 

@@ -239,13 +239,15 @@ RESERVED_FIELD = "reserved"
 """The name of the reserved object among a backend's stored info fields."""
 FLOW_ROUTE_KEY = "flow.route"
 """The reserved key of the current route: the one find_sessions(route=) filters on."""
+FLOW_DATA_KEY = "flow.data"
+"""The reserved key of the data collected per route (sealed by EncryptedStorage)."""
 FLOW_KEYS: tuple[str, ...] = (
     FLOW_ROUTE_KEY,
     "flow.step",
     "flow.entered_at",
     "flow.step_entered_at",
     "flow.history",
-    "flow.data",
+    FLOW_DATA_KEY,
 )
 """The reserved keys of SessionFlow's fields, in order (times as epoch microseconds)."""
 COMPLETED_AT_KEY = "completed_at"

@@ -2,10 +2,11 @@
 
 What is encrypted (AES-256-GCM, from the ``cryptography`` package): each message's content,
 its tool calls' arguments and its metadata (one sealed token per message, in the content
-field), the session title set with update_info, the info metadata, and every state value.
-What stays clear, so that the inner backend can list, count, order, filter and lease: session
-ids, message ids, roles, names, tool call ids and names, timestamps, counts, user_id, status,
-state keys and their expiry.
+field), the session title set with update_info, the info metadata, every state value, and the
+data a flow collected in each route. What stays clear, so that the inner backend can list,
+count, order, filter and lease: session ids, message ids, roles, names, tool call ids and
+names, timestamps, counts and usage totals, user_id, status, state keys and their expiry, and
+the flow's route and step names (``find_sessions(route=...)``) with their times.
 
 Keys: every session has its own AES key, derived from the master key with HKDF-SHA256 (the
 session id is the HKDF info), so a record copied into another session does not decrypt. Each
@@ -46,7 +47,15 @@ from ..errors import (
 )
 from ..messages import ChatMessage, ToolCall
 from ._lease import Waiting
-from ._stored import SessionFlow, SessionInfo, StateEntry, first_user, from_micros, to_micros
+from ._stored import (
+    FLOW_DATA_KEY,
+    SessionFlow,
+    SessionInfo,
+    StateEntry,
+    first_user,
+    from_micros,
+    to_micros,
+)
 from ._urls import import_optional, redact_url
 from .base import ConversationStorage, SessionQuery
 
@@ -183,6 +192,10 @@ def _message_aad(message: ChatMessage) -> bytes:
 
 def _state_aad(key: str) -> bytes:
     return f"s\0{key}".encode("utf-8", "surrogatepass")
+
+
+def _flow_aad(route: str) -> bytes:
+    return f"f\0{route}".encode("utf-8", "surrogatepass")
 
 
 _TITLE_AAD = b"t"
@@ -405,6 +418,29 @@ class EncryptedStorage(ConversationStorage):
     def _seal_meta(self, session_id: str, envelope: dict[str, Any]) -> dict[str, Any]:
         return {_META_KEY: self._keys.seal(session_id, _dumps(envelope), _META_AAD)}
 
+    def _seal_flow_data(
+        self, session_id: str, data: Mapping[str, Any]
+    ) -> dict[str, dict[str, str]]:
+        """Each route's collected data as one token, bound to the route's name."""
+        return {
+            route: {_META_KEY: self._keys.seal(session_id, _dumps(values), _flow_aad(route))}
+            for route, values in data.items()
+        }
+
+    def _open_flow(self, session_id: str, flow: SessionFlow) -> SessionFlow:
+        """``flow`` with the data of each route decrypted."""
+        if not flow.data:
+            return flow
+        data = {}
+        for route, sealed in flow.data.items():
+            what = f"the flow data of route {route!r}"
+            if set(sealed) != {_META_KEY}:
+                _parts(None, session_id, what)
+            data[route] = _loads(
+                self._keys.open(session_id, sealed[_META_KEY], _flow_aad(route), what)
+            )
+        return dataclasses.replace(flow, data=data)
+
     def _open_meta(self, info: SessionInfo) -> dict[str, Any]:
         """The decrypted envelope of the info metadata: {"m": metadata, "r": rekey times?}."""
         stored = info.metadata
@@ -426,7 +462,8 @@ class EncryptedStorage(ConversationStorage):
             else:
                 title = self._keys.open(sid, title, _TITLE_AAD, "the title").decode("utf-8")
         metadata = self._open_meta(info)["m"]
-        return dataclasses.replace(info, title=title or None, metadata=metadata)
+        flow = self._open_flow(sid, info.flow)
+        return dataclasses.replace(info, title=title or None, metadata=metadata, flow=flow)
 
     async def _default_title(self, session_id: str, derived: str) -> str | None:
         """The start of the first user message; ``derived`` (its token's start) names it."""
@@ -552,7 +589,7 @@ class EncryptedStorage(ConversationStorage):
 
     async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
         entries, flow = await self._inner._state_and_flow(session_id)
-        return self._open_entries(session_id, entries), flow
+        return self._open_entries(session_id, entries), self._open_flow(session_id, flow)
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         await self._check_key(session_id)
@@ -573,9 +610,13 @@ class EncryptedStorage(ConversationStorage):
     async def _change_reserved(
         self, session_id: str, add: dict[str, int], put: dict[str, Any]
     ) -> None:
-        # the reserved part holds conversa's counts and positions (usage totals), which stay
-        # clear like the message counts, so the inner backend's own atomic step does it
+        # the reserved part holds conversa's counts and positions (usage totals, the flow's
+        # route), which stay clear like the message counts, so the inner backend's own atomic
+        # step does it; only the data a flow collected is sealed
         await self._check_key(session_id)
+        data = put.get(FLOW_DATA_KEY)
+        if isinstance(data, dict):
+            put = {**put, FLOW_DATA_KEY: self._seal_flow_data(session_id, data)}
         await self._inner._change_reserved(session_id, add, put)
 
     def _lease(self, waiting: Waiting, ttl: float | None) -> AbstractAsyncContextManager[None]:
@@ -611,6 +652,7 @@ def _stale(
         if info.title is not None and not info.title.endswith(_ELLIPSIS):
             tokens.append(info.title)
         tokens += list(info.metadata.values())
+        tokens += [sealed.get(_META_KEY) for sealed in info.flow.data.values()]
     return any(token_key_id(t) != new for t in tokens)
 
 
@@ -677,6 +719,9 @@ async def _rekey_one(store: EncryptedStorage, session_id: str) -> Rekeyed:
             by_expiry.setdefault(entry.expires_at, {})[key] = sealed
     for expires_at, group in by_expiry.items():
         await inner.set_state(session_id, group, expires_at=expires_at)
+    if any(token_key_id(v.get(_META_KEY)) != new for v in info.flow.data.values()):
+        data = store._seal_flow_data(session_id, opened.flow.data)
+        await inner.set_flow(session_id, dataclasses.replace(info.flow, data=data))
     # 3. the original times, last
     await _restore_times(inner, session_id, mark)
     return Rekeyed(session_id, "rekeyed", len(history))
