@@ -128,10 +128,10 @@ class _Turn:
     async def store(self, *messages: ChatMessage) -> None:
         """Store messages, and with them what the turn's model calls used since the last
         record (one write: the reply of a model call carries that call's usage)."""
-        usage, calls = self._unrecorded()
-        if calls <= 0:
+        if self.calls == self.recorded[1]:  # no model call since: a user message, say
             await self.transcript.append(self.stamped(messages))
             return
+        usage, calls = self._unrecorded()
         stored, now = len(self.transcript), (self.usage, self.calls)
         try:
             await self.transcript.append(self.stamped(messages), usage=usage, calls=calls)

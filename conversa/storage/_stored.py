@@ -250,6 +250,7 @@ FLOW_KEYS: tuple[str, ...] = (
     FLOW_DATA_KEY,
 )
 """The reserved keys of SessionFlow's fields, in order (times as epoch microseconds)."""
+_FLOW_KEY_SET = frozenset(FLOW_KEYS)
 COMPLETED_AT_KEY = "completed_at"
 """The reserved key of SessionInfo.completed_at (epoch microseconds, or None)."""
 
@@ -335,7 +336,7 @@ def session_flow(reserved: Mapping[str, Any]) -> SessionFlow:
     Like the usage totals, a value of the wrong type (edited by hand) reads as absent rather
     than making the whole info unreadable.
     """
-    if not reserved or not any(key in reserved for key in FLOW_KEYS):
+    if not reserved or _FLOW_KEY_SET.isdisjoint(reserved):
         return NO_FLOW
     route, step, entered, step_entered, history, data = (reserved.get(k) for k in FLOW_KEYS)
     route = route if isinstance(route, str) and route else None
