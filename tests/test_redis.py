@@ -30,7 +30,7 @@ from conversa import (
     UnsupportedStorageURL,
     open_storage,
 )
-from conversa.storage import ConversationStorage, RedisStorage
+from conversa.storage import ConversationStorage, RedisStorage, UsageTotals
 from conversa.testing.conformance import StorageConformance
 
 URL = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -165,6 +165,19 @@ async def test_damaged_message_is_reported(store: RedisStorage, admin: Any, pref
     with pytest.raises(CorruptSessionError, match=r"message 1 of session 's'.*damaged"):
         await store.load("s")
     assert await admin.llen(f"{prefix}m:s") == 2
+
+
+async def test_damaged_reserved_info_is_reported_by_every_read(
+    store: RedisStorage, admin: Any, prefix: str
+) -> None:
+    await store.append("s", [ChatMessage.user("ok")], usage=UsageTotals(1, 1, 1))
+    await admin.hset(f"{prefix}i:s", "r:flow.data", "{not json")
+    for read in (store.get_info, store.get_state_and_flow):
+        with pytest.raises(CorruptSessionError, match=r"reserved info of session 's'.*i:s"):
+            await read("s")
+    await admin.hset(f"{prefix}i:s", "r:flow.data", '{"booking": {"to": "Paris"}}')
+    entries, flow = await store.get_state_and_flow("s")
+    assert entries == {} and flow.data == {"booking": {"to": "Paris"}}
 
 
 def client_saw_the_drop(storage: RedisStorage) -> bool:

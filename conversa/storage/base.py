@@ -486,7 +486,7 @@ class ConversationStorage(ABC):
     # -- hooks: defaults built on the core and the meta pair; backends override them -------
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         """Add ``messages`` to the end, in one piece, and ``add`` to the reserved numbers
         (the usage totals; usually empty) in the same step."""

@@ -541,7 +541,7 @@ class EncryptedStorage(ConversationStorage):
     # -- hooks: the inner backend's, sealing on the way in and opening on the way out ---------
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         await self._check_key(session_id)
         sealed = [self.seal_message(session_id, m) for m in messages]

@@ -856,7 +856,7 @@ class FileSystemStorage(Durable, ConversationStorage):
     # -- history --------------------------------------------------------------------------
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         # One write; the file is never rewritten. A damaged history is refused
         # (CorruptSessionError), like every read but save's. Numbers to ``add`` (the usage

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -100,7 +100,7 @@ class InMemoryStorage(ConversationStorage):
         return session_id in self._sessions
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         added = [_detached(m) for m in messages]
         s = self._touch(session_id)

@@ -55,15 +55,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Collection,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -75,7 +67,10 @@ from ._lease import Waiting, local_lease, poll
 from ._search import index_text, matches, stored_text, tsquery
 from ._stored import (
     FLOW_ROUTE_KEY,
+    NO_FLOW,
     RESERVED_FIELD,
+    SessionFlow,
+    decode_flow,
     decode_info,
     decode_messages,
     decode_state,
@@ -155,7 +150,7 @@ def _words(messages: Sequence[ChatMessage]) -> list[str]:
     return [index_text(m.text) for m in messages]
 
 
-def _reserved_sql(add: Mapping[str, int], put: Mapping[str, Any], values: list[Any]) -> str:
+def _reserved_sql(add: dict[str, int], put: dict[str, Any], values: list[Any]) -> str:
     """The ``, reserved = ...`` of an UPSERT's update that adds ``add`` to the row's reserved
     numbers and sets ``put`` ("" if both are empty); their parameters go onto ``values``."""
     pairs: list[str] = []
@@ -610,7 +605,7 @@ class PostgresStorage(ConversationStorage):
     # -- history --------------------------------------------------------------------------
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         # one statement, one round trip
         n = self._names
@@ -802,6 +797,31 @@ class PostgresStorage(ConversationStorage):
             )
             for row in rows
         }
+
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        # one round trip: the session's row (for its reserved info), each live key beside it
+        n = self._names
+        sql = f"""SELECT s.reserved, st.key, st.value, st.expires_at
+                  FROM (SELECT $1::text AS sid) AS q
+                  LEFT JOIN {n.sessions} AS s ON s.session_id = q.sid
+                  LEFT JOIN {n.state} AS st ON st.session_id = q.sid
+                      AND (st.expires_at IS NULL OR st.expires_at > $2)"""
+        rows = await self._run(lambda con: con.fetch(sql, session_id, time.time()), retry=True)
+        where = f"table {n.state} at {self._shown}"
+        entries = {
+            (key := _unesc(row["key"])): decode_state(
+                session_id, key, row["value"], row["expires_at"], where
+            )
+            for row in rows
+            if row["key"] is not None
+        }
+        raw = rows[0]["reserved"]
+        flow = (
+            NO_FLOW
+            if raw is None
+            else decode_flow(session_id, raw, f"table {n.sessions} at {self._shown}")
+        )
+        return entries, flow
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         # one statement, which also drops the session's expired keys

@@ -69,8 +69,11 @@ from ..errors import BackendUnavailable, StorageError
 from ..messages import ChatMessage
 from ._lease import Waiting, local_lease, poll
 from ._stored import (
+    FLOW_KEYS,
     RESERVED_FIELD,
+    SessionFlow,
     corrupt,
+    decode_flow,
     decode_info,
     decode_messages,
     decode_state,
@@ -243,7 +246,8 @@ touch()
 return 1
 """
 
-# KEYS: 1 state, 2 state expiry. ARGV 1: now (epoch seconds).
+# KEYS: 1 state, 2 state expiry, 3 info. ARGV 1: now (epoch seconds), 2...: info fields to
+# read too (the flow's reserved fields, for a turn: state and flow in one round trip).
 _GET_STATE = """
 local exp = redis.call('HGETALL', KEYS[2])
 for i = 1, #exp, 2 do
@@ -252,7 +256,9 @@ for i = 1, #exp, 2 do
     redis.call('HDEL', KEYS[2], exp[i])
   end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+local out = {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+if #ARGV > 1 then out[3] = redis.call('HMGET', KEYS[3], unpack(ARGV, 2)) end
+return out
 """
 
 # ARGV 3: created, 4: updated (microseconds since the epoch). No touch(): it would move updated.
@@ -312,6 +318,18 @@ def _title_args(messages: Sequence[ChatMessage]) -> list[str]:
         return ["-1", "", "0"]
     i, title = found
     return [str(i), title or "", "0" if title is None else "1"]
+
+
+def _reserved(fields: Iterable[tuple[str, str]]) -> dict[str, Any] | str:
+    """The reserved info from its fields of an info hash (each "r:KEY" holds KEY's JSON); a
+    field that is not JSON gives its text, whose decoding then names the damage."""
+    reserved: dict[str, Any] = {}
+    for key, text in fields:
+        try:
+            reserved[key] = json.loads(text)
+        except ValueError:
+            return text
+    return reserved
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
@@ -469,13 +487,7 @@ class RedisStorage(ConversationStorage):
             raise corrupt(
                 f"the info of session {session_id!r} in {where()}", repr(exc), "fix or delete it"
             ) from exc
-        reserved: dict[str, Any] | str = {}
-        for field, text in h.items():
-            if field.startswith("r:") and isinstance(reserved, dict):
-                try:
-                    reserved[field[2:]] = json.loads(text)
-                except ValueError:
-                    reserved = text  # decode_info names the damage
+        reserved = _reserved((field[2:], text) for field, text in h.items() if field[:2] == "r:")
         return decode_info(
             session_id,
             {**h, RESERVED_FIELD: reserved},
@@ -537,7 +549,7 @@ class RedisStorage(ConversationStorage):
     # -- history --------------------------------------------------------------------------
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         # one script, one round trip
         lines = [m.to_json() for m in messages]
@@ -678,16 +690,32 @@ class RedisStorage(ConversationStorage):
     # -- session state --------------------------------------------------------------------
 
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        # expired keys are removed on the way
-        keys = [self._key("s", session_id), self._key("x", session_id)]
-        args = [repr(time.time())]
-        values, expiry = await self._run(lambda: self._get_state(keys=keys, args=args), retry=True)
+        return (await self._read_state(session_id, ()))[0]
+
+    async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
+        entries, fields = await self._read_state(session_id, FLOW_KEYS)
+        reserved = _reserved(
+            (k, t) for k, t in zip(FLOW_KEYS, fields, strict=True) if t is not None
+        )
+        where = partial(self._place, "the info hash", self._key("i", session_id))
+        return entries, decode_flow(session_id, reserved, where)
+
+    async def _read_state(
+        self, session_id: str, reserved: Sequence[str]
+    ) -> tuple[dict[str, StateEntry], list[str | None]]:
+        """The live state entries and the ``reserved`` fields of the info hash, in one script
+        (expired keys are removed on the way)."""
+        keys = [self._key("s", session_id), self._key("x", session_id), self._key("i", session_id)]
+        args = [repr(time.time()), *("r:" + key for key in reserved)]
+        replies = await self._run(lambda: self._get_state(keys=keys, args=args), retry=True)
+        values, expiry = replies[:2]
         expires = _pairs(expiry)
-        where = f"Redis keys {keys!r} at {self._shown}"
-        return {
+        where = f"Redis keys {keys[:2]!r} at {self._shown}"
+        entries = {
             key: decode_state(session_id, key, text, expires.get(key), where)
             for key, text in _pairs(values).items()
         }
+        return entries, list(replies[2]) if reserved else []
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         args: list[str] = []

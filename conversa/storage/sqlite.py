@@ -20,15 +20,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import (
-    AsyncIterator,
-    Callable,
-    Collection,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
@@ -214,7 +206,7 @@ class SqliteStorage(Durable, ConversationStorage):
         return await self._run(_exists, session_id)
 
     async def _append(
-        self, session_id: str, messages: Sequence[ChatMessage], add: Mapping[str, int]
+        self, session_id: str, messages: Sequence[ChatMessage], add: dict[str, int]
     ) -> None:
         # one transaction; its cost is independent of the history
         rows = [m.to_json() for m in messages]
@@ -625,7 +617,7 @@ def _store(
     indexed: bool,
     *,
     replace: bool,
-    add: Mapping[str, int] | None = None,
+    add: dict[str, int] | None = None,
 ) -> None:
     """Write ``rows`` after the session's messages, or instead of them, and add ``add`` to
     the reserved numbers, in one transaction."""
@@ -790,7 +782,7 @@ def _update_info(conn: sqlite3.Connection, sid: str, fields: dict[str, Any]) -> 
 
 
 def _change_reserved(
-    conn: sqlite3.Connection, sid: str, add: Mapping[str, int], put: Mapping[str, Any]
+    conn: sqlite3.Connection, sid: str, add: dict[str, int], put: dict[str, Any]
 ) -> None:
     with _write(conn):
         _touch(conn, sid)
@@ -798,7 +790,7 @@ def _change_reserved(
 
 
 def _merge_reserved(
-    conn: sqlite3.Connection, sid: str, add: Mapping[str, int], put: Mapping[str, Any]
+    conn: sqlite3.Connection, sid: str, add: dict[str, int], put: dict[str, Any]
 ) -> None:
     """Change the reserved info of the session's (existing) row; the caller holds the write."""
     (raw,) = conn.execute("SELECT reserved FROM sessions WHERE id = ?", (sid,)).fetchone()
