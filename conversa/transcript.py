@@ -242,19 +242,34 @@ class Transcript:
         ``usage`` and ``calls`` (what the model calls that wrote them used) are added to the
         session's stored totals in the same write. A storage write that has started may
         complete after its caller is cancelled (it runs in a thread or on a server): waiting
-        for it keeps the cache equal to what is stored.
+        for it, however often the caller is cancelled meanwhile, keeps the cache equal to what
+        is stored. So does a look at the newest stored message after a write that failed: a
+        server may commit a write and lose only its reply.
         """
         totals = _totals(usage, calls) if usage is not None or calls else None
         write = asyncio.ensure_future(self.storage.append(self.session_id, messages, usage=totals))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await write
-            if write.done() and not write.cancelled() and write.exception() is None:
+            while not write.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(write)
+            if not write.cancelled() and write.exception() is None:
+                self.cache.extend(messages)
+            raise
+        except Exception:
+            if await self._landed(messages):
                 self.cache.extend(messages)
             raise
         self.cache.extend(messages)
+
+    async def _landed(self, messages: Sequence[ChatMessage]) -> bool:
+        """Whether the last of ``messages`` is the newest stored message (False if unknown)."""
+        try:
+            newest = await self.storage.tail(self.session_id, 1) if messages else []
+        except Exception:
+            return False
+        return bool(newest) and newest[-1].id == messages[-1].id
 
     async def add_usage(self, usage: Usage, calls: int) -> None:
         """Add what model calls used to the session's stored totals (SessionInfo.usage)."""

@@ -26,9 +26,16 @@ from urllib.parse import urlsplit
 import pytest
 from _services import CutProxy, blackhole, check_writers, run_writers, unused_port, with_url
 
-from conversa import BackendUnavailable, ChatMessage, CorruptSessionError, open_storage
+from conversa import (
+    BackendUnavailable,
+    ChatMessage,
+    CorruptSessionError,
+    create_session,
+    open_storage,
+)
 from conversa.storage import ConversationStorage
 from conversa.storage._urls import redact_url
+from conversa.testing.scripted import ScriptedModel
 
 
 class ServerBackendSuite:
@@ -165,6 +172,23 @@ class ServerBackendSuite:
             after = [ChatMessage.assistant("after")]
             await storage.append("s", after)
             assert await storage.load("s") == expected + after
+        finally:
+            await storage.close()
+
+    async def test_a_reply_committed_but_unanswered_counts_its_usage_once(
+        self, proxy: CutProxy, space: str, store: ConversationStorage
+    ) -> None:
+        storage = open_storage(self.proxied(proxy, space))
+        try:
+            reply = f"CUT-{uuid.uuid4().hex}"
+            session = await create_session("s", storage, model=ScriptedModel([reply]))
+            proxy.trigger, proxy.mode = reply.encode(), "after"  # the reply's append, with usage
+            with pytest.raises(BackendUnavailable):
+                await session.send_message("hello")
+            assert proxy.trigger is None, "the proxy never saw the write"
+            info = await store.get_info("s")
+            assert info is not None and info.usage.calls == 1  # the append's, not added again
+            assert [m.text for m in session.history] == ["hello", reply]  # as stored
         finally:
             await storage.close()
 

@@ -1204,3 +1204,22 @@ async def test_the_temp_file_of_a_killed_usage_log_rewrite_is_swept(tmp_path: Pa
     second = FileSystemStorage(tmp_path / "sessions")
     await second.append("s", [ChatMessage.assistant("a")])  # a new object's first write sweeps
     assert not stale.exists()
+
+
+async def test_an_append_that_fails_takes_its_usage_back(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append("s", [ChatMessage.user("q")], usage=UsageTotals(10, 2, 1))
+    log = Path(store.directory) / "s.usage.log"
+    before = log.read_bytes()
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("conversa.storage.filesystem._write_all", disk_full)
+    with pytest.raises(StorageError, match="No space left"):
+        await store.append("s", [ChatMessage.assistant("a")], usage=UsageTotals(1, 1, 1))
+    monkeypatch.undo()
+    assert log.read_bytes() == before
+    info = await store.get_info("s")
+    assert info is not None and _usage_of(info) == (10, 2, 1) and info.message_count == 1

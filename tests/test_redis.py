@@ -180,6 +180,21 @@ async def test_damaged_reserved_info_is_reported_by_every_read(
     assert entries == {} and flow.data == {"booking": {"to": "Paris"}}
 
 
+async def test_a_damaged_counter_refuses_the_write_whole(
+    store: RedisStorage, admin: Any, prefix: str
+) -> None:
+    await store.append("s", [ChatMessage.user("q")], usage=UsageTotals(10, 2, 1))
+    await admin.hset(f"{prefix}i:s", "r:usage.calls", "many")
+    for write in (
+        store.append("s", [ChatMessage.assistant("a")], usage=UsageTotals(1, 1, 1)),
+        store.add_usage("s", prompt_tokens=1, calls=1),
+    ):
+        with pytest.raises(StorageError, match=r"r:usage\.calls of session s is not an integer"):
+            await write
+    assert await store.count("s") == 1  # nothing of either write was applied
+    assert await admin.hget(f"{prefix}i:s", "r:usage.prompt_tokens") == "10"
+
+
 def client_saw_the_drop(storage: RedisStorage) -> bool:
     """Whether every idle connection of the client has read the end of its stream."""
     idle = storage._client.connection_pool._get_free_connections()

@@ -885,3 +885,35 @@ async def test_a_turn_stores_its_usage_with_its_replies_in_no_write_of_its_own()
     assert info is not None and result.usage.prompt_tokens > 0
     assert info.usage == UsageTotals(result.usage.prompt_tokens, result.usage.completion_tokens, 2)
     assert separate == []  # each model call's usage went with the append of its reply
+
+
+async def test_a_write_cancelled_twice_still_leaves_the_cache_as_stored() -> None:
+    class SlowReplyAck(InMemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stored, self.acknowledge = asyncio.Event(), asyncio.Event()
+
+        async def append(self, session_id: str, messages: Any, **kw: Any) -> None:
+            await super().append(session_id, messages, **kw)
+            if messages and messages[-1].role == "assistant":
+                self.stored.set()
+                await self.acknowledge.wait()  # stored, the answer still on its way
+
+    store = SlowReplyAck()
+    session = await create_session("s", store, model=ScriptedModel(["the answer"]))
+    turn = asyncio.create_task(session.send_message("q"))
+    await asyncio.wait_for(store.stored.wait(), 5)
+    turn.cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    turn.cancel()  # a second cancel while the turn waits for its write
+    for _ in range(3):
+        await asyncio.sleep(0)
+    store.acknowledge.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(turn, 5)
+    stored = await store.load("s")
+    assert [m.text for m in stored] == ["q", "the answer"]
+    assert session.history == stored
+    info = await store.get_info("s")
+    assert info is not None and info.usage.calls == 1

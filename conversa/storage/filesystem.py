@@ -42,8 +42,10 @@ after the index files are deleted.
 The usage an append carries (``append(usage=...)``, a model reply's) goes to the usage log under
 the same lock: one short write, where a change of the meta file is a rewrite. Each line holds
 the totals so far, so a read takes the last whole line (a torn one, from a crash, is skipped and
-overwritten) and adds it to the numbers in the meta file (where ``add_usage`` adds). A log past
-64 KiB is replaced by its last line.
+overwritten) and adds it to the numbers in the meta file (where ``add_usage`` adds). The line is
+written just before the messages: a process killed between the two has counted a model call
+whose reply it lost (the call did happen), and an append that fails takes its line back. A log
+past 64 KiB is replaced by its last line; totals set whole (a copy) remove it.
 
 A rewrite killed mid-way leaves its temp file behind; the first write of each storage object
 removes those of every session whose lock no writer holds.
@@ -94,6 +96,7 @@ from ._lease import Waiting, file_lease, local_lease
 from ._search import matches
 from ._stored import (
     RESERVED_FIELD,
+    USAGE_KEYS,
     SessionFlow,
     corrupt,
     decode_flow,
@@ -255,6 +258,7 @@ def _last_totals(fd: int, size: int, log_path: str) -> tuple[int, dict[str, int]
     return start + end, totals
 
 
+_USAGE_KEY_SET = frozenset(USAGE_KEYS)
 _FIX_USAGE = "delete the file (the usage totals then count from the session info file)"
 
 
@@ -266,6 +270,7 @@ class _UsageLog:
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = -1
+        self.line = b""  # the line written, once it is
 
     def __enter__(self) -> _UsageLog:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -860,7 +865,7 @@ class FileSystemStorage(Durable, ConversationStorage):
     ) -> None:
         # One write; the file is never rewritten. A damaged history is refused
         # (CorruptSessionError), like every read but save's. Numbers to ``add`` (the usage
-        # totals) go to the meta file under the same lock, after the messages.
+        # totals) go to the usage log under the same lock, just before the messages.
         path, meta_path = self._paths(session_id)
         data = _serialize(messages, one_append=True)
         cut = await self._run(self._append_sync, session_id, path, meta_path, data, add)
@@ -897,8 +902,15 @@ class FileSystemStorage(Durable, ConversationStorage):
             self._index.note(_stem_of(path), stamp, session_id)
             if size == 0:
                 self._ensure_meta(session_id, meta_path, stamp)
-            if data:
-                _write_all(fd, data)
+            if log is not None:  # first: if the process dies before the history is written,
+                self._add_usage(log, add)  # the model call it counts still happened
+            try:
+                if data:
+                    _write_all(fd, data)
+            except BaseException:
+                if log is not None:
+                    os.ftruncate(log.fd, log.end)  # a failed append adds nothing
+                raise
             os.utime(fd, ns=(stamp, stamp))
             new_end = end + len(data)
             if not head or len(head) < _MARK_BYTES:
@@ -912,19 +924,17 @@ class FileSystemStorage(Durable, ConversationStorage):
                 if size == 0:
                     _fsync_dir(self._dir)
             self._checked[path] = ((st.st_dev, st.st_ino), new_end, fingerprint, lines)
-            if log is not None:
-                self._add_usage(log, add, stamp)
+            if log is not None and log.end + len(log.line) > _USAGE_LOG_LIMIT:
+                self._replace(log.path, log.line, stamp)  # the totals so far, alone
             return cut
 
-    def _add_usage(self, log: _UsageLog, add: Mapping[str, int], stamp: int) -> None:
-        """Add ``add`` to the usage log's running totals; the caller holds the session's lock."""
-        line = (json.dumps(merge_reserved(log.totals, add, {})) + "\n").encode()
-        if log.end + len(line) > _USAGE_LOG_LIMIT:
-            self._replace(log.path, line, stamp)
-            return
-        os.pwrite(log.fd, line, log.end)  # over a torn last line, if a crash left one
-        if log.size > log.end + len(line):
-            os.ftruncate(log.fd, log.end + len(line))
+    def _add_usage(self, log: _UsageLog, add: Mapping[str, int]) -> None:
+        """Write the usage log's new running totals (``add`` added) after its last whole line;
+        the caller holds the session's lock."""
+        log.line = (json.dumps(merge_reserved(log.totals, add, {})) + "\n").encode()
+        os.pwrite(log.fd, log.line, log.end)  # over a torn last line, if a crash left one
+        if log.size > log.end + len(log.line):
+            os.ftruncate(log.fd, log.end + len(log.line))
         if self._fsync:
             os.fsync(log.fd)
             if log.size == 0:
@@ -1328,10 +1338,12 @@ class FileSystemStorage(Durable, ConversationStorage):
     async def _change_reserved(
         self, session_id: str, add: dict[str, int], put: dict[str, Any]
     ) -> None:
-        # the reserved info lives in the meta file, beside the app-set info
+        # the reserved info lives in the meta file, beside the app-set info (and the usage
+        # log, which totals set whole replace)
         path, meta_path = self._paths(session_id)
         change = functools.partial(put_reserved, add=add, put=put)
-        await self._run(self._change_meta_sync, session_id, path, meta_path, change, True)
+        drop_log = not _USAGE_KEY_SET.isdisjoint(put)
+        await self._run(self._change_meta_sync, session_id, path, meta_path, change, True, drop_log)
 
     def _change_meta_sync(
         self,
@@ -1340,35 +1352,30 @@ class FileSystemStorage(Durable, ConversationStorage):
         meta_path: str,
         change: Callable[[dict[str, Any]], bool],
         create: bool,
+        drop_usage_log: bool = False,
     ) -> None:
-        """Read-modify-write the meta file under the session's lock."""
+        """Read-modify-write the meta file under the session's lock (removing the usage log
+        first if ``drop_usage_log``: usage totals set whole replace what it holds)."""
         with self._locked(path, write=True, create=create) as fd:
-            if fd is not None:
-                self._edit_meta_locked(session_id, fd, path, meta_path, change, _stamp())
-
-    def _edit_meta_locked(
-        self,
-        session_id: str,
-        fd: int,
-        path: str,
-        meta_path: str,
-        change: Callable[[dict[str, Any]], bool],
-        stamp: int,
-    ) -> None:
-        """Read-modify-write the meta file; the caller holds the session's write lock."""
-        meta = self._read_meta(meta_path)
-        if meta is None:
-            meta = self._new_meta(session_id, stamp)
-            size = os.fstat(fd).st_size
-            if size:  # a history written without us (by hand): it began with its first line
-                first, _ = self._head(fd, path, _complete_end_of_fd(fd, size), want_title=False)
-                if first is not None:
-                    meta["created_at"] = first.isoformat()
-        if change(meta):
-            meta["session_id"] = session_id
-            info = (meta.get("user_id"), meta.get("status") or "active")
-            self._index.note(_stem_of(path), stamp, session_id, info)
-            self._write_meta(meta_path, meta, stamp)
+            if fd is None:
+                return
+            if drop_usage_log:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_usage_path(path))
+            stamp = _stamp()
+            meta = self._read_meta(meta_path)
+            if meta is None:
+                meta = self._new_meta(session_id, stamp)
+                size = os.fstat(fd).st_size
+                if size:  # a history written without us (by hand): it began with its first line
+                    first, _ = self._head(fd, path, _complete_end_of_fd(fd, size), want_title=False)
+                    if first is not None:
+                        meta["created_at"] = first.isoformat()
+            if change(meta):
+                meta["session_id"] = session_id
+                info = (meta.get("user_id"), meta.get("status") or "active")
+                self._index.note(_stem_of(path), stamp, session_id, info)
+                self._write_meta(meta_path, meta, stamp)
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         # A damaged session (its meta file or a history line) is left out with a warning

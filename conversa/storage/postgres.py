@@ -67,7 +67,6 @@ from ._lease import Waiting, local_lease, poll
 from ._search import index_text, matches, stored_text, tsquery
 from ._stored import (
     FLOW_ROUTE_KEY,
-    NO_FLOW,
     RESERVED_FIELD,
     SessionFlow,
     decode_flow,
@@ -816,12 +815,8 @@ class PostgresStorage(ConversationStorage):
             if row["key"] is not None
         }
         raw = rows[0]["reserved"]
-        flow = (
-            NO_FLOW
-            if raw is None
-            else decode_flow(session_id, raw, f"table {n.sessions} at {self._shown}")
-        )
-        return entries, flow
+        # no row (an unknown session) reads as no reserved info: no flow
+        return entries, decode_flow(session_id, raw, f"table {n.sessions} at {self._shown}")
 
     async def _set_state(self, session_id: str, entries: dict[str, dict[str, Any]]) -> None:
         # one statement, which also drops the session's expired keys

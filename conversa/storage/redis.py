@@ -138,6 +138,18 @@ local function set_title(off, base, title, has)
   redis.call('HSET', KEYS[2], 'aidx', base + tonumber(off))
   if has == '1' then redis.call('HSET', KEYS[2], 'atitle', title) end
 end
+-- Checked before a script adds to reserved counters, since a failing HINCRBY would leave the
+-- script's earlier writes in place: nil if each named field is absent or an integer.
+local function bad_count(fields)
+  for _, field in ipairs(fields) do
+    local v = redis.call('HGET', KEYS[2], 'r:' .. field)
+    if v and not string.match(v, '^%-?%d+$') then
+      return redis.error_reply('the reserved field r:' .. field .. ' of session ' .. ARGV[1] ..
+        ' is not an integer; fix or delete it')
+    end
+  end
+  return nil
+end
 local function cut(keep)
   if keep == 0 then
     redis.call('DEL', KEYS[1])
@@ -155,6 +167,10 @@ end
 _APPEND = """
 local adds = tonumber(ARGV[6])
 local first = 7 + 2 * adds
+local fields = {}
+for i = 7, first - 1, 2 do fields[#fields + 1] = ARGV[i] end
+local bad = bad_count(fields)
+if bad then return bad end
 for i = 7, first - 1, 2 do
   redis.call('HINCRBY', KEYS[2], 'r:' .. ARGV[i], ARGV[i + 1])
 end
@@ -286,6 +302,12 @@ return 0
 # ARGV 3...: triples (op 'a' add or 's' set, reserved key, integer or JSON text). Each reserved
 # key is its own field "r:KEY" of the info hash, so adding to a counter is one HINCRBY.
 _CHANGE_RESERVED = """
+local fields = {}
+for i = 3, #ARGV, 3 do
+  if ARGV[i] == 'a' then fields[#fields + 1] = ARGV[i + 1] end
+end
+local bad = bad_count(fields)
+if bad then return bad end
 for i = 3, #ARGV, 3 do
   if ARGV[i] == 'a' then
     redis.call('HINCRBY', KEYS[2], 'r:' .. ARGV[i + 1], ARGV[i + 2])

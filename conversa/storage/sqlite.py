@@ -837,10 +837,22 @@ def _get_state(conn: sqlite3.Connection, sid: str) -> dict[str, StateEntry]:
 def _state_and_flow(
     conn: sqlite3.Connection, sid: str
 ) -> tuple[dict[str, StateEntry], SessionFlow]:
-    row = conn.execute("SELECT reserved FROM sessions WHERE id = ?", (sid,)).fetchone()
-    where = functools.partial(_where, conn, "sessions")
-    flow = NO_FLOW if row is None else decode_flow(sid, row[0], where)
-    return _get_state(conn, sid), flow
+    # one statement, so one snapshot: the session's row beside each live key
+    rows = conn.execute(
+        "SELECT s.id, s.reserved, st.key, st.value, st.expires_at FROM (SELECT ? AS sid) AS q "
+        "LEFT JOIN sessions AS s ON s.id = q.sid LEFT JOIN state AS st ON st.session_id = q.sid "
+        "AND (st.expires_at IS NULL OR st.expires_at > ?)",
+        (sid, time.time()),
+    ).fetchall()
+    where = functools.partial(_where, conn, "state")
+    entries = {
+        key: decode_state(sid, key, value, exp, where)
+        for _, _, key, value, exp in rows
+        if key is not None
+    }
+    found, reserved = rows[0][:2]
+    sessions = functools.partial(_where, conn, "sessions")
+    return entries, NO_FLOW if found is None else decode_flow(sid, reserved, sessions)
 
 
 def _set_state(

@@ -1027,6 +1027,24 @@ class StorageConformance(LeaseConformance):
         await storage.set_state(sid, {"forever": 0}, expires_at=now - timedelta(seconds=1))
         assert await storage.get_state(sid) == {"long": 2, "gone": "back"}
 
+    async def test_a_copy_replaces_the_usage_totals_whole(
+        self, storage: ConversationStorage
+    ) -> None:
+        from ..storage.memory import InMemoryStorage
+        from ..storage.transfer import copy_session
+
+        sid = _sid()
+        await storage.append(sid, [_user("old")], usage=UsageTotals(10, 2, 1))
+        await storage.add_usage(sid, prompt_tokens=3, calls=1)
+        source = InMemoryStorage()
+        await source.append(sid, [_user("new")], usage=UsageTotals(5, 0, 1))
+        await copy_session(source, storage, sid)
+        info = await storage.get_info(sid)
+        assert info is not None and info.usage == UsageTotals(5, 0, 1)
+        await storage.append(sid, [ChatMessage.assistant("a")], usage=UsageTotals(1, 1, 1))
+        info = await storage.get_info(sid)
+        assert info is not None and info.usage == UsageTotals(6, 1, 2)
+
     async def test_state_and_flow_are_read_together(self, storage: ConversationStorage) -> None:
         sid = _sid()
         assert await storage.get_state_and_flow(sid) == ({}, SessionFlow())
