@@ -254,7 +254,9 @@ class Transcript:
             while not write.done():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.shield(write)
-            if not write.cancelled() and write.exception() is None:
+            if not write.cancelled() and (
+                write.exception() is None or await self._landed(messages)
+            ):
                 self.cache.extend(messages)
             raise
         except Exception:
@@ -264,12 +266,17 @@ class Transcript:
         self.cache.extend(messages)
 
     async def _landed(self, messages: Sequence[ChatMessage]) -> bool:
-        """Whether the last of ``messages`` is the newest stored message (False if unknown)."""
+        """Whether a write of ``messages`` that failed was stored all the same: the history is
+        as long as the cache and they, and ends with the last of them (False if unknown)."""
+        if not messages:
+            return False
         try:
-            newest = await self.storage.tail(self.session_id, 1) if messages else []
+            count = await self.storage.count(self.session_id)
+            newest = await self.storage.tail(self.session_id, 1)
         except Exception:
             return False
-        return bool(newest) and newest[-1].id == messages[-1].id
+        expected = len(self) + len(messages)
+        return count == expected and bool(newest) and newest[-1].id == messages[-1].id
 
     async def add_usage(self, usage: Usage, calls: int) -> None:
         """Add what model calls used to the session's stored totals (SessionInfo.usage)."""

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -1223,3 +1225,40 @@ async def test_an_append_that_fails_takes_its_usage_back(
     assert log.read_bytes() == before
     info = await store.get_info("s")
     assert info is not None and _usage_of(info) == (10, 2, 1) and info.message_count == 1
+
+
+_DIES_BETWEEN = """
+import asyncio, os, sys
+import conversa.storage.filesystem as fs
+from conversa import ChatMessage
+from conversa.storage import UsageTotals
+
+real = fs._write_all
+
+
+def dying(fd, data):
+    if b"DIES-HERE" in data:
+        os._exit(3)  # killed after the usage line, before the history is written
+    real(fd, data)
+
+
+fs._write_all = dying
+store = fs.FileSystemStorage(sys.argv[1])
+asyncio.run(store.append("s", [ChatMessage.assistant("DIES-HERE")], usage=UsageTotals(4, 2, 1)))
+"""
+
+
+async def test_an_append_killed_before_its_messages_still_counts_its_model_call(
+    store: FileSystemStorage,
+) -> None:
+    await store.append("s", [ChatMessage.user("q")], usage=UsageTotals(10, 2, 1))
+    child = subprocess.run(
+        [sys.executable, "-c", _DIES_BETWEEN, store.directory], timeout=60, capture_output=True
+    )
+    assert child.returncode == 3, child.stderr
+    info = await store.get_info("s")
+    assert info is not None and info.message_count == 1  # the reply was never written
+    assert _usage_of(info) == (14, 4, 2)  # the call that produced it did happen
+    await store.append("s", [ChatMessage.assistant("again")], usage=UsageTotals(1, 1, 1))
+    info = await store.get_info("s")
+    assert info is not None and info.message_count == 2 and _usage_of(info) == (15, 5, 3)

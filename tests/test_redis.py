@@ -184,15 +184,20 @@ async def test_a_damaged_counter_refuses_the_write_whole(
     store: RedisStorage, admin: Any, prefix: str
 ) -> None:
     await store.append("s", [ChatMessage.user("q")], usage=UsageTotals(10, 2, 1))
-    await admin.hset(f"{prefix}i:s", "r:usage.calls", "many")
+    for damage in ("many", "007", "1" * 19):
+        await admin.hset(f"{prefix}i:s", "r:usage.calls", damage)
+        await _refused_whole(store)
+    assert await store.count("s") == 1  # nothing of any write was applied
+    assert await admin.hget(f"{prefix}i:s", "r:usage.prompt_tokens") == "10"
+
+
+async def _refused_whole(store: RedisStorage) -> None:
     for write in (
         store.append("s", [ChatMessage.assistant("a")], usage=UsageTotals(1, 1, 1)),
         store.add_usage("s", prompt_tokens=1, calls=1),
     ):
-        with pytest.raises(StorageError, match=r"r:usage\.calls of session s is not an integer"):
+        with pytest.raises(CorruptSessionError, match=r"r:usage\.calls of session s at .*damaged"):
             await write
-    assert await store.count("s") == 1  # nothing of either write was applied
-    assert await admin.hget(f"{prefix}i:s", "r:usage.prompt_tokens") == "10"
 
 
 def client_saw_the_drop(storage: RedisStorage) -> bool:

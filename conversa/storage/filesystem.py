@@ -902,14 +902,16 @@ class FileSystemStorage(Durable, ConversationStorage):
             self._index.note(_stem_of(path), stamp, session_id)
             if size == 0:
                 self._ensure_meta(session_id, meta_path, stamp)
-            if log is not None:  # first: if the process dies before the history is written,
-                self._add_usage(log, add)  # the model call it counts still happened
             try:
+                if log is not None:  # first: if the process dies before the history is written,
+                    self._add_usage(log, add)  # the model call it counts still happened
                 if data:
                     _write_all(fd, data)
             except BaseException:
-                if log is not None:
-                    os.ftruncate(log.fd, log.end)  # a failed append adds nothing
+                if log is not None:  # a failed append adds nothing
+                    os.ftruncate(log.fd, log.end)
+                    if self._fsync:
+                        os.fsync(log.fd)
                 raise
             os.utime(fd, ns=(stamp, stamp))
             new_end = end + len(data)
@@ -1354,14 +1356,11 @@ class FileSystemStorage(Durable, ConversationStorage):
         create: bool,
         drop_usage_log: bool = False,
     ) -> None:
-        """Read-modify-write the meta file under the session's lock (removing the usage log
-        first if ``drop_usage_log``: usage totals set whole replace what it holds)."""
+        """Read-modify-write the meta file under the session's lock (then removing the usage
+        log if ``drop_usage_log``: usage totals set whole replace what it holds)."""
         with self._locked(path, write=True, create=create) as fd:
             if fd is None:
                 return
-            if drop_usage_log:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(_usage_path(path))
             stamp = _stamp()
             meta = self._read_meta(meta_path)
             if meta is None:
@@ -1376,6 +1375,9 @@ class FileSystemStorage(Durable, ConversationStorage):
                 info = (meta.get("user_id"), meta.get("status") or "active")
                 self._index.note(_stem_of(path), stamp, session_id, info)
                 self._write_meta(meta_path, meta, stamp)
+            if drop_usage_log:  # after: a meta write that fails leaves both as they were
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_usage_path(path))
 
     async def _find(self, query: SessionQuery) -> list[SessionInfo]:
         # A damaged session (its meta file or a history line) is left out with a warning

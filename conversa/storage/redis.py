@@ -143,9 +143,9 @@ end
 local function bad_count(fields)
   for _, field in ipairs(fields) do
     local v = redis.call('HGET', KEYS[2], 'r:' .. field)
-    if v and not string.match(v, '^%-?%d+$') then
-      return redis.error_reply('the reserved field r:' .. field .. ' of session ' .. ARGV[1] ..
-        ' is not an integer; fix or delete it')
+    if v and not ((v == '0' or string.match(v, '^%-?[1-9]%d*$')) and #v <= 18) then
+      return redis.error_reply('CORRUPT the reserved field r:' .. field .. ' of session ' ..
+        ARGV[1])
     end
   end
   return nil
@@ -319,6 +319,9 @@ touch()
 return 0
 """
 
+_CORRUPT = "CORRUPT "
+"""How a script's error reply says that stored data is damaged (see bad_count)."""
+
 _WRITE_SCRIPTS = {
     "change_reserved": _CHANGE_RESERVED,
     "append": _APPEND,
@@ -476,6 +479,10 @@ class RedisStorage(ConversationStorage):
                 _raise_if_cancelled(task, cancels, exc)
                 if "DB index" in str(exc) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                     raise self._unavailable(exc) from exc
+                said = str(exc)
+                if said.startswith(_CORRUPT):  # a script's check of stored data
+                    place = f"{said[len(_CORRUPT) :]} at {self._shown}"
+                    raise corrupt(place, "it is not an integer", "fix or delete it") from exc
                 raise StorageError(f"Redis at {self._shown} rejected a command: {exc}") from exc
             except e.RedisError as exc:
                 _raise_if_cancelled(task, cancels, exc)
