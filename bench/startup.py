@@ -1,6 +1,7 @@
 """Start-up time of the `conversa` command: `--help`, and the chat prompt in a pseudo-terminal.
 
     python bench/startup.py [--runs 7] [--compare DIR]
+    python bench/startup.py --resume [--runs 7]
 
 Targets: `conversa --help` under 0.3 s; the chat prompt ready under 0.5 s. Each number is the
 median of several runs. The chat runs against a FakeOpenAIServer on 127.0.0.1 (only its
@@ -9,6 +10,10 @@ address is needed: no message is sent), with a session of 50 stored messages to 
 The children may write their bytecode cache (PYTHONDONTWRITEBYTECODE is dropped from their
 environment, and the first, uncounted run writes it): an installed package has its .pyc files,
 and timing the compilation of every module from source measures the test box, not conversa.
+
+``--resume`` times the chat prompt resuming a session of 100 and one of 100,000 messages (file
+and SQLite, ``--context-window 8000``, the two sizes taking turns): issue 11's target 5, the
+100,000-message prompt at most 2x the 100-message one.
 
 ``--compare DIR`` times another copy of the code (a directory holding a ``conversa`` package,
 e.g. ``git archive HEAD~3 conversa | tar -x -C DIR``) in the same sitting, its runs interleaved
@@ -47,11 +52,12 @@ def help_time(env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def prompt_time(env: dict[str, str]) -> float:
-    """Time from spawning `conversa chat` in a pty until its prompt is on the screen."""
+def prompt_time(env: dict[str, str], args: tuple[str, ...] = ()) -> float:
+    """Time from spawning `conversa chat [ARGS]` in a pty until its prompt is on the screen
+    (the session is the first of ``args``, else "bench")."""
     started = time.perf_counter()
-    child = pexpect.spawn(CONVERSA, ["chat"], env=env, encoding="utf-8", timeout=30)
-    child.expect_exact("bench> ")
+    child = pexpect.spawn(CONVERSA, ["chat", *args], env=env, encoding="utf-8", timeout=60)
+    child.expect_exact(f"{args[0] if args else 'bench'}> ")
     elapsed = time.perf_counter() - started
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
@@ -59,20 +65,52 @@ def prompt_time(env: dict[str, str]) -> float:
     return elapsed
 
 
-def seed(url: str) -> None:
-    """A session with 50 messages, so that the chat resumes a real history."""
+def seed(url: str, session_id: str = "bench", size: int = 50) -> None:
+    """A session with ``size`` messages, so that the chat resumes a real history."""
 
     async def fill() -> None:
         storage = open_storage(url)
-        texts = [f"message number {i} " * 5 for i in range(50)]
+        texts = [f"message number {i} " * 5 for i in range(size)]
         history = [
             ChatMessage.user(t) if i % 2 == 0 else ChatMessage.assistant(t)
             for i, t in enumerate(texts)
         ]
-        await storage.save("bench", history)
+        await storage.save(session_id, history)
         await storage.close()
 
     asyncio.run(fill())
+
+
+RESUME_SIZES = {"short": 100, "long": 100_000}
+RESUME_RATIO = 2.0
+
+
+def resume_main(env: dict[str, str], tmp: str, runs: int) -> bool:
+    """--resume: the chat prompt on the long session against the short one, per backend."""
+    ok = True
+    for name, storage in (
+        ("file", str(Path(tmp) / "sessions")),
+        ("sqlite", f"sqlite:///{tmp}/r.db"),
+    ):
+        for session_id, size in RESUME_SIZES.items():
+            seed(storage, session_id, size)
+        stored = {**env, "CONVERSA_STORAGE": storage}
+        samples: dict[str, list[float]] = {sid: [] for sid in RESUME_SIZES}
+        for sid in RESUME_SIZES:  # warm-up: file cache, bytecode, the window kept
+            prompt_time(stored, (sid, "--context-window", "8000"))
+        for _ in range(runs):
+            for sid in RESUME_SIZES:
+                samples[sid].append(prompt_time(stored, (sid,)))
+        for sid, size in RESUME_SIZES.items():
+            report(f"chat prompt ({name}, {size:,} msgs)", samples[sid], PROMPT_TARGET)
+        ratio = statistics.median(samples["long"]) / statistics.median(samples["short"])
+        met = ratio <= RESUME_RATIO
+        ok = ok and met
+        print(
+            f"  {name}: 100,000 / 100 = {ratio:.2f} (target <= {RESUME_RATIO})"
+            f"  {'ok' if met else 'MISSED'}"
+        )
+    return ok
 
 
 def report(name: str, samples: list[float], target: float) -> bool:
@@ -106,6 +144,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--compare", metavar="DIR", help="another copy of conversa to time too")
+    parser.add_argument("--resume", action="store_true", help="100 vs 100,000 stored messages")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAIServer() as server:
         for storage in (str(Path(tmp) / "sessions"), f"sqlite:///{tmp}/sessions.db"):
@@ -122,6 +161,8 @@ def main() -> int:
             "CONVERSA_MODEL": "fake-model",
             "PROMPT_TOOLKIT_NO_CPR": "1",
         }
+        if args.resume:
+            return 0 if resume_main(env, tmp, args.runs) else 1
         envs = {"": env}
         if args.compare:
             compared = str(Path(args.compare).resolve())
