@@ -1259,10 +1259,6 @@ class FileSystemStorage(Durable, ConversationStorage):
             if fd is None:
                 return None
             meta = self._read_meta(meta_path) or {}
-            logged = self._read_usage_log(_usage_path(path))
-            reserved = meta.get(RESERVED_FIELD)
-            if logged and (reserved is None or isinstance(reserved, dict)):
-                meta[RESERVED_FIELD] = merge_reserved(reserved or {}, logged, {})
             st = os.fstat(fd)
             end = _complete_end_of_fd(fd, st.st_size)
             updated_ns = st.st_mtime_ns
@@ -1272,6 +1268,10 @@ class FileSystemStorage(Durable, ConversationStorage):
                 meta.get("user_id"), meta.get("status") or "active"
             ):
                 return None
+            logged = self._read_usage_log(_usage_path(path))
+            reserved = meta.get(RESERVED_FIELD)
+            if logged and (reserved is None or isinstance(reserved, dict)):
+                meta[RESERVED_FIELD] = merge_reserved(reserved or {}, logged, {})
             title = meta.get("title")
             created = self._created_at(meta, meta_path)
             first_created, first_title = (None, None)

@@ -786,16 +786,7 @@ class PostgresStorage(ConversationStorage):
         return await self._run(op, retry=True, transaction=True)
 
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        sql = f"""SELECT key, value, expires_at FROM {self._names.state} WHERE session_id = $1
-                  AND (expires_at IS NULL OR expires_at > $2)"""
-        rows = await self._run(lambda con: con.fetch(sql, session_id, time.time()), retry=True)
-        where = f"table {self._names.state} at {self._shown}"
-        return {
-            (key := _unesc(row["key"])): decode_state(
-                session_id, key, row["value"], row["expires_at"], where
-            )
-            for row in rows
-        }
+        return (await self._state_and_flow(session_id))[0]
 
     async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
         # one round trip: the session's row (for its reserved info), each live key beside it

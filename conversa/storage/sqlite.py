@@ -43,7 +43,6 @@ from ._sqlite_migrations import (
 )
 from ._stored import (
     FLOW_ROUTE_KEY,
-    NO_FLOW,
     RESERVED_FIELD,
     SessionFlow,
     decode_flow,
@@ -283,7 +282,7 @@ class SqliteStorage(Durable, ConversationStorage):
     # -- session state --------------------------------------------------------------------
 
     async def _state_entries(self, session_id: str) -> dict[str, StateEntry]:
-        return await self._run(_get_state, session_id)
+        return (await self._run(_state_and_flow, session_id))[0]
 
     async def _state_and_flow(self, session_id: str) -> tuple[dict[str, StateEntry], SessionFlow]:
         return await self._run(_state_and_flow, session_id)
@@ -823,23 +822,13 @@ def _info(conn: sqlite3.Connection, sid: str, row: Sequence[Any]) -> SessionInfo
     )
 
 
-def _get_state(conn: sqlite3.Connection, sid: str) -> dict[str, StateEntry]:
-    now = time.time()
-    cur = conn.execute(
-        "SELECT key, value, expires_at FROM state WHERE session_id = ? "
-        "AND (expires_at IS NULL OR expires_at > ?)",
-        (sid, now),
-    )
-    where = functools.partial(_where, conn, "state")
-    return {key: decode_state(sid, key, value, exp, where) for key, value, exp in cur}
-
-
 def _state_and_flow(
     conn: sqlite3.Connection, sid: str
 ) -> tuple[dict[str, StateEntry], SessionFlow]:
-    # one statement, so one snapshot: the session's row beside each live key
+    # one statement, so one snapshot: the session's row beside each live key (an unknown
+    # session: one row of NULLs, which reads as no state and no flow)
     rows = conn.execute(
-        "SELECT s.id, s.reserved, st.key, st.value, st.expires_at FROM (SELECT ? AS sid) AS q "
+        "SELECT s.reserved, st.key, st.value, st.expires_at FROM (SELECT ? AS sid) AS q "
         "LEFT JOIN sessions AS s ON s.id = q.sid LEFT JOIN state AS st ON st.session_id = q.sid "
         "AND (st.expires_at IS NULL OR st.expires_at > ?)",
         (sid, time.time()),
@@ -847,12 +836,10 @@ def _state_and_flow(
     where = functools.partial(_where, conn, "state")
     entries = {
         key: decode_state(sid, key, value, exp, where)
-        for _, _, key, value, exp in rows
+        for _, key, value, exp in rows
         if key is not None
     }
-    found, reserved = rows[0][:2]
-    sessions = functools.partial(_where, conn, "sessions")
-    return entries, NO_FLOW if found is None else decode_flow(sid, reserved, sessions)
+    return entries, decode_flow(sid, rows[0][0], functools.partial(_where, conn, "sessions"))
 
 
 def _set_state(
