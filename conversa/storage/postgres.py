@@ -68,7 +68,6 @@ from ._search import index_text, matches, stored_text, tsquery
 from ._stored import (
     FLOW_ROUTE_KEY,
     RESERVED_FIELD,
-    SessionFlow,
     decode_flow,
     decode_info,
     decode_messages,
@@ -77,7 +76,7 @@ from ._stored import (
     merge_reserved,
 )
 from ._urls import import_optional, number_option, positive, query_options, redact_url
-from .base import ConversationStorage, SearchHit, SessionInfo, SessionQuery, StateEntry
+from .base import ConversationStorage, SearchHit, SessionFlow, SessionInfo, SessionQuery, StateEntry
 
 T = TypeVar("T")
 
