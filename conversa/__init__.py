@@ -71,6 +71,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see (`X as X`: re-exported); tests/test_
     from .storage import RouteVisit as RouteVisit
     from .storage import SessionFlow as SessionFlow
     from .storage import SessionInfo as SessionInfo
+    from .storage import SummaryMark as SummaryMark
     from .storage import UsageTotals as UsageTotals
     from .storage import open_storage as open_storage
     from .storage.base import SearchHit as SearchHit
@@ -137,6 +138,7 @@ _EXPORTS: dict[str, str] = {
     "StorageConfigError": ".errors",
     "StorageError": ".errors",
     "StreamEvent": ".model",
+    "SummaryMark": ".storage",
     "SyncSession": ".sync",
     "SyncState": ".sync",
     "TextDelta": ".model",

@@ -111,15 +111,14 @@ class Transcript:
     async def mark_summary(self, record_id: str, last_id: str) -> None:
         """Store where the summary just appended (``record_id``) is, and the last message it
         covers, so a resume finds it without scanning (both must be cached)."""
-        from .storage._stored import SUMMARY_KEYS, SummaryMark
+        from .storage._stored import SummaryMark
 
         at, end = self.position_of(record_id), self.position_of(last_id)
         if at is None or end is None or not end < at:
             return
-        await self.storage._change_reserved(
-            self.session_id, {}, dict(zip(SUMMARY_KEYS, (at, end), strict=True))
-        )
-        self._mark = SummaryMark(at, end)
+        mark = SummaryMark(at, end)
+        await self.storage.set_summary_mark(self.session_id, mark)
+        self._mark = mark
 
     def position_of(self, message_id: str) -> int | None:
         """The position in the whole history of a cached message (None: not cached)."""

@@ -20,8 +20,7 @@ from conversa.cli._app import cli
 from conversa.compaction import SummaryRange, summary_record
 from conversa.messages import ChatMessage
 from conversa.model import Usage
-from conversa.storage import ConversationStorage, UsageTotals, open_storage
-from conversa.storage._stored import SUMMARY_KEYS, SummaryMark
+from conversa.storage import ConversationStorage, SummaryMark, UsageTotals, open_storage
 
 REDIS = os.environ.get("CONVERSA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES = os.environ.get("CONVERSA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -92,8 +91,7 @@ async def _fill(url: str) -> None:
         )
         await storage.append("user-3", [record])
         await storage.add_usage("user-3", prompt_tokens=900, completion_tokens=80, calls=7)
-        marks = dict(zip(SUMMARY_KEYS, (len(history), 3), strict=True))
-        await storage._change_reserved("user-3", {}, marks)
+        await storage.set_summary_mark("user-3", SummaryMark(len(history), 3))
     finally:
         await storage.close()
 

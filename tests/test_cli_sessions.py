@@ -24,7 +24,6 @@ from conversa.model import Usage
 from conversa.storage import ConversationStorage, UsageTotals
 from conversa.storage._stored import (
     COMPLETED_AT_KEY,
-    SUMMARY_KEYS,
     RouteVisit,
     SessionFlow,
     SummaryMark,
@@ -363,7 +362,7 @@ def aged(tmp_path: Path) -> str:
         await storage.save("old", [*history, summary_of(history[:2])])
         # what compaction keeps beside the history: the totals and where the summary is
         await storage.add_usage("old", prompt_tokens=120, completion_tokens=30, calls=3)
-        await storage._change_reserved("old", {}, dict(zip(SUMMARY_KEYS, (3, 1), strict=True)))
+        await storage.set_summary_mark("old", SummaryMark(3, 1))
         await storage.set_state("old", {"token": "t"}, ttl=6)
         await storage.set_state("old", {"until": 1}, expires_at=datetime(2999, 1, 1, tzinfo=UTC))
         await storage.set_state("old", {"kept": [1]})

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import StateValueError, StorageConfigError, UnsupportedStorageURL
-from ._stored import RouteVisit, SessionFlow, UsageTotals
+from ._stored import RouteVisit, SessionFlow, SummaryMark, UsageTotals
 from ._urls import redact_url
 from .base import ConversationStorage, SessionInfo, StateEntry, validate_session_id
 from .memory import InMemoryStorage
@@ -34,6 +34,7 @@ __all__ = [
     "StateEntry",
     "StateValueError",
     "StorageConfigError",
+    "SummaryMark",
     "UsageTotals",
     "open_storage",
     "validate_session_id",

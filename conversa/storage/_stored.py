@@ -304,6 +304,12 @@ def summary_mark(reserved: Mapping[str, Any]) -> SummaryMark | None:
     return SummaryMark(at, covered_to) if covered_to < at else None
 
 
+def summary_reserved(mark: SummaryMark | None) -> dict[str, Any]:
+    """The reserved keys and values that store ``mark`` (both keys, so a put replaces it)."""
+    fields = (mark.at, mark.covered_to) if mark is not None else (None, None)
+    return dict(zip(SUMMARY_KEYS, fields, strict=True))
+
+
 def flow_reserved(flow: SessionFlow) -> dict[str, Any]:
     """The reserved keys and values that store ``flow`` (every flow key, so a put replaces it)."""
     return dict(

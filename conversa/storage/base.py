@@ -81,6 +81,7 @@ from ._stored import (
     SessionInfo,
     SessionStatus,
     StateEntry,
+    SummaryMark,
     UsageTotals,
     copy_json,
     decode_info,
@@ -89,6 +90,7 @@ from ._stored import (
     from_ts,
     merge_reserved,
     state_entry,
+    summary_reserved,
     title_from,
     to_micros,
 )
@@ -319,6 +321,12 @@ class ConversationStorage(ABC):
         """
         validate_session_id(session_id)
         await self._change_reserved(session_id, {}, flow_reserved(check_flow(flow)))
+
+    async def set_summary_mark(self, session_id: str, mark: SummaryMark | None) -> None:
+        """Store where the newest compaction summary is (``SessionInfo.summary_mark``; None
+        forgets it), in one atomic write; compaction keeps it so a resume need not scan."""
+        validate_session_id(session_id)
+        await self._change_reserved(session_id, {}, summary_reserved(check_summary_mark(mark)))
 
     async def add_usage(
         self, session_id: str, *, prompt_tokens: int = 0, completion_tokens: int = 0, calls: int = 0
@@ -713,6 +721,24 @@ def info_fields(
 MAX_FLOW_ID_LENGTH = 256
 FLOW_HISTORY_LIMIT = 256
 """The most route visits a flow keeps (session.flow drops the oldest beyond it)."""
+
+
+def check_summary_mark(mark: object) -> SummaryMark | None:
+    """``mark`` if it is None or two positions with the summary after what it covers, else
+    StateValueError (a mark a read would drop is refused before it is stored)."""
+    if mark is None:
+        return None
+    if not isinstance(mark, SummaryMark):
+        raise StateValueError(f"a summary mark must be a SummaryMark or None, not {mark!r}")
+    fields = (mark.at, mark.covered_to)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields):
+        raise StateValueError(f"a summary mark holds two positions (ints >= 0), not {mark!r}")
+    if not mark.covered_to < mark.at:
+        raise StateValueError(
+            f"a summary mark's record comes after the messages it covers: {mark!r} has "
+            "covered_to >= at"
+        )
+    return mark
 
 
 def check_flow_id(value: object, what: str) -> str:

@@ -12,12 +12,13 @@ from ..messages import ChatMessage
 from ._stored import (
     COMPLETED_AT_KEY,
     NO_FLOW,
-    SUMMARY_KEYS,
     USAGE_KEYS,
     SessionFlow,
     StateEntry,
+    SummaryMark,
     UsageTotals,
     flow_reserved,
+    summary_reserved,
     title_from,
     to_micros,
 )
@@ -71,7 +72,7 @@ async def write_session(
     reserved: dict[str, Any] = dict(
         zip(USAGE_KEYS, (totals.prompt_tokens, totals.completion_tokens, totals.calls), strict=True)
     )
-    reserved.update(zip(SUMMARY_KEYS, summary_position(history) or (None, None), strict=True))
+    reserved.update(summary_reserved(summary_position(history)))
     reserved.update(flow_reserved(flow))
     if completed_at is not None and status != "active":  # the original's moment, not now
         reserved[COMPLETED_AT_KEY] = to_micros(completed_at)
@@ -81,9 +82,9 @@ async def write_session(
     return await target.count(session_id)
 
 
-def summary_position(history: Sequence[ChatMessage]) -> tuple[int, int] | None:
-    """Where the newest summary record is and the position of the last message it covers
-    (a SummaryMark's two fields), or None if the history has no well-formed one."""
+def summary_position(history: Sequence[ChatMessage]) -> SummaryMark | None:
+    """Where the newest summary record is and the position of the last message it covers,
+    or None if the history has no well-formed one."""
     from ..compaction import summary_range
 
     for at in range(len(history) - 1, -1, -1):
@@ -91,7 +92,7 @@ def summary_position(history: Sequence[ChatMessage]) -> tuple[int, int] | None:
         if covers is not None:
             for k in range(at - 1, -1, -1):
                 if history[k].id == covers.last_id:
-                    return at, k
+                    return SummaryMark(at, k)
     return None
 
 

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from ..errors import InvalidSessionId, SessionBusy, StateValueError, StorageError
 from ..messages import ChatMessage, Role, ToolCall
-from ..storage._stored import RouteVisit, SessionFlow, StateEntry, UsageTotals
+from ..storage._stored import RouteVisit, SessionFlow, StateEntry, SummaryMark, UsageTotals
 from ..storage.base import ConversationStorage
 
 # -- strategies: arbitrary valid messages ------------------------------------------------
@@ -825,6 +825,43 @@ class StorageConformance(LeaseConformance):
         assert not await storage.exists(sid)
         with pytest.raises(InvalidSessionId):
             await storage.set_flow("", SessionFlow())
+
+    async def test_summary_mark_is_kept_with_the_info(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        await storage.append(sid, [_user(str(i)) for i in range(4)])
+        info = await storage.get_info(sid)
+        assert info is not None and info.summary_mark is None
+        await storage.set_summary_mark(sid, SummaryMark(3, 1))
+        await storage.add_usage(sid, calls=2)  # apart from the usage totals and the flow
+        await storage.set_flow(sid, SessionFlow())
+        info = await storage.get_info(sid)
+        assert info is not None and info.summary_mark == SummaryMark(3, 1)
+        assert info.usage.calls == 2 and info.message_count == 4
+        await storage.set_summary_mark(sid, SummaryMark(1, 0))  # replaced whole
+        info = await storage.get_info(sid)
+        assert info is not None and info.summary_mark == SummaryMark(1, 0)
+        await storage.set_summary_mark(sid, None)
+        info = await storage.get_info(sid)
+        assert info is not None and info.summary_mark is None
+        bad: list[Any] = [
+            (3, 1),
+            SummaryMark(1, 1),  # a summary does not cover itself
+            SummaryMark(1, 2),
+            SummaryMark(-1, -2),
+            SummaryMark(True, False),
+            SummaryMark(3.0, 1),  # type: ignore[arg-type]
+        ]
+        for mark in bad:
+            with pytest.raises(StateValueError):
+                await storage.set_summary_mark(sid, mark)
+        info = await storage.get_info(sid)
+        assert info is not None and info.summary_mark is None
+        fresh = _sid()
+        with pytest.raises(StateValueError):
+            await storage.set_summary_mark(fresh, SummaryMark(0, 0))
+        assert not await storage.exists(fresh)
+        with pytest.raises(InvalidSessionId):
+            await storage.set_summary_mark("", None)
 
     async def test_find_sessions_by_current_route(self, storage: ConversationStorage) -> None:
         user = f"user-{uuid.uuid4().hex[:8]}"
