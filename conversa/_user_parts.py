@@ -60,3 +60,29 @@ def content_part(value: Any) -> Any:
     data = data if isinstance(data, dict) else {}
     mime = data.get("mime_type") or "image/png"
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data.get('bytes')}"}}
+
+
+class UserPartAccess:
+    """Session's user-part methods: content attached to every user message sent to the model."""
+
+    __slots__ = ()
+    state: SessionState
+
+    async def set_user_part_text(self, name: str, text: str) -> None:
+        """Attach a text part to the user's messages until it is deleted."""
+        await self.state.set(part_key(name), text_part(text))
+
+    async def set_user_part_image(
+        self, name: str, image: bytes | str, mime_type: str = "image/png"
+    ) -> None:
+        """Attach an image (bytes or base64 text) to the user's messages until it is deleted."""
+        await self.state.set(part_key(name), image_part(image, mime_type))
+
+    async def delete_user_part(self, name: str) -> None:
+        """Stop attaching the part called ``name``."""
+        await self.state.delete(part_key(name))
+
+    async def clear_user_parts(self) -> None:
+        """Stop attaching any user part."""
+        for key in part_keys(self.state):
+            await self.state.delete(key)

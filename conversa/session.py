@@ -14,7 +14,7 @@ from ._session_options import SessionOptions, check_options, shows_options_of
 from ._state_views import KeyValueAccess
 from ._tool_calls import restore_journaled_result
 from ._user_parts import USER_PART_PREFIX as USER_PART_PREFIX
-from ._user_parts import image_part, part_key, part_keys, text_part, user_parts
+from ._user_parts import UserPartAccess, user_parts
 from .agent import CancelFlag, ToolProtocol, TurnSetup, run_turn
 from .compaction import Compaction, CompactionResult, compact_transcript, compaction_option
 from .context import (
@@ -51,11 +51,12 @@ DEFAULT_TURN_WAIT = DEFAULT_WAIT
 """Seconds a change waits for another process's turn on the session (then SessionBusy)."""
 
 
-class Session(KeyValueAccess):
+class Session(KeyValueAccess, UserPartAccess):
     """A conversation: its stored history, its state, and the agent that answers in it.
 
     ``session.get/set/delete/has/update`` and ``session["k"]`` are DCAF's sync shape of
-    ``session.state`` (see SessionState for when such changes are stored).
+    ``session.state`` (see SessionState for when such changes are stored); the
+    ``set_user_part_*`` methods attach content to every user message the model gets.
     """
 
     def __init__(
@@ -368,27 +369,6 @@ class Session(KeyValueAccess):
             stamp=self._flow.stamp,
         )
 
-    # -- user parts: content attached to every user message sent to the model ---------
-
-    async def set_user_part_text(self, name: str, text: str) -> None:
-        """Attach a text part to the user's messages until it is deleted."""
-        await self.state.set(part_key(name), text_part(text))
-
-    async def set_user_part_image(
-        self, name: str, image: bytes | str, mime_type: str = "image/png"
-    ) -> None:
-        """Attach an image (bytes or base64 text) to the user's messages until it is deleted."""
-        await self.state.set(part_key(name), image_part(image, mime_type))
-
-    async def delete_user_part(self, name: str) -> None:
-        """Stop attaching the part called ``name``."""
-        await self.state.delete(part_key(name))
-
-    async def clear_user_parts(self) -> None:
-        """Stop attaching any user part."""
-        for key in part_keys(self.state):
-            await self.state.delete(key)
-
     async def close(self) -> None:
         """Store pending sync state changes; close the storage if create_session opened it."""
         try:
@@ -435,15 +415,20 @@ async def create_session(
     oldest messages when the prompt nears ``context_window``, instead of only trimming.
     """
     store = open_storage(storage)
-    session = Session(session_id, store, **options)
-    session._owns_storage = store is not storage
-    if not await store.exists(session_id):
-        async with session._leased():
-            await store.append(session_id, [])  # unlike save, never erases what another wrote
-    await session.refresh()
-    await session._reload_state()
-    if session.user_id is not None:
-        info = await store.get_info(session_id)
-        if info is None or info.user_id != session.user_id:
-            await store.update_info(session_id, user_id=session.user_id)
+    try:
+        session = Session(session_id, store, **options)
+        session._owns_storage = store is not storage
+        if not await store.exists(session_id):
+            async with session._leased():
+                await store.append(session_id, [])  # unlike save, never erases another's
+        await session.refresh()
+        await session._reload_state()
+        if session.user_id is not None:
+            info = await store.get_info(session_id)
+            if info is None or info.user_id != session.user_id:
+                await store.update_info(session_id, user_id=session.user_id)
+    except BaseException:
+        if store is not storage:  # nothing else holds it: its threads and connections end
+            await store.close()
+        raise
     return session

@@ -10,17 +10,20 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _wait import wait_for
 
-from conversa import ChatMessage, open_storage
+from conversa import ChatMessage, create_session, open_storage
 from conversa.errors import (
     CorruptSessionError,
     InvalidSessionId,
+    SessionBusy,
     StorageError,
     UnsupportedStorageURL,
 )
@@ -198,6 +201,31 @@ async def test_not_a_database(tmp_path: Path, content: bytes) -> None:
     assert "not a conversa SQLite database" in message
     assert path.read_bytes() == content  # left untouched
     await store.close()
+
+
+async def test_create_session_that_fails_closes_the_storage_it_opened(tmp_path: Path) -> None:
+    def workers() -> int:
+        return sum(t.name == "conversa-sqlite" for t in threading.enumerate())
+
+    before = workers()
+    path = tmp_path / "s.db"
+    holder = SqliteStorage(path)
+    await holder.append("other", [ChatMessage.user("x")])
+
+    errors: list[BaseException] = []  # their tracebacks keep each try's storage alive
+    async with holder.lease("s", wait=0):
+        for _ in range(3):  # a service retrying must not gather a connection per try
+            with pytest.raises(SessionBusy) as caught:
+                await create_session("s", f"sqlite:///{path}", turn_wait=0)
+            errors.append(caught.value)
+        await wait_for(
+            lambda: workers() <= before + 1, "the connections create_session opened to close"
+        )
+        # a storage the caller passed stays the caller's to close
+        with pytest.raises(SessionBusy):
+            await create_session("s", holder, turn_wait=0)
+        assert await holder.count("other") == 1
+    await holder.close()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
