@@ -48,7 +48,7 @@ from .events import (
 )
 from .messages import ChatMessage, ToolCall
 from .model import INVALID_CALLS_KEY, ChatModel, ModelResponse, TextDelta, Usage
-from .state import JOURNAL_KEY, SessionState
+from .state import JOURNAL_KEY, SessionState, StateChanges
 from .text_protocol import observation, parse_text_reply
 
 if TYPE_CHECKING:
@@ -128,9 +128,6 @@ class _Turn:
     async def store(self, *messages: ChatMessage) -> None:
         """Store messages, and with them what the turn's model calls used since the last
         record (one write: the reply of a model call carries that call's usage)."""
-        if self.calls == self.recorded[1]:  # no model call since: a user message, say
-            await self.transcript.append(self.stamped(messages))
-            return
         usage, calls = self._unrecorded()
         stored, now = len(self.transcript), (self.usage, self.calls)
         try:
@@ -142,6 +139,12 @@ class _Turn:
     def stamped(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
         stamp = self.setup.stamp
         return messages if stamp is None else stamp(messages)
+
+    async def store_result(self, result: ChatMessage, changes: StateChanges | None) -> bool:
+        """Store a tool's result after its state changes (``_tool_calls.store_result``),
+        stamped first: the journal holds it as it is stored. True if a journal was written."""
+        (stamped,) = self.stamped([result])
+        return await store_result(self.transcript, self.setup.state, stamped, changes)
 
     async def record_usage(self) -> None:
         """Add what this turn used and no stored message carried to the session's totals."""
@@ -372,9 +375,7 @@ async def _run_tool_calls(turn: _Turn, message: ChatMessage) -> AsyncGenerator[T
             call = action.call
             output, ok, changes = (await task) if task is not None else (denied(call), False, None)
             result = ChatMessage.tool(call.id, output, metadata={"tool": call.name, "ok": ok})
-            (result,) = turn.stamped([result])  # the journal holds it as it is to be stored
-            stored = await store_result(turn.transcript, setup.state, result, changes)
-            journaled = stored or journaled
+            journaled = await turn.store_result(result, changes) or journaled
             turn.steps.append(Step(thought, call.name, action.action_input, output))
             yield ToolDone(call, output, ok)
         if journaled and setup.state is not None:
@@ -419,8 +420,7 @@ async def _text_step(turn: _Turn, message: ChatMessage) -> AsyncGenerator[TurnEv
             raise
         turn.steps.append(Step(reply.thought, reply.action, reply.action_input, output))
         yield ToolDone(call, output, ok)
-        (result,) = turn.stamped([observation(output, tool=reply.action)])
-        if await store_result(turn.transcript, setup.state, result, changes):
+        if await turn.store_result(observation(output, tool=reply.action), changes):
             assert setup.state is not None
             await setup.state.delete(JOURNAL_KEY)
         return

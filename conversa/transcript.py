@@ -245,7 +245,7 @@ class Transcript:
         is stored. So does a look at the newest stored message after a write that failed: a
         server may commit a write and lose only its reply.
         """
-        totals = _totals(usage, calls) if usage is not None or calls else None
+        totals = _totals(usage, calls) if usage is not None else None
         write = asyncio.ensure_future(self.storage.append(self.session_id, messages, usage=totals))
         try:
             await asyncio.shield(write)
@@ -313,8 +313,6 @@ class Transcript:
             await self.append(dangling)
 
 
-def _totals(usage: Usage | None, calls: int) -> UsageTotals:
+def _totals(usage: Usage, calls: int) -> UsageTotals:
     """What model calls used, as stored totals (a server's negative counts taken as 0)."""
-    if usage is None:
-        return UsageTotals(calls=calls)
     return UsageTotals(max(0, usage.prompt_tokens), max(0, usage.completion_tokens), calls)
