@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ._prompt_history import PromptHistory
     from .context import PromptOptions
     from .model import ChatModel, Usage
+    from .storage import SummaryMark
     from .transcript import Transcript
 
 Counter = Callable[[dict[str, Any]], int]
@@ -115,6 +116,20 @@ def summary_range(message: ChatMessage) -> SummaryRange | None:
     if not (isinstance(first, str) and isinstance(last, str) and first and last):
         return None
     return SummaryRange(first, last, covered if isinstance(covered, int) else 0)
+
+
+def newest_summary(history: Sequence[ChatMessage]) -> SummaryMark | None:
+    """Where the newest summary record of ``history`` is and the position of the last message
+    it covers, or None if it has no well-formed one (a summary whose messages are gone)."""
+    from .storage import SummaryMark
+
+    for at in range(len(history) - 1, -1, -1):
+        covers = summary_range(history[at])
+        if covers is not None:
+            for k in range(at - 1, -1, -1):
+                if history[k].id == covers.last_id:
+                    return SummaryMark(at, k)
+    return None
 
 
 def summary_record(
@@ -349,15 +364,9 @@ async def _older_part(
     summary among them (read when compaction starts on a history that outgrew its window
     before it was on, or whose summary the cache did not reach)."""
     older = await transcript.older_than_cache()
-    for at in range(len(older) - 1, -1, -1):
-        covers = summary_range(older[at])
-        if covers is None:
-            continue
-        for k in range(at - 1, -1, -1):
-            if older[k].id == covers.last_id:
-                rest = [m for m in older[k + 1 :] if summary_range(m) is None]
-                return rest, older[at]
-    return [m for m in older if summary_range(m) is None], None
+    mark = newest_summary(older)
+    start, summary = (0, None) if mark is None else (mark.covered_to + 1, older[mark.at])
+    return [m for m in older[start:] if summary_range(m) is None], summary
 
 
 async def compact_transcript(

@@ -15,7 +15,6 @@ from ._stored import (
     USAGE_KEYS,
     SessionFlow,
     StateEntry,
-    SummaryMark,
     UsageTotals,
     flow_reserved,
     summary_reserved,
@@ -52,6 +51,8 @@ async def write_session(
 ) -> int:
     """Replace a session whole (history, state with expiry, info, usage totals, flow, and
     both times if given); return the message count it has now."""
+    from ..compaction import newest_summary
+
     await target.save(session_id, history)
     await target.clear_state(session_id)
     by_expiry: dict[datetime | None, dict[str, Any]] = {}
@@ -72,7 +73,7 @@ async def write_session(
     reserved: dict[str, Any] = dict(
         zip(USAGE_KEYS, (totals.prompt_tokens, totals.completion_tokens, totals.calls), strict=True)
     )
-    reserved.update(summary_reserved(summary_position(history)))
+    reserved.update(summary_reserved(newest_summary(history)))
     reserved.update(flow_reserved(flow))
     if completed_at is not None and status != "active":  # the original's moment, not now
         reserved[COMPLETED_AT_KEY] = to_micros(completed_at)
@@ -80,20 +81,6 @@ async def write_session(
     if created_at is not None and updated_at is not None:
         await target.set_times(session_id, created_at=created_at, updated_at=updated_at)
     return await target.count(session_id)
-
-
-def summary_position(history: Sequence[ChatMessage]) -> SummaryMark | None:
-    """Where the newest summary record is and the position of the last message it covers,
-    or None if the history has no well-formed one."""
-    from ..compaction import summary_range
-
-    for at in range(len(history) - 1, -1, -1):
-        covers = summary_range(history[at])
-        if covers is not None:
-            for k in range(at - 1, -1, -1):
-                if history[k].id == covers.last_id:
-                    return SummaryMark(at, k)
-    return None
 
 
 async def copy_session(
