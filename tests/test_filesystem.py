@@ -642,19 +642,16 @@ async def test_hand_edited_file_without_final_newline_keeps_that_line(
 # -- tail: the newest lines, read from the end ---------------------------------------------
 
 
-async def test_tail_reads_only_the_end(
-    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tail(1) of a checked 1.5 MB history reads about one block, never the first lines."""
+async def _big_history(store: FileSystemStorage) -> list[ChatMessage]:
+    """1,000 messages of about 1.5 KB in session "s", stored in ten appends."""
     msgs = [_user(f"{i}:" + "x" * 1500) for i in range(1000)]
     for i in range(0, 1000, 100):
         await store.append("s", msgs[i : i + 100])
-    path = Path(store.directory) / "s.jsonl"
-    data = path.read_bytes()
-    first_nl = data.index(b"\n")
-    second = data[first_nl + 1 : data.index(b"\n", first_nl + 1)]
-    # Damage line 2 in place, keeping the file's size: the already checked part is not read.
-    path.write_bytes(data.replace(second, b"\xff" * len(second), 1))
+    return msgs
+
+
+def _counted_preads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the os.pread calls made from now on (the list grows as they come)."""
     read: list[int] = []
     real_pread = os.pread
 
@@ -663,6 +660,21 @@ async def test_tail_reads_only_the_end(
         return real_pread(fd, size, offset)
 
     monkeypatch.setattr(os, "pread", counting_pread)
+    return read
+
+
+async def test_tail_reads_only_the_end(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tail(1) of a checked 1.5 MB history reads about one block, never the first lines."""
+    msgs = await _big_history(store)
+    path = Path(store.directory) / "s.jsonl"
+    data = path.read_bytes()
+    first_nl = data.index(b"\n")
+    second = data[first_nl + 1 : data.index(b"\n", first_nl + 1)]
+    # Damage line 2 in place, keeping the file's size: the already checked part is not read.
+    path.write_bytes(data.replace(second, b"\xff" * len(second), 1))
+    read = _counted_preads(monkeypatch)
     assert await store.tail("s") == msgs[-1:]
     assert sum(read) <= 70_000 < len(data) // 20
     read.clear()
@@ -715,6 +727,54 @@ async def test_tail_after_save_without_final_newline(store: FileSystemStorage) -
         assert await store.tail("s") == []
     path.write_text(b.to_json())
     assert await store.tail("s") == [b]
+
+
+# -- read: a page of positions, from the nearer end -----------------------------------------
+
+
+async def test_read_reads_only_up_to_the_page_from_the_nearer_end(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of a checked 1.5 MB history reads the file from its nearer end up to the page."""
+    msgs = await _big_history(store)
+    size = (Path(store.directory) / "s.jsonl").stat().st_size
+    assert await store.count("s") == 1000  # checked once, as any first access does
+    read = _counted_preads(monkeypatch)
+    pages = [(0, 20), (10, 20), (970, 20), (990, 10), (400, 100), (600, 100), (499, 2), (500, 2)]
+    for offset, limit in pages:
+        read.clear()
+        assert await store.read("s", offset, limit) == msgs[offset : offset + limit]
+        # the lines from the nearer end to the page's start, the page, and a block or two
+        nearer = min(offset, 1000 - offset) + limit
+        assert 0 < sum(read) <= size * nearer / 1000 + 3 * 65536, (offset, limit)
+    read.clear()
+    assert await store.read("s", 1000, 5) == []
+    assert await store.read("s", 999) == msgs[999:]
+    assert sum(read) <= 70_000
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 16])
+async def test_read_keeps_an_unended_last_line_and_skips_a_torn_one(
+    store: FileSystemStorage, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr("conversa.storage.filesystem._TAIL_BLOCK", block)
+    msgs = [_user(t) for t in ["a", "ü" * 40, "line\nbreak", "", "z" * 300]]
+    path = Path(store.directory)
+    path.mkdir()
+    (path / "s.jsonl").write_text(
+        "".join(m.to_json() + "\n" for m in msgs[:-1]) + msgs[-1].to_json()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hand edit, not a torn write
+        for offset in range(len(msgs) + 1):
+            for limit in (1, 2, None):
+                stop = None if limit is None else offset + limit
+                assert await store.read("s", offset, limit) == msgs[offset:stop], (offset, limit)
+    with open(path / "s.jsonl", "ab") as f:
+        f.write(b'\n{"role":"us')
+    for offset in (0, 4):
+        with pytest.warns(UserWarning, match="interrupted"):
+            assert await store.read("s", offset, 1) == msgs[offset : offset + 1]
 
 
 # -- info and listing ---------------------------------------------------------------------

@@ -53,6 +53,14 @@ class CountingStorage(SqliteStorage):
         self.infos += 1
         return await super().get_info(session_id)
 
+    async def read(
+        self, session_id: str, offset: int = 0, limit: int | None = None
+    ) -> list[ChatMessage]:
+        """A range of messages, counted."""
+        page = await super().read(session_id, offset, limit)
+        self.rows_read += len(page)
+        return page
+
     def reset(self) -> None:
         self.loads = self.rows_read = self.infos = 0
 
@@ -105,6 +113,29 @@ async def test_a_turn_on_a_long_thread_does_not_reload_its_history(
         )
         assert "event: done" in streamed.text and storage.loads == 0
         assert await storage.count("long") == LONG + 8
+
+
+async def test_a_page_of_a_long_thread_reads_only_that_page(
+    storage: CountingStorage, server: FakeOpenAIServer
+) -> None:
+    history = long_history(LONG)
+    await storage.save("long", history)
+    app = create_app(storage=storage, model=model_of(server))
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for offset, limit in [(0, 50), (1000, 100), (LONG - 10, 100), (LONG, 5), (10**30, 5)]:
+            storage.reset()
+            page = await client.get(
+                "/v1/threads/long/messages", params={"offset": offset, "limit": limit}
+            )
+            assert page.status_code == 200, page.text
+            body = page.json()
+            expected = history[offset : offset + limit]
+            assert [m["id"] for m in body["messages"]] == [m.id for m in expected]
+            assert body["total"] == LONG
+            assert storage.loads == 0 and storage.rows_read == len(expected), offset
+        for bad in ({"offset": -1}, {"limit": -1}, {"limit": 1001}, {"offset": "x"}):
+            refused = await client.get("/v1/threads/long/messages", params=bad)
+            assert refused.status_code == 400, bad
 
 
 async def test_a_kept_session_sees_what_another_instance_stored(

@@ -196,13 +196,13 @@ def router(service: Service) -> APIRouter:
     async def list_messages(
         thread_id: str, caller: CallerDep, limit: Limit = 100, offset: Offset = 0
     ) -> dict[str, Any]:
-        """The stored messages, oldest first, in conversa's stored form."""
+        """The stored messages, oldest first, in conversa's stored form (a page of them:
+        only the page is read, however long the thread)."""
         await service.existing(thread_id, caller)
-        history = await service.storage.load(thread_id)
-        return {
-            "messages": [m.to_dict() for m in history[offset : offset + limit]],
-            "total": len(history),
-        }
+        storage = service.storage
+        total = await storage.count(thread_id)
+        page = await storage.read(thread_id, offset, limit)
+        return {"messages": [m.to_dict() for m in page], "total": total}
 
     @api.post("/v1/threads/{thread_id}/messages", openapi_extra=body_schema(NewMessage))
     async def send(thread_id: str, request: Request, caller: CallerDep) -> Response:

@@ -260,6 +260,22 @@ class ConversationStorage(ABC):
             return []
         return await self._tail(session_id, n)
 
+    async def read(
+        self, session_id: str, offset: int = 0, limit: int | None = None
+    ) -> list[ChatMessage]:
+        """The messages from position ``offset`` on, at most ``limit`` (None: to the end), in
+        order, reading no more than them where the backend can (a page of a long history)."""
+        validate_session_id(session_id)
+        if limit is not None and not _at_least_zero(limit, "limit"):
+            return []
+        if _at_least_zero(offset, "offset") >= NO_LONGER_HISTORY:
+            return []
+        if limit is not None and limit >= NO_LONGER_HISTORY:
+            limit = None  # past any history, and past the 64-bit integers SQL takes
+        if offset == 0 and limit is None:
+            return await self.load(session_id)
+        return await self._read(session_id, offset, limit)
+
     async def truncate(self, session_id: str, keep: int) -> None:
         """Keep only the oldest ``keep`` messages."""
         validate_session_id(session_id)
@@ -511,6 +527,11 @@ class ConversationStorage(ABC):
         """The newest ``n`` (>= 1) messages in order."""
         return (await self.load(session_id))[-n:]
 
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        """The messages at positions ``offset`` (>= 0) to ``offset + limit`` (>= 1; None: to
+        the end), in order."""
+        return (await self.load(session_id))[offset : None if limit is None else offset + limit]
+
     async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         """Remove the newest ``n`` messages and return them (``pop``), or keep the oldest ``n``
         (returning ``[]``); nothing changes (not even updated_at) if nothing is removed.
@@ -657,6 +678,10 @@ def _memory_meta(storage: ConversationStorage) -> dict[str, dict[str, Any]]:
     if found is None:
         found = storage.__dict__["_conversa_memory_meta"] = {}
     return found
+
+
+NO_LONGER_HISTORY = 1 << 62
+"""More messages than any history holds: positions at or past it are read as past the end."""
 
 
 def _at_least_zero(value: int, name: str) -> int:

@@ -553,6 +553,9 @@ class EncryptedStorage(ConversationStorage):
     async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
         return self._open_messages(session_id, await self._inner._tail(session_id, n))
 
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        return self._open_messages(session_id, await self._inner._read(session_id, offset, limit))
+
     async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         await self._check_key(session_id)
         return self._open_messages(session_id, await self._inner._cut(session_id, n, pop=pop))

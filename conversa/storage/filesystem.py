@@ -62,6 +62,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -550,6 +551,41 @@ def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
     return out
 
 
+def _start_of_line(fd: int, end: int, k: int, newlines: int) -> int:
+    """The offset where line ``k`` (from 0) starts, in the first ``end`` bytes, which hold
+    ``newlines`` newlines (k < newlines): counted in blocks from the nearer end of the file,
+    without splitting the lines it passes."""
+    if k <= newlines - k:  # from the start: the offset after the k-th newline
+        offset = 0
+        while k:
+            block = os.pread(fd, min(_TAIL_BLOCK, end - offset), offset)
+            if not block:  # cannot happen under our lock; do not loop forever if it does
+                raise OSError(f"short read at offset {offset}")
+            found = block.count(b"\n")
+            if found >= k:
+                at = -1
+                for _ in range(k):
+                    at = block.index(b"\n", at + 1)
+                return offset + at + 1
+            k -= found
+            offset += len(block)
+        return 0
+    back, stop = newlines - k + 1, end  # from the end: after the back-th newline from there
+    while True:
+        size = min(_TAIL_BLOCK, stop)
+        block = os.pread(fd, size, stop - size)
+        if len(block) != size or not size:
+            raise OSError(f"short read at offset {stop - size}")
+        found = block.count(b"\n")
+        if found >= back:
+            at = size
+            for _ in range(back):
+                at = block.rindex(b"\n", 0, at)
+            return stop - size + at + 1
+        back -= found
+        stop -= size
+
+
 def _line_end_before(fd: int, start: int, end: int) -> int:
     """The offset after the last "\\n" between ``start`` (a line's start) and ``end``."""
     stop = end
@@ -562,12 +598,12 @@ def _line_end_before(fd: int, start: int, end: int) -> int:
     return start
 
 
-def _lines(fd: int, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+def _lines(fd: int, start: int, stop: int, chunk_size: int = _CHUNK) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes without the "\\n") of each line between ``start`` and ``stop``, which
-    start and end lines; read in chunks."""
+    start and end lines; read in chunks of ``chunk_size`` bytes."""
     offset, rest, rest_at = start, b"", start
     while offset < stop:
-        chunk = os.pread(fd, min(_CHUNK, stop - offset), offset)
+        chunk = os.pread(fd, min(chunk_size, stop - offset), offset)
         if not chunk:  # cannot happen: these bytes never change; do not loop forever
             raise OSError(f"short read at offset {offset}")
         offset += len(chunk)
@@ -1127,24 +1163,47 @@ class FileSystemStorage(Durable, ConversationStorage):
         return lines
 
     async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
-        # Read backwards from the end of the file: only the blocks that hold them once the
-        # file has been checked (see _count); a damaged history raises and an unfinished last
-        # append is ignored with a warning, as load does.
+        return await self._span(session_id, lambda count: (max(0, count - n), count))
+
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        def span(count: int) -> tuple[int, int]:
+            return offset, count if limit is None else min(count, offset + limit)
+
+        return await self._span(session_id, span)
+
+    async def _span(
+        self, session_id: str, span: Callable[[int], tuple[int, int]]
+    ) -> list[ChatMessage]:
+        """The messages at the positions ``span(count)`` names (start, stop), reading only the
+        part of the file between them and its nearer end once the file has been checked (see
+        _count); a damaged history raises and an unfinished last append is ignored with a
+        warning, as load does."""
         path, _ = self._paths(session_id)
-        messages, torn = await self._run(self._tail_sync, path, n)
+        messages, torn = await self._run(self._span_sync, path, span)
         if torn:
-            warnings.warn(_torn_warning(path, torn), stacklevel=2)
+            warnings.warn(_torn_warning(path, torn), stacklevel=3)
         return messages
 
-    def _tail_sync(self, path: str, n: int) -> tuple[list[ChatMessage], int]:
+    def _span_sync(
+        self, path: str, span: Callable[[int], tuple[int, int]]
+    ) -> tuple[list[ChatMessage], int]:
         with self._locked(path, write=False) as fd:
             if fd is None:
                 return [], 0
             st = os.fstat(fd)
             end = _complete_end_of_fd(fd, st.st_size)
-            self._check(path, fd, st, end)
+            count = self._check(path, fd, st, end)
+            start, stop = span(count)
+            if start >= stop:
+                lines: Iterable[tuple[int, bytes]] = ()
+            elif stop == count:  # read backwards: the last line may lack its "\n"
+                lines = _last_lines(fd, end, count - start)
+            else:  # every line of the page ends with "\n"
+                newlines = count - (os.pread(fd, 1, end - 1) != b"\n")
+                first = _start_of_line(fd, end, start, newlines)
+                lines = itertools.islice(_lines(fd, first, end, _TAIL_BLOCK), stop - start)
             messages: list[ChatMessage] = []
-            for offset, raw in _last_lines(fd, end, n):
+            for offset, raw in lines:
                 # Line numbers are counted only for a damaged line: it costs a read of the file.
                 line_no = functools.partial(self._line_no, fd, offset)
                 messages.append(_parse_line(raw, path, line_no))

@@ -116,6 +116,11 @@ class InMemoryStorage(ConversationStorage):
         s = self._sessions.get(session_id)
         return [_detached(m) for m in s.messages[-n:]] if s else []
 
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        s = self._sessions.get(session_id)
+        end = None if limit is None else offset + limit
+        return [_detached(m) for m in s.messages[offset:end]] if s else []
+
     async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         s = self._sessions.get(session_id)
         keep = kept(len(s.messages), n, pop=pop) if s else 0

@@ -679,6 +679,13 @@ class PostgresStorage(ConversationStorage):
         rows = await self._run(lambda con: con.fetch(sql, session_id, n), retry=True)
         return self._decode(session_id, reversed(rows))
 
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        # seq is the position: a range of the primary key index (LIMIT NULL: no limit)
+        sql = f"""SELECT seq, body FROM {self._names.messages} WHERE session_id = $1
+                  AND seq >= $2 ORDER BY seq LIMIT $3"""
+        rows = await self._run(lambda con: con.fetch(sql, session_id, offset, limit), retry=True)
+        return self._decode(session_id, rows)
+
     async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         # lock the row, set message_count, delete (and return) the rest
         names = self._names

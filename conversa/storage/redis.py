@@ -604,6 +604,11 @@ class RedisStorage(ConversationStorage):
         length, raw = await self._run(op, retry=True)
         return self._decode(session_id, raw, int(length) - len(raw))
 
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        key, last = self._key("m", session_id), -1 if limit is None else offset + limit - 1
+        raw = await self._run(lambda: self._client.lrange(key, offset, last), retry=True)
+        return self._decode(session_id, raw, offset)
+
     async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         if not pop:
             await self._write("truncate", session_id, [n])

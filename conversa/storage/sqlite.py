@@ -220,6 +220,9 @@ class SqliteStorage(Durable, ConversationStorage):
     async def _tail(self, session_id: str, n: int) -> list[ChatMessage]:
         return await self._run(_tail, session_id, n)
 
+    async def _read(self, session_id: str, offset: int, limit: int | None) -> list[ChatMessage]:
+        return await self._run(_read, session_id, offset, -1 if limit is None else limit)
+
     async def _cut(self, session_id: str, n: int, *, pop: bool) -> list[ChatMessage]:
         return await self._run(_cut, session_id, n, pop)
 
@@ -657,6 +660,15 @@ def _tail(conn: sqlite3.Connection, sid: str, n: int) -> list[ChatMessage]:
         "SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (sid, n)
     )
     return _parse_rows(conn, sid, cur)[::-1]
+
+
+def _read(conn: sqlite3.Connection, sid: str, offset: int, limit: int) -> list[ChatMessage]:
+    # seq is the position: a range of the (session_id, seq) index (a limit of -1: no limit)
+    cur = conn.execute(
+        "SELECT seq, data FROM messages WHERE session_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+        (sid, offset, limit),
+    )
+    return _parse_rows(conn, sid, cur)
 
 
 def _search(conn: sqlite3.Connection, terms: list[str], limit: int | None) -> list[SearchHit]:

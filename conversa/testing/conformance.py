@@ -504,6 +504,38 @@ class StorageConformance(LeaseConformance):
         with pytest.raises(ValueError):
             await storage.tail(sid, -1)
 
+    async def test_read_gives_a_range_of_positions(self, storage: ConversationStorage) -> None:
+        sid = _sid()
+        assert await storage.read(sid) == []
+        assert await storage.read(sid, 3, 2) == []
+        msgs = [_user(str(i)) for i in range(7)]
+        await storage.append(sid, msgs[:3])
+        await storage.append(sid, msgs[3:])
+        assert await storage.read(sid) == msgs
+        # every offset and limit around the history's length (both ends of a file are read)
+        for offset in range(9):
+            assert await storage.read(sid, offset) == msgs[offset:], offset
+            for limit in range(9):
+                got = await storage.read(sid, offset, limit)
+                assert got == msgs[offset : offset + limit], (offset, limit)
+        assert await storage.read(sid, 2**40, 2**40) == []
+        assert await storage.read(sid, 2**64) == []  # past any SQL integer: no overflow
+        assert await storage.read(sid, 5, 2**64) == msgs[5:]
+        # positions stay dense after a cut and a replacement
+        await storage.truncate(sid, 4)
+        await storage.append(sid, [msgs[6]])
+        assert await storage.read(sid, 3, 5) == [msgs[3], msgs[6]]
+        await storage.pop(sid, 2)
+        assert await storage.read(sid, 1) == msgs[1:3]
+        await storage.save(sid, msgs[5:])
+        assert await storage.read(sid, 1) == msgs[6:]
+        assert await storage.read(sid, 0, 1) == msgs[5:6]
+        for bad in ({"offset": -1}, {"limit": -1}, {"offset": True}, {"limit": 1.5}):
+            with pytest.raises(ValueError):
+                await storage.read(sid, **bad)
+        with pytest.raises(InvalidSessionId):
+            await storage.read("", 0, 1)
+
     async def test_pop_and_truncate(self, storage: ConversationStorage) -> None:
         sid = _sid()
         msgs = [_user(str(i)) for i in range(6)]
