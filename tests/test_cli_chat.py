@@ -424,3 +424,31 @@ def window_kept(env: dict[str, str]) -> Any:
 
     state = run_storage(env["CONVERSA_STORAGE"], lambda storage: storage.get_state("alice"))
     return state.get(WINDOW_KEY)
+
+
+def test_history_reads_only_what_it_shows(
+    env: dict[str, str], server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    # a long session whose oldest row is damaged: /history of a session opened with a window
+    # shows its newest messages without reading that row (a whole read would refuse)
+    import sqlite3
+
+    from _cli import run_storage
+
+    from conversa import ChatMessage
+
+    db = tmp_path / "long.db"
+    env = {**env, "CONVERSA_STORAGE": f"sqlite:///{db}"}
+    history = [
+        ChatMessage.user(f"question {i}") if i % 2 == 0 else ChatMessage.assistant(f"answer {i}")
+        for i in range(300)
+    ]
+    run_storage(env["CONVERSA_STORAGE"], lambda storage: storage.save("alice", history))
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE messages SET data = '{broken' WHERE session_id = 'alice' AND seq = 0")
+    con.close()
+    child = spawn(env, "--context-window", "1000")
+    child.expect_exact("resumed alice: 300 messages")
+    child.expect_exact(PROMPT)
+    say(child, "/history 3", "[297]", "answer 297", "[298]", "question 298", "[299]", "answer 299")
+    quit_(child)

@@ -21,7 +21,7 @@ from conversa.cli._export import parse_import
 from conversa.compaction import SummaryRange, summary_record
 from conversa.messages import ChatMessage
 from conversa.model import Usage
-from conversa.storage import ConversationStorage, UsageTotals
+from conversa.storage import ConversationStorage, FileSystemStorage, SqliteStorage, UsageTotals
 from conversa.storage._stored import (
     COMPLETED_AT_KEY,
     RouteVisit,
@@ -117,6 +117,23 @@ def test_show_and_missing_session(runner: CliRunner, filled: str) -> None:
     assert missing.exit_code == 1
     assert "there is no session 'carol'" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_show_last_reads_only_what_it_shows(
+    runner: CliRunner, filled: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_load(self: ConversationStorage, session_id: str) -> None:
+        raise AssertionError(f"the whole history of {session_id!r} was read")
+
+    for backend in (FileSystemStorage, SqliteStorage):
+        monkeypatch.setattr(backend, "load", no_load)
+    shown = invoke(
+        runner, filled, "sessions", "show", "alice", "--last", "2", "--context-window", "4000"
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "alice: 4 messages" in shown.output
+    assert "[2] user: And reversed?" in shown.output and "[3] assistant: reversed" in shown.output
+    assert "How do I sort" not in shown.output.split("alice: 4 messages")[1]
 
 
 def test_export_and_import_round_trip(runner: CliRunner, filled: str, tmp_path: Path) -> None:

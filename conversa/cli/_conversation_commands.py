@@ -77,11 +77,14 @@ def _tokens_text(history: list[ChatMessage]) -> str:
 @command("/history [N]", "show the last N messages (default 10)", takes="count")
 async def _history(repl: Repl, argument: Argument) -> None:
     n = int(argument) if argument else DEFAULT_HISTORY
-    history = await repl.session.load_history()
-    start = max(0, len(history) - n)
-    if not history:
+    session = repl.session
+    await session.refresh()
+    # only the messages shown are read, however long the session
+    total = session.message_count()
+    shown = await session.storage.read(session.session_id, max(0, total - n))
+    if not total:
         repl.out.note("no messages yet")
-    repl.out.transcript(history[start:], start)
+    repl.out.transcript(shown, max(0, total - n))
 
 
 @command("/undo", "remove your last message and the answer to it (or undo /clear)")

@@ -136,7 +136,6 @@ def show(
     async def work(store: ConversationStorage) -> None:
         await require(store, session_id)
         info = await store.get_info(session_id)
-        history = await store.load(session_id)
         state = await store.get_state(session_id)
         if info is not None:
             out.note(
@@ -155,8 +154,10 @@ def show(
         out.note(status_text(await viewer.context_status()))
         if state:
             out.note(f"state: {json.dumps(state, ensure_ascii=False)}")
-        start = max(0, len(history) - last) if last else 0
-        out.transcript(history[start:], start)
+        # only the messages shown are read (--last of a long session reads a page of it)
+        total = info.message_count if info is not None else await store.count(session_id)
+        start = max(0, total - last) if last else 0
+        out.transcript(await store.read(session_id, start), start)
 
     with_storage(ctx, storage, work)
 
