@@ -1,4 +1,5 @@
-"""`conversa serve` as a real child process: health, errors, auth, threads, turns, SSE."""
+"""`conversa serve` as a real child process: health, errors, auth, threads, turns, SSE; and
+the limits its options hand to the app."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -346,3 +348,28 @@ def test_auth_required_and_threads_isolated(authed: ServeProcess) -> None:
         assert admin.get("/v1/threads?user_id=bob").json()["total"] == 1
         assert admin.get("/v1/search?q=secret").json()["hits"]
     assert "alice-token-1" not in authed.output and "Traceback" not in authed.output
+
+
+def test_serve_hands_its_limits_to_the_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import uvicorn
+    from click.testing import CliRunner
+
+    import conversa.server
+    from conversa.cli import serve as serve_command
+    from conversa.cli._app import cli
+    from conversa.server._sessions import DEFAULT_LIVE_MESSAGES, DEFAULT_LIVE_SESSIONS
+
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(conversa.server, "create_app", lambda **kw: built.append(kw) or object())
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    monkeypatch.setattr(serve_command, "_install_log_filter", lambda: None)
+    runner, where = CliRunner(), ["--storage", str(tmp_path / "sessions")]
+    assert runner.invoke(cli, ["serve", *where]).exit_code == 0
+    limited = ["--live-sessions", "0", "--live-messages", "10", "--turn-wait", "2"]
+    assert runner.invoke(cli, ["serve", *where, *limited]).exit_code == 0
+    refused = runner.invoke(cli, ["serve", *where, "--live-sessions", "-1"])
+    assert refused.exit_code == 2 and "--live-sessions" in refused.output
+    assert [(b["live_sessions"], b["live_messages"], b["turn_wait"]) for b in built] == [
+        (DEFAULT_LIVE_SESSIONS, DEFAULT_LIVE_MESSAGES, 30.0),  # the CLI's defaults are the app's
+        (0, 10, 2.0),
+    ]

@@ -61,6 +61,21 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="Seconds a turn waits for another turn on its thread, then 409.",
 )
+@click.option(
+    "--live-sessions",
+    type=click.IntRange(min=0),
+    default=64,  # conversa.server's DEFAULT_LIVE_SESSIONS (importing it would load FastAPI)
+    show_default=True,
+    help="Threads whose Session and cached history stay in memory between requests "
+    "(0: every request reads its thread again).",
+)
+@click.option(
+    "--live-messages",
+    type=click.IntRange(min=0),
+    default=200_000,  # DEFAULT_LIVE_MESSAGES
+    show_default=True,
+    help="The most messages those Sessions may cache in all.",
+)
 @model_options
 @common_options
 @click.pass_context
@@ -73,6 +88,8 @@ def serve(
     approve_tools: str | None,
     max_body: int,
     turn_wait: float,
+    live_sessions: int,
+    live_messages: int,
     options: AgentOptions,
     storage: str | None,
     debug: bool,
@@ -95,7 +112,9 @@ def serve(
         fail("conversa serve needs the server extra: pip install 'conversa-ai[server]'")
     from ._runner import run
 
-    config = run(ctx, lambda: _build(ctx, auth_file, approve_tools, max_body, turn_wait, options))
+    limits = {"max_body": max_body, "turn_wait": turn_wait}
+    limits.update(live_sessions=live_sessions, live_messages=live_messages)
+    config = run(ctx, lambda: _build(ctx, auth_file, approve_tools, limits, options))
     _install_log_filter()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -116,10 +135,10 @@ async def _build(
     ctx: click.Context,
     auth_file: str | None,
     approve_tools: str | None,
-    max_body: int,
-    turn_wait: float,
+    limits: dict[str, Any],
     options: AgentOptions,
 ) -> Any:
+    """The app `conversa serve` runs; ``limits`` are create_app's size and wait keywords."""
     from ..server import create_app, load_auth_file
     from ._factory import load_tools, model_spec
 
@@ -132,8 +151,7 @@ async def _build(
         max_iterations=options.max_iterations,
         approve=_approver(approve_tools),
         auth=None if auth_file is None else load_auth_file(auth_file),
-        max_body=max_body,
-        turn_wait=turn_wait,
+        **limits,
     )
 
 
