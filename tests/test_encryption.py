@@ -40,7 +40,13 @@ from conversa import (
 )
 from conversa.cli._app import cli
 from conversa.errors import EncryptionError, EncryptionKeyError
-from conversa.storage import ConversationStorage, EncryptedStorage, RouteVisit, SessionFlow
+from conversa.storage import (
+    ConversationStorage,
+    EncryptedStorage,
+    RouteVisit,
+    SessionFlow,
+    SqliteStorage,
+)
 from conversa.storage import encrypted as enc
 from conversa.testing.conformance import StorageConformance
 
@@ -366,6 +372,43 @@ async def test_a_wrong_key_reads_nothing_and_writes_nothing(tmp_path: Path) -> N
     assert set(await wrong.list_sessions()) == {"full", "state-only", "info-only"}
     await wrong.close()
     assert {sid: await snapshot(right, sid) for sid in before} == before  # times too
+    await right.close()
+
+
+async def test_a_wrong_key_starts_no_session_beside_the_stores_own(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    right = open_storage(keyed(url))
+    await right.append("old", [ChatMessage.user("sealed with A")])
+    await right.update_info("newest", metadata={"m": 1})  # no message: its info is checked
+    news: list[Callable[[EncryptedStorage, str], Awaitable[object]]] = [
+        lambda store, s: store.append(s, [ChatMessage.user("a second key's session?")]),
+        lambda store, s: store.save(s, [ChatMessage.user("x")]),
+        lambda store, s: store.set_state(s, {"k": "v"}),
+        lambda store, s: store.update_info(s, title="t"),
+        lambda store, s: store.add_usage(s, calls=1),
+    ]
+    for new in news:
+        wrong = EncryptedStorage(SqliteStorage(tmp_path / "store.db"), KEY_B)
+        with pytest.raises(EncryptionKeyError, match="nothing was changed"):
+            await new(wrong, "fresh")
+        await wrong.close()
+    assert sorted(await right.list_sessions()) == ["newest", "old"]
+    # a plain store gets no sealed session either: migrate copies it into an encrypted one
+    plain = SqliteStorage(tmp_path / "plain.db")
+    await plain.append("p", [ChatMessage.user("clear")])
+    sealing = EncryptedStorage(plain, KEY_A)
+    with pytest.raises(EncryptionError, match="sessions migrate"):
+        await sealing.append("fresh", [ChatMessage.user("sealed?")])
+    assert await plain.list_sessions() == ["p"]
+    await sealing.close()
+    # the store's key (as an old key, mid-rekey, too) and an empty store start sessions
+    for store in (
+        EncryptedStorage(SqliteStorage(tmp_path / "store.db"), KEY_B, old_keys=[KEY_A]),
+        EncryptedStorage(SqliteStorage(tmp_path / "empty.db"), KEY_B),
+    ):
+        await store.append("fresh", [ChatMessage.user("fine")])
+        assert [m.text for m in await store.load("fresh")] == ["fine"]
+        await store.close()
     await right.close()
 
 

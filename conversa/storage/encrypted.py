@@ -353,6 +353,7 @@ class EncryptedStorage(ConversationStorage):
         self._inner = inner
         self._keys = _Keys(key, old_keys, key_source)
         self._checked: dict[str, bool] = {}
+        self._store_checked = False
         self._titles: dict[tuple[str, str], str | None] = {}
 
     @classmethod
@@ -494,7 +495,23 @@ class EncryptedStorage(ConversationStorage):
                 for key, entry in (await inner._state_entries(session_id)).items():
                     self._open_value(session_id, key, entry.value)
                     break
+            else:
+                await self._check_store_key()
         _remember(self._checked, session_id, True)
+
+    async def _check_store_key(self) -> None:
+        """Before the first new session: the store's newest session must open with this
+        storage's keys, so a wrong key (or a plain store) does not get sessions sealed with
+        another key beside the ones it has; once per storage object."""
+        if self._store_checked:
+            return
+        for info in await self._inner._find(SessionQuery(limit=1)):
+            newest = await self._inner._tail(info.session_id, 1)
+            if newest:
+                self.open_message(info.session_id, newest[0])
+            else:
+                await self._open_info(info, resolve_title=False)
+        self._store_checked = True
 
     # -- the core --------------------------------------------------------------------------
 
