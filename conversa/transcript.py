@@ -245,7 +245,8 @@ class Transcript:
         is stored. So does a look at the newest stored message after a write that failed: a
         server may commit a write and lose only its reply.
         """
-        totals = _totals(usage, calls) if usage is not None else None
+        # usage comes only with model calls: none made, nothing to add (an append's hot path)
+        totals = _totals(usage, calls) if usage is not None and calls else None
         write = asyncio.ensure_future(self.storage.append(self.session_id, messages, usage=totals))
         try:
             await asyncio.shield(write)
