@@ -379,7 +379,17 @@ async def test_a_wrong_key_starts_no_session_beside_the_stores_own(tmp_path: Pat
     url = f"sqlite:///{tmp_path / 'store.db'}"
     right = open_storage(keyed(url))
     await right.append("old", [ChatMessage.user("sealed with A")])
-    await right.update_info("newest", metadata={"m": 1})  # no message: its info is checked
+    await right.update_info("info-only", metadata={"m": 1})  # no message: its info is checked
+    await right.append("damaged", [ChatMessage.user("x")])
+    for n in range(9):  # newer still: sessions create_session made, nothing in them to check
+        await right.append(f"empty-{n}", [])
+    with sqlite3.connect(tmp_path / "store.db") as con:  # damage, not another key: passed over
+        con.execute("UPDATE messages SET data = '{bad' WHERE session_id = 'damaged'")
+    con.close()
+    await right.set_times(
+        "damaged", created_at=datetime.now(UTC), updated_at=datetime.now(UTC) + timedelta(1)
+    )
+    stored = sorted(await right.list_sessions())
     news: list[Callable[[EncryptedStorage, str], Awaitable[object]]] = [
         lambda store, s: store.append(s, [ChatMessage.user("a second key's session?")]),
         lambda store, s: store.save(s, [ChatMessage.user("x")]),
@@ -392,20 +402,23 @@ async def test_a_wrong_key_starts_no_session_beside_the_stores_own(tmp_path: Pat
         with pytest.raises(EncryptionKeyError, match="nothing was changed"):
             await new(wrong, "fresh")
         await wrong.close()
-    assert sorted(await right.list_sessions()) == ["newest", "old"]
+    assert sorted(await right.list_sessions()) == stored
     # a plain store gets no sealed session either: migrate copies it into an encrypted one
     plain = SqliteStorage(tmp_path / "plain.db")
     await plain.append("p", [ChatMessage.user("clear")])
+    await plain.append("p-empty", [])
     sealing = EncryptedStorage(plain, KEY_A)
     with pytest.raises(EncryptionError, match="sessions migrate"):
         await sealing.append("fresh", [ChatMessage.user("sealed?")])
-    assert await plain.list_sessions() == ["p"]
+    assert sorted(await plain.list_sessions()) == ["p", "p-empty"]
     await sealing.close()
     # the store's key (as an old key, mid-rekey, too) and an empty store start sessions
     for store in (
+        EncryptedStorage(SqliteStorage(tmp_path / "store.db"), KEY_A),
         EncryptedStorage(SqliteStorage(tmp_path / "store.db"), KEY_B, old_keys=[KEY_A]),
         EncryptedStorage(SqliteStorage(tmp_path / "empty.db"), KEY_B),
     ):
+        await store.delete("fresh")
         await store.append("fresh", [ChatMessage.user("fine")])
         assert [m.text for m in await store.load("fresh")] == ["fine"]
         await store.close()

@@ -198,11 +198,9 @@ def router(service: Service) -> APIRouter:
     ) -> dict[str, Any]:
         """The stored messages, oldest first, in conversa's stored form (a page of them:
         only the page is read, however long the thread)."""
-        await service.existing(thread_id, caller)
-        storage = service.storage
-        total = await storage.count(thread_id)
-        page = await storage.read(thread_id, offset, limit)
-        return {"messages": [m.to_dict() for m in page], "total": total}
+        info = await service.existing(thread_id, caller)
+        page = await service.storage.read(thread_id, offset, limit)
+        return {"messages": [m.to_dict() for m in page], "total": info.message_count}
 
     @api.post("/v1/threads/{thread_id}/messages", openapi_extra=body_schema(NewMessage))
     async def send(thread_id: str, request: Request, caller: CallerDep) -> Response:

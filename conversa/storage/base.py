@@ -266,9 +266,9 @@ class ConversationStorage(ABC):
         """The messages from position ``offset`` on, at most ``limit`` (None: to the end), in
         order, reading no more than them where the backend can (a page of a long history)."""
         validate_session_id(session_id)
-        if limit is not None and not _at_least_zero(limit, "limit"):
-            return []
         if _at_least_zero(offset, "offset") >= NO_LONGER_HISTORY:
+            return []
+        if limit is not None and not _at_least_zero(limit, "limit"):
             return []
         if limit is not None and limit >= NO_LONGER_HISTORY:
             limit = None  # past any history, and past the 64-bit integers SQL takes

@@ -311,6 +311,10 @@ class _Keys:
             ) from exc
 
 
+_STORE_CHECK_FIRST = 8
+"""Sessions the store-level key check tries before it reads every session's info."""
+
+
 def _parts(token: object, session_id: str, what: str) -> tuple[str, str]:
     """The key id and the ciphertext of a sealed token; EncryptionError if it is none."""
     if isinstance(token, str) and token.startswith(PREFIX):
@@ -481,36 +485,52 @@ class EncryptedStorage(ConversationStorage):
         return title
 
     async def _check_key(self, session_id: str) -> None:
-        """Before the first write to a session: its data must open with this storage's keys."""
+        """Before the first write to a session: its data must open with this storage's keys
+        (and before the first new session, the store's)."""
         if session_id in self._checked:
             return
+        if not await self._opened_record(session_id) and not await self._inner.exists(session_id):
+            await self._check_store_key()
+        _remember(self._checked, session_id, True)
+
+    async def _opened_record(self, session_id: str, info: SessionInfo | None = None) -> bool:
+        """Open one sealed record of the session: its newest message, else its title,
+        metadata or flow data, else a state value; False if it holds none. EncryptionKeyError
+        or EncryptionError if it is another key's or plain, CorruptSessionError if damaged."""
         inner = self._inner
         last = await inner._tail(session_id, 1)
         if last:
             self.open_message(session_id, last[0])
-        else:
-            info = await inner._get_info(session_id)
-            if info is not None:
-                await self._open_info(info, resolve_title=False)
-                for key, entry in (await inner._state_entries(session_id)).items():
-                    self._open_value(session_id, key, entry.value)
-                    break
-            else:
-                await self._check_store_key()
-        _remember(self._checked, session_id, True)
+            return True
+        info = info or await inner._get_info(session_id)
+        if info is None:
+            return False
+        await self._open_info(info, resolve_title=False)
+        for key, entry in (await inner._state_entries(session_id)).items():
+            self._open_value(session_id, key, entry.value)
+            return True
+        return bool(info.title or info.metadata or info.flow.data)
 
     async def _check_store_key(self) -> None:
-        """Before the first new session: the store's newest session must open with this
-        storage's keys, so a wrong key (or a plain store) does not get sessions sealed with
-        another key beside the ones it has; once per storage object."""
+        """Before the first new session: the newest session that holds sealed data must open
+        with this storage's keys, so a wrong key (or a plain store) does not get sessions
+        sealed with another key beside the ones it has; once per storage object.
+
+        Empty sessions tell nothing and damaged ones are not another key's: both are passed
+        over. The eight newest are tried first, then the rest (a store of empty sessions)."""
         if self._store_checked:
             return
-        for info in await self._inner._find(SessionQuery(limit=1)):
-            newest = await self._inner._tail(info.session_id, 1)
-            if newest:
-                self.open_message(info.session_id, newest[0])
-            else:
-                await self._open_info(info, resolve_title=False)
+        for limit in (_STORE_CHECK_FIRST, None):
+            infos = await self._inner._find(SessionQuery(limit=limit))
+            for info in infos:
+                try:
+                    if await self._opened_record(info.session_id, info):
+                        self._store_checked = True
+                        return
+                except CorruptSessionError:
+                    continue
+            if limit is not None and len(infos) < limit:
+                break
         self._store_checked = True
 
     # -- the core --------------------------------------------------------------------------

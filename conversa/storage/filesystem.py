@@ -553,8 +553,8 @@ def _last_lines(fd: int, end: int, n: int) -> list[tuple[int, bytes]]:
 
 def _start_of_line(fd: int, end: int, k: int, newlines: int) -> int:
     """The offset where line ``k`` (from 0) starts, in the first ``end`` bytes, which hold
-    ``newlines`` newlines (k < newlines): counted in blocks from the nearer end of the file,
-    without splitting the lines it passes."""
+    ``newlines`` newlines (k <= newlines): counted in blocks from the nearer end of the
+    file, without splitting the lines it passes."""
     if k <= newlines - k:  # from the start: the offset after the k-th newline
         offset = 0
         while k:
@@ -598,21 +598,32 @@ def _line_end_before(fd: int, start: int, end: int) -> int:
     return start
 
 
-def _lines(fd: int, start: int, stop: int, chunk_size: int = _CHUNK) -> Iterator[tuple[int, bytes]]:
+def _lines(
+    fd: int, start: int, stop: int, chunk_size: int = _CHUNK, *, unended: bool = False
+) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes without the "\\n") of each line between ``start`` and ``stop``, which
-    start and end lines; read in chunks of ``chunk_size`` bytes."""
-    offset, rest, rest_at = start, b"", start
+    start and end lines (with ``unended``, the last may lack its "\\n"); read in chunks of
+    ``chunk_size`` bytes, in time linear in the bytes however long a line."""
+    offset, line_at, pieces = start, start, list[bytes]()
     while offset < stop:
         chunk = os.pread(fd, min(chunk_size, stop - offset), offset)
         if not chunk:  # cannot happen: these bytes never change; do not loop forever
             raise OSError(f"short read at offset {offset}")
+        chunk_at, at = offset, 0
         offset += len(chunk)
-        data = rest + chunk
-        at = 0
-        while (nl := data.find(b"\n", at)) != -1:
-            yield rest_at + at, data[at:nl]
+        while (nl := chunk.find(b"\n", at)) != -1:
+            if pieces:
+                pieces.append(chunk[at:nl])
+                line, pieces = b"".join(pieces), []
+            else:
+                line = chunk[at:nl]
+            yield line_at, line
             at = nl + 1
-        rest, rest_at = data[at:], rest_at + at
+            line_at = chunk_at + at
+        if at < len(chunk):
+            pieces.append(chunk[at:])
+    if unended and pieces:
+        yield line_at, b"".join(pieces)
 
 
 def _torn_warning(path: str, size: int) -> str:
@@ -1196,12 +1207,13 @@ class FileSystemStorage(Durable, ConversationStorage):
             start, stop = span(count)
             if start >= stop:
                 lines: Iterable[tuple[int, bytes]] = ()
-            elif stop == count:  # read backwards: the last line may lack its "\n"
+            elif stop == count and count - start <= start:  # the newest: read backwards
                 lines = _last_lines(fd, end, count - start)
-            else:  # every line of the page ends with "\n"
+            else:  # from the page's first line on, found from the nearer end
                 newlines = count - (os.pread(fd, 1, end - 1) != b"\n")
                 first = _start_of_line(fd, end, start, newlines)
-                lines = itertools.islice(_lines(fd, first, end, _TAIL_BLOCK), stop - start)
+                page = _lines(fd, first, end, _TAIL_BLOCK, unended=True)
+                lines = itertools.islice(page, stop - start)
             messages: list[ChatMessage] = []
             for offset, raw in lines:
                 # Line numbers are counted only for a damaged line: it costs a read of the file.

@@ -530,7 +530,15 @@ class StorageConformance(LeaseConformance):
         await storage.save(sid, msgs[5:])
         assert await storage.read(sid, 1) == msgs[6:]
         assert await storage.read(sid, 0, 1) == msgs[5:6]
-        for bad in ({"offset": -1}, {"limit": -1}, {"offset": True}, {"limit": 1.5}):
+        bad_values: list[dict[str, Any]] = [
+            {"offset": -1},
+            {"limit": -1},
+            {"offset": True},
+            {"limit": 1.5},
+            {"offset": -1, "limit": 0},  # checked even when nothing is asked for
+            {"offset": "1", "limit": 0},
+        ]
+        for bad in bad_values:
             with pytest.raises(ValueError):
                 await storage.read(sid, **bad)
         with pytest.raises(InvalidSessionId):
