@@ -81,10 +81,10 @@ async def _history(repl: Repl, argument: Argument) -> None:
     await session.refresh()
     # only the messages shown are read, however long the session
     total = session.message_count()
-    shown = await session.storage.read(session.session_id, max(0, total - n))
+    start = max(0, total - n)
     if not total:
         repl.out.note("no messages yet")
-    repl.out.transcript(shown, max(0, total - n))
+    repl.out.transcript(await session.storage.read(session.session_id, start), start)
 
 
 @command("/undo", "remove your last message and the answer to it (or undo /clear)")

@@ -112,8 +112,12 @@ def serve(
         fail("conversa serve needs the server extra: pip install 'conversa-ai[server]'")
     from ._runner import run
 
-    limits = {"max_body": max_body, "turn_wait": turn_wait}
-    limits.update(live_sessions=live_sessions, live_messages=live_messages)
+    limits = dict(
+        max_body=max_body,
+        turn_wait=turn_wait,
+        live_sessions=live_sessions,
+        live_messages=live_messages,
+    )
     config = run(ctx, lambda: _build(ctx, auth_file, approve_tools, limits, options))
     _install_log_filter()
     server = uvicorn.Server(

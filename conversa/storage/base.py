@@ -90,6 +90,7 @@ from ._stored import (
     from_ts,
     merge_reserved,
     state_entry,
+    summary_mark,
     summary_reserved,
     title_from,
     to_micros,
@@ -749,19 +750,14 @@ FLOW_HISTORY_LIMIT = 256
 
 
 def check_summary_mark(mark: object) -> SummaryMark | None:
-    """``mark`` if it is None or two positions with the summary after what it covers, else
-    StateValueError (a mark a read would drop is refused before it is stored)."""
+    """``mark`` if it is None or one that reads back as stored (``_stored.summary_mark``: two
+    positions, the summary after the last message it covers); StateValueError else."""
     if mark is None:
         return None
-    if not isinstance(mark, SummaryMark):
-        raise StateValueError(f"a summary mark must be a SummaryMark or None, not {mark!r}")
-    fields = (mark.at, mark.covered_to)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields):
-        raise StateValueError(f"a summary mark holds two positions (ints >= 0), not {mark!r}")
-    if not mark.covered_to < mark.at:
+    if not isinstance(mark, SummaryMark) or summary_mark(summary_reserved(mark)) is None:
         raise StateValueError(
-            f"a summary mark's record comes after the messages it covers: {mark!r} has "
-            "covered_to >= at"
+            "a summary mark holds two positions (ints >= 0), the summary's after the last "
+            f"message it covers, not {mark!r}"
         )
     return mark
 

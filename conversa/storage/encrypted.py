@@ -520,17 +520,19 @@ class EncryptedStorage(ConversationStorage):
         over. The eight newest are tried first, then the rest (a store of empty sessions)."""
         if self._store_checked:
             return
+        tried = 0
         for limit in (_STORE_CHECK_FIRST, None):
             infos = await self._inner._find(SessionQuery(limit=limit))
-            for info in infos:
+            for info in infos[tried:]:
                 try:
                     if await self._opened_record(info.session_id, info):
                         self._store_checked = True
                         return
                 except CorruptSessionError:
                     continue
-            if limit is not None and len(infos) < limit:
+            if len(infos) < _STORE_CHECK_FIRST:
                 break
+            tried = len(infos)
         self._store_checked = True
 
     # -- the core --------------------------------------------------------------------------
